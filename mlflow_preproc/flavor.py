@@ -1,0 +1,408 @@
+"""The ``preprocessing`` MLflow flavor: log preprocessing code as a model.
+
+Produces an MLflow Model with two flavors:
+
+- ``preprocessing``: the user's ``pre_processing(data)`` callable, returned by :func:`load_model`;
+- ``python_function``: a pyfunc whose ``predict`` applies it to records, so ``mlflow models
+  serve``, ``mlflow models predict`` and ``mlflow models build-docker`` work unchanged.
+
+The model is self-contained: this package is copied into the model's ``code/`` directory
+(MLflow puts that first on ``sys.path`` when loading), and the model's requirements name every
+runtime dependency, so it serves where ``mlflow-preproc`` is on no package index.
+
+Available as ``mlflow.preproc`` once this package is installed, and as ``mlflow_preproc``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import mlflow
+from mlflow import pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelInputExample, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.models.utils import _save_example
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+from mlflow.utils.environment import (
+    _CONDA_ENV_FILE_NAME,
+    _CONSTRAINTS_FILE_NAME,
+    _PYTHON_ENV_FILE_NAME,
+    _REQUIREMENTS_FILE_NAME,
+    _process_conda_env,
+    _process_pip_requirements,
+    _PythonEnv,
+)
+from mlflow.utils.file_utils import write_to
+from mlflow.utils.model_utils import (
+    _get_flavor_configuration,
+    _validate_and_copy_code_paths,
+    _validate_and_prepare_target_save_path,
+)
+from mlflow.utils.requirements_utils import _get_pinned_requirement
+
+from mlflow_preproc import code_capture
+from mlflow_preproc.avro_schemas import SchemaError, load_avro_schema
+from mlflow_preproc.jsonable import to_jsonable
+from mlflow_preproc.records import BATCH_FORMATS, Preprocessor, RecordError, as_records
+
+FLAVOR_NAME = "preprocessing"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_INPUT_SCHEMA_FILE = "input_schema.avsc"
+_OUTPUT_SCHEMA_FILE = "output_schema.avsc"
+
+# What the runtime imports: the flavor itself, the stream and file modes of the serving image.
+_RUNTIME_PACKAGES = ("cloudpickle", "fastavro", "confluent-kafka", "prometheus-client")
+
+_logger = logging.getLogger(__name__)
+
+
+def get_default_pip_requirements() -> list[str]:
+    """Return the pip requirements every preprocessing model needs at serving time.
+
+    MLflow itself is added by MLflow. This package is not listed: it travels inside the
+    model's ``code/`` directory.
+    """
+    return [_get_pinned_requirement(p) for p in _RUNTIME_PACKAGES]
+
+
+def get_default_conda_env() -> dict[str, Any]:
+    """Return the default Conda environment of models produced by :func:`save_model`."""
+    from mlflow.utils.environment import _mlflow_conda_env
+
+    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
+
+
+def save_model(
+    pre_processing: Callable | str | os.PathLike,
+    path: str,
+    batch_format: str | None = None,
+    avro_schema: str | os.PathLike | dict | None = None,
+    output_avro_schema: str | os.PathLike | dict | None = None,
+    conda_env: dict | str | None = None,
+    code_paths: list[str] | None = None,
+    mlflow_model: Model | None = None,
+    signature: ModelSignature | None = None,
+    input_example: ModelInputExample | None = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Save preprocessing code as an MLflow model at a local ``path``.
+
+    Args:
+        pre_processing: The preprocessing: a function ``pre_processing(data)``, the path of a
+            module file that defines it (the modules beside it are captured too), or a folder
+            whose ``preprocessing.py`` (or ``__init__.py``) defines it.
+        path: Local path where the model is to be saved; must not exist or be empty.
+        batch_format: ``None`` (default) calls ``pre_processing`` once per record (a dict);
+            ``"records"`` passes a list of records, ``"pandas"`` a DataFrame (see README.md).
+        avro_schema: Avro schema of the input records (dict, JSON string or ``.avsc`` path),
+            stored with the model so streams of schemaless Avro can be decoded.
+        output_avro_schema: Avro schema of the output records, for Avro output.
+        conda_env: A Conda environment (dict or path to a YAML file).
+        code_paths: Extra local files or folders to put on ``sys.path`` when loading.
+        mlflow_model: The :py:class:`mlflow.models.Model` this flavor is being added to.
+        signature: A model signature. None is inferred by default: a column signature turns
+            every input into a DataFrame, which breaks nested records; pass one if you want
+            MLflow to enforce a schema.
+        input_example: One record (dict) or a list of records. ``pre_processing`` is run on
+            it at save time, so a function that cannot process its own example fails early.
+        pip_requirements: Replaces the inferred requirements (the runtime packages this
+            flavor needs are always added). Defaults to the ``requirements.txt`` beside a
+            module file or in a folder, when there is one, on top of the inferred ones.
+        extra_pip_requirements: Added to the default or inferred requirements.
+        metadata: Custom metadata stored in the MLmodel file.
+    """
+    if batch_format not in BATCH_FORMATS:
+        raise MlflowException(
+            f"batch_format={batch_format!r} is not supported; use one of {BATCH_FORMATS}",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    input_schema = _load_schema_arg(avro_schema, "avro_schema")
+    output_schema = _load_schema_arg(output_avro_schema, "output_avro_schema")
+
+    if isinstance(input_example, dict):
+        # A lone dict would be stored as {"inputs": {...}}, which the scoring server turns into
+        # 0-d arrays; one record in a list round-trips as a record.
+        input_example = [input_example]
+
+    _validate_and_prepare_target_save_path(path)
+    try:
+        captured = code_capture.capture(pre_processing, path)
+        if input_example is not None:
+            _check_runs_on_example(path, captured, batch_format, input_example)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)  # don't leave a half-written model behind
+        raise
+
+    code_dir_subpath = _validate_and_copy_code_paths(code_paths, path) or "code"
+    shutil.copytree(
+        _PACKAGE_DIR,
+        Path(path, code_dir_subpath, _PACKAGE_DIR.name),
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
+
+    if mlflow_model is None:
+        mlflow_model = Model()
+    _save_example(mlflow_model, input_example, path)
+    if signature:
+        mlflow_model.signature = signature
+    if metadata is not None:
+        mlflow_model.metadata = metadata
+
+    flavor_conf: dict[str, Any] = {
+        **captured.to_conf(),
+        "batch_format": batch_format,
+        "mlflow_preproc_version": _package_version(),
+    }
+    for schema, filename, key in (
+        (input_schema, _INPUT_SCHEMA_FILE, "avro_schema"),
+        (output_schema, _OUTPUT_SCHEMA_FILE, "output_avro_schema"),
+    ):
+        if schema is not None:
+            write_to(os.path.join(path, filename), json.dumps(schema, indent=1))
+            flavor_conf[key] = filename
+
+    pyfunc.add_to_model(
+        mlflow_model,
+        loader_module=__name__,
+        code=code_dir_subpath,
+        conda_env=_CONDA_ENV_FILE_NAME,
+        python_env=_PYTHON_ENV_FILE_NAME,
+    )
+    mlflow_model.add_flavor(FLAVOR_NAME, code=code_dir_subpath, **flavor_conf)
+    mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
+
+    _write_requirements(path, captured, conda_env, pip_requirements, extra_pip_requirements)
+
+
+def _load_schema_arg(source: Any, name: str) -> dict | None:
+    if source is None:
+        return None
+    try:
+        return load_avro_schema(source)
+    except SchemaError as exc:
+        raise MlflowException(f"{name}: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
+
+
+def _check_runs_on_example(path, captured, batch_format, input_example) -> None:
+    fn = code_capture.load(path, captured.to_conf())
+    try:
+        Preprocessor(fn, batch_format).process(as_records(input_example))
+    except (RecordError, TypeError) as exc:
+        raise MlflowException(
+            f"pre_processing fails on the input example, {exc}; fix the function, or pass an "
+            "input_example it can process",
+            error_code=INVALID_PARAMETER_VALUE,
+        ) from exc
+
+
+def _write_requirements(path, captured, conda_env, pip_requirements, extra_pip_requirements):
+    runtime = get_default_pip_requirements()
+    if conda_env is not None:
+        conda_env, pip_reqs, constraints = _process_conda_env(conda_env)
+    else:
+        if pip_requirements is None and captured.requirements_file:
+            extra_pip_requirements = [
+                f"-r {captured.requirements_file}",
+                *_as_list(extra_pip_requirements),
+            ]
+        if pip_requirements is not None:
+            # MLflow drops the defaults when requirements are given; the runtime still needs them.
+            pip_requirements = _as_list(pip_requirements) + [
+                r for r in runtime if not _names_package(pip_requirements, r)
+            ]
+            default_reqs = None
+        else:
+            inferred = mlflow.models.infer_pip_requirements(path, FLAVOR_NAME, fallback=runtime)
+            default_reqs = sorted(set(inferred).union(runtime))
+        conda_env, pip_reqs, constraints = _process_pip_requirements(
+            default_reqs, pip_requirements, extra_pip_requirements
+        )
+    with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
+        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+    if constraints:
+        write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(constraints))
+    write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_reqs))
+    _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+
+
+def _as_list(reqs: list[str] | str | None) -> list[str]:
+    if reqs is None:
+        return []
+    if isinstance(reqs, str):  # a requirements file path, as MLflow accepts
+        return [f"-r {reqs}"]
+    return list(reqs)
+
+
+def _names_package(reqs: list[str] | str, pinned: str) -> bool:
+    import re
+
+    name = re.split(r"[=<>!~\[; ]", pinned, maxsplit=1)[0].lower().replace("_", "-")
+    return any(
+        re.split(r"[=<>!~\[; ]", r.strip(), maxsplit=1)[0].lower().replace("_", "-") == name
+        for r in _as_list(reqs)
+    )
+
+
+def _package_version() -> str:
+    from mlflow_preproc import __version__
+
+    return __version__
+
+
+def log_model(
+    pre_processing: Callable | str | os.PathLike,
+    artifact_path: str | None = None,
+    batch_format: str | None = None,
+    avro_schema: str | os.PathLike | dict | None = None,
+    output_avro_schema: str | os.PathLike | dict | None = None,
+    conda_env: dict | str | None = None,
+    code_paths: list[str] | None = None,
+    registered_model_name: str | None = None,
+    signature: ModelSignature | None = None,
+    input_example: ModelInputExample | None = None,
+    await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    metadata: dict[str, Any] | None = None,
+    name: str | None = None,
+    **kwargs: Any,
+):
+    """Log preprocessing code as an MLflow model in the current run.
+
+    Takes the arguments of :func:`save_model` (except ``path`` and ``mlflow_model``), plus:
+
+    Args:
+        artifact_path: Deprecated by MLflow 3; use ``name``.
+        registered_model_name: Also register the model under this name (a new version).
+        await_registration_for: Seconds to wait for the model version to be ready.
+        name: The model's name in the run.
+        kwargs: Passed to :py:meth:`mlflow.models.Model.log` (``params``, ``tags``,
+            ``model_type``, ``step``, ``model_id``...).
+
+    Returns:
+        A :py:class:`mlflow.models.model.ModelInfo`; ``model_info.model_uri`` loads the model.
+
+    .. code-block:: python
+
+        import mlflow
+
+        def pre_processing(record):
+            return {"mag": record["magpsf"], "band": "gri"[record["fid"] - 1]}
+
+        with mlflow.start_run():
+            info = mlflow.preproc.log_model(
+                pre_processing, name="preproc", input_example={"magpsf": 18.2, "fid": 1}
+            )
+        mlflow.pyfunc.load_model(info.model_uri).predict([{"magpsf": 17.0, "fid": 2}])
+    """
+    import sys
+
+    return Model.log(
+        artifact_path=artifact_path,
+        name=name,
+        flavor=sys.modules[__name__],
+        pre_processing=pre_processing,
+        batch_format=batch_format,
+        avro_schema=avro_schema,
+        output_avro_schema=output_avro_schema,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        registered_model_name=registered_model_name,
+        signature=signature,
+        input_example=input_example,
+        await_registration_for=await_registration_for,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        metadata=metadata,
+        **kwargs,
+    )
+
+
+def load_model(model_uri: str, dst_path: str | None = None) -> Callable:
+    """Load the user's ``pre_processing`` callable from a preprocessing model.
+
+    Args:
+        model_uri: Any MLflow model URI: ``models:/name/1``, ``models:/m-<id>``,
+            ``runs:/<run_id>/<name>``, or a local path.
+        dst_path: Local folder to download the model to (a temporary one by default).
+    """
+    return load_preprocessing(model_uri, dst_path).preprocessor.fn
+
+
+@dataclass
+class LoadedPreprocessing:
+    """A loaded preprocessing model: what the pyfunc, file and stream modes run."""
+
+    preprocessor: Preprocessor
+    model_dir: str
+    avro_schema: dict | None
+    output_avro_schema: dict | None
+
+
+def load_preprocessing(model_uri: str, dst_path: str | None = None) -> LoadedPreprocessing:
+    """Download a preprocessing model and load everything the runtime needs from it."""
+    local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    return _load_from_dir(local_path)
+
+
+def _load_from_dir(model_dir: str) -> LoadedPreprocessing:
+    try:
+        conf = _get_flavor_configuration(model_path=model_dir, flavor_name=FLAVOR_NAME)
+    except MlflowException:
+        raise MlflowException(
+            f"the model at '{model_dir}' is not a preprocessing model (its MLmodel has no "
+            f"'{FLAVOR_NAME}' flavor); log it with mlflow.preproc.log_model",
+            error_code=INVALID_PARAMETER_VALUE,
+        ) from None
+    fn = code_capture.load(model_dir, conf)
+
+    def schema(key: str) -> dict | None:
+        name = conf.get(key)
+        return json.loads(Path(model_dir, name).read_text()) if name else None
+
+    return LoadedPreprocessing(
+        Preprocessor(fn, conf.get("batch_format")),
+        model_dir,
+        schema("avro_schema"),
+        schema("output_avro_schema"),
+    )
+
+
+class _PreprocessingPyfunc:
+    """The pyfunc face of a preprocessing model: records in, JSON-ready records out."""
+
+    def __init__(self, loaded: LoadedPreprocessing):
+        self.loaded = loaded
+
+    def get_raw_model(self) -> Callable:
+        return self.loaded.preprocessor.fn
+
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> list[dict]:
+        """Apply ``pre_processing`` to each record and return all outputs, in order.
+
+        Raises:
+            RecordError: naming the failing record's index, with the original exception as
+                its cause.
+        """
+        outputs = self.loaded.preprocessor.process(as_records(data))
+        return [to_jsonable(record) for per_input in outputs for record in per_input]
+
+
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _PreprocessingPyfunc:
+    # Called by MLflow once per scoring worker and during log_model; keep it free of side
+    # effects. Kafka mode is started by the serving entrypoint, not here.
+    return _PreprocessingPyfunc(_load_from_dir(path))

@@ -1,0 +1,194 @@
+"""The record contract: how ``pre_processing`` is called and what it may return.
+
+Per-record mode (the default): ``pre_processing(record)`` is called once per record, a ``dict``,
+and returns a ``dict``, ``None`` to drop the record, or a list of dicts to fan it out.
+
+Batch mode (``batch_format="records"`` or ``"pandas"`` at log time): ``pre_processing`` receives
+the whole batch, a list of dicts or a pandas DataFrame, and returns a list with one entry per
+input (each a dict, ``None`` or a list of dicts) or a DataFrame whose index labels point back at
+the input rows it came from (filtering rows keeps their labels, so dropped records just vanish).
+
+Every mode (pyfunc, file runs, Kafka) goes through :class:`Preprocessor`, so a record gives the
+same outputs wherever it is processed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+BATCH_FORMATS = (None, "records", "pandas")
+
+Record = dict[str, Any]
+
+
+class RecordError(MlflowException):
+    """``pre_processing`` failed on one record.
+
+    An MlflowException, so MLflow's scoring server answers 400 with this message rather than
+    a generic one.
+
+    ``index`` is the record's position in its batch (``None`` when a whole batch failed and
+    no single record can be named); the original exception is the ``__cause__``.
+    """
+
+    def __init__(self, index: int | None, reason: str):
+        where = "a batch" if index is None else f"record {index}"
+        super().__init__(f"{where}: {reason}", error_code=BAD_REQUEST)
+        self.index = index
+        self.reason = reason
+
+    def at(self, index: int) -> RecordError:
+        """The same failure, attributed to record ``index``."""
+        moved = RecordError(index, self.reason)
+        moved.__cause__ = self.__cause__
+        return moved
+
+
+class Preprocessor:
+    """Applies a user's ``pre_processing`` function under the record contract."""
+
+    def __init__(self, fn: Callable[[Any], Any], batch_format: str | None = None):
+        if batch_format not in BATCH_FORMATS:
+            raise ValueError(
+                f"batch_format={batch_format!r} is not supported; use one of {BATCH_FORMATS}"
+            )
+        self.fn = fn
+        self.batch_format = batch_format
+
+    def process(self, records: Sequence[Record]) -> list[list[Record]]:
+        """Return the outputs of each input record; raise :class:`RecordError` on a failure."""
+        if self.batch_format is None:
+            return [self._call_one(i, r) for i, r in enumerate(records)]
+        return self._call_batch(records)
+
+    def process_each(self, records: Sequence[Record]) -> list[list[Record] | RecordError]:
+        """Like :meth:`process`, but a failing record yields its error instead of raising.
+
+        Streaming uses this so one poison record goes to the dead-letter topic while the rest
+        of its batch carries on. In batch mode a failed batch is retried record by record to
+        find which records are to blame.
+        """
+        if self.batch_format is not None and len(records) > 1:
+            try:
+                return list(self._call_batch(records))
+            except RecordError:
+                pass
+        results: list[list[Record] | RecordError] = []
+        for i, record in enumerate(records):
+            try:
+                if self.batch_format is None:
+                    results.append(self._call_one(i, record))
+                else:
+                    results.append(self._call_batch([record])[0])
+            except RecordError as err:
+                results.append(err.at(i))
+        return results
+
+    def _call_one(self, index: int, record: Record) -> list[Record]:
+        try:
+            out = self.fn(record)
+        except Exception as exc:
+            raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
+        return normalise_output(out, index)
+
+    def _call_batch(self, records: Sequence[Record]) -> list[list[Record]]:
+        if self.batch_format == "pandas":
+            import pandas as pd
+
+            batch: Any = pd.DataFrame.from_records(list(records))
+        else:
+            batch = list(records)
+        try:
+            out = self.fn(batch)
+        except Exception as exc:
+            index = 0 if len(records) == 1 else None
+            raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
+        return _split_batch_output(out, len(records))
+
+
+def normalise_output(out: Any, index: int) -> list[Record]:
+    """Map one call's return value to the list of records it stands for."""
+    if out is None:
+        return []
+    if isinstance(out, Mapping):
+        return [dict(out)]
+    if isinstance(out, (list, tuple)) and all(isinstance(o, Mapping) for o in out):
+        return [dict(o) for o in out]
+    if _is_dataframe(out):
+        return out.to_dict(orient="records")
+    raise RecordError(
+        index,
+        f"pre_processing returned a {type(out).__name__}; "
+        "return a dict, None (to drop the record) or a list of dicts (to fan it out)",
+    )
+
+
+def _split_batch_output(out: Any, n_inputs: int) -> list[list[Record]]:
+    if _is_dataframe(out):
+        grouped: list[list[Record]] = [[] for _ in range(n_inputs)]
+        for label, row in zip(out.index, out.to_dict(orient="records")):
+            if not (isinstance(label, int) or hasattr(label, "__index__")) or not 0 <= label < n_inputs:
+                raise RecordError(
+                    None,
+                    f"pre_processing returned a DataFrame with index label {label!r}, which is "
+                    f"not a row of the {n_inputs}-row input; keep the input's index "
+                    "(filter or transform rows, don't reset_index)",
+                )
+            grouped[int(label)].append(row)
+        return grouped
+    if isinstance(out, (list, tuple)) and len(out) == n_inputs:
+        return [normalise_output(o, i) for i, o in enumerate(out)]
+    got = f"a list of {len(out)}" if isinstance(out, (list, tuple)) else type(out).__name__
+    raise RecordError(
+        None,
+        f"in batch mode pre_processing returned {got} for {n_inputs} input records; return a "
+        "list with one entry per input (a dict, None or a list of dicts) or a DataFrame that "
+        "keeps the input's index",
+    )
+
+
+def _is_dataframe(value: Any) -> bool:
+    return type(value).__name__ == "DataFrame" and hasattr(value, "to_dict")
+
+
+def as_records(data: Any) -> list[Record]:
+    """Normalise what MLflow's pyfunc hands to ``predict`` into a list of record dicts.
+
+    The scoring server gives a list of dicts for ``{"inputs": [...]}`` (each value wrapped in a
+    numpy array, which is unwrapped here so REST callers and Python callers feed
+    ``pre_processing`` the same values), a DataFrame for
+    ``dataframe_records``/``dataframe_split``/CSV, and a dict of numpy arrays for
+    ``{"instances": [...]}``; Python callers may also pass a single dict.
+    """
+    if _is_dataframe(data):
+        return data.to_dict(orient="records")
+    if isinstance(data, Mapping):
+        values = list(data.values())
+        if values and all(type(v).__name__ == "ndarray" for v in values):
+            if all(v.ndim == 0 for v in values):  # {"inputs": {...}}: one record
+                return [{k: v.item() for k, v in data.items()}]
+            import pandas as pd
+
+            return pd.DataFrame({k: list(v) for k, v in data.items()}).to_dict(orient="records")
+        return [dict(data)]
+    if isinstance(data, (list, tuple)):
+        bad = next((i for i, r in enumerate(data) if not isinstance(r, Mapping)), None)
+        if bad is not None:
+            raise TypeError(
+                f"input record {bad} is a {type(data[bad]).__name__}, not a JSON object; send "
+                'records as objects, e.g. {"inputs": [{"field": 1}, {"field": 2}]}'
+            )
+        return [{k: _plain(v) for k, v in r.items()} for r in data]
+    raise TypeError(
+        f"cannot read records from a {type(data).__name__}; pass a dict, a list of dicts or a "
+        'pandas DataFrame (over REST: {"inputs": [{...}, ...]} or "dataframe_records")'
+    )
+
+
+def _plain(value: Any) -> Any:
+    # 0-d arrays become scalars (or the dict/str they hold), n-d arrays nested lists.
+    return value.tolist() if type(value).__name__ == "ndarray" else value

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One entry point for developers and CI.
+#
+#   bash scripts/dev.sh demo            the main job: examples/quickstart on a local MLflow store
+#   bash scripts/dev.sh test [ARGS...]  the whole test suite (pytest ARGS, e.g. -m "not slow")
+#   bash scripts/dev.sh setup           only create .venv and install the package
+#
+# Everything it needs is installed here: a virtualenv in .venv (PYTHON picks the interpreter),
+# and for the tests a Docker engine plus the local base image (scripts/docker-engine.sh,
+# scripts/base-image.sh). MLFLOW_PREPROC_SKIP_DOCKER=1 skips the engine locally; the Docker
+# tests then skip, except under CI=true where a missing engine fails them.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MLFLOW_PREPROC_VENV:-$ROOT/.venv}"
+cd "$ROOT"
+
+setup() {
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        "${PYTHON:-python3}" -m venv "$VENV"
+    fi
+    # The stamp avoids a slow re-resolve on every run; setup.py changes invalidate it.
+    local stamp="$VENV/.mlflow-preproc-installed"
+    if [[ ! -f "$stamp" || setup.py -nt "$stamp" ]]; then
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+        "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+        touch "$stamp"
+    fi
+}
+
+start_docker() {
+    if [[ "${MLFLOW_PREPROC_SKIP_DOCKER:-0}" == 1 ]]; then
+        echo "[dev] MLFLOW_PREPROC_SKIP_DOCKER=1: not starting a Docker engine" >&2
+        return
+    fi
+    bash scripts/docker-engine.sh start
+    PYTHON="$VENV/bin/python" bash scripts/base-image.sh
+}
+
+case "${1:-}" in
+    setup)
+        setup
+        ;;
+    demo)
+        setup
+        "$VENV/bin/python" examples/quickstart/quickstart.py
+        ;;
+    test)
+        shift
+        setup
+        start_docker
+        export PATH="$VENV/bin:$PATH"
+        set +e
+        "$VENV/bin/python" -m pytest "$@"
+        status=$?
+        set -e
+        # pytest exits 5 when it collected nothing: for us that is a broken suite, not a pass.
+        if [[ $status -eq 5 ]]; then
+            echo "[dev] pytest collected no tests" >&2
+            exit 1
+        fi
+        exit $status
+        ;;
+    *)
+        echo "usage: $0 demo|test [pytest args]|setup" >&2
+        exit 2
+        ;;
+esac

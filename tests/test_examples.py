@@ -1,0 +1,24 @@
+"""The runnable examples, run as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.slow
+def test_quickstart_logs_serves_and_predicts(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "quickstart" / "quickstart.py")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "3 alerts in, 2 out (bogus one dropped)" in out
+    assert "ZTF24aa00001 band=g mag=16.2 snr=18.1 -> bright=1" in out
+    assert "ZTF24aa00003 band=r mag=20.3 snr=13.6 -> bright=0" in out
