@@ -27,6 +27,10 @@ setup(
         "docker>=7.0",
         "prometheus-client>=0.19",
         "tqdm>=4.60",
+        "orjson>=3.9",
+        "ijson>=3.2",
+        "python-json-logger>=3.1",
+        "requests>=2.28",
     ],
     extras_require={
         "test": [
@@ -37,6 +41,9 @@ setup(
         ],
     },
     entry_points={
+        "console_scripts": [
+            "mlflow-preproc = mlflow_preproc.cli:main",
+        ],
         # Loaded during `import mlflow`: installs the lazy `mlflow.preproc` module.
         "mlflow.run_context_provider": [
             "preproc = mlflow_preproc._mlflow_hook:FlavorHook",

@@ -23,14 +23,12 @@ def install() -> None:
     sys.modules["mlflow.preproc"] = module
 
 
-try:
-    from mlflow.tracking.context.abstract_context import RunContextProvider
-except ImportError:  # mlflow absent or too old: nothing to hook into
-    RunContextProvider = object  # type: ignore[misc,assignment]
+class FlavorHook:
+    """A run context provider that adds no tags; loading it installs ``mlflow.preproc``.
 
-
-class FlavorHook(RunContextProvider):  # type: ignore[misc,valid-type]
-    """A run context provider that adds no tags; loading it installs ``mlflow.preproc``."""
+    Duck-typed rather than a ``RunContextProvider`` subclass: importing MLflow's base class
+    from here would import ``mlflow`` itself, a cycle when this package is imported first.
+    """
 
     def __init__(self) -> None:
         install()

@@ -95,8 +95,11 @@ def _inline(node: Any, named: dict[str, Schema], defined: set[str], namespace: s
         defined.add(_fullname(node, namespace))
         namespace = node.get("namespace", namespace)
     if "fields" in node:
+        # A field without a type is left for fastavro to report.
         out["fields"] = [
-            {**f, "type": _inline(f["type"], named, defined, namespace)} for f in node["fields"]
+            {**f, "type": _inline(f["type"], named, defined, namespace)}
+            if isinstance(f, dict) and "type" in f else f
+            for f in node["fields"]
         ]
     for key in ("items", "values"):
         if key in node:

@@ -63,7 +63,8 @@ _INPUT_SCHEMA_FILE = "input_schema.avsc"
 _OUTPUT_SCHEMA_FILE = "output_schema.avsc"
 
 # What the runtime imports: the flavor itself, the stream and file modes of the serving image.
-_RUNTIME_PACKAGES = ("cloudpickle", "fastavro", "confluent-kafka", "prometheus-client")
+_RUNTIME_PACKAGES = ("cloudpickle", "fastavro", "confluent-kafka", "prometheus-client", "orjson",
+                     "ijson", "python-json-logger", "tqdm", "requests")
 
 _logger = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ import base64
 import datetime as _dt
 import decimal
 import enum
-import json
 import math
 import pathlib
 import uuid
 from typing import Any
 
 import numpy as np
+import orjson
 
 
 def to_jsonable(value: Any) -> Any:
@@ -81,6 +81,18 @@ def _is_na(value: Any) -> bool:
         return False
 
 
-def dumps(value: Any) -> str:
-    """Serialise ``value`` to a compact JSON string using the rules above."""
-    return json.dumps(to_jsonable(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+def dumps(value: Any) -> bytes:
+    """Serialise ``value`` to compact UTF-8 JSON bytes using the rules above.
+
+    orjson does the common types in C (it already writes NaN as null, numpy and datetimes as
+    above); anything else goes through :func:`to_jsonable`.
+    """
+    return orjson.dumps(value, default=to_jsonable, option=_ORJSON_OPTIONS)
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON (orjson: strict, fast)."""
+    return orjson.loads(data)

@@ -100,3 +100,67 @@ def serve_model() -> Iterator:
     yield serve
     for proc in started:
         stop_process(proc)
+
+
+# ---- Kafka: the embedded Tansu broker, real clients, real consumer groups -----------------
+
+# Tansu takes about session.timeout.ms/2 to form a group: keep it short in tests.
+FAST_GROUP_ENV = {"KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
+_names = iter(range(10**6))
+
+
+def unique(prefix: str) -> str:
+    """A fresh topic or group name: a reused group can get stuck on Tansu."""
+    return f"{prefix}-{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture(scope="session")
+def broker():
+    from mlflow_preproc.embedded_broker import EmbeddedBroker
+
+    with EmbeddedBroker() as b:
+        yield b
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes] | None = None,
+            headers: list | None = None) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for i, value in enumerate(values):
+        producer.produce(topic, value, keys[i] if keys else None,
+                         headers=headers[i] if headers else None)
+        if i % 1000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list:
+    """Read a topic from the start until ``expected`` messages arrived (or time ran out).
+
+    Reads by assignment, not in a group: no group join delay, and nothing is committed.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("reader"),
+                         "enable.auto.commit": False})
+    got = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:  # the topic may not exist yet: the process under test creates it
+            meta = consumer.list_topics(timeout=5).topics.get(topic)
+            if meta is not None and meta.partitions:
+                break
+            if time.monotonic() > deadline:
+                return got
+            time.sleep(0.2)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+        while len(got) < expected and time.monotonic() < deadline:
+            got += [m for m in consumer.consume(1000, 0.5) if m.error() is None]
+    finally:
+        consumer.close()
+    return got
+
+
+def headers_of(msg) -> dict[str, bytes]:
+    return dict(msg.headers() or [])

@@ -1,0 +1,175 @@
+"""File and stdin runs: ``mlflow-preproc run -m MODEL [FILE ...|-]``.
+
+Records stream through in batches, so memory stays flat whatever the input size:
+
+    file in -> decode -> drop fields -> pre_processing -> encode -> file out
+
+A record that fails at any stage is written to the rejects file (JSON Lines: input, index,
+stage, error, record) and the run goes on; the exit status says whether any failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from mlflow_preproc.formats import (
+    DecodeError,
+    EncodeError,
+    FileWriter,
+    drop_fields,
+    read_records,
+    sniff_file_format,
+)
+from mlflow_preproc.jsonable import dumps
+from mlflow_preproc.records import Preprocessor, RecordError
+
+BATCH_SIZE = 1000
+
+
+@dataclass
+class RunCounts:
+    """What a run did; ``failed`` records are in the rejects file."""
+
+    read: int = 0
+    written: int = 0
+    dropped: int = 0
+    failed: int = 0
+    rejects_path: str | None = None
+    per_stage: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        text = (f"in={self.read} out={self.written} dropped={self.dropped} "
+                f"failed={self.failed}")
+        if self.failed:
+            text += f" (rejects: {self.rejects_path})"
+        return text
+
+
+class _Rejects:
+    """The rejects file, opened on the first failure only."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file: IO[bytes] | None = None
+
+    def write(self, where: str, index: int, stage: str, error: Exception, record: Any) -> None:
+        if self._file is None:
+            self._file = open(self.path, "wb")
+        line = {"input": where, "index": index, "stage": stage, "error": str(error),
+                "record": record}
+        self._file.write(dumps(line) + b"\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
+        input_format: str | None = None, output_format: str = "jsonl",
+        output_schema: dict | None = None, rejects_path: str = "rejects.jsonl",
+        fields_to_drop: list[str] | None = None, progress: bool | None = None) -> RunCounts:
+    """Preprocess every record of ``inputs`` (paths, ``-`` for stdin) into ``output``."""
+    counts = RunCounts(rejects_path=rejects_path)
+    writer = FileWriter(output, output_format, output_schema)
+    rejects = _Rejects(rejects_path)
+    try:
+        for where in inputs or ["-"]:
+            with _open_input(where) as stream:
+                fmt = input_format or sniff_file_format(None if where == "-" else where,
+                                                        _peek(stream))
+                with _progress_bar(stream, where, progress) as advance:
+                    records = read_records(stream, fmt, where)
+                    for batch in _batches(records, BATCH_SIZE):
+                        _process_batch(preprocessor, batch, where, writer, rejects, counts,
+                                       fields_to_drop or [])
+                        advance()
+    finally:
+        writer.close()
+        rejects.close()
+    return counts
+
+
+def _process_batch(preprocessor, batch, where, writer, rejects, counts, fields_to_drop) -> None:
+    # pre_processing sees the decodable records of the batch at once; outputs and rejects
+    # are then written in input order
+    decoded = [drop_fields(item, fields_to_drop) for _, item in batch
+               if not isinstance(item, DecodeError)]
+    results = iter(preprocessor.process_each(decoded))
+    for index, item in batch:
+        counts.read += 1
+        if isinstance(item, DecodeError):
+            _reject(rejects, counts, where, index, "decode", item, None)
+            continue
+        result = next(results)
+        if isinstance(result, RecordError):
+            _reject(rejects, counts, where, index, "preprocess", result.at(index), item)
+            continue
+        if not result:
+            counts.dropped += 1
+        for out in result:
+            try:
+                writer.write(out)
+                counts.written += 1
+            except EncodeError as exc:
+                _reject(rejects, counts, where, index, "encode", exc, item)
+
+
+def _reject(rejects, counts, where, index, stage, error, record) -> None:
+    counts.failed += 1
+    counts.per_stage[stage] = counts.per_stage.get(stage, 0) + 1
+    rejects.write(where, index, stage, error, record)
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list[tuple[int, Any]]]:
+    batch = []
+    for index, item in enumerate(items):
+        batch.append((index, item))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@contextlib.contextmanager
+def _open_input(where: str) -> Iterator[IO[bytes]]:
+    if where == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        f = open(where, "rb")
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read input {where}: {exc.strerror}") from None
+    with f:
+        yield f
+
+
+def _peek(stream: IO[bytes]) -> bytes:
+    return stream.peek(8)[:8] if isinstance(stream, io.BufferedReader) else b""
+
+
+@contextlib.contextmanager
+def _progress_bar(stream: IO[bytes], where: str, enabled: bool | None):
+    """A bytes progress bar on a terminal when the input size is known."""
+    size = None
+    if where != "-":
+        size = os.fstat(stream.fileno()).st_size
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled or not size:
+        yield lambda: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(where),
+              file=sys.stderr, leave=False) as bar:
+        def advance() -> None:
+            bar.update(stream.tell() - bar.n)
+
+        yield advance

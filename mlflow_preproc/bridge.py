@@ -1,0 +1,142 @@
+"""Model bridge: feed a preprocessed topic to a model server, produce its predictions.
+
+    message in -> decode (JSON) -> POST {API_URL}{API_ENDPOINT} in batches -> prediction out
+
+Each prediction is produced keyed like its input. A model server that is down or answers 5xx
+is retried with backoff (nothing is committed meanwhile); a batch refused with 4xx is retried
+record by record, and the records the model refuses go to the dead-letter topic with the
+server's message. Delivery, commits and shutdown are :class:`KafkaLoop`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import requests
+from confluent_kafka import Message
+
+from mlflow_preproc.config import Config, ConfigError
+from mlflow_preproc.formats import DecodeError, MessageDecoder
+from mlflow_preproc.jsonable import dumps
+from mlflow_preproc.kafka_loop import KafkaLoop, source_headers
+
+logger = logging.getLogger("mlflow_preproc")
+
+PAYLOAD_KEY = "dataframe_records"  # MLflow scoring protocol: one record per row
+_MAX_BACKOFF_S = 10.0
+
+
+class ModelRejected(Exception):
+    """The model server refused the input (HTTP 4xx); the message is the server's."""
+
+
+class _Abandoned(Exception):
+    """Shutdown came while the model server was failing: leave the batch uncommitted."""
+
+
+class Bridge(KafkaLoop):
+    """Calls an MLflow scoring server for every record of a topic, at least once."""
+
+    command = "bridge"
+
+    def __init__(self, config: Config):
+        super().__init__(config, config.require("INPUT_TOPIC"), config.require("OUTPUT_TOPIC"),
+                         config["DLQ_TOPIC"], config["CONSUMER_GROUP_ID"])
+        self.url = config.require("API_URL").rstrip("/") + config["API_ENDPOINT"]
+        self.timeout = config["REQUEST_TIMEOUT_S"]
+        self.decoder = MessageDecoder(config["INPUT_FORMAT"])
+        self.session = requests.Session()
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"API_URL={config['API_URL']!r} is not an http(s) URL; e.g. "
+                              "API_URL=http://127.0.0.1:8080")
+
+    @classmethod
+    def from_config(cls, config: Config) -> Bridge:
+        return cls(config)
+
+    def handle_batch(self, messages: Sequence[Message]) -> None:
+        # decode
+        records, owners = [], []
+        for msg in messages:
+            try:
+                records.extend(self.decoder.decode(msg.value()))
+                owners.append(msg)
+            except DecodeError as exc:
+                self.dead_letter(msg, "decode", exc)
+        if not records:
+            return
+        # predict: the whole batch, or record by record when the model refuses the batch
+        try:
+            predictions: list[Any] = self._predict(records)
+        except _Abandoned:
+            # An output that is never acknowledged holds the commit point before these
+            # records, so the next consumer of the group predicts them again.
+            for msg in owners:
+                self.tracker.add_output((msg.topic(), msg.partition()), msg.offset())
+            return
+        except ModelRejected:
+            predictions = []
+            for msg, record in zip(owners, records):
+                try:
+                    predictions.extend(self._predict([record]))
+                except ModelRejected as exc:
+                    predictions.append(exc)
+        # produce
+        for msg, prediction in zip(owners, predictions):
+            if isinstance(prediction, ModelRejected):
+                self.dead_letter(msg, "predict", prediction)
+                continue
+            self.produce(msg, dumps(prediction), [*(msg.headers() or []), *source_headers(msg)])
+            self.stats.counts["out"] += 1
+
+    def _predict(self, records: list[dict]) -> list[Any]:
+        body = dumps({PAYLOAD_KEY: records})
+        delay = 0.5
+        while True:
+            try:
+                resp = self.session.post(self.url, data=body, timeout=self.timeout,
+                                         headers={"Content-Type": "application/json"})
+            except requests.RequestException as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code < 400:
+                    return self._predictions(resp, len(records))
+                if resp.status_code < 500:
+                    raise ModelRejected(f"the model server refused the input with HTTP "
+                                        f"{resp.status_code}: {_message(resp)}")
+                problem = f"HTTP {resp.status_code}: {_message(resp)}"
+            if self._stopping:
+                raise _Abandoned(problem)
+            # The server is down or failing: keep the batch, wait and retry; the loop is
+            # healthy, its dependency is not, so don't let /healthz restart us for it.
+            logger.warning("model server unavailable; retrying", extra={
+                "event": "model_unavailable", "url": self.url, "error": problem,
+                "retry_in_s": delay})
+            self.stats.alive()
+            self.producer.poll(0)
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_BACKOFF_S)
+
+    @staticmethod
+    def _predictions(resp: requests.Response, expected: int) -> list[Any]:
+        try:
+            predictions = resp.json()["predictions"]
+        except (ValueError, KeyError, TypeError):
+            raise ModelRejected(f"the model server's answer has no 'predictions' list: "
+                                f"{resp.text[:300]}") from None
+        if isinstance(predictions, dict):  # a DataFrame answer: {"col": [..], ...}
+            predictions = [dict(zip(predictions, row)) for row in zip(*predictions.values())]
+        if len(predictions) != expected:
+            raise ModelRejected(f"the model returned {len(predictions)} predictions for "
+                                f"{expected} records; a bridge needs one per record")
+        return predictions
+
+
+def _message(resp: requests.Response) -> str:
+    try:
+        return str(resp.json().get("message", resp.text))[:1000]
+    except ValueError:
+        return resp.text[:1000]

@@ -1,0 +1,141 @@
+"""The ``mlflow-preproc`` command: ``run`` (files, stdin), ``stream`` (Kafka), ``bridge``.
+
+Exit status: 0 success; 1 some records failed (``run``: see the rejects file); 2 a fatal error
+(bad configuration, unknown model, unreachable broker), printed as one line naming the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mlflow_preproc import config as settings
+
+EXIT_OK, EXIT_RECORDS_FAILED, EXIT_FATAL = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 -- turned into one line below, or re-raised
+        if not _is_user_error(exc):
+            raise
+        print(f"mlflow-preproc {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FATAL
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlflow-preproc", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="preprocess files or stdin",
+                         description="Preprocess JSON, JSON Lines or Avro files (or stdin) "
+                         "with a preprocessing model; write JSON Lines or Avro.")
+    run.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
+    run.add_argument("inputs", nargs="*", metavar="FILE", help="input files; - or none: stdin")
+    run.add_argument("--input-format", choices=("json", "jsonl", "avro"),
+                     help="default: from the file name, else from its first bytes")
+    run.add_argument("--output-format", choices=("jsonl", "avro"), default="jsonl")
+    run.add_argument("--output-schema", help="Avro schema for avro output (default: the "
+                     "model's output_avro_schema)")
+    run.add_argument("-o", "--output", help="output file (default: stdout)")
+    run.add_argument("--rejects", help="where failed records go (default: OUTPUT.rejects.jsonl, "
+                     "or rejects.jsonl when writing to stdout)")
+    run.add_argument("--drop-fields", default="", help="comma-separated field paths to drop "
+                     "before preprocessing")
+    run.add_argument("--skip-cutouts", action="store_true",
+                     help="drop the ZTF cutoutScience/cutoutTemplate/cutoutDifference stamps")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar (default: when stderr is a terminal)")
+    run.set_defaults(handler=_cmd_run)
+
+    stream = sub.add_parser("stream", help="preprocess a Kafka topic into another",
+                            description="Consume INPUT_TOPIC in a consumer group, run the "
+                            "model's preprocessing, produce to OUTPUT_TOPIC (at least once).")
+    stream.add_argument("-m", dest="MODEL_URI", help="same as --model-uri")
+    settings.add_arguments(stream, "stream")
+    stream.set_defaults(handler=_cmd_stream)
+
+    bridge = sub.add_parser("bridge", help="feed a topic to a model server's /invocations",
+                            description="Consume INPUT_TOPIC, call API_URL + API_ENDPOINT in "
+                            "batches, produce each prediction to OUTPUT_TOPIC.")
+    settings.add_arguments(bridge, "bridge")
+    bridge.set_defaults(handler=_cmd_bridge)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mlflow_preproc import batch_run
+    from mlflow_preproc.avro_schemas import load_avro_schema
+    from mlflow_preproc.flavor import load_preprocessing
+    from mlflow_preproc.formats import ZTF_CUTOUTS
+
+    loaded = load_preprocessing(args.model_uri)
+    schema = load_avro_schema(args.output_schema) if args.output_schema \
+        else loaded.output_avro_schema
+    drop = [p.strip() for p in args.drop_fields.split(",") if p.strip()]
+    if args.skip_cutouts:
+        drop += ZTF_CUTOUTS
+    rejects = args.rejects or (f"{args.output}.rejects.jsonl" if args.output else "rejects.jsonl")
+    out = open(args.output, "wb") if args.output else sys.stdout.buffer
+    try:
+        counts = batch_run.run(loaded.preprocessor, args.inputs, out,
+                               input_format=args.input_format, output_format=args.output_format,
+                               output_schema=schema, rejects_path=rejects, fields_to_drop=drop,
+                               progress=args.progress)
+    finally:
+        if args.output:
+            out.close()
+    print(f"mlflow-preproc run: {counts.summary()}", file=sys.stderr)
+    return EXIT_RECORDS_FAILED if counts.failed else EXIT_OK
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from mlflow_preproc.stream import Stream
+
+    config = settings.load("stream", args)
+    _configure_logging(config)
+    Stream.from_config(config).run()
+    return EXIT_OK
+
+
+def _cmd_bridge(args: argparse.Namespace) -> int:
+    from mlflow_preproc.bridge import Bridge
+
+    config = settings.load("bridge", args)
+    _configure_logging(config)
+    Bridge.from_config(config).run()
+    return EXIT_OK
+
+
+def _configure_logging(config: settings.Config) -> None:
+    from mlflow_preproc.metrics import configure_logging
+
+    configure_logging(config["LOG_FORMAT"], config["LOG_LEVEL"])
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_preproc.avro_schemas import SchemaError
+    from mlflow_preproc.kafka_loop import FatalError
+    from mlflow_preproc.model_identity import ModelNotFound
+
+    return isinstance(exc, (settings.ConfigError, FatalError, ModelNotFound, MlflowException,
+                            SchemaError, FileNotFoundError, ValueError))
+
+
+def _one_line(exc: Exception) -> str:
+    text = getattr(exc, "message", None) or str(exc)
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

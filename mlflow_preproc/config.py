@@ -1,0 +1,239 @@
+"""All user-facing settings of the stream, bridge and serving modes, in one table.
+
+Each setting is read from a command-line flag, else from its environment variable(s), else its
+default. Names from the legacy runner (``KAFKA_BOOTSTRAP_SERVERS``, ``INPUT_TOPIC``...) are the
+primary ones; ``settings_table_markdown()`` renders the table README.md shows.
+
+librdkafka settings pass through: ``KAFKA_<NAME>`` sets ``<name>`` with ``_`` read as ``.``
+(``KAFKA_SASL_MECHANISM=PLAIN`` -> ``sasl.mechanism``), and ``KAFKA_CONFIG_FILE`` names a
+properties file (``key=value`` lines). Variables this table names are not passed through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow_preproc.formats import INPUT_FORMATS, OUTPUT_FORMATS, ZTF_CUTOUTS
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: Any
+    help: str
+    kind: type = str
+    choices: tuple[str, ...] | None = None
+    modes: tuple[str, ...] = ("stream", "bridge")
+    example: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env.lower().replace("_", "-")
+
+
+SETTINGS: dict[str, Setting] = {s.env: s for s in (
+    Setting("MODEL_URI", None, "MLflow URI of the preprocessing model (in an image: the model "
+            "baked into it)", modes=("stream",), example="models:/fink-preproc/1"),
+    Setting("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092", "Kafka bootstrap servers",
+            example="broker-1:9092,broker-2:9092"),
+    Setting("KAFKA_SECURITY_PROTOCOL", None, "librdkafka security.protocol",
+            example="SASL_SSL"),
+    Setting("KAFKA_CONFIG_FILE", None, "librdkafka properties file (key=value lines), e.g. "
+            "for SASL/SSL settings", example="/etc/kafka/client.properties"),
+    Setting("INPUT_TOPIC", None, "Topic to consume", example="fink-alert"),
+    Setting("OUTPUT_TOPIC", None, "Topic to produce to; stream default "
+            "{model_name}-{version}-{KAFKA_TOPIC_SUFFIX} for a registered model",
+            example="preprocessed"),
+    Setting("KAFKA_TOPIC_SUFFIX", "preprocessed", "Suffix of the default output topic",
+            modes=("stream",), example="cleaned"),
+    Setting("DLQ_TOPIC", None, "Dead-letter topic for records that cannot be processed "
+            "(default {INPUT_TOPIC}-dlq)", example="fink-alert-dlq"),
+    Setting("CONSUMER_GROUP_ID", None, "Consumer group (default mlflow-preproc-{command}); "
+            "run more instances with the same group to scale out", example="preprocessing-group"),
+    Setting("AUTO_OFFSET_RESET", "earliest", "Where a new group starts",
+            choices=("earliest", "latest"), example="latest"),
+    Setting("INPUT_FORMAT", "json", "Format of input message values", choices=INPUT_FORMATS[:1]
+            + INPUT_FORMATS[2:], example="avro"),
+    Setting("OUTPUT_FORMAT", "json", "Format of output message values",
+            choices=OUTPUT_FORMATS[:1] + OUTPUT_FORMATS[2:], example="avro"),
+    Setting("AVRO_SCHEMA_PATH", None, "Schema of schemaless Avro input (default: the schema "
+            "stored with the model)", modes=("stream",), example="/app/schemas/alert.avsc"),
+    Setting("OUTPUT_AVRO_SCHEMA_PATH", None, "Schema of Avro output (default: the output "
+            "schema stored with the model)", modes=("stream",), example="out.avsc"),
+    Setting("AVRO_SCHEMA_DIR", None, "Folder of <schema id>.avsc files for confluent-avro "
+            "input", modes=("stream",), example="/app/schemas/by-id"),
+    Setting("SCHEMA_REGISTRY_URL", None, "Confluent Schema Registry for confluent-avro",
+            modes=("stream",), example="http://registry:8081"),
+    Setting("SKIP_CUTOUTS", False, "Drop the ZTF image stamps (" + ", ".join(ZTF_CUTOUTS) +
+            ") before preprocessing", kind=bool, modes=("stream",), example="true"),
+    Setting("DROP_FIELDS", "", "Comma-separated field paths dropped before preprocessing",
+            modes=("stream",), example="cutoutScience,candidate.pdiffimfilename"),
+    Setting("BATCH_SIZE", 500, "Records per batch (stream: per consume/commit; bridge: per "
+            "/invocations call)", kind=int, example="100"),
+    Setting("BATCH_TIMEOUT_MS", 1000, "Longest wait to fill a batch", kind=int, example="200"),
+    Setting("AUTO_CREATE_TOPICS", True, "Create missing output and dead-letter topics "
+            "(false: a missing topic is a fatal error)", kind=bool, example="false"),
+    Setting("API_URL", None, "Model server base URL", modes=("bridge",),
+            example="http://127.0.0.1:8080"),
+    Setting("API_ENDPOINT", "/invocations", "Model server scoring path", modes=("bridge",),
+            example="/invocations"),
+    Setting("REQUEST_TIMEOUT_S", 30.0, "Timeout of one /invocations call", kind=float,
+            modes=("bridge",), example="10"),
+    Setting("METRICS_PORT", 0, "Port of the Prometheus /metrics and /healthz endpoint "
+            "(0: off)", kind=int, example="9100"),
+    Setting("METRICS_HOST", "0.0.0.0", "Interface of the metrics endpoint", example="127.0.0.1"),
+    Setting("HEALTH_STALL_S", 120.0, "/healthz fails when the loop made no progress for this "
+            "long", kind=float, example="60"),
+    Setting("STATS_INTERVAL_S", 30.0, "Seconds between stats log lines", kind=float,
+            example="10"),
+    Setting("SHUTDOWN_TIMEOUT_S", 30.0, "On SIGTERM: longest wait for in-flight records to be "
+            "delivered and committed", kind=float, example="10"),
+    Setting("LOG_FORMAT", "json", "Log lines as json or text", choices=("json", "text"),
+            example="text"),
+    Setting("LOG_LEVEL", "INFO", "Log level", example="DEBUG"),
+)}
+
+# Legacy variable that means "run the Kafka consumer": read by the serving entrypoint.
+LEGACY_SWITCHES = ("KAFKA_ENABLED",)
+
+
+@dataclass
+class Config:
+    """Resolved settings for one command, keyed by environment variable name."""
+
+    values: dict[str, Any]
+    kafka: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, env: str) -> Any:
+        return self.values[env]
+
+    def require(self, env: str) -> Any:
+        value = self.values.get(env)
+        if value in (None, ""):
+            s = SETTINGS[env]
+            raise ConfigError(f"{env} is not set; set it ({s.flag} or the environment "
+                              f"variable), e.g. {env}={s.example}")
+        return value
+
+    def drop_fields(self) -> list[str]:
+        paths = [p.strip() for p in self.values["DROP_FIELDS"].split(",") if p.strip()]
+        return paths + (list(ZTF_CUTOUTS) if self.values["SKIP_CUTOUTS"] else [])
+
+
+def add_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
+    """Add a ``--flag`` for every setting of ``mode``; unset flags fall back to the env."""
+    group = parser.add_argument_group("settings (flag, or environment variable)")
+    for s in SETTINGS.values():
+        if mode in s.modes:
+            group.add_argument(s.flag, dest=s.env, default=None, metavar=s.env,
+                               choices=s.choices if s.kind is str else None,
+                               help=f"{s.help} [{s.env}, default {s.default!r}]")
+
+
+def load(mode: str, args: argparse.Namespace | None = None,
+         environ: Mapping[str, str] | None = None) -> Config:
+    """Resolve every setting of ``mode`` from flags, environment and defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for s in SETTINGS.values():
+        if mode not in s.modes:
+            continue
+        raw = getattr(args, s.env, None) if args is not None else None
+        if raw is None:
+            raw = environ.get(s.env)
+        values[s.env] = s.default if raw in (None, "") else _convert(s, raw)
+    kafka = kafka_settings(environ)
+    # A flag or variable wins over the properties file, which wins over the default.
+    if getattr(args, "KAFKA_BOOTSTRAP_SERVERS", None) or environ.get("KAFKA_BOOTSTRAP_SERVERS") \
+            or "bootstrap.servers" not in kafka:
+        kafka["bootstrap.servers"] = values["KAFKA_BOOTSTRAP_SERVERS"]
+    values["KAFKA_BOOTSTRAP_SERVERS"] = kafka["bootstrap.servers"]
+    if values["KAFKA_SECURITY_PROTOCOL"]:
+        kafka["security.protocol"] = values["KAFKA_SECURITY_PROTOCOL"]
+    return Config(values, kafka)
+
+
+def _convert(s: Setting, raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if s.kind is bool:
+            return parse_bool(raw, s.env)
+        value = s.kind(raw)
+    except ConfigError:
+        raise
+    except ValueError:
+        raise ConfigError(f"{s.env}={raw!r} is not a valid {s.kind.__name__}; e.g. "
+                          f"{s.env}={s.example}") from None
+    if s.choices and value not in s.choices:
+        raise ConfigError(f"{s.env}={raw!r} is not one of {', '.join(s.choices)}")
+    return value
+
+
+def parse_bool(raw: str, name: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
+
+
+_NOT_LIBRDKAFKA = {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SECURITY_PROTOCOL", "KAFKA_CONFIG_FILE",
+                   "KAFKA_TOPIC_SUFFIX", *LEGACY_SWITCHES}
+
+
+def kafka_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """librdkafka pass-through settings: ``KAFKA_CONFIG_FILE``, then ``KAFKA_*`` variables."""
+    conf: dict[str, str] = {}
+    path = environ.get("KAFKA_CONFIG_FILE")
+    if path:
+        conf.update(_read_properties(path))
+    for key, value in environ.items():
+        if key.startswith("KAFKA_") and key not in _NOT_LIBRDKAFKA:
+            conf[key[len("KAFKA_"):].lower().replace("_", ".")] = value
+    return conf
+
+
+def _read_properties(path: str) -> dict[str, str]:
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"KAFKA_CONFIG_FILE={path}: {exc.strerror}; point it at a "
+                          "readable key=value file") from None
+    conf = {}
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigError(f"{path} line {n} is not key=value: {line!r}")
+        conf[key.strip()] = value.strip()
+    return conf
+
+
+def sanitize_topic(name: str) -> str:
+    """A valid Kafka topic name (``[a-zA-Z0-9._-]``, at most 249 characters)."""
+    return re.sub(r"[^a-zA-Z0-9._-]+", "-", name).strip("-")[:249]
+
+
+def settings_table_markdown() -> str:
+    """The settings table of README.md."""
+    rows = ["| variable | flag | default | modes | meaning |", "|---|---|---|---|---|"]
+    for s in SETTINGS.values():
+        default = "" if s.default in (None, "") else f"`{s.default}`"
+        choices = f" ({' / '.join(s.choices)})" if s.choices else ""
+        rows.append(f"| `{s.env}` | `{s.flag}` | {default} | {', '.join(s.modes)} | "
+                    f"{s.help}{choices} |")
+    return "\n".join(rows)
+

@@ -1,0 +1,344 @@
+"""Record formats: bytes in -> records, records -> bytes out. Used by every mode.
+
+Input formats
+=============
+``json``            one JSON object per Kafka message; in files, one object or an array of them
+``jsonl``           files: one JSON object per line (also accepted for ``json`` files)
+``avro``            Kafka: an Avro object container (the schema travels in the message, as in
+                    the ZTF/Fink alert streams), or else schemaless Avro decoded with the
+                    configured schema; files: Avro object container files
+``confluent-avro``  Kafka: the Confluent wire format (byte 0, 4-byte schema id, schemaless
+                    Avro), schemas fetched from a Schema Registry URL or read from local
+                    ``<id>.avsc`` files
+
+Output formats
+==============
+``json``/``jsonl``  JSON objects (bytes as base64, NaN as null: see :mod:`mlflow_preproc.jsonable`)
+``avro``            Kafka: schemaless Avro with the output schema; files: an object container
+``confluent-avro``  Kafka: Confluent wire format, schema registered under ``<topic>-value``
+
+Every decode error is a :class:`DecodeError` whose message names the problem and the fix, so
+streams can send the record to the dead-letter topic with that reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import fastavro
+
+from mlflow_preproc.avro_schemas import load_avro_schema
+from mlflow_preproc.jsonable import dumps, loads
+
+Record = dict[str, Any]
+
+INPUT_FORMATS = ("json", "jsonl", "avro", "confluent-avro")
+OUTPUT_FORMATS = ("json", "jsonl", "avro", "confluent-avro")
+ZTF_CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
+
+_OCF_MAGIC = b"Obj\x01"
+_CONFLUENT_MAGIC = 0
+
+
+class DecodeError(ValueError):
+    """Bytes that cannot be read as records in the configured format."""
+
+
+class EncodeError(ValueError):
+    """A record that cannot be written in the configured format."""
+
+
+# ---- field dropping ----------------------------------------------------------------------
+
+def drop_fields(record: Record, paths: Iterable[str]) -> Record:
+    """Remove dotted field paths (``cutoutScience``, ``candidate.pdiffimfilename``) in place.
+
+    Missing fields are ignored: alerts of different schema versions carry different fields.
+    """
+    for path in paths:
+        *parents, leaf = path.split(".")
+        node: Any = record
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return record
+
+
+# ---- Kafka message values ----------------------------------------------------------------
+
+class MessageDecoder:
+    """Decodes one Kafka message value into the records it holds (usually one)."""
+
+    def __init__(
+        self,
+        fmt: str,
+        schema: dict | None = None,
+        schema_dir: str | None = None,
+        registry_url: str | None = None,
+        registry_config: dict | None = None,
+    ):
+        if fmt not in ("json", "avro", "confluent-avro"):
+            raise ValueError(f"input format {fmt!r} is not supported for Kafka messages; use "
+                             "json, avro or confluent-avro")
+        if fmt == "confluent-avro" and not (schema_dir or registry_url):
+            raise ValueError("confluent-avro input needs SCHEMA_REGISTRY_URL or "
+                             "AVRO_SCHEMA_DIR (a folder of <schema id>.avsc files)")
+        self.fmt = fmt
+        self._schema = fastavro.parse_schema(schema) if schema else None
+        self._by_id = _SchemaById(schema_dir, registry_url, registry_config)
+
+    def decode(self, value: bytes | None) -> list[Record]:
+        if value is None:
+            raise DecodeError("the message has no value (a tombstone); nothing to preprocess")
+        if self.fmt == "json":
+            return [_json_object(value)]
+        if self.fmt == "avro":
+            if value[:4] == _OCF_MAGIC:
+                return _read_container(io.BytesIO(value))
+            if self._schema is None:
+                raise DecodeError(
+                    "the message is schemaless Avro but no schema is configured; set "
+                    "AVRO_SCHEMA_PATH or log the model with avro_schema=..."
+                )
+            return [_schemaless(value, self._schema)]
+        if len(value) < 5 or value[0] != _CONFLUENT_MAGIC:
+            raise DecodeError("the message is not in the Confluent wire format (magic byte 0 "
+                              "and a 4-byte schema id); check INPUT_FORMAT")
+        (schema_id,) = struct.unpack(">I", value[1:5])
+        return [_schemaless(value[5:], self._by_id.get(schema_id))]
+
+
+def _json_object(value: bytes) -> Record:
+    try:
+        record = loads(value)
+    except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+        raise DecodeError(f"the message is not valid JSON ({exc}); check INPUT_FORMAT") from None
+    if not isinstance(record, dict):
+        raise DecodeError(f"the message is a JSON {type(record).__name__}, not an object; "
+                          "send one JSON object per message")
+    return record
+
+
+def _schemaless(value: bytes, parsed_schema: dict) -> Record:
+    buf = io.BytesIO(value)
+    try:
+        record = fastavro.schemaless_reader(buf, parsed_schema, None)
+    except Exception as exc:  # fastavro raises EOFError, ValueError, IndexError... on bad bytes
+        raise DecodeError(f"cannot decode Avro with the configured schema "
+                          f"({type(exc).__name__}: {exc}); check the schema") from None
+    if buf.tell() != len(value):
+        raise DecodeError(f"Avro decoding left {len(value) - buf.tell()} bytes unread: the "
+                          "schema does not match the writer's; check the schema")
+    return record
+
+
+def _read_container(stream: IO[bytes]) -> list[Record]:
+    try:
+        return list(fastavro.reader(stream))
+    except Exception as exc:
+        raise DecodeError(f"corrupt Avro container ({type(exc).__name__}: {exc})") from None
+
+
+class _SchemaById:
+    """Schemas of the Confluent wire format: local ``<id>.avsc`` files, else the registry."""
+
+    def __init__(self, schema_dir: str | None, registry_url: str | None,
+                 registry_config: dict | None):
+        self._dir = Path(schema_dir) if schema_dir else None
+        self._registry_url = registry_url
+        self._registry_config = registry_config or {}
+        self._client = None
+        self._cache: dict[int, dict] = {}
+
+    def get(self, schema_id: int) -> dict:
+        if schema_id not in self._cache:
+            self._cache[schema_id] = fastavro.parse_schema(self._fetch(schema_id))
+        return self._cache[schema_id]
+
+    def _fetch(self, schema_id: int) -> dict:
+        if self._dir and (self._dir / f"{schema_id}.avsc").is_file():
+            return load_avro_schema(self._dir / f"{schema_id}.avsc")
+        if not self._registry_url:
+            raise DecodeError(f"no schema with id {schema_id}: add {schema_id}.avsc to "
+                              f"{self._dir} or set SCHEMA_REGISTRY_URL")
+        try:
+            return json.loads(self._registry().get_schema(schema_id).schema_str)
+        except Exception as exc:
+            raise DecodeError(f"schema id {schema_id} not found in the registry at "
+                              f"{self._registry_url} ({exc})") from None
+
+    def _registry(self):
+        if self._client is None:
+            from confluent_kafka.schema_registry import SchemaRegistryClient
+
+            self._client = SchemaRegistryClient({"url": self._registry_url,
+                                                 **self._registry_config})
+        return self._client
+
+
+class MessageEncoder:
+    """Encodes one output record as a Kafka message value."""
+
+    def __init__(self, fmt: str, schema: dict | None = None, registry_url: str | None = None,
+                 registry_config: dict | None = None, topic: str | None = None):
+        if fmt == "jsonl":
+            fmt = "json"
+        if fmt not in ("json", "avro", "confluent-avro"):
+            raise ValueError(f"output format {fmt!r} is not supported; use json, avro or "
+                             "confluent-avro")
+        if fmt != "json" and schema is None:
+            raise ValueError(f"{fmt} output needs an output schema: set OUTPUT_AVRO_SCHEMA_PATH "
+                             "or log the model with output_avro_schema=...")
+        if fmt == "confluent-avro" and not registry_url:
+            raise ValueError("confluent-avro output needs SCHEMA_REGISTRY_URL")
+        self.fmt = fmt
+        self._schema = fastavro.parse_schema(schema) if schema else None
+        self._prefix = b""
+        if fmt == "confluent-avro":
+            from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+            client = SchemaRegistryClient({"url": registry_url, **(registry_config or {})})
+            schema_id = client.register_schema(f"{topic}-value", Schema(json.dumps(schema), "AVRO"))
+            self._prefix = struct.pack(">bI", _CONFLUENT_MAGIC, schema_id)
+
+    def encode(self, record: Record) -> bytes:
+        if self.fmt == "json":
+            try:
+                return dumps(record)
+            except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+                raise EncodeError(str(exc)) from None
+        buf = io.BytesIO()
+        buf.write(self._prefix)
+        try:
+            fastavro.schemaless_writer(buf, self._schema, record)
+        except Exception as exc:
+            raise EncodeError(f"the output record does not match the output Avro schema "
+                              f"({type(exc).__name__}: {exc}); fix pre_processing or the schema"
+                              ) from None
+        return buf.getvalue()
+
+
+# ---- files and stdin ---------------------------------------------------------------------
+
+def sniff_file_format(path: str | None, head: bytes) -> str:
+    """Guess a file's input format from its name, else from its first bytes."""
+    suffix = Path(path).suffix.lower() if path else ""
+    if suffix == ".avro" or head.startswith(_OCF_MAGIC):
+        return "avro"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    return "json"  # reads an object, an array, or JSON Lines alike
+
+
+def read_records(stream: IO[bytes], fmt: str, where: str) -> Iterator[Record | DecodeError]:
+    """Stream records from a binary file; a bad record yields a :class:`DecodeError`.
+
+    Memory stays constant: JSON Lines are read line by line, arrays are parsed incrementally
+    (ijson), Avro containers block by block.
+    """
+    if fmt == "avro":
+        try:
+            reader = fastavro.reader(stream)
+        except Exception as exc:
+            yield DecodeError(f"{where} is not an Avro object container file ({exc})")
+            return
+        yield from reader
+        return
+    if fmt not in ("json", "jsonl"):
+        raise ValueError(f"input format {fmt!r} is not supported for files; use json, jsonl "
+                         "or avro")
+    first = _peek_nonspace(stream)
+    if fmt == "json" and first == b"[":
+        yield from _json_array(stream, where)
+        return
+    for line_no, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            record = loads(line)
+        except ValueError as exc:
+            if line_no == 1 and fmt == "json":
+                # Not JSON Lines: maybe one pretty-printed object over several lines.
+                yield from _whole_document(line + stream.read(), where)
+                return
+            yield DecodeError(f"{where} line {line_no} is not valid JSON ({exc})")
+            continue
+        if isinstance(record, dict):
+            yield record
+        else:
+            yield DecodeError(f"{where} line {line_no} is a JSON {type(record).__name__}, "
+                              "not an object")
+
+
+def _peek_nonspace(stream: IO[bytes]) -> bytes:
+    peek = getattr(stream, "peek", None)
+    head = peek(64) if peek else b""
+    return head.lstrip()[:1]
+
+
+def _json_array(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]:
+    import ijson
+
+    index = -1
+    try:
+        for index, item in enumerate(ijson.items(stream, "item", use_float=True)):
+            if isinstance(item, dict):
+                yield item
+            else:
+                yield DecodeError(f"{where} item {index} is a JSON {type(item).__name__}, "
+                                  "not an object")
+    except ijson.JSONError as exc:
+        yield DecodeError(f"{where} is not valid JSON after item {index} ({exc}); the rest of "
+                          "the file is skipped")
+
+
+def _whole_document(data: bytes, where: str) -> Iterator[Record | DecodeError]:
+    try:
+        doc = loads(data)
+    except ValueError as exc:
+        yield DecodeError(f"{where} is neither JSON Lines nor a JSON document ({exc})")
+        return
+    items = doc if isinstance(doc, list) else [doc]
+    for i, item in enumerate(items):
+        yield item if isinstance(item, dict) else DecodeError(
+            f"{where} item {i} is a JSON {type(item).__name__}, not an object")
+
+
+class FileWriter:
+    """Writes output records to a binary stream as JSON Lines or an Avro container."""
+
+    def __init__(self, stream: IO[bytes], fmt: str, schema: dict | None = None):
+        if fmt not in ("json", "jsonl", "avro"):
+            raise ValueError(f"output format {fmt!r} is not supported for files; use jsonl or avro")
+        if fmt == "avro" and schema is None:
+            raise ValueError("avro output needs an output schema: pass --output-schema or log "
+                             "the model with output_avro_schema=...")
+        self._stream = stream
+        self._avro = None
+        if fmt == "avro":
+            self._avro = fastavro.write.Writer(stream, fastavro.parse_schema(schema))
+
+    def write(self, record: Record) -> None:
+        if self._avro is None:
+            try:
+                line = dumps(record)
+            except TypeError as exc:
+                raise EncodeError(str(exc)) from None
+            self._stream.write(line + b"\n")
+            return
+        try:
+            self._avro.write(record)
+        except Exception as exc:
+            raise EncodeError(f"the output record does not match the output Avro schema "
+                              f"({type(exc).__name__}: {exc})") from None
+
+    def close(self) -> None:
+        if self._avro is not None:
+            self._avro.flush()
+        self._stream.flush()

@@ -1,0 +1,142 @@
+"""Observability of the stream and bridge loops: counters, a stats log line, /metrics, /healthz.
+
+Counters are kept in plain integers (cheap on the hot path) and mirrored into Prometheus
+collectors once per batch. ``/healthz`` answers 503 when the loop has not completed an
+iteration for ``HEALTH_STALL_S`` seconds (a ``pre_processing`` call that hangs, a wedged
+client), so an orchestrator can restart the container.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+logger = logging.getLogger("mlflow_preproc")
+
+COUNTS = ("in", "out", "dropped", "failed")
+
+
+@dataclass
+class LoopStats:
+    """Counts of one loop, its Prometheus mirror and its liveness."""
+
+    command: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+    last_progress: float = field(default_factory=time.monotonic)
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self._records = Counter("mlflow_preproc_records", "Records by outcome",
+                                ["command", "outcome"], registry=self.registry)
+        self._batch = Histogram("mlflow_preproc_batch_seconds", "Time to process one batch",
+                                ["command"], registry=self.registry,
+                                buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self._lag = Gauge("mlflow_preproc_consumer_lag", "Consumer lag (messages) per "
+                          "partition, as reported by librdkafka", ["topic", "partition"],
+                          registry=self.registry)
+        self._mirrored = dict.fromkeys(COUNTS, 0)
+        self._started = time.monotonic()
+        self._last_stats = (self._started, dict(self.counts))
+
+    def batch_done(self, seconds: float) -> None:
+        """Called after each batch: mirror the counters, observe latency, mark progress."""
+        for name in COUNTS:
+            delta = self.counts[name] - self._mirrored[name]
+            if delta:
+                self._records.labels(self.command, name).inc(delta)
+                self._mirrored[name] = self.counts[name]
+        self._batch.labels(self.command).observe(seconds)
+        self.alive()
+
+    def alive(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def on_librdkafka_stats(self, stats_json: str) -> None:
+        """``stats_cb`` of the consumer: per-partition lag as librdkafka computes it."""
+        stats = json.loads(stats_json)
+        for topic, t in stats.get("topics", {}).items():
+            for pid, p in t.get("partitions", {}).items():
+                if pid != "-1" and p.get("consumer_lag", -1) >= 0:
+                    self._lag.labels(topic, pid).set(p["consumer_lag"])
+
+    def maybe_log(self, interval: float, **extra: object) -> None:
+        """Log one stats line every ``interval`` seconds."""
+        now = time.monotonic()
+        then, before = self._last_stats
+        if now - then < interval:
+            return
+        rate = (self.counts["in"] - before["in"]) / (now - then)
+        logger.info("stats", extra={"event": "stats", "command": self.command, **self.counts,
+                                    "records_per_s": round(rate, 1), **extra})
+        self._last_stats = (now, dict(self.counts))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    stats: LoopStats
+    stall_s: float
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.startswith("/metrics"):
+            self._send(200, generate_latest(self.stats.registry), CONTENT_TYPE_LATEST)
+        elif self.path.startswith("/healthz"):
+            idle = time.monotonic() - self.stats.last_progress
+            ok = idle < self.stall_s
+            body = json.dumps({"status": "ok" if ok else "stalled",
+                               "seconds_since_progress": round(idle, 1), **self.stats.counts})
+            self._send(200 if ok else 503, body.encode(), "application/json")
+        else:
+            self._send(404, b"see /metrics and /healthz\n", "text/plain")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass  # scrapes every few seconds would drown the structured log
+
+
+def serve_metrics(stats: LoopStats, host: str, port: int, stall_s: float) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` and ``/healthz`` from a daemon thread."""
+    handler = type("Handler", (_Handler,), {"stats": stats, "stall_s": stall_s})
+    server = ThreadingHTTPServer((host, port), handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    logger.info("metrics endpoint up", extra={"event": "metrics", "url":
+                                              f"http://{host}:{server.server_port}/metrics"})
+    return server
+
+
+_RECORD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class _KeyValueFormatter(logging.Formatter):
+    """Text lines that still carry the structured fields, as ``key=value``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extra = {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
+        return super().format(record) + "".join(f" {k}={v}" for k, v in extra.items())
+
+
+def configure_logging(fmt: str, level: str) -> None:
+    """Structured (JSON) or plain text log lines on stderr."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                           rename_fields={"levelname": "level"}))
+    else:
+        handler.setFormatter(_KeyValueFormatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("mlflow_preproc")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,70 @@
+"""Which registered model and version a model URI names, for topic and image names."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mlflow.exceptions import MlflowException
+
+HEADER = "x-preproc-"
+
+_REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
+
+
+class ModelNotFound(LookupError):
+    """The model URI names nothing in the registry; the message says what was looked up."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """A model URI with its registered name and version when it has them."""
+
+    uri: str
+    download_uri: str
+    name: str | None = None
+    version: str | None = None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """Provenance headers for outputs made by this model."""
+        headers = [(HEADER + "model-uri", self.uri.encode())]
+        if self.version is not None:
+            headers.append((HEADER + "model-version", f"{self.name}/{self.version}".encode()))
+        return headers
+
+
+def resolve_model(uri: str) -> ModelIdentity:
+    """Resolve ``models:/name/version``, ``models:/name/latest`` and ``models:/name@alias``.
+
+    Other URIs (``models:/m-<id>``, ``runs:/``, paths) are kept as they are, with no name.
+    """
+    match = _REGISTERED.match(uri)
+    if not match:
+        return ModelIdentity(uri, uri)
+    from mlflow import MlflowClient
+
+    name, version, alias = match["name"], match["version"], match["alias"]
+    client = MlflowClient()
+    try:
+        if alias is not None:
+            version = client.get_model_version_by_alias(name, alias).version
+        elif version == "latest":
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise ModelNotFound(f"registered model {name} has no versions; register one")
+            version = str(max(int(v.version) for v in versions))
+        elif version.isdigit():
+            client.get_model_version(name, version)
+        else:
+            return ModelIdentity(uri, uri)  # a legacy stage name: let MLflow resolve it
+    except MlflowException as exc:
+        raise ModelNotFound(f"{uri} was not found in the model registry at "
+                            f"{_tracking_uri()}: {exc.message.splitlines()[0]}; check the "
+                            "name and version, and MLFLOW_TRACKING_URI") from None
+    return ModelIdentity(uri, f"models:/{name}/{version}", name, str(version))
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()

@@ -1,0 +1,127 @@
+"""`mlflow-preproc run`: files and stdin, as a user runs it."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import fastavro
+import mlflow
+import pytest
+
+from conftest import BIN, DATA
+
+pytestmark = pytest.mark.slow
+
+ZTF_PACKETS = sorted(DATA.glob("*.avro"))
+
+
+def features(record):
+    if record.get("drop"):
+        return None
+    if record.get("fanout"):
+        return [{"id": record["id"], "part": p} for p in range(record["fanout"])]
+    return {"id": record["id"], "double": record["x"] * 2}
+
+
+def ztf_features(alert):
+    return {"objectId": alert["objectId"], "magpsf": alert["candidate"]["magpsf"],
+            "fields": sorted(alert)}
+
+
+@pytest.fixture
+def model(tracking_uri):
+    out_schema = {"type": "record", "name": "F", "fields": [
+        {"name": "id", "type": "long"}, {"name": "double", "type": "double"}]}
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(features, name="p", output_avro_schema=out_schema)
+    return info.model_uri
+
+
+def run_cli(*args: str, stdin: bytes = b"", cwd: Path | None = None):
+    return subprocess.run([str(BIN / "mlflow-preproc"), "run", *args], input=stdin,
+                          capture_output=True, cwd=cwd, timeout=300)
+
+
+def jsonl(data: bytes) -> list[dict]:
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+def test_jsonl_from_stdin_to_stdout(model, tmp_path):
+    lines = b"".join(json.dumps(r).encode() + b"\n" for r in [
+        {"id": 1, "x": 2}, {"id": 2, "drop": True}, {"id": 3, "fanout": 2}])
+    proc = run_cli("-m", model, stdin=lines, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert jsonl(proc.stdout) == [{"id": 1, "double": 4}, {"id": 3, "part": 0},
+                                  {"id": 3, "part": 1}]
+    assert b"in=3 out=3 dropped=1 failed=0" in proc.stderr
+    assert not (tmp_path / "rejects.jsonl").exists()
+
+
+def test_json_array_and_object_files_to_a_file(model, tmp_path):
+    (tmp_path / "batch.json").write_text(json.dumps([{"id": 1, "x": 1}, {"id": 2, "x": 2}]))
+    (tmp_path / "one.json").write_text(json.dumps({"id": 3, "x": 3}, indent=2))
+    proc = run_cli("-m", model, "batch.json", "one.json", "-o", "out.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert jsonl((tmp_path / "out.jsonl").read_bytes()) == [
+        {"id": 1, "double": 2}, {"id": 2, "double": 4}, {"id": 3, "double": 6}]
+
+
+def test_failed_records_go_to_the_rejects_file_and_set_the_exit_code(model, tmp_path):
+    data = b'{"id": 1, "x": 1}\n{"id": 2}\nnot json\n{"id": 4, "x": 4}\n'
+    (tmp_path / "in.jsonl").write_bytes(data)
+    proc = run_cli("-m", model, "in.jsonl", "-o", "out.jsonl", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert b"in=4 out=2 dropped=0 failed=2 (rejects: out.jsonl.rejects.jsonl)" in proc.stderr
+    assert [r["id"] for r in jsonl((tmp_path / "out.jsonl").read_bytes())] == [1, 4]
+    rejects = jsonl((tmp_path / "out.jsonl.rejects.jsonl").read_bytes())
+    assert [(r["index"], r["stage"]) for r in rejects] == [(1, "preprocess"), (2, "decode")]
+    assert rejects[0]["error"] == "record 1: pre_processing raised KeyError: 'x'"
+    assert rejects[0]["record"] == {"id": 2}
+    assert "line 3 is not valid JSON" in rejects[1]["error"]
+
+
+def test_ztf_avro_files_with_cutouts_dropped(tracking_uri, tmp_path):
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(ztf_features, name="ztf")
+    proc = run_cli("-m", info.model_uri, *map(str, ZTF_PACKETS), "--skip-cutouts", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = jsonl(proc.stdout)
+    expected = []
+    for packet in ZTF_PACKETS:
+        with open(packet, "rb") as f:
+            alert = next(fastavro.reader(f))
+        expected.append({"objectId": alert["objectId"], "magpsf": alert["candidate"]["magpsf"],
+                         "fields": ["candid", "candidate", "objectId", "prv_candidates",
+                                    "publisher", "schemavsn"]})
+    assert out == expected
+
+
+def test_cutout_bytes_are_base64_in_json_output(tracking_uri, tmp_path):
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(
+            lambda a: {"stamp": a["cutoutScience"]["stampData"]}, name="stamp")
+    proc = run_cli("-m", info.model_uri, str(ZTF_PACKETS[0]), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    import base64
+
+    with open(ZTF_PACKETS[0], "rb") as f:
+        stamp = next(fastavro.reader(f))["cutoutScience"]["stampData"]
+    assert base64.b64decode(jsonl(proc.stdout)[0]["stamp"]) == stamp
+
+
+def test_avro_output_file(model, tmp_path):
+    proc = run_cli("-m", model, "--output-format", "avro", "-o", "out.avro",
+                   stdin=b'{"id": 1, "x": 1.5}\n{"id": 2, "x": 2}\n', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    with open(tmp_path / "out.avro", "rb") as f:
+        assert list(fastavro.reader(f)) == [{"id": 1, "double": 3.0}, {"id": 2, "double": 4.0}]
+
+
+def test_a_missing_input_file_is_one_clear_line(model, tmp_path):
+    proc = run_cli("-m", model, "nope.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip().splitlines()[-1] == (
+        "mlflow-preproc run: error: cannot read input nope.jsonl: No such file or directory")

@@ -1,0 +1,70 @@
+"""The settings table: legacy names, pass-through, errors, and the README copy of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlflow_preproc import config
+from mlflow_preproc.formats import ZTF_CUTOUTS
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_legacy_variables_are_read():
+    cfg = config.load("stream", environ={
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "INPUT_TOPIC": "fink-alert",
+        "OUTPUT_TOPIC": "preprocessed", "INPUT_FORMAT": "avro", "OUTPUT_FORMAT": "json",
+        "CONSUMER_GROUP_ID": "preprocessing-group", "AUTO_OFFSET_RESET": "latest",
+        "SKIP_CUTOUTS": "true", "BATCH_SIZE": "10", "KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",
+    })
+    assert cfg["INPUT_TOPIC"] == "fink-alert" and cfg["BATCH_SIZE"] == 10
+    assert cfg.kafka == {"bootstrap.servers": "kafka:9092", "security.protocol": "PLAINTEXT"}
+    assert cfg.drop_fields() == list(ZTF_CUTOUTS)
+
+
+def test_librdkafka_pass_through_and_properties_file(tmp_path):
+    props = tmp_path / "client.properties"
+    props.write_text("# comment\nsasl.mechanism=PLAIN\nbootstrap.servers=file:9092\n")
+    cfg = config.load("stream", environ={"KAFKA_CONFIG_FILE": str(props),
+                                         "KAFKA_SASL_USERNAME": "alice",
+                                         "KAFKA_ENABLED": "true"})
+    assert cfg.kafka == {"sasl.mechanism": "PLAIN", "bootstrap.servers": "file:9092",
+                         "sasl.username": "alice"}
+
+
+def test_flags_override_environment():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, "stream")
+    args = parser.parse_args(["--input-topic", "from-flag", "--kafka-bootstrap-servers", "f:1"])
+    cfg = config.load("stream", args, environ={"INPUT_TOPIC": "from-env",
+                                               "KAFKA_BOOTSTRAP_SERVERS": "e:1"})
+    assert cfg["INPUT_TOPIC"] == "from-flag" and cfg.kafka["bootstrap.servers"] == "f:1"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"BATCH_SIZE": "many"}, "BATCH_SIZE='many' is not a valid int; e.g. BATCH_SIZE=100"),
+    ({"SKIP_CUTOUTS": "maybe"}, "SKIP_CUTOUTS='maybe' is not a boolean; use true or false"),
+    ({"AUTO_OFFSET_RESET": "middle"}, "AUTO_OFFSET_RESET='middle' is not one of earliest, latest"),
+])
+def test_invalid_values_name_the_variable(env, message):
+    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(")):
+        config.load("stream", environ=env)
+
+
+def test_missing_required_setting_names_flag_variable_and_example():
+    cfg = config.load("bridge", environ={})
+    with pytest.raises(config.ConfigError, match=r"API_URL is not set; set it \(--api-url or "
+                       r"the environment variable\), e.g. API_URL=http://127.0.0.1:8080"):
+        cfg.require("API_URL")
+
+
+def test_topic_names_are_sanitised():
+    assert config.sanitize_topic("Fink Preproc/v1-2-cleaned") == "Fink-Preproc-v1-2-cleaned"
+
+
+def test_readme_shows_the_current_settings_table():
+    assert config.settings_table_markdown() in README.read_text()

@@ -1,0 +1,323 @@
+"""`mlflow-preproc stream` against the embedded Kafka-protocol broker, as real processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import fastavro
+import mlflow
+import pytest
+
+from conftest import BIN, DATA, FAST_GROUP_ENV, consume, free_port, headers_of, produce, unique
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def features(record):
+    if record.get("drop"):
+        return None
+    if "boom" in record:
+        raise ValueError(f"cannot preprocess {record['id']}")
+    return {"id": record["id"], "double": record["x"] * 2}
+
+
+def ztf_features(alert):
+    c = alert["candidate"]
+    return {"objectId": alert["objectId"], "candid": alert["candid"], "magpsf": c["magpsf"],
+            "fid": c["fid"], "n_prv": len(alert.get("prv_candidates") or []),
+            "fields": sorted(alert)}
+
+
+@pytest.fixture
+def model(tracking_uri):
+    with mlflow.start_run():
+        mlflow.preproc.log_model(features, name="p", registered_model_name="stream-prep")
+    return "models:/stream-prep/1"
+
+
+class StreamProcess:
+    """`mlflow-preproc stream` in a subprocess, stopped by PID."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str], command: str = "stream"):
+        self.log_path = log_dir / f"{unique(command)}.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow-preproc"), command],
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
+            env={**os.environ, **FAST_GROUP_ENV, "LOG_FORMAT": "json", "BATCH_TIMEOUT_MS": "200",
+                 "STATS_INTERVAL_S": "1", **env},
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def logs(self) -> list[dict]:
+        lines = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # librdkafka's own log lines
+        return lines
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def streams(tmp_path):
+    started: list[StreamProcess] = []
+
+    def start(env: dict[str, str], command: str = "stream") -> StreamProcess:
+        s = StreamProcess(tmp_path, env, command)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(10)
+
+
+def base_env(broker, model_uri, input_topic, **extra) -> dict[str, str]:
+    return {"MODEL_URI": model_uri, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "INPUT_TOPIC": input_topic, "CONSUMER_GROUP_ID": unique("group"), **extra}
+
+
+def test_json_stream_keeps_keys_adds_provenance_and_dead_letters_poison(broker, model, streams):
+    topic, out = unique("raw"), unique("clean")
+    broker.create_topics(topic)
+    records = [{"id": i, "x": i} for i in range(100)]
+    records[10] = {"id": 10, "drop": True}
+    records[20] = {"id": 20, "x": 1, "boom": True}
+    values = [json.dumps(r).encode() for r in records]
+    values[30] = b"{not json"
+    produce(broker.bootstrap_servers, topic, values, keys=[b"k%d" % i for i in range(100)],
+            headers=[[("trace", b"t%d" % i)] for i in range(100)])
+
+    stream = streams(base_env(broker, model, topic, OUTPUT_TOPIC=out))
+    outputs = consume(broker.bootstrap_servers, out, 97)
+    dead = consume(broker.bootstrap_servers, f"{topic}-dlq", 2)
+    assert stream.stop() == 0, stream.text()
+
+    assert sorted(json.loads(m.value())["id"] for m in outputs) == \
+        [i for i in range(100) if i not in (10, 20, 30)]
+    first = next(m for m in outputs if json.loads(m.value())["id"] == 5)
+    assert json.loads(first.value()) == {"id": 5, "double": 10}
+    assert first.key() == b"k5"
+    h = headers_of(first)
+    assert h["trace"] == b"t5"
+    assert (h["x-preproc-source-topic"], h["x-preproc-source-offset"]) == (topic.encode(), b"5")
+    assert h["x-preproc-model-uri"] == model.encode()
+    assert h["x-preproc-model-version"] == b"stream-prep/1"
+
+    by_offset = {m.key(): m for m in dead}
+    poison, garbage = by_offset[b"k20"], by_offset[b"k30"]
+    assert json.loads(poison.value())["boom"] is True  # the original bytes
+    assert headers_of(poison)["x-preproc-stage"] == b"preprocess"
+    assert b"ValueError: cannot preprocess 20" in headers_of(poison)["x-preproc-error"]
+    assert headers_of(poison)["x-preproc-error-type"] == b"ValueError"
+    assert garbage.value() == b"{not json"
+    assert headers_of(garbage)["x-preproc-stage"] == b"decode"
+    assert b"not valid JSON" in headers_of(garbage)["x-preproc-error"]
+
+    stopped = [entry for entry in stream.logs() if entry.get("event") == "stop"][-1]
+    assert (stopped["in"], stopped["out"], stopped["dropped"], stopped["failed"]) == (100, 97, 1, 2)
+
+
+def test_restart_resumes_after_the_last_commit(broker, model, streams):
+    topic, out, group = unique("raw"), unique("clean"), unique("group")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": 1}).encode()
+                                              for i in range(50)])
+    env = base_env(broker, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group)
+    first = streams(env)
+    assert len(consume(broker.bootstrap_servers, out, 50)) == 50
+    assert first.stop() == 0
+    produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": 1}).encode()
+                                              for i in range(50, 60)])
+    second = streams(env)
+    outputs = consume(broker.bootstrap_servers, out, 61, timeout=25)
+    assert second.stop() == 0
+    # SIGTERM committed everything: the restart reads only the 10 new records.
+    assert sorted(json.loads(m.value())["id"] for m in outputs) == list(range(60))
+
+
+def test_sigkill_mid_stream_loses_no_record(broker, model, streams):
+    topic, out, group = unique("raw"), unique("clean"), unique("group")
+    broker.create_topics(topic, partitions=2)
+    n = 20000
+    produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": i}).encode()
+                                              for i in range(n)])
+    env = base_env(broker, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group,
+                   BATCH_SIZE="200")
+    victim = streams(env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill it while it is busy
+        seen = consume(broker.bootstrap_servers, out, 2000, timeout=2)
+        if len(seen) >= 2000:
+            break
+    victim.stop(signal.SIGKILL)
+    assert victim.proc.returncode == -signal.SIGKILL
+    survivor = streams(env)
+    outputs = consume(broker.bootstrap_servers, out, 10**9, timeout=40)
+    survivor.stop()
+    ids = [json.loads(m.value())["id"] for m in outputs]
+    assert set(ids) == set(range(n))  # every record, possibly some twice (at-least-once)
+    assert len(ids) >= n
+
+
+def test_two_instances_share_partitions_and_process_each_record_once(broker, model, streams):
+    topic, out, group = unique("raw"), unique("clean"), unique("group")
+    broker.create_topics(topic, partitions=4)
+    env = base_env(broker, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group)
+    a, b = streams(env), streams(env)
+    # Let both join before data arrives, so the group's assignment splits the partitions.
+    time.sleep(12)
+    produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": i}).encode()
+                                              for i in range(2000)],
+            keys=[str(i).encode() for i in range(2000)])
+    outputs = consume(broker.bootstrap_servers, out, 2001, timeout=30)
+    assert a.stop() == 0 and b.stop() == 0
+    ids = sorted(json.loads(m.value())["id"] for m in outputs)
+    assert ids == list(range(2000))  # exactly once each when nothing fails
+    counts = [[e for e in s.logs() if e.get("event") == "stop"][-1]["in"] for s in (a, b)]
+    assert sum(counts) == 2000 and min(counts) > 0, counts
+
+
+def test_ztf_alert_packets_with_cutouts_dropped(broker, tracking_uri, streams):
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(ztf_features, name="ztf")
+    topic, out = unique("ztf"), unique("ztf-features")
+    broker.create_topics(topic)
+    # Each Kafka message is one alert as an Avro container, as the ZTF/Fink streams send them.
+    packets = [p.read_bytes() for p in sorted(DATA.glob("*.avro"))]
+    produce(broker.bootstrap_servers, topic, packets)
+    stream = streams(base_env(broker, info.model_uri, topic, OUTPUT_TOPIC=out,
+                              INPUT_FORMAT="avro", SKIP_CUTOUTS="true"))
+    outputs = sorted((json.loads(m.value()) for m in consume(broker.bootstrap_servers, out, 2)),
+                     key=lambda r: r["candid"])
+    assert stream.stop() == 0
+    expected = []
+    for packet in packets:
+        alert = next(fastavro.reader(io.BytesIO(packet)))
+        expected.append({"objectId": alert["objectId"], "candid": alert["candid"],
+                         "magpsf": alert["candidate"]["magpsf"], "fid": alert["candidate"]["fid"],
+                         "n_prv": len(alert["prv_candidates"] or []),
+                         "fields": ["candid", "candidate", "objectId", "prv_candidates",
+                                    "publisher", "schemavsn"]})
+    assert outputs == sorted(expected, key=lambda r: r["candid"])
+
+
+def test_schemaless_avro_in_and_out_with_the_models_schemas(broker, tracking_uri, streams):
+    in_schema = {"type": "record", "name": "Obs", "fields": [
+        {"name": "id", "type": "long"}, {"name": "x", "type": "double"}]}
+    out_schema = {"type": "record", "name": "Feat", "fields": [
+        {"name": "id", "type": "long"}, {"name": "double", "type": "double"}]}
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(features, name="p", avro_schema=in_schema,
+                                        output_avro_schema=out_schema)
+    topic, out = unique("avro"), unique("avro-out")
+    broker.create_topics(topic)
+    parsed = fastavro.parse_schema(in_schema)
+    values = []
+    for i in range(20):
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, parsed, {"id": i, "x": i / 2})
+        values.append(buf.getvalue())
+    produce(broker.bootstrap_servers, topic, values)
+    stream = streams(base_env(broker, info.model_uri, topic, OUTPUT_TOPIC=out,
+                              INPUT_FORMAT="avro", OUTPUT_FORMAT="avro"))
+    outputs = consume(broker.bootstrap_servers, out, 20)
+    assert stream.stop() == 0
+    decoded = sorted((fastavro.schemaless_reader(io.BytesIO(m.value()),
+                                                 fastavro.parse_schema(out_schema), None)
+                      for m in outputs), key=lambda r: r["id"])
+    assert decoded == [{"id": i, "double": float(i)} for i in range(20)]
+
+
+def test_confluent_wire_format_with_local_schemas_by_id(broker, model, streams, tmp_path):
+    schema = {"type": "record", "name": "Obs", "fields": [
+        {"name": "id", "type": "long"}, {"name": "x", "type": "long"}]}
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "42.avsc").write_text(json.dumps(schema))
+    topic, out = unique("confluent"), unique("confluent-out")
+    broker.create_topics(topic)
+    values = []
+    for i in range(5):
+        buf = io.BytesIO(struct.pack(">bI", 0, 42))
+        buf.seek(5)
+        fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), {"id": i, "x": i})
+        values.append(buf.getvalue())
+    values.append(struct.pack(">bI", 0, 7) + b"\x02\x02")  # an id nobody knows
+    produce(broker.bootstrap_servers, topic, values)
+    stream = streams(base_env(broker, model, topic, OUTPUT_TOPIC=out,
+                              INPUT_FORMAT="confluent-avro",
+                              AVRO_SCHEMA_DIR=str(tmp_path / "schemas")))
+    outputs = consume(broker.bootstrap_servers, out, 5)
+    dead = consume(broker.bootstrap_servers, f"{topic}-dlq", 1)
+    assert stream.stop() == 0
+    assert sorted(json.loads(m.value())["double"] for m in outputs) == [0, 2, 4, 6, 8]
+    assert b"no schema with id 7" in headers_of(dead[0])["x-preproc-error"]
+
+
+def test_default_output_topic_follows_the_legacy_naming(broker, model, streams):
+    topic = unique("raw")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [b'{"id": 1, "x": 2}'])
+    stream = streams(base_env(broker, model, topic, KAFKA_TOPIC_SUFFIX="cleaned"))
+    outputs = consume(broker.bootstrap_servers, "stream-prep-1-cleaned", 1)
+    assert stream.stop() == 0
+    assert [json.loads(m.value()) for m in outputs] == [{"id": 1, "double": 4}]
+
+
+def test_metrics_and_health_endpoints(broker, model, streams):
+    topic, out, port = unique("raw"), unique("clean"), free_port()
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [b'{"id": 1, "x": 2}', b'{"id": 2, "drop": 1}'])
+    stream = streams(base_env(broker, model, topic, OUTPUT_TOPIC=out, METRICS_PORT=str(port),
+                              METRICS_HOST="127.0.0.1"))
+    consume(broker.bootstrap_servers, out, 1)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            if 'outcome="dropped"} 1.0' in metrics:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "metrics never showed the dropped record"
+        time.sleep(0.5)
+    assert 'mlflow_preproc_records_total{command="stream",outcome="out"} 1.0' in metrics
+    assert "mlflow_preproc_batch_seconds_count" in metrics
+    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").read())
+    assert health["status"] == "ok" and health["out"] == 1
+    assert stream.stop() == 0
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"INPUT_TOPIC": "no-such-topic"}, "input topic no-such-topic does not exist"),
+    ({"MODEL_URI": "models:/no-such-model/3"}, "models:/no-such-model/3 was not found"),
+    ({"INPUT_FORMAT": "xml"}, "INPUT_FORMAT='xml' is not one of json, avro, confluent-avro"),
+    ({"AUTO_CREATE_TOPICS": "false", "OUTPUT_TOPIC": "missing-out"},
+     "do not exist and AUTO_CREATE_TOPICS is false"),
+    ({"OUTPUT_FORMAT": "avro"}, "avro output needs an output schema"),
+])
+def test_fatal_errors_stop_with_one_clear_line(broker, model, streams, env, message):
+    topic = unique("raw")
+    broker.create_topics(topic)
+    stream = streams(base_env(broker, model, topic, **{"OUTPUT_TOPIC": unique("o"), **env}))
+    assert stream.proc.wait(60) == 2
+    last = stream.text().strip().splitlines()[-1]
+    assert last.startswith("mlflow-preproc stream: error: ") and message in last, stream.text()
+    assert "Traceback" not in stream.text()
