@@ -44,6 +44,10 @@ setup(
         "console_scripts": [
             "mlflow-preproc = mlflow_preproc.cli:main",
         ],
+        # `mlflow deployments ... -t preproc`
+        "mlflow.deployments": [
+            "preproc = mlflow_preproc.deployment",
+        ],
         # Loaded during `import mlflow`: installs the lazy `mlflow.preproc` module.
         "mlflow.run_context_provider": [
             "preproc = mlflow_preproc._mlflow_hook:FlavorHook",

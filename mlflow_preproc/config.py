@@ -100,6 +100,18 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
     Setting("LOG_FORMAT", "json", "Log lines as json or text", choices=("json", "text"),
             example="text"),
     Setting("LOG_LEVEL", "INFO", "Log level", example="DEBUG"),
+    Setting("MLFLOW_PREPROC_MODE", "serve", "What a serving image runs: serve (MLflow's scoring "
+            "server), kafka (the consumer), both, run (stdin to stdout), bridge; the legacy "
+            "KAFKA_ENABLED=true means both", choices=("serve", "kafka", "both", "run", "bridge"),
+            modes=("image",), example="both"),
+    Setting("KAFKA_CONSUMERS", 1, "Consumer processes per container in kafka/both mode (never "
+            "multiplied by HTTP workers)", kind=int, modes=("image",), example="2"),
+    Setting("PORT", 8080, "Port of the scoring server in an image", kind=int, modes=("image",),
+            example="5001"),
+    Setting("HOST", "0.0.0.0", "Interface of the scoring server in an image", modes=("image",),
+            example="127.0.0.1"),
+    Setting("MLFLOW_MODELS_WORKERS", None, "Scoring server workers (MLflow's default: CPU "
+            "count)", kind=int, modes=("image",), example="2"),
 )}
 
 # Legacy variable that means "run the Kafka consumer": read by the serving entrypoint.
@@ -152,6 +164,8 @@ def load(mode: str, args: argparse.Namespace | None = None,
             raw = environ.get(s.env)
         values[s.env] = s.default if raw in (None, "") else _convert(s, raw)
     kafka = kafka_settings(environ)
+    if "KAFKA_BOOTSTRAP_SERVERS" not in values:  # the image's own settings name no broker
+        return Config(values, kafka)
     # A flag or variable wins over the properties file, which wins over the default.
     if getattr(args, "KAFKA_BOOTSTRAP_SERVERS", None) or environ.get("KAFKA_BOOTSTRAP_SERVERS") \
             or "bootstrap.servers" not in kafka:
@@ -188,8 +202,8 @@ def parse_bool(raw: str, name: str) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
 
 
-_NOT_LIBRDKAFKA = {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SECURITY_PROTOCOL", "KAFKA_CONFIG_FILE",
-                   "KAFKA_TOPIC_SUFFIX", *LEGACY_SWITCHES}
+# Our own KAFKA_* names are settings, not librdkafka properties.
+_NOT_LIBRDKAFKA = {name for name in SETTINGS if name.startswith("KAFKA_")} | set(LEGACY_SWITCHES)
 
 
 def kafka_settings(environ: Mapping[str, str]) -> dict[str, str]:

@@ -63,7 +63,7 @@ _INPUT_SCHEMA_FILE = "input_schema.avsc"
 _OUTPUT_SCHEMA_FILE = "output_schema.avsc"
 
 # What the runtime imports: the flavor itself, the stream and file modes of the serving image.
-_RUNTIME_PACKAGES = ("cloudpickle", "fastavro", "confluent-kafka", "prometheus-client", "orjson",
+RUNTIME_PACKAGES = ("cloudpickle", "fastavro", "confluent-kafka", "prometheus-client", "orjson",
                      "ijson", "python-json-logger", "tqdm", "requests")
 
 _logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def get_default_pip_requirements() -> list[str]:
     MLflow itself is added by MLflow. This package is not listed: it travels inside the
     model's ``code/`` directory.
     """
-    return [_get_pinned_requirement(p) for p in _RUNTIME_PACKAGES]
+    return [_get_pinned_requirement(p) for p in RUNTIME_PACKAGES]
 
 
 def get_default_conda_env() -> dict[str, Any]:
@@ -154,6 +154,10 @@ def save_model(
         Path(path, code_dir_subpath, _PACKAGE_DIR.name),
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
     )
+    # Lets environment variables pick the mode of a stock build-docker image (entrypoint.py).
+    hook = Path(path, code_dir_subpath, "sitecustomize.py")
+    if not hook.exists():
+        shutil.copy2(_PACKAGE_DIR / "image" / "sitecustomize.py", hook)
 
     if mlflow_model is None:
         mlflow_model = Model()

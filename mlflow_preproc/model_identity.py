@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from mlflow.exceptions import MlflowException
 
 HEADER = "x-preproc-"
+# Written into the model folder of images built by the deployment target.
+REGISTERED_MODEL_FILE = "registered_model.json"
 
 _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
 
@@ -40,7 +42,7 @@ def resolve_model(uri: str) -> ModelIdentity:
     """
     match = _REGISTERED.match(uri)
     if not match:
-        return ModelIdentity(uri, uri)
+        return _baked_identity(uri) or ModelIdentity(uri, uri)
     from mlflow import MlflowClient
 
     name, version, alias = match["name"], match["version"], match["alias"]
@@ -62,6 +64,18 @@ def resolve_model(uri: str) -> ModelIdentity:
                             f"{_tracking_uri()}: {exc.message.splitlines()[0]}; check the "
                             "name and version, and MLFLOW_TRACKING_URI") from None
     return ModelIdentity(uri, f"models:/{name}/{version}", name, str(version))
+
+
+def _baked_identity(path: str) -> ModelIdentity | None:
+    # Images built by the deployment target carry the registry identity of their model.
+    import json
+    import os
+
+    file = os.path.join(path, REGISTERED_MODEL_FILE)
+    if not os.path.isfile(file):
+        return None
+    baked = json.load(open(file))
+    return ModelIdentity(baked["uri"], path, baked.get("name"), baked.get("version"))
 
 
 def _tracking_uri() -> str:

@@ -71,8 +71,9 @@ trap 'exit 130' INT TERM
 "$PYTHON" - "$WORK" <<'EOF'
 import importlib.metadata as md, json, platform, sys
 work = sys.argv[1]
-wanted = ["mlflow", "confluent-kafka", "fastavro", "cloudpickle", "prometheus-client",
-          "gunicorn", "wheel"]
+# What a preprocessing model's requirements.txt names, so image builds need no download.
+from mlflow_preproc.flavor import RUNTIME_PACKAGES
+wanted = ["mlflow", *RUNTIME_PACKAGES, "gunicorn", "wheel"]
 def version(name):
     try:
         return md.version(name)
@@ -119,13 +120,13 @@ flock 9
 
 if [[ "$REBUILD" != 1 ]] && docker image inspect "$TAG" >/dev/null 2>&1; then
     have="$(docker image inspect -f '{{index .Config.Labels "org.mlflow-preproc.pinned"}}' "$TAG" 2>/dev/null || true)"
-    if [[ -n "$have" && "$have" != "$STAMP" ]]; then
-        log "WARNING: $TAG was built for: $have"
-        log "WARNING: \$PYTHON now has:      $STAMP"
-        log "WARNING: builds still work but pip will download; BASE_IMAGE_REBUILD=1 to refresh"
+    if [[ "$have" == "$STAMP" ]]; then
+        log "$TAG already exists; nothing to do"
+        exit 0
     fi
-    log "$TAG already exists; nothing to do"
-    exit 0
+    # A stale base would make offline builds (stock build-docker) fail: rebuild its pip layer.
+    log "$TAG was built for: ${have:-unknown}"
+    log "\$PYTHON now has:      $STAMP; rebuilding the pip layer"
 fi
 
 # --- raw Debian image ------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""Build the serving image of a preprocessing model with the Docker SDK.
+
+The image is the model's own environment (``requirements.txt`` installed on a Python base) with
+the model in ``/opt/ml/model`` and :mod:`mlflow_preproc.entrypoint` as ENTRYPOINT. The
+requirements layer comes before the model layer, so a new model version with the same
+requirements rebuilds in seconds from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from mlflow_preproc.model_identity import REGISTERED_MODEL_FILE
+
+MODEL_PATH = "/opt/ml/model"
+LABEL = "org.mlflow-preproc"
+
+DOCKERFILE = """\
+FROM {base_image}
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+COPY model/requirements.txt /opt/ml/requirements.txt
+RUN python -m pip install --no-cache-dir -r /opt/ml/requirements.txt
+COPY model {model_path}
+ENV PYTHONPATH={model_path}/code
+ENTRYPOINT ["python", "-m", "mlflow_preproc.entrypoint"]
+"""
+
+
+class BuildError(RuntimeError):
+    """The image build failed; the message holds the failing step and its log tail."""
+
+
+def docker_reference(text: str) -> str:
+    """A valid Docker repository name: lowercase ``[a-z0-9._-]``, no leading separator."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower())
+    name = re.sub(r"[._-]{2,}", "-", name).strip("._-")
+    return name[:128] or "preprocessing"
+
+
+def model_python_version(model_dir: Path) -> str:
+    """The Python version the model was logged with (MLmodel, python_function flavor)."""
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    return mlmodel["flavors"]["python_function"]["python_version"]
+
+
+def prepare_context(model_dir: Path, base_image: str, registered: dict | None) -> Path:
+    """A temporary build context: the model, its registry identity and the Dockerfile."""
+    context = Path(tempfile.mkdtemp(prefix="mlflow-preproc-build-"))
+    shutil.copytree(model_dir, context / "model", ignore=shutil.ignore_patterns("__pycache__"))
+    if registered:
+        (context / "model" / REGISTERED_MODEL_FILE).write_text(json.dumps(registered))
+    (context / "Dockerfile").write_text(DOCKERFILE.format(base_image=base_image,
+                                                          model_path=MODEL_PATH))
+    return context
+
+
+def build_image(client, context: Path, reference: str, labels: dict[str, str],
+                network_mode: str = "host",
+                echo: Callable[[str], None] | None = None) -> str:
+    """Build ``reference`` from ``context``, streaming progress to ``echo`` (stderr).
+
+    Returns the image id. Raises :class:`BuildError` with the failing step and its log tail.
+    """
+    echo = echo or (lambda line: print(line, end="", file=sys.stderr, flush=True))
+    tail: deque[str] = deque(maxlen=25)
+    step = "the build"
+    image_id = None
+    for chunk in client.api.build(path=str(context), tag=reference, labels=labels,
+                                  network_mode=network_mode, rm=True, forcerm=True, decode=True):
+        if "stream" in chunk:
+            line = chunk["stream"]
+            tail.append(line)
+            echo(line)
+            if line.startswith("Step "):
+                step = line.strip()
+            match = re.search(r"Successfully built ([0-9a-f]+)", line)
+            if match:
+                image_id = match.group(1)
+        elif "error" in chunk:
+            raise BuildError(f"image build failed at {step}: {chunk['error'].strip()}\n"
+                             f"--- last build output ---\n{''.join(tail)}")
+        elif "aux" in chunk and "ID" in chunk["aux"]:
+            image_id = chunk["aux"]["ID"]
+    if image_id is None:
+        raise BuildError(f"image build of {reference} ended without an image; last output:\n"
+                         f"{''.join(tail)}")
+    return image_id

@@ -1,0 +1,224 @@
+"""Serving images on a real Docker engine: the `preproc` deployment target through the real
+`mlflow deployments` CLI, and stock `mlflow models build-docker` images.
+
+Needs a Docker engine (scripts/docker-engine.sh start) and the local base image
+(scripts/base-image.sh); `bash scripts/dev.sh test` provides both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+
+import mlflow
+import pytest
+
+from conftest import BIN, consume, free_port, post_json, produce, unique, wait_http
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def docker_client():
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:
+        message = f"no Docker engine ({exc}); run bash scripts/docker-engine.sh start"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return client
+
+
+def v1(record):
+    return {"id": record["id"], "version": 1}
+
+
+def v2(record):
+    return {"id": record["id"], "version": 2, "x2": record["x"] * 2}
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "mlflow"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def deployments(docker_client):
+    """Names to deploy under; whatever is left is deleted by its Docker label."""
+    names = []
+
+    def make() -> str:
+        names.append(f"t{uuid.uuid4().hex[:8]}")
+        return names[-1]
+
+    yield make
+    for name in names:
+        for c in docker_client.containers.list(
+                all=True, filters={"label": f"org.mlflow-preproc.deployment={name}"}):
+            c.remove(force=True)
+
+
+def test_deploy_serve_predict_stream_update_delete(tracking_uri, broker, deployments,
+                                                   docker_client, tmp_path):
+    with mlflow.start_run():
+        mlflow.preproc.log_model(v1, name="p", registered_model_name="dock-prep")
+    name, port = deployments(), free_port()
+    topic = unique("raw")
+    broker.create_topics(topic)
+
+    create = cli("deployments", "create", "-t", "preproc", "--name", name,
+                 "-m", "models:/dock-prep/1", "-C", f"port={port}", "-C", "mode=both",
+                 "-C", f"kafka_bootstrap_servers={broker.bootstrap_servers}",
+                 "-C", f"input_topic={topic}", "-C", f"consumer_group_id={unique('g')}",
+                 "-C", "env.KAFKA_SESSION_TIMEOUT_MS=6000",
+                 "-C", "env.KAFKA_HEARTBEAT_INTERVAL_MS=1000")
+    assert create.returncode == 0, create.stderr[-3000:]
+    assert f"preprocessing deployment {name} is created" in create.stdout
+    assert "Step " in create.stderr  # build progress streamed to the terminal
+
+    # REST over loopback
+    status, body = post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": [{"id": 7}]})
+    assert (status, body) == (200, {"predictions": [{"id": 7, "version": 1}]})
+
+    # mlflow deployments predict
+    (tmp_path / "in.json").write_text(json.dumps([{"id": 8}]))
+    predict = cli("deployments", "predict", "-t", "preproc", "--name", name,
+                  "-I", str(tmp_path / "in.json"))
+    assert predict.returncode == 0, predict.stderr[-2000:]
+    assert json.loads(predict.stdout.strip().splitlines()[-1]) == {
+        "predictions": [{"id": 8, "version": 1}]}
+
+    # mode both: the consumer in the container reads the host's broker; default topic name
+    produce(broker.bootstrap_servers, topic, [b'{"id": 1, "x": 5}'])
+    out = consume(broker.bootstrap_servers, "dock-prep-1-preprocessed", 1)
+    assert [json.loads(m.value()) for m in out] == [{"id": 1, "version": 1}]
+
+    # get and list read Docker
+    get = cli("deployments", "get", "-t", "preproc", "--name", name)
+    assert get.returncode == 0, get.stderr
+    shown = dict(line.split(": ", 1) for line in get.stdout.splitlines() if ": " in line)
+    assert shown["status"] == "running" and shown["mode"] == "both"
+    assert shown["endpoint"] == f"http://127.0.0.1:{port}"
+    assert shown["image"] == "preprocessing-dock-prep-1:latest"
+    assert shown["model_uri"] == "models:/dock-prep/1"
+    listed = cli("deployments", "list", "-t", "preproc")
+    assert name in listed.stdout
+
+    # update to version 2 switches behaviour
+    with mlflow.start_run():
+        mlflow.preproc.log_model(v2, name="p", registered_model_name="dock-prep")
+    update = cli("deployments", "update", "-t", "preproc", "--name", name,
+                 "-m", "models:/dock-prep/2", "-C", "output_topic=" + unique("v2-out"))
+    assert update.returncode == 0, update.stderr[-3000:]
+    status, body = post_json(f"http://127.0.0.1:{port}/invocations",
+                             {"inputs": [{"id": 9, "x": 2}]})
+    assert (status, body) == (200, {"predictions": [{"id": 9, "version": 2, "x2": 4}]})
+
+    # delete leaves no container (and the image with remove_image=true)
+    delete = cli("deployments", "delete", "-t", "preproc", "--name", name,
+                 "-C", "remove_image=true")
+    assert delete.returncode == 0, delete.stderr[-2000:]
+    assert docker_client.containers.list(
+        all=True, filters={"label": f"org.mlflow-preproc.deployment={name}"}) == []
+    assert not docker_client.images.list(name="preprocessing-dock-prep-2")
+
+
+def test_deployment_errors_are_one_clear_line(tracking_uri, deployments, docker_client):
+    from sklearn.linear_model import LinearRegression
+
+    with mlflow.start_run():
+        mlflow.sklearn.log_model(LinearRegression().fit([[0], [1]], [0, 1]), name="lr",
+                                 registered_model_name="not-prep")
+        mlflow.preproc.log_model(v1, name="bad", registered_model_name="bad-reqs",
+                                 pip_requirements=["no-such-package-mlflow-preproc==0.0.1"])
+        mlflow.preproc.log_model(v1, name="ok", registered_model_name="ok-prep")
+
+    def create(name, uri, *extra):
+        return cli("deployments", "create", "-t", "preproc", "--name", name, "-m", uri,
+                   "-C", f"port={free_port()}", *extra)
+
+    cases = [
+        (create(deployments(), "models:/not-prep/1"), "is not a preprocessing model"),
+        (create(deployments(), "models:/ok-prep/9"), "models:/ok-prep/9 was not found"),
+        (create(deployments(), "models:/ok-prep/1", "-C", "colour=blue"),
+         "unknown config key(s) colour; valid keys: mode, port"),
+        (create(deployments(), "models:/ok-prep/1", "-C", "docker_host=unix:///nope.sock"),
+         "cannot reach a Docker engine at unix:///nope.sock"),
+        (create(deployments(), "models:/bad-reqs/1"), "image build failed at Step"),
+    ]
+    for proc, message in cases:
+        assert proc.returncode != 0
+        assert f"Error: " in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    build_failure = cases[-1][0].stderr
+    assert "no-such-package-mlflow-preproc" in build_failure  # the failing step's log tail
+
+    name = deployments()
+    assert create(name, "models:/ok-prep/1").returncode == 0
+    again = create(name, "models:/ok-prep/1")
+    assert again.returncode != 0 and f"a deployment named {name} already exists" in again.stderr
+
+
+def test_stock_build_docker_image_serves_and_streams_with_env_only(tracking_uri, broker,
+                                                                   docker_client):
+    with mlflow.start_run():
+        mlflow.preproc.log_model(v2, name="p", registered_model_name="stock-prep")
+    image = f"stock-prep-{uuid.uuid4().hex[:6]}"
+    build = cli("models", "build-docker", "-m", "models:/stock-prep/1", "-n", image,
+                "--env-manager", "local")
+    assert build.returncode == 0, build.stderr[-3000:]
+    containers = []
+    try:
+        # 1. As MLflow built it: REST on 8080 through nginx, unchanged.
+        serve = docker_client.containers.run(image, detach=True, network_mode="host")
+        containers.append(serve)
+        wait_http("http://127.0.0.1:8080/ping", _RunningContainer(serve), timeout=120)
+        status, body = post_json("http://127.0.0.1:8080/invocations",
+                                 {"inputs": [{"id": 1, "x": 4}]})
+        assert (status, body) == (200, {"predictions": [{"id": 1, "version": 2, "x2": 8}]})
+        serve.stop(timeout=20)
+
+        # 2. The same image, Kafka mode from environment variables alone (no rebuild).
+        topic, out = unique("raw"), unique("out")
+        broker.create_topics(topic)
+        produce(broker.bootstrap_servers, topic, [b'{"id": 2, "x": 1}', b'{"id": 3, "x": 2}'])
+        kafka = docker_client.containers.run(image, detach=True, network_mode="host", environment={
+            "PYTHONPATH": "/opt/ml/model/code", "MLFLOW_PREPROC_MODE": "kafka",
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "INPUT_TOPIC": topic,
+            "OUTPUT_TOPIC": out, "CONSUMER_GROUP_ID": unique("g"),
+            "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "1000"})
+        containers.append(kafka)
+        outputs = consume(broker.bootstrap_servers, out, 2, timeout=90)
+        assert sorted(json.loads(m.value())["x2"] for m in outputs) == [2, 4], \
+            kafka.logs().decode()[-3000:]
+        kafka.stop(timeout=40)
+        kafka.reload()
+        assert kafka.attrs["State"]["ExitCode"] == 0, kafka.logs().decode()[-2000:]
+        assert '"event": "stop"' in kafka.logs().decode()  # the consumer committed and closed
+    finally:
+        for c in containers:
+            c.remove(force=True)
+        docker_client.images.remove(image, force=True)
+
+
+class _RunningContainer:
+    """Adapts a container to wait_http's process protocol (poll/stdout)."""
+
+    def __init__(self, container):
+        self.container = container
+        self.stdout = None
+
+    def poll(self):
+        self.container.reload()
+        return None if self.container.status in ("created", "running") else 1
+
+    @property
+    def returncode(self):
+        return self.container.attrs["State"]["ExitCode"]
