@@ -56,6 +56,7 @@ CONFIG_KEYS: dict[str, tuple[str, str, str]] = {
     "network_mode": ("host", "Docker network mode of builds and containers", "host"),
     "docker_host": ("DOCKER_HOST or the local socket", "Docker engine to use",
                     "unix:///run/docker.sock"),
+    "no_cache": ("false", "build without Docker's layer cache", "true"),
     "health_timeout": ("120", "seconds to wait for a new container to be healthy", "300"),
     "remove_image": ("false", "delete only: also remove the image", "true"),
 }
@@ -245,7 +246,8 @@ class PreprocDeploymentClient(BaseDeploymentClient):
                 print(f"building {reference} from {base}", file=sys.stderr)
                 build_image(self._docker, context, reference,
                             {f"{LABEL}.model-uri": identity.uri},
-                            network_mode=config["network_mode"])
+                            network_mode=config["network_mode"],
+                            nocache=settings.parse_bool(config["no_cache"], "no_cache"))
             except BuildError as exc:
                 raise DeploymentError(str(exc)) from None
             finally:

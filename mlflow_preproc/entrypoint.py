@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = resolve_mode(cfg)
     model_path = os.environ.get("MLFLOW_PREPROC_MODEL_PATH", MODEL_PATH)
     env = {**os.environ, _SUPERVISED: "1"}
+    # `mlflow models serve` starts `uvicorn` from PATH: make it the one beside this Python,
+    # also when a virtualenv is used without being activated.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     env.setdefault("MODEL_URI", model_path)
     commands = child_commands(mode, cfg, model_path, list(sys.argv[1:] if argv is None else argv))
     logger.info("starting", extra={"event": "entrypoint", "mode": mode,

@@ -64,7 +64,7 @@ def prepare_context(model_dir: Path, base_image: str, registered: dict | None) -
 
 
 def build_image(client, context: Path, reference: str, labels: dict[str, str],
-                network_mode: str = "host",
+                network_mode: str = "host", nocache: bool = False,
                 echo: Callable[[str], None] | None = None) -> str:
     """Build ``reference`` from ``context``, streaming progress to ``echo`` (stderr).
 
@@ -75,7 +75,8 @@ def build_image(client, context: Path, reference: str, labels: dict[str, str],
     step = "the build"
     image_id = None
     for chunk in client.api.build(path=str(context), tag=reference, labels=labels,
-                                  network_mode=network_mode, rm=True, forcerm=True, decode=True):
+                                  network_mode=network_mode, nocache=nocache, rm=True,
+                                  forcerm=True, decode=True):
         if "stream" in chunk:
             line = chunk["stream"]
             tail.append(line)
