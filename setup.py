@@ -31,6 +31,8 @@ setup(
         "ijson>=3.2",
         "python-json-logger>=3.1",
         "requests>=2.28",
+        "fastapi>=0.100",
+        "uvicorn>=0.23",
     ],
     extras_require={
         "test": [

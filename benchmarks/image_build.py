@@ -77,13 +77,13 @@ def main() -> None:
 
         target = PreprocDeploymentClient("preproc")
         start = time.perf_counter()
-        ours_v1, _ = target._build("bench", uris[0], target._validate(None, {"no_cache": "true"}))
+        ours_v1, _ = target.build_image(uris[0], {"no_cache": "true"})
         rows.append(("preproc build", "cold (v1)", time.perf_counter() - start,
                      size_mb(client, ours_v1)))
 
         uris.append(register(version_2))
         start = time.perf_counter()
-        ours_v2, _ = target._build("bench", uris[1], target._validate(None, {}))
+        ours_v2, _ = target.build_image(uris[1])
         rows.append(("preproc build", "warm (v2)", time.perf_counter() - start,
                      size_mb(client, ours_v2)))
 

@@ -62,10 +62,12 @@ class Bridge(KafkaLoop):
         records, owners = [], []
         for msg in messages:
             try:
-                records.extend(self.decoder.decode(msg.value()))
-                owners.append(msg)
+                decoded = self.decoder.decode(msg.value())
             except DecodeError as exc:
                 self.dead_letter(msg, "decode", exc)
+                continue
+            records.extend(decoded)
+            owners.extend([msg] * len(decoded))
         if not records:
             return
         # predict: the whole batch, or record by record when the model refuses the batch
@@ -79,7 +81,7 @@ class Bridge(KafkaLoop):
             return
         except ModelRejected:
             predictions = []
-            for msg, record in zip(owners, records):
+            for record in records:
                 try:
                     predictions.extend(self._predict([record]))
                 except ModelRejected as exc:

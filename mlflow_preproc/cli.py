@@ -67,6 +67,24 @@ def _parser() -> argparse.ArgumentParser:
                             "batches, produce each prediction to OUTPUT_TOPIC.")
     settings.add_arguments(bridge, "bridge")
     bridge.set_defaults(handler=_cmd_bridge)
+
+    builds = sub.add_parser("builds", help="the build service (MLflow webhooks -> images)")
+    builds_sub = builds.add_subparsers(dest="builds_command", required=True)
+    serve = builds_sub.add_parser(
+        "serve", help="run the build service", description="Receive MLflow model-registry "
+        "webhooks and build requests; build images on the local Docker engine. Webhook "
+        "deliveries are verified with the secret in MLFLOW_PREPROC_WEBHOOK_SECRET.")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--db", default="mlflow-preproc-builds.db",
+                       help="SQLite file holding the build history")
+    serve.add_argument("--max-builds", type=int, default=1, help="builds run at once")
+    serve.add_argument("--allow-unsigned", action="store_true",
+                       help="accept webhook deliveries without a signature (trusted networks)")
+    serve.add_argument("-C", "--deploy-config", action="append", default=[], metavar="KEY=VALUE",
+                       help="after each successful preprocessing build, create or update its "
+                       "deployment with these preproc target keys (name=... names it)")
+    serve.set_defaults(handler=_cmd_builds_serve)
     return parser
 
 
@@ -111,6 +129,21 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
     config = settings.load("bridge", args)
     _configure_logging(config)
     Bridge.from_config(config).run()
+    return EXIT_OK
+
+
+def _cmd_builds_serve(args: argparse.Namespace) -> int:
+    from mlflow_preproc.build_service import serve
+    from mlflow_preproc.metrics import configure_logging
+
+    configure_logging("text", "INFO")
+    deploy = {}
+    for pair in args.deploy_config:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise settings.ConfigError(f"-C {pair!r} is not key=value; e.g. -C mode=serve")
+        deploy[key] = value
+    serve(args.host, args.port, args.db, args.allow_unsigned, args.max_builds, deploy or None)
     return EXIT_OK
 
 

@@ -131,7 +131,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         if self._containers(name):
             raise DeploymentError(f"a deployment named {name} already exists; use mlflow "
                                   f"deployments update --name {name}, or delete it first")
-        image, identity = self._build(name, model_uri, config)
+        image, identity = self.build_image(model_uri, config, name)
         self._check_ports_free(config)
         self._start(name, image, identity, model_uri, config)
         return self.get_deployment(name)
@@ -145,7 +145,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         previous = json.loads(old[0].labels.get(f"{LABEL}.config", "{}"))
         config = self._validate(flavor, {**previous, **(config or {})})
         model_uri = model_uri or old[0].labels[f"{LABEL}.model-uri"]
-        image, identity = self._build(name, model_uri, config)
+        image, identity = self.build_image(model_uri, config, name)
         if config["mode"] in ("serve", "both"):
             # Host networking: the new container cannot bind the old one's port while it runs.
             # Prove the new image serves on a spare port first; only then swap.
@@ -215,7 +215,14 @@ class PreprocDeploymentClient(BaseDeploymentClient):
 
     # ---- building and starting ---------------------------------------------------------------
 
-    def _build(self, name: str, model_uri: str, config: dict) -> tuple[str, Any]:
+    def build_image(self, model_uri: str, config: dict | None = None, name: str | None = None,
+                    echo=None) -> tuple[str, Any]:
+        """Build the serving image of a preprocessing model without starting it.
+
+        Returns the image reference and the model's :class:`ModelIdentity`. ``config`` takes
+        the same keys as ``create`` (``image``, ``tag``, ``base_image``, ``no_cache``...).
+        ``echo`` receives the build's output lines (default: stderr).
+        """
         import mlflow
 
         from mlflow_preproc.model_identity import ModelNotFound, resolve_model
@@ -224,6 +231,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             identity = resolve_model(model_uri)
         except ModelNotFound as exc:
             raise DeploymentError(str(exc)) from None
+        config = self._validate(None, config)
         workdir = Path(tempfile.mkdtemp(prefix="mlflow-preproc-model-"))
         try:
             try:
@@ -236,18 +244,20 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             base = config.get("base_image") or \
                 f"python:{config.get('python_version') or model_python_version(model_dir)}-slim"
             default_repo = (f"preprocessing-{identity.name}-{identity.version}"
-                            if identity.name else f"preprocessing-{name}")
+                            if identity.name else f"preprocessing-{name or 'model'}")
             reference = f"{docker_reference(config.get('image') or default_repo)}:" \
                         f"{config.get('tag') or 'latest'}"
             registered = {"uri": identity.uri, "name": identity.name,
                           "version": identity.version}
             context = prepare_context(model_dir, base, registered)
             try:
-                print(f"building {reference} from {base}", file=sys.stderr)
+                if echo is None:
+                    print(f"building {reference} from {base}", file=sys.stderr)
                 build_image(self._docker, context, reference,
                             {f"{LABEL}.model-uri": identity.uri},
                             network_mode=config["network_mode"],
-                            nocache=settings.parse_bool(config["no_cache"], "no_cache"))
+                            nocache=settings.parse_bool(config["no_cache"], "no_cache"),
+                            echo=echo)
             except BuildError as exc:
                 raise DeploymentError(str(exc)) from None
             finally:

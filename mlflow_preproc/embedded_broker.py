@@ -82,7 +82,7 @@ class EmbeddedBroker:
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
         futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-        for name, future in futures.items():
+        for future in futures.values():
             try:
                 future.result(15)
             except Exception as exc:

@@ -70,7 +70,8 @@ class Stream(KafkaLoop):
                 self.dead_letter(msg, "decode", exc)
                 continue
             for record in decoded:
-                records.append(drop_fields(record, self.fields_to_drop))
+                records.append(drop_fields(record, self.fields_to_drop)
+                               if self.fields_to_drop else record)
                 owners.append(msg)
 
         # pre_processing: the whole batch at once; a failing record fails alone

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for developers and CI.
 #
-#   bash scripts/dev.sh demo            the main job: examples/quickstart on a local MLflow store
+#   bash scripts/dev.sh demo            the main job on a local MLflow store and an embedded broker:
+#                                       examples/quickstart (REST), examples/fink_alerts (Kafka)
 #   bash scripts/dev.sh test [ARGS...]  the whole test suite (pytest ARGS, e.g. -m "not slow")
 #   bash scripts/dev.sh setup           only create .venv and install the package
 #
@@ -44,6 +45,7 @@ case "${1:-}" in
     demo)
         setup
         "$VENV/bin/python" examples/quickstart/quickstart.py
+        "$VENV/bin/python" examples/fink_alerts/fink_alerts.py
         ;;
     test)
         shift

@@ -102,6 +102,24 @@ def serve_model() -> Iterator:
         stop_process(proc)
 
 
+# ---- Docker --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """The local Docker engine; under CI=true a missing engine fails instead of skipping."""
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:
+        message = f"no Docker engine ({exc}); run bash scripts/docker-engine.sh start"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return client
+
+
 # ---- Kafka: the embedded Tansu broker, real clients, real consumer groups -----------------
 
 # Tansu takes about session.timeout.ms/2 to form a group: keep it short in tests.
@@ -164,3 +182,53 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> l
 
 def headers_of(msg) -> dict[str, bytes]:
     return dict(msg.headers() or [])
+
+
+# ---- mlflow-preproc stream/bridge processes -----------------------------------------------
+
+class StreamProcess:
+    """`mlflow-preproc stream` in a subprocess, stopped by PID."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str], command: str = "stream"):
+        self.log_path = log_dir / f"{unique(command)}.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow-preproc"), command],
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
+            env={**os.environ, **FAST_GROUP_ENV, "LOG_FORMAT": "json", "BATCH_TIMEOUT_MS": "200",
+                 "STATS_INTERVAL_S": "1", **env},
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def logs(self) -> list[dict]:
+        lines = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # librdkafka's own log lines
+        return lines
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def streams(tmp_path: Path):
+    started: list[StreamProcess] = []
+
+    def start(env: dict[str, str], command: str = "stream") -> StreamProcess:
+        s = StreamProcess(tmp_path, env, command)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(10)
+
+

@@ -10,7 +10,6 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from conftest import consume, headers_of, produce, unique
-from test_stream import streams  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -8,9 +8,7 @@ Needs a Docker engine (scripts/docker-engine.sh start) and the local base image
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import time
 import uuid
 
 import mlflow
@@ -19,21 +17,6 @@ import pytest
 from conftest import BIN, consume, free_port, post_json, produce, unique, wait_http
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def docker_client():
-    import docker
-
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as exc:
-        message = f"no Docker engine ({exc}); run bash scripts/docker-engine.sh start"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return client
 
 
 def v1(record):
@@ -155,7 +138,7 @@ def test_deployment_errors_are_one_clear_line(tracking_uri, deployments, docker_
     ]
     for proc, message in cases:
         assert proc.returncode != 0
-        assert f"Error: " in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+        assert "Error: " in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
     build_failure = cases[-1][0].stderr
     assert "no-such-package-mlflow-preproc" in build_failure  # the failing step's log tail

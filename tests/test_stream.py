@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import struct
-import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import fastavro
 import mlflow
 import pytest
 
-from conftest import BIN, DATA, FAST_GROUP_ENV, consume, free_port, headers_of, produce, unique
+from conftest import DATA, consume, free_port, headers_of, produce, unique
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -41,52 +38,6 @@ def model(tracking_uri):
     with mlflow.start_run():
         mlflow.preproc.log_model(features, name="p", registered_model_name="stream-prep")
     return "models:/stream-prep/1"
-
-
-class StreamProcess:
-    """`mlflow-preproc stream` in a subprocess, stopped by PID."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str], command: str = "stream"):
-        self.log_path = log_dir / f"{unique(command)}.log"
-        self.proc = subprocess.Popen(
-            [str(BIN / "mlflow-preproc"), command],
-            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, **FAST_GROUP_ENV, "LOG_FORMAT": "json", "BATCH_TIMEOUT_MS": "200",
-                 "STATS_INTERVAL_S": "1", **env},
-        )
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    def logs(self) -> list[dict]:
-        lines = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # librdkafka's own log lines
-        return lines
-
-    def text(self) -> str:
-        return self.log_path.read_text()
-
-
-@pytest.fixture
-def streams(tmp_path):
-    started: list[StreamProcess] = []
-
-    def start(env: dict[str, str], command: str = "stream") -> StreamProcess:
-        s = StreamProcess(tmp_path, env, command)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait(10)
 
 
 def base_env(broker, model_uri, input_topic, **extra) -> dict[str, str]:

@@ -1,0 +1,242 @@
+"""Build service: MLflow webhooks and a REST API turn model versions into images.
+
+    mlflow-preproc builds serve --port 8765      # OpenAPI docs at /docs
+
+- ``POST /webhooks/mlflow`` receives MLflow model-registry webhook deliveries. Each is
+  verified (HMAC signature and timestamp, secret from ``MLFLOW_PREPROC_WEBHOOK_SECRET``);
+  a new version of a preprocessing model queues its image build, and a new version of another
+  model whose run also logged a preprocessing model (the legacy pairing by ``run_id``) queues
+  both images: ``preprocessing-{name}-{version}`` and ``model-{name}-{version}``.
+- ``POST /build`` (queued, returns an id), ``POST /build/sync``, ``GET /builds``,
+  ``GET /builds/{id}``, ``DELETE /builds/{id}``, ``GET /health``.
+
+Builds live in SQLite (:mod:`mlflow_preproc.build_store`) and run ``--max-builds`` at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from mlflow_preproc import webhooks
+from mlflow_preproc.build_store import STATUSES, Build, BuildStore
+from mlflow_preproc.image_build import docker_reference
+
+logger = logging.getLogger("mlflow_preproc")
+
+SECRET_ENV = "MLFLOW_PREPROC_WEBHOOK_SECRET"
+
+
+class BuildRequest(BaseModel):
+    """A build asked for over the API."""
+
+    model_uri: str = Field(min_length=1, description="models:/name/version, runs:/..., ...")
+    kind: Literal["preprocessing", "model"] = Field(
+        "preprocessing", description="preprocessing: the preproc image; model: build-docker")
+    image: str | None = Field(None, description="image name (default from registry metadata)")
+    deploy: dict[str, str] | None = Field(
+        None, description="after a successful preprocessing build, create or update the "
+        "deployment with these -C style keys (plus 'name')")
+
+
+class Builder:
+    """Runs queued builds in a bounded thread pool."""
+
+    def __init__(self, store: BuildStore, max_builds: int = 1,
+                 deploy: dict[str, str] | None = None):
+        self.store = store
+        self.deploy = deploy
+        self._pool = ThreadPoolExecutor(max_builds, thread_name_prefix="build")
+        self._futures: dict[str, Future] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, build: Build) -> Future:
+        future = self._pool.submit(self._run, build)
+        with self._lock:
+            self._futures[build.id] = future
+        return future
+
+    def _run(self, build: Build) -> None:
+        import time
+
+        tail: deque[str] = deque(maxlen=40)
+        self.store.update(build.id, status="running", started_at=time.time())
+        try:
+            if build.kind == "preprocessing":
+                image = self._build_preprocessing(build, tail)
+            else:
+                image = self._build_model(build, tail)
+            self.store.update(build.id, status="succeeded", image=image,
+                              finished_at=time.time(), log_tail="".join(tail))
+            deploy = build.config.get("deploy") or (self.deploy if build.kind ==
+                                                    "preprocessing" else None)
+            if deploy:
+                self.store.update(build.id, deployment=self._deploy(build, deploy))
+        except Exception as exc:  # a failed build is a record, not a crash of the service
+            logger.warning("build failed", extra={"event": "build_failed", "build": build.id,
+                                                  "error": str(exc)})
+            self.store.update(build.id, status="failed", finished_at=time.time(),
+                              error=str(exc).splitlines()[0][:2000], log_tail="".join(tail))
+
+    def _build_preprocessing(self, build: Build, tail: deque) -> str:
+        from mlflow_preproc.deployment import PreprocDeploymentClient
+
+        config = {"image": build.config["image"]} if build.config.get("image") else {}
+        reference, _ = PreprocDeploymentClient("preproc").build_image(
+            build.model_uri, config, echo=tail.append)
+        return reference
+
+    def _build_model(self, build: Build, tail: deque) -> str:
+        """The model's image as `mlflow models build-docker` makes it (network: host)."""
+        import tempfile
+
+        from mlflow.models.docker_utils import build_image_from_context
+        from mlflow.pyfunc.backend import PyFuncBackend
+        from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+
+        from mlflow_preproc.model_identity import resolve_model
+
+        identity = resolve_model(build.model_uri)
+        image = build.config.get("image") or docker_reference(
+            f"model-{identity.name}-{identity.version}" if identity.name else "model")
+        with tempfile.TemporaryDirectory() as context:
+            model_dir = _download_artifact_from_uri(identity.download_uri)
+            PyFuncBackend(config={}, env_manager="local").generate_dockerfile(
+                model_uri=model_dir, output_dir=context)
+            tail.append(f"building {image} from {build.model_uri}\n")
+            build_image_from_context(context, image, network="host")
+        return image
+
+    def _deploy(self, build: Build, deploy: dict[str, str]) -> str:
+        from mlflow_preproc.deployment import PreprocDeploymentClient
+        from mlflow_preproc.model_identity import resolve_model
+
+        identity = resolve_model(build.model_uri)
+        config = dict(deploy)
+        name = config.pop("name", None) or docker_reference(identity.name or build.id)
+        client = PreprocDeploymentClient("preproc")
+        existing = {d["name"] for d in client.list_deployments()}
+        if name in existing:
+            client.update_deployment(name, build.model_uri, config=config)
+        else:
+            client.create_deployment(name, build.model_uri, config=config)
+        return name
+
+    def wait(self, build_id: str) -> None:
+        with self._lock:
+            future = self._futures.get(build_id)
+        if future is not None:
+            future.result()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def create_app(db_path: str, secret: str | None, allow_unsigned: bool = False,
+               max_builds: int = 1, deploy: dict[str, str] | None = None) -> FastAPI:
+    """The build service as an ASGI app (``uvicorn`` runs it)."""
+    store = BuildStore(db_path)
+    for lost in store.recover():
+        logger.warning("marked a build interrupted by a restart as failed",
+                       extra={"event": "build_recovered", "build": lost})
+    builder = Builder(store, max_builds, deploy)
+    # Builds queued before a restart never started: queue them again.
+    for queued in store.list(status="queued"):
+        builder.submit(queued)
+    app = FastAPI(title="mlflow-preproc build service",
+                  description=__doc__.split("\n\n")[0], version="1")
+    app.state.store, app.state.builder = store, builder
+
+    def queue(kind: str, model_uri: str, config: dict[str, Any],
+              event_key: str | None = None) -> tuple[Build, bool]:
+        build, created = store.add(kind, model_uri, config, event_key)
+        if created:
+            builder.submit(build)
+        return build, created
+
+    @app.post("/build", status_code=202, summary="Queue an image build")
+    def post_build(request: BuildRequest) -> dict:
+        build, _ = queue(request.kind, request.model_uri,
+                         {"image": request.image, "deploy": request.deploy})
+        return {"id": build.id, "status": build.status}
+
+    @app.post("/build/sync", summary="Build and wait for the result")
+    def post_build_sync(request: BuildRequest) -> dict:
+        build, _ = queue(request.kind, request.model_uri,
+                         {"image": request.image, "deploy": request.deploy})
+        builder.wait(build.id)
+        return store.get(build.id).to_json()
+
+    @app.get("/builds", summary="List builds, newest first")
+    def list_builds(status: Literal[STATUSES] | None = Query(None)) -> list[dict]:  # type: ignore[valid-type]
+        return [b.to_json() for b in store.list(status)]
+
+    @app.get("/builds/{build_id}", summary="One build: status, timings, image, log tail")
+    def get_build(build_id: str) -> dict:
+        build = store.get(build_id)
+        if build is None:
+            raise HTTPException(404, f"no build {build_id}; GET /builds lists them")
+        return build.to_json()
+
+    @app.delete("/builds/{build_id}", status_code=204, summary="Forget a finished build")
+    def delete_build(build_id: str) -> Response:
+        build = store.get(build_id)
+        if build is None:
+            raise HTTPException(404, f"no build {build_id}; GET /builds lists them")
+        if build.status in ("queued", "running"):
+            raise HTTPException(409, f"build {build_id} is {build.status}; delete it once it "
+                                "has finished")
+        store.delete(build_id)
+        return Response(status_code=204)
+
+    @app.get("/health", summary="Liveness and queue sizes")
+    def health() -> dict:
+        return {"status": "ok", **{s: len(store.list(s)) for s in ("queued", "running")}}
+
+    @app.post("/webhooks/mlflow", status_code=202, summary="MLflow model-registry webhook")
+    async def mlflow_webhook(request: Request) -> dict:
+        body = await request.body()
+        try:
+            webhooks.verify(body, request.headers, secret, allow_unsigned)
+        except webhooks.Rejected as exc:
+            logger.warning("webhook delivery refused", extra={
+                "event": "webhook_refused", "reason": str(exc),
+                "client": request.client.host if request.client else None})
+            raise HTTPException(401, str(exc)) from None
+        event = webhooks.parse(body)
+        if event is None:
+            return {"queued": [], "detail": "not a model version creation; nothing to build"}
+        plan = webhooks.plan_builds(event)
+        queued = []
+        for kind, model_uri, image in plan:
+            build, created = queue(kind, model_uri, {"image": image},
+                                   f"{event.name}/{event.version}/{kind}")
+            queued.append({"id": build.id, "kind": kind, "duplicate": not created})
+        detail = "" if plan else "this version has no preprocessing model; nothing to build"
+        return {"queued": queued, "detail": detail}
+
+    @app.on_event("shutdown")
+    def close() -> None:
+        builder.shutdown()
+
+    return app
+
+
+def serve(host: str, port: int, db_path: str, allow_unsigned: bool, max_builds: int,
+          deploy: dict[str, str] | None) -> None:
+    """Run the build service until interrupted."""
+    import uvicorn
+
+    secret = os.environ.get(SECRET_ENV)
+    if not secret and not allow_unsigned:
+        logger.warning(f"{SECRET_ENV} is not set: every webhook delivery will be refused "
+                       "(start with --allow-unsigned to accept unsigned ones)")
+    app = create_app(db_path, secret, allow_unsigned, max_builds, deploy)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,133 @@
+"""MLflow model-registry webhooks: verify a delivery, read it, decide what to build.
+
+MLflow (3.x tracking server, SQL backend) signs each delivery with HMAC-SHA256 over
+``"{X-MLflow-Delivery-Id}.{X-MLflow-Timestamp}.{raw body}"`` and sends
+``X-MLflow-Signature: v1,<base64 digest>``. Retries of one delivery repeat its id, timestamp
+and signature, so the freshness window must outlast MLflow's retry backoff.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+MAX_AGE_S = 300
+
+
+class Rejected(Exception):
+    """A delivery that must not be acted upon (answered 401); the message says why."""
+
+
+@dataclass(frozen=True)
+class VersionCreated:
+    """A ``model_version.created`` event."""
+
+    name: str
+    version: str
+    source: str | None
+    run_id: str | None
+
+
+def verify(body: bytes, headers: Mapping[str, str], secret: str | None,
+           allow_unsigned: bool = False, now: float | None = None) -> None:
+    """Raise :class:`Rejected` unless the delivery is signed with ``secret`` and fresh."""
+    signature = headers.get("x-mlflow-signature")
+    if not signature:
+        if allow_unsigned:
+            return
+        raise Rejected("unsigned delivery: create the MLflow webhook with a secret, or start "
+                       "the service with --allow-unsigned")
+    if not secret:
+        raise Rejected("signed delivery but no secret configured: set "
+                       "MLFLOW_PREPROC_WEBHOOK_SECRET to the webhook's secret")
+    delivery_id = headers.get("x-mlflow-delivery-id")
+    timestamp = headers.get("x-mlflow-timestamp")
+    if not delivery_id or not timestamp or not timestamp.isdigit():
+        raise Rejected("missing X-MLflow-Delivery-Id or X-MLflow-Timestamp header")
+    age = (time.time() if now is None else now) - int(timestamp)
+    if abs(age) > MAX_AGE_S:
+        raise Rejected(f"timestamp is {int(age)} s old, outside the {MAX_AGE_S} s window: a "
+                       "replayed or delayed delivery")
+    digest = hmac.new(secret.encode(), f"{delivery_id}.{timestamp}.".encode() + body,
+                      hashlib.sha256).digest()
+    expected = "v1," + base64.b64encode(digest).decode()
+    if not hmac.compare_digest(signature.encode(), expected.encode()):
+        raise Rejected("signature does not match: forged, or signed with another secret")
+
+
+def sign(body: bytes, secret: str, delivery_id: str, timestamp: int) -> dict[str, str]:
+    """Headers MLflow would send for ``body`` (for tests and for re-sending by hand)."""
+    digest = hmac.new(secret.encode(), f"{delivery_id}.{timestamp}.".encode() + body,
+                      hashlib.sha256).digest()
+    return {"X-MLflow-Delivery-Id": delivery_id, "X-MLflow-Timestamp": str(timestamp),
+            "X-MLflow-Signature": "v1," + base64.b64encode(digest).decode(),
+            "Content-Type": "application/json"}
+
+
+def parse(body: bytes) -> VersionCreated | None:
+    """The model version a delivery announces, or ``None`` for any other event."""
+    try:
+        event = json.loads(body)
+    except ValueError:
+        raise Rejected("the delivery body is not JSON") from None
+    if (event.get("entity"), event.get("action")) != ("model_version", "created"):
+        return None
+    data = event.get("data") or {}
+    return VersionCreated(str(data["name"]), str(data["version"]), data.get("source"),
+                          data.get("run_id"))
+
+
+def plan_builds(event: VersionCreated) -> list[tuple[str, str, str | None]]:
+    """``(kind, model_uri, image)`` to build for a new version.
+
+    A preprocessing model builds its image. Another model builds nothing, unless its run also
+    logged a preprocessing model (the legacy pairing by run): then both images are built,
+    named after this registered version.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = f"models:/{event.name}/{event.version}"
+    try:
+        flavors = _flavors(uri)
+    except MlflowException:
+        # Unknown model or version: the build records the reason as a failure.
+        return [("preprocessing", uri, None)]
+    if "preprocessing" in flavors:
+        return [("preprocessing", uri, None)]
+    run_id = event.run_id or MlflowClient().get_model_version(event.name, event.version).run_id
+    partner = _preprocessing_model_of_run(run_id) if run_id else None
+    if partner is None:
+        return []
+    return [("preprocessing", partner, f"preprocessing-{event.name}-{event.version}"),
+            ("model", uri, None)]
+
+
+def _flavors(artifact_uri: str) -> dict:
+    """Flavors of the model at ``artifact_uri`` (a registered version or an artifact location)."""
+    import tempfile
+
+    import yaml
+    from mlflow.artifacts import download_artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_artifacts(f"{artifact_uri.rstrip('/')}/MLmodel", dst_path=tmp)
+        return yaml.safe_load(open(path)).get("flavors", {})
+
+
+def _preprocessing_model_of_run(run_id: str) -> str | None:
+    import mlflow
+
+    experiment = mlflow.get_run(run_id).info.experiment_id
+    for logged in mlflow.search_logged_models(experiment_ids=[experiment],
+                                              filter_string=f"source_run_id = '{run_id}'",
+                                              output_format="list"):
+        # models:/m-<id>/MLmodel would be read as a registered model named m-<id>
+        if "preprocessing" in _flavors(logged.artifact_location):
+            return f"models:/{logged.model_id}"
+    return None

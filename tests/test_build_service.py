@@ -1,0 +1,185 @@
+"""The build service with a real `mlflow server` sending real, signed webhook deliveries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import pytest
+import requests
+from cryptography.fernet import Fernet
+
+from conftest import BIN, free_port, stop_process, wait_http
+from mlflow_preproc.build_store import BuildStore
+from mlflow_preproc.webhooks import sign
+
+pytestmark = pytest.mark.slow
+SECRET = "s3cret-for-tests"
+
+
+def features(record):
+    return {"mag": record["magpsf"]}
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    """A real tracking server (SQL backend: the one that delivers webhooks)."""
+    port = free_port()
+    env = {**os.environ,
+           # Local receivers need these (MLflow defaults to https and public addresses only);
+           # a fixed key lets every server worker read the webhook's encrypted secret.
+           "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+           "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode()}
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", proc, timeout=120)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    mlflow.set_tracking_uri(url)
+    yield url
+    stop_process(proc)
+
+
+class BuildService:
+    def __init__(self, tmp_path, tracking_uri: str, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp_path / f"builds-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow-preproc"), "builds", "serve", "--port", str(self.port),
+             "--db", str(tmp_path / "builds.db"), *args],
+            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+                 "MLFLOW_PREPROC_WEBHOOK_SECRET": SECRET},
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(f"{self.url}/health", self.proc, timeout=60)
+
+    def wait_for(self, count: int, timeout: float = 300) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            builds = requests.get(f"{self.url}/builds", timeout=10).json()
+            if len(builds) >= count and all(b["status"] in ("succeeded", "failed")
+                                            for b in builds):
+                return builds
+            time.sleep(1)
+        raise TimeoutError(f"builds did not finish: {builds}")
+
+    def text(self) -> str:
+        self.log.flush()
+        return open(self.log.name).read()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+@pytest.fixture
+def services(tmp_path):
+    started = []
+
+    def start(tracking_uri: str, *args: str) -> BuildService:
+        started.append(BuildService(tmp_path, tracking_uri, *args))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def webhook_to(service: BuildService, name: str) -> None:
+    mlflow.MlflowClient().create_webhook(
+        name=name, url=f"{service.url}/webhooks/mlflow", events=["model_version.created"],
+        secret=SECRET)
+
+
+@pytest.mark.docker
+def test_registering_a_version_builds_its_image(mlflow_server, services, docker_client):
+    service = services(mlflow_server)
+    webhook_to(service, "preproc-builds")
+    with mlflow.start_run():
+        mlflow.preproc.log_model(features, name="p", registered_model_name="wh-prep")
+    [build] = service.wait_for(1)
+    assert build["status"] == "succeeded", build
+    assert build["image"] == "preprocessing-wh-prep-1:latest"
+    assert build["model_uri"] == "models:/wh-prep/1" and build["duration_s"] > 0
+    assert "Successfully built" in build["log_tail"]
+    docker_client.images.get("preprocessing-wh-prep-1:latest")
+    docker_client.images.remove("preprocessing-wh-prep-1:latest", force=True)
+
+
+def signed_delivery(name: str, version: str, delivery_id: str = "d-1",
+                    timestamp: int | None = None, secret: str = SECRET) -> tuple[bytes, dict]:
+    body = json.dumps({"entity": "model_version", "action": "created",
+                       "timestamp": "2026-11-23T00:00:00+00:00",
+                       "data": {"name": name, "version": version, "source": "models:/m-x",
+                                "run_id": None, "tags": {}, "description": None}}).encode()
+    return body, sign(body, secret, delivery_id, timestamp or int(time.time()))
+
+
+def test_forged_unsigned_and_replayed_deliveries_are_refused(mlflow_server, services):
+    service = services(mlflow_server)
+    url = f"{service.url}/webhooks/mlflow"
+    body, headers = signed_delivery("x", "1", secret="not-the-secret")
+    forged = requests.post(url, data=body, headers=headers, timeout=10)
+    assert forged.status_code == 401 and "signature does not match" in forged.json()["detail"]
+    unsigned = requests.post(url, data=body, headers={"Content-Type": "application/json"},
+                             timeout=10)
+    assert unsigned.status_code == 401 and "unsigned delivery" in unsigned.json()["detail"]
+    body, headers = signed_delivery("x", "1", timestamp=int(time.time()) - 3600)
+    replayed = requests.post(url, data=body, headers=headers, timeout=10)
+    assert replayed.status_code == 401 and "outside the 300 s window" in replayed.json()["detail"]
+    assert requests.get(f"{service.url}/builds", timeout=10).json() == []
+    assert "webhook delivery refused" in service.text()
+
+
+def test_duplicate_deliveries_build_once_and_unknown_models_fail_with_a_reason(mlflow_server,
+                                                                               services):
+    service = services(mlflow_server)
+    url = f"{service.url}/webhooks/mlflow"
+    first = requests.post(url, data=(d := signed_delivery("ghost", "4"))[0], headers=d[1],
+                          timeout=30)
+    again = requests.post(url, data=(d := signed_delivery("ghost", "4", "d-2"))[0],
+                          headers=d[1], timeout=30)
+    assert first.status_code == again.status_code == 202
+    assert [q["duplicate"] for q in again.json()["queued"]] == [True]
+    [build] = service.wait_for(1)
+    assert build["status"] == "failed"
+    assert "models:/ghost/4 was not found" in build["error"]
+
+
+def test_api_validation_history_across_restarts_and_delete(mlflow_server, services, tmp_path):
+    service = services(mlflow_server)
+    bad = requests.post(f"{service.url}/build", json={"kind": "preprocessing"}, timeout=10)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "model_uri"]
+    wrong_kind = requests.post(f"{service.url}/build", json={"model_uri": "m", "kind": "x"},
+                               timeout=10)
+    assert wrong_kind.status_code == 422 and wrong_kind.json()["detail"][0]["loc"][-1] == "kind"
+    done = requests.post(f"{service.url}/build/sync", json={"model_uri": "models:/nope/1"},
+                         timeout=120).json()
+    assert done["status"] == "failed" and "models:/nope/1 was not found" in done["error"]
+    service.stop()
+
+    # A crash in the middle of a build leaves it 'running' in the store.
+    store = BuildStore(str(tmp_path / "builds.db"))
+    crashed, _ = store.add("preprocessing", "models:/interrupted/1")
+    store.update(crashed.id, status="running", started_at=time.time())
+    store.close()
+
+    restarted = services(mlflow_server)
+    builds = {b["id"]: b for b in requests.get(f"{restarted.url}/builds", timeout=10).json()}
+    assert builds[done["id"]]["status"] == "failed"  # history survived the restart
+    assert builds[crashed.id]["status"] == "failed"
+    assert "stopped while this build ran" in builds[crashed.id]["error"]
+    failed = requests.get(f"{restarted.url}/builds", params={"status": "failed"}, timeout=10)
+    assert len(failed.json()) == 2
+    assert requests.delete(f"{restarted.url}/builds/{done['id']}", timeout=10).status_code == 204
+    assert requests.get(f"{restarted.url}/builds/{done['id']}", timeout=10).status_code == 404
+    docs = urllib.request.urlopen(f"{restarted.url}/openapi.json").read()
+    assert b"/webhooks/mlflow" in docs
