@@ -19,7 +19,7 @@ import requests
 from confluent_kafka import Message
 
 from mlflow_preproc.config import Config, ConfigError
-from mlflow_preproc.formats import DecodeError, MessageDecoder
+from mlflow_preproc.formats import MessageDecoder
 from mlflow_preproc.jsonable import dumps
 from mlflow_preproc.kafka_loop import KafkaLoop, source_headers
 
@@ -58,16 +58,7 @@ class Bridge(KafkaLoop):
         return cls(config)
 
     def handle_batch(self, messages: Sequence[Message]) -> None:
-        # decode
-        records, owners = [], []
-        for msg in messages:
-            try:
-                decoded = self.decoder.decode(msg.value())
-            except DecodeError as exc:
-                self.dead_letter(msg, "decode", exc)
-                continue
-            records.extend(decoded)
-            owners.extend([msg] * len(decoded))
+        records, owners = self.decode(messages, self.decoder)
         if not records:
             return
         # predict: the whole batch, or record by record when the model refuses the batch

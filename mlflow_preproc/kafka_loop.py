@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from mlflow_preproc.config import Config
+from mlflow_preproc.formats import DecodeError, MessageDecoder, drop_fields
 from mlflow_preproc.metrics import LoopStats, serve_metrics
 from mlflow_preproc.model_identity import HEADER
 from mlflow_preproc.offsets import OffsetTracker
@@ -96,7 +97,23 @@ class KafkaLoop:
         """Turn input messages into :meth:`produce` and :meth:`dead_letter` calls."""
         raise NotImplementedError
 
-    # ---- outputs ---------------------------------------------------------------------------
+    # ---- inputs and outputs ----------------------------------------------------------------
+
+    def decode(self, messages: Sequence[Message], decoder: MessageDecoder,
+               fields_to_drop: Sequence[str] = ()) -> tuple[list[dict], list[Message]]:
+        """Records of ``messages`` and the message each came from (an Avro container may
+        hold several); undecodable messages go to the dead-letter topic."""
+        records, owners = [], []
+        for msg in messages:
+            try:
+                decoded = decoder.decode(msg.value())
+            except DecodeError as exc:
+                self.dead_letter(msg, "decode", exc)
+                continue
+            for record in decoded:
+                records.append(drop_fields(record, fields_to_drop) if fields_to_drop else record)
+                owners.append(msg)
+        return records, owners
 
     def produce(self, source: Message, value: bytes, headers: Headers) -> None:
         """Send one output of ``source``; its offset commits once the broker acknowledges."""

@@ -17,13 +17,7 @@ from confluent_kafka import Message
 
 from mlflow_preproc.config import Config, ConfigError, sanitize_topic
 from mlflow_preproc.flavor import LoadedPreprocessing, load_preprocessing
-from mlflow_preproc.formats import (
-    DecodeError,
-    EncodeError,
-    MessageDecoder,
-    MessageEncoder,
-    drop_fields,
-)
+from mlflow_preproc.formats import EncodeError, MessageDecoder, MessageEncoder
 from mlflow_preproc.kafka_loop import KafkaLoop, source_headers
 from mlflow_preproc.model_identity import ModelIdentity, resolve_model
 from mlflow_preproc.records import RecordError
@@ -61,18 +55,8 @@ class Stream(KafkaLoop):
         return cls(config, preprocessing, identity, default_output_topic(config, identity))
 
     def handle_batch(self, messages: Sequence[Message]) -> None:
-        # decode: each message holds one record (an Avro container may hold several)
-        records, owners = [], []
-        for msg in messages:
-            try:
-                decoded = self.decoder.decode(msg.value())
-            except DecodeError as exc:
-                self.dead_letter(msg, "decode", exc)
-                continue
-            for record in decoded:
-                records.append(drop_fields(record, self.fields_to_drop)
-                               if self.fields_to_drop else record)
-                owners.append(msg)
+        # decode, drop fields
+        records, owners = self.decode(messages, self.decoder, self.fields_to_drop)
 
         # pre_processing: the whole batch at once; a failing record fails alone
         results = self.preprocessor.process_each(records)
