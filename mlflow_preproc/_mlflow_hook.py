@@ -8,19 +8,40 @@ its own flavors. Nothing heavy is imported until ``mlflow.preproc`` is first use
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.util
 import sys
 
 
 def install() -> None:
     """Expose ``mlflow_preproc.flavor`` as ``mlflow.preproc`` (lazily)."""
     mlflow = sys.modules.get("mlflow")
-    if mlflow is None or "mlflow.preproc" in sys.modules:
+    if mlflow is None or "preproc" in mlflow.__dict__:
         return  # not imported yet: the entry point installs it during `import mlflow`
     from mlflow.utils.lazy_load import LazyLoader
 
-    module = LazyLoader("mlflow.preproc", mlflow.__dict__, "mlflow_preproc.flavor")
-    mlflow.preproc = module
-    sys.modules["mlflow.preproc"] = module
+    # Like MLflow's own flavors: an attribute of `mlflow`, not an entry of sys.modules.
+    # Code that walks sys.modules and probes every module (skops, pickle's whichmodule,
+    # MLflow's requirement capture) would otherwise load the flavor, and every model logged
+    # where this package is installed would list mlflow-preproc as a requirement.
+    mlflow.preproc = LazyLoader("mlflow.preproc", mlflow.__dict__, "mlflow_preproc.flavor")
+    sys.meta_path.append(_AliasFinder())
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``import mlflow.preproc`` import ``mlflow_preproc.flavor``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "mlflow.preproc":
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        return importlib.import_module("mlflow_preproc.flavor")
+
+    def exec_module(self, module) -> None:
+        pass  # already executed under its own name
 
 
 class FlavorHook:

@@ -262,6 +262,17 @@ def test_module_models_load_without_pickle(tracking_uri, tmp_path, monkeypatch):
     assert mlflow.pyfunc.load_model(info.model_uri).predict([{"a": 1}]) == [{"a": 1}]
 
 
+def test_other_flavors_do_not_inherit_this_package_as_a_requirement(tracking_uri):
+    from sklearn.linear_model import LogisticRegression
+
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(LogisticRegression().fit([[0.0], [1.0]], [0, 1]),
+                                        name="clf")
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    requirements = (local / "requirements.txt").read_text()
+    assert "scikit-learn" in requirements and "mlflow-preproc" not in requirements
+
+
 def test_loading_a_model_of_another_flavor_is_refused(tracking_uri):
     from sklearn.linear_model import LinearRegression
 
