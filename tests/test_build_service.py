@@ -114,6 +114,26 @@ def test_registering_a_version_builds_its_image(mlflow_server, services, docker_
     docker_client.images.remove("preprocessing-wh-prep-1:latest", force=True)
 
 
+@pytest.mark.docker
+def test_a_model_paired_with_a_preprocessing_run_builds_both_images(mlflow_server, services,
+                                                                    docker_client):
+    from sklearn.linear_model import LogisticRegression
+
+    service = services(mlflow_server)
+    webhook_to(service, "paired-builds")
+    with mlflow.start_run():
+        mlflow.preproc.log_model(features, name="preprocessing")
+        mlflow.sklearn.log_model(LogisticRegression().fit([[0.0], [1.0]], [0, 1]), name="clf",
+                                 registered_model_name="paired")
+    builds = {b["kind"]: b for b in service.wait_for(2, timeout=600)}
+    assert {k: b["status"] for k, b in builds.items()} == {
+        "preprocessing": "succeeded", "model": "succeeded"}, builds
+    assert builds["preprocessing"]["image"] == "preprocessing-paired-1:latest"
+    assert builds["model"]["image"] == "model-paired-1"
+    for image in ("preprocessing-paired-1:latest", "model-paired-1"):
+        docker_client.images.remove(image, force=True)
+
+
 def signed_delivery(name: str, version: str, delivery_id: str = "d-1",
                     timestamp: int | None = None, secret: str = SECRET) -> tuple[bytes, dict]:
     body = json.dumps({"entity": "model_version", "action": "created",
@@ -183,3 +203,23 @@ def test_api_validation_history_across_restarts_and_delete(mlflow_server, servic
     assert requests.get(f"{restarted.url}/builds/{done['id']}", timeout=10).status_code == 404
     docs = urllib.request.urlopen(f"{restarted.url}/openapi.json").read()
     assert b"/webhooks/mlflow" in docs
+
+
+@pytest.mark.docker
+def test_a_successful_build_can_deploy_it(mlflow_server, services, docker_client):
+    with mlflow.start_run():
+        mlflow.preproc.log_model(features, name="p", registered_model_name="deploy-prep")
+    service = services(mlflow_server)
+    port, name = free_port(), f"bs{os.getpid()}"
+    try:
+        build = requests.post(f"{service.url}/build/sync", timeout=300, json={
+            "model_uri": "models:/deploy-prep/1",
+            "deploy": {"name": name, "port": str(port)}}).json()
+        assert build["status"] == "succeeded" and build["deployment"] == name, build
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=30,
+                               json={"inputs": [{"magpsf": 17.5}]}).json()
+        assert answer == {"predictions": [{"mag": 17.5}]}
+    finally:
+        for c in docker_client.containers.list(
+                all=True, filters={"label": f"org.mlflow-preproc.deployment={name}"}):
+            c.remove(force=True)
