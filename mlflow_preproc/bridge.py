@@ -21,7 +21,7 @@ from confluent_kafka import Message
 from mlflow_preproc.config import Config, ConfigError
 from mlflow_preproc.formats import MessageDecoder
 from mlflow_preproc.jsonable import dumps
-from mlflow_preproc.kafka_loop import KafkaLoop, source_headers
+from mlflow_preproc.kafka_loop import KafkaLoop, source_header
 
 logger = logging.getLogger("mlflow_preproc")
 
@@ -65,10 +65,8 @@ class Bridge(KafkaLoop):
         try:
             predictions: list[Any] = self._predict(records)
         except _Abandoned:
-            # An output that is never acknowledged holds the commit point before these
-            # records, so the next consumer of the group predicts them again.
-            for msg in owners:
-                self.tracker.add_output((msg.topic(), msg.partition()), msg.offset())
+            # Left uncommitted, so the next consumer of the group predicts them again.
+            self.leave_uncommitted()
             return
         except ModelRejected:
             predictions = []
@@ -82,8 +80,7 @@ class Bridge(KafkaLoop):
             if isinstance(prediction, ModelRejected):
                 self.dead_letter(msg, "predict", prediction)
                 continue
-            self.produce(msg, dumps(prediction), [*(msg.headers() or []), *source_headers(msg)])
-            self.stats.counts["out"] += 1
+            self.produce(msg, [dumps(prediction)], [*(msg.headers() or []), source_header(msg)])
 
     def _predict(self, records: list[dict]) -> list[Any]:
         body = dumps({PAYLOAD_KEY: records})

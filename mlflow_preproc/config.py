@@ -77,9 +77,12 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             ") before preprocessing", kind=bool, modes=("stream",), example="true"),
     Setting("DROP_FIELDS", "", "Comma-separated field paths dropped before preprocessing",
             modes=("stream",), example="cutoutScience,candidate.pdiffimfilename"),
-    Setting("BATCH_SIZE", 500, "Records per batch (stream: per consume/commit; bridge: per "
+    Setting("BATCH_SIZE", 500, "Records per batch (stream: per consume; bridge: per "
             "/invocations call)", kind=int, example="100"),
     Setting("BATCH_TIMEOUT_MS", 1000, "Longest wait to fill a batch", kind=int, example="200"),
+    Setting("COMMIT_INTERVAL_MS", 1000, "Commit input offsets at most this often, once every "
+            "output so far is acknowledged (0: after every batch); a crash reprocesses at most "
+            "this much", kind=int, example="5000"),
     Setting("AUTO_CREATE_TOPICS", True, "Create missing output and dead-letter topics "
             "(false: a missing topic is a fatal error)", kind=bool, example="false"),
     Setting("API_URL", None, "Model server base URL", modes=("bridge",),

@@ -81,16 +81,19 @@ def _is_na(value: Any) -> bool:
         return False
 
 
-_ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-
-
 def dumps(value: Any) -> bytes:
     """Serialise ``value`` to compact UTF-8 JSON bytes using the rules above.
 
     orjson does the common types in C (it already writes NaN as null, numpy and datetimes as
     above); anything else goes through :func:`to_jsonable`.
     """
-    return orjson.dumps(value, default=to_jsonable, option=_ORJSON_OPTIONS)
+    try:
+        return orjson.dumps(value, default=to_jsonable, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:
+        # Non-string dict keys: orjson's option for them costs ~40% on every record, so it
+        # is only used when needed.
+        return orjson.dumps(value, default=to_jsonable,
+                            option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
 def loads(data: bytes | str) -> Any:

@@ -2,9 +2,10 @@
 
 Guarantees, whatever the handler does with a batch:
 
-- at-least-once: an input offset is committed only after every output produced for it (or its
-  dead-letter copy) is acknowledged by the broker (:mod:`mlflow_preproc.offsets`); a crash at
-  any moment loses nothing, it only reprocesses what was not committed;
+- at-least-once: input offsets are committed only after the producer is flushed, that is once
+  every output produced so far (or its dead-letter copy) is acknowledged by the broker; a
+  crash at any moment loses nothing, it only reprocesses what was not committed (at most
+  ``COMMIT_INTERVAL_MS`` of input);
 - a record that cannot be handled goes to the dead-letter topic with the original bytes, the
   error and the stage in headers, and the stream goes on;
 - on a rebalance, finished work of revoked partitions is flushed and committed first;
@@ -12,6 +13,12 @@ Guarantees, whatever the handler does with a batch:
   ``SHUTDOWN_TIMEOUT_S``;
 - broker outages are retried by librdkafka, with backoff on our side while no broker answers;
   unrecoverable conditions raise :class:`FatalError` with a message naming the fix.
+
+Why flush-then-commit rather than tracking each output's acknowledgement: the producer only
+reports failed deliveries (``delivery.report.only.error``), which spares a Python callback
+and a message object per record, about 15% of the loop's time on 1 KB records
+(``benchmarks/stream_throughput.py``). A flush every ``COMMIT_INTERVAL_MS`` pauses the loop
+for one broker round trip.
 """
 
 from __future__ import annotations
@@ -30,12 +37,13 @@ from mlflow_preproc.config import Config
 from mlflow_preproc.formats import DecodeError, MessageDecoder, drop_fields
 from mlflow_preproc.metrics import LoopStats, serve_metrics
 from mlflow_preproc.model_identity import HEADER
-from mlflow_preproc.offsets import OffsetTracker
 
 logger = logging.getLogger("mlflow_preproc")
 
 _MAX_ERROR_HEADER = 4000
 _STARTUP_WAIT_S = 60.0
+# A periodic flush that cannot finish (broker down) gives up after this and commits later.
+_COMMIT_FLUSH_TIMEOUT_S = 10.0
 
 
 class FatalError(RuntimeError):
@@ -44,12 +52,28 @@ class FatalError(RuntimeError):
 
 Headers = list[tuple[str, bytes]]
 
+SOURCE_HEADER = HEADER + "source"
 
-def source_headers(msg: Message) -> Headers:
-    """Provenance headers naming the input record an output came from."""
-    return [(HEADER + "source-topic", msg.topic().encode()),
-            (HEADER + "source-partition", str(msg.partition()).encode()),
-            (HEADER + "source-offset", str(msg.offset()).encode())]
+
+def source_header(msg: Message) -> tuple[str, bytes]:
+    """The provenance header naming the input an output came from: ``topic/partition/offset``
+    (Kafka topic names cannot contain ``/``)."""
+    return SOURCE_HEADER, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()
+
+
+class _OnFailedDelivery:
+    """``on_delivery`` of the outputs of one input message; called only when the broker
+    refuses one of them (``delivery.report.only.error``), to dead-letter the input."""
+
+    __slots__ = ("loop", "source")
+
+    def __init__(self, loop: KafkaLoop, source: Message):
+        self.loop = loop
+        self.source = source
+
+    def __call__(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self.loop._output_failed(self.source, err)
 
 
 class KafkaLoop:
@@ -67,10 +91,11 @@ class KafkaLoop:
         self.group_id = group_id or f"mlflow-preproc-{self.command}"
         self.extra_headers = extra_headers or []
         self.stats = LoopStats(self.command)
-        self.tracker = OffsetTracker()
         self._stopping = False
+        self._uncommittable = False
         self._fatal: FatalError | None = None
         self._backoff = 0.0
+        self._committed: dict[tuple[str, int], int] = {}
         kafka = dict(config.kafka)
         self.consumer = Consumer({
             **kafka,
@@ -87,6 +112,8 @@ class KafkaLoop:
             "enable.idempotence": True,
             "linger.ms": 5,
             **kafka,
+            # Successes are known from flush(); see the module docstring.
+            "delivery.report.only.error": True,
             "error_cb": self._on_client_error,
         })
         self._metrics_server = None
@@ -104,9 +131,10 @@ class KafkaLoop:
         """Records of ``messages`` and the message each came from (an Avro container may
         hold several); undecodable messages go to the dead-letter topic."""
         records, owners = [], []
+        decode = decoder.decode
         for msg in messages:
             try:
-                decoded = decoder.decode(msg.value())
+                decoded = decode(msg.value())
             except DecodeError as exc:
                 self.dead_letter(msg, "decode", exc)
                 continue
@@ -115,12 +143,20 @@ class KafkaLoop:
                 owners.append(msg)
         return records, owners
 
-    def produce(self, source: Message, value: bytes, headers: Headers) -> None:
-        """Send one output of ``source``; its offset commits once the broker acknowledges."""
-        tp = (source.topic(), source.partition())
-        self.tracker.add_output(tp, source.offset())
-        self._send(self.output_topic, value, source.key(), headers,
-                   functools.partial(self._on_output_delivery, source))
+    def produce(self, source: Message, values: Sequence[bytes], headers: Headers) -> None:
+        """Send the outputs of ``source``, keyed like it. An output the client refuses (too
+        large...) sends ``source`` to the dead-letter topic instead of the outputs not sent."""
+        on_failure = _OnFailedDelivery(self, source)
+        key = source.key()
+        sent = 0
+        try:
+            for value in values:
+                self._send(self.output_topic, value, key, headers, on_failure)
+                sent += 1
+        except KafkaException as exc:
+            self.dead_letter(source, "produce", f"cannot produce to {self.output_topic}: "
+                                                f"{exc.args[0].str()}")
+        self.stats.counts["out"] += sent
 
     def dead_letter(self, source: Message, stage: str, error: BaseException | str) -> None:
         """Send ``source``'s original bytes to the dead-letter topic with the reason."""
@@ -134,10 +170,17 @@ class KafkaLoop:
                    (HEADER + "error", reason.encode()),
                    (HEADER + "error-type", _error_type(error).encode()),
                    (HEADER + "stage", stage.encode()),
-                   *source_headers(source), *self.extra_headers]
-        self.tracker.add_output((source.topic(), source.partition()), source.offset())
-        self._send(self.dlq_topic, source.value(), source.key(), headers,
-                   functools.partial(self._on_dead_letter_delivery, source))
+                   source_header(source), *self.extra_headers]
+        try:
+            self._send(self.dlq_topic, source.value(), source.key(), headers,
+                       functools.partial(self._on_dead_letter_delivery, source))
+        except KafkaException as exc:
+            self._dead_letter_failed(source, exc.args[0])
+
+    def leave_uncommitted(self) -> None:
+        """The batch being handled is given up (shutting down): commit nothing from now on,
+        so the group processes it again."""
+        self._uncommittable = True
 
     def _send(self, topic, value, key, headers, callback) -> None:
         while True:
@@ -145,24 +188,23 @@ class KafkaLoop:
                 self.producer.produce(topic, value, key, headers=headers, on_delivery=callback)
                 return
             except BufferError:
-                # The local queue is full: serve delivery reports until there is room.
+                # The local queue is full: let the broker catch up.
                 self.producer.poll(0.1)
 
-    def _on_output_delivery(self, source: Message, err: KafkaError | None, _msg) -> None:
-        tp = (source.topic(), source.partition())
-        if err is None:
-            self.tracker.acknowledged(tp, source.offset())
-            return
-        # The output cannot be written (too large, not authorised...): keep the input instead.
-        self.dead_letter(source, "produce", f"producing to {self.output_topic} failed: {err.str()}")
+    def _output_failed(self, source: Message, err: KafkaError) -> None:
+        # The broker refused an output (too large, not authorised...): keep the input instead.
         self.stats.counts["out"] -= 1
-        self.tracker.acknowledged(tp, source.offset())
+        self.dead_letter(source, "produce", f"producing to {self.output_topic} failed: "
+                                            f"{err.str()}")
 
-    def _on_dead_letter_delivery(self, source: Message, err: KafkaError | None, _msg) -> None:
-        if err is None:
-            self.tracker.acknowledged((source.topic(), source.partition()), source.offset())
-            return
+    def _on_dead_letter_delivery(self, source: Message, err: KafkaError | None,
+                                 _msg: Message) -> None:
+        if err is not None:
+            self._dead_letter_failed(source, err)
+
+    def _dead_letter_failed(self, source: Message, err: KafkaError) -> None:
         # Committing past this record would lose it: stop, so a restart retries it.
+        self._uncommittable = True
         self._fatal = FatalError(
             f"cannot write to the dead-letter topic {self.dlq_topic} ({err.str()}); record "
             f"{source.topic()}/{source.partition()}/{source.offset()} stays uncommitted; check "
@@ -179,13 +221,15 @@ class KafkaLoop:
                                                  self.config["METRICS_PORT"],
                                                  self.config["HEALTH_STALL_S"])
         self.consumer.subscribe([self.input_topic], on_revoke=self._on_revoke,
-                                on_lost=self._on_revoke)
+                                on_lost=self._on_lost)
         logger.info("consuming", extra={"event": "start", "command": self.command,
                                         "input_topic": self.input_topic,
                                         "output_topic": self.output_topic,
                                         "dlq_topic": self.dlq_topic, "group_id": self.group_id})
         batch_size = self.config["BATCH_SIZE"]
         timeout = self.config["BATCH_TIMEOUT_MS"] / 1000
+        commit_interval = self.config["COMMIT_INTERVAL_MS"] / 1000
+        next_commit = time.monotonic() + commit_interval
         # MLflow leaves ~160k long-lived objects; full collections over them stalled the loop
         # for 100-300 ms twice per 50k records (benchmarks/stream_throughput.py: +27%).
         gc.collect()
@@ -201,9 +245,12 @@ class KafkaLoop:
                     self.stats.alive()
                 self.producer.poll(0)
                 self._raise_if_fatal()
-                self._commit(asynchronous=True)
+                if time.monotonic() >= next_commit:
+                    self._commit(asynchronous=True, flush_timeout=_COMMIT_FLUSH_TIMEOUT_S)
+                    self._raise_if_fatal()
+                    next_commit = time.monotonic() + commit_interval
                 self.stats.maybe_log(self.config["STATS_INTERVAL_S"],
-                                     in_flight=self.tracker.in_flight())
+                                     in_flight=len(self.producer))
         finally:
             self._shutdown()
 
@@ -212,21 +259,10 @@ class KafkaLoop:
         self._stopping = True
 
     def _consume(self, batch_size: int, timeout: float) -> list[Message]:
-        good = []
-        for msg in self.consumer.consume(batch_size, timeout):
-            err = msg.error()
-            if err is None:
-                self.tracker.consumed((msg.topic(), msg.partition()), msg.offset())
-                good.append(msg)
-            elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise FatalError(f"input topic {self.input_topic} does not exist on "
-                                 f"{self.config['KAFKA_BOOTSTRAP_SERVERS']}; create it or fix "
-                                 "INPUT_TOPIC")
-            elif err.fatal():
-                raise FatalError(f"Kafka consumer failed: {err.str()}")
-            elif err.code() != KafkaError._PARTITION_EOF:
-                logger.warning("consume error", extra={"event": "kafka_error",
-                                                       "error": err.str()})
+        messages = self.consumer.consume(batch_size, timeout)
+        good = [msg for msg in messages if msg.error() is None]
+        if len(good) < len(messages):
+            self._consume_errors(messages)
         self.stats.counts["in"] += len(good)
         if good:
             self._backoff = 0.0
@@ -234,16 +270,39 @@ class KafkaLoop:
             time.sleep(self._backoff)
         return good
 
-    def _commit(self, asynchronous: bool, partitions: list[tuple[str, int]] | None = None) -> None:
-        points = self.tracker.commit_points()
-        if partitions is not None:
-            points = {tp: o for tp, o in points.items() if tp in partitions}
-        if not points:
+    def _consume_errors(self, messages: list[Message]) -> None:
+        for err in (msg.error() for msg in messages):
+            if err is None or err.code() == KafkaError._PARTITION_EOF:
+                continue
+            if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise FatalError(f"input topic {self.input_topic} does not exist on "
+                                 f"{self.config['KAFKA_BOOTSTRAP_SERVERS']}; create it or fix "
+                                 "INPUT_TOPIC")
+            if err.fatal():
+                raise FatalError(f"Kafka consumer failed: {err.str()}")
+            logger.warning("consume error", extra={"event": "kafka_error", "error": err.str()})
+
+    def _commit(self, asynchronous: bool, flush_timeout: float,
+                partitions: list[TopicPartition] | None = None) -> None:
+        """Flush the producer, then commit the position of every handled input.
+
+        Every batch ``consume()`` returned has been handled when this runs, so the consumer's
+        positions (last returned offset + 1) are exactly what the flushed outputs cover.
+        """
+        left = self.producer.flush(flush_timeout)
+        if self._uncommittable:
             return
-        offsets = [TopicPartition(t, p, o) for (t, p), o in points.items()]
+        if left:
+            logger.warning("outputs not acknowledged yet; not committing", extra={
+                "event": "commit_deferred", "outputs": left})
+            return
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
-            self.tracker.mark_committed(points)
+            positions = self.consumer.position(partitions or self.consumer.assignment())
+            offsets = [tp for tp in positions if tp.offset >= 0
+                       and self._committed.get((tp.topic, tp.partition)) != tp.offset]
+            if offsets:
+                self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
+                self._committed.update(((tp.topic, tp.partition), tp.offset) for tp in offsets)
         except KafkaException as exc:
             # Not fatal: the offsets stay uncommitted and are retried with the next commit.
             logger.warning("commit failed", extra={"event": "commit_failed", "error": str(exc)})
@@ -251,16 +310,27 @@ class KafkaLoop:
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if err is not None:
             logger.warning("commit failed", extra={"event": "commit_failed", "error": err.str()})
+            for tp in partitions:  # retried by the next commit
+                self._committed.pop((tp.topic, tp.partition), None)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        revoked = [(p.topic, p.partition) for p in partitions]
         # Everything consumed from these partitions was handled; wait for the broker's acks
         # and commit, so the next owner starts right after our last output.
-        self.producer.flush(self.config["SHUTDOWN_TIMEOUT_S"])
-        self._commit(asynchronous=False, partitions=revoked)
-        self.tracker.forget(revoked)
+        self._commit(asynchronous=False, flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"],
+                     partitions=partitions)
+        self._forget(partitions)
         logger.info("partitions revoked", extra={"event": "revoke",
-                                                 "partitions": [p for _, p in revoked]})
+                                                 "partitions": [p.partition for p in partitions]})
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Another member owns them already: committing would fail or overwrite its progress.
+        self._forget(partitions)
+        logger.warning("partitions lost", extra={"event": "lost",
+                                                 "partitions": [p.partition for p in partitions]})
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._committed.pop((tp.topic, tp.partition), None)
 
     def _on_client_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -279,9 +349,9 @@ class KafkaLoop:
             raise self._fatal
 
     def _shutdown(self) -> None:
-        left = self.producer.flush(self.config["SHUTDOWN_TIMEOUT_S"])
         if self._fatal is None:
-            self._commit(asynchronous=False)
+            self._commit(asynchronous=False, flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"])
+        left = len(self.producer)
         if left:
             logger.warning("outputs not acknowledged at shutdown; their inputs stay "
                            "uncommitted and will be reprocessed", extra={

@@ -28,11 +28,11 @@ class ModelIdentity:
     version: str | None = None
 
     def headers(self) -> list[tuple[str, bytes]]:
-        """Provenance headers for outputs made by this model."""
-        headers = [(HEADER + "model-uri", self.uri.encode())]
+        """The provenance header naming the model: ``models:/<name>/<version>`` when it is a
+        registered version (an alias or ``latest`` resolved), else the URI as given."""
         if self.version is not None:
-            headers.append((HEADER + "model-version", f"{self.name}/{self.version}".encode()))
-        return headers
+            return [(HEADER + "model", f"models:/{self.name}/{self.version}".encode())]
+        return [(HEADER + "model", self.uri.encode())]
 
 
 def resolve_model(uri: str) -> ModelIdentity:

@@ -72,7 +72,24 @@ class Preprocessor:
         of its batch carries on. In batch mode a failed batch is retried record by record to
         find which records are to blame.
         """
-        if self.batch_format is not None and len(records) > 1:
+        if self.batch_format is not None:
+            return self._batch_each(records)
+        fn = self.fn
+        results: list[list[Record] | RecordError] = []
+        for i, record in enumerate(records):
+            try:
+                out = fn(record)
+            except Exception as exc:
+                results.append(_raised(i, exc))
+                continue
+            try:
+                results.append(normalise_output(out, i))
+            except RecordError as err:
+                results.append(err)
+        return results
+
+    def _batch_each(self, records: Sequence[Record]) -> list[list[Record] | RecordError]:
+        if len(records) > 1:
             try:
                 return list(self._call_batch(records))
             except RecordError:
@@ -80,10 +97,7 @@ class Preprocessor:
         results: list[list[Record] | RecordError] = []
         for i, record in enumerate(records):
             try:
-                if self.batch_format is None:
-                    results.append(self._call_one(i, record))
-                else:
-                    results.append(self._call_batch([record])[0])
+                results.append(self._call_batch([record])[0])
             except RecordError as err:
                 results.append(err.at(i))
         return results
@@ -92,7 +106,7 @@ class Preprocessor:
         try:
             out = self.fn(record)
         except Exception as exc:
-            raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
+            raise _raised(index, exc) from exc
         return normalise_output(out, index)
 
     def _call_batch(self, records: Sequence[Record]) -> list[list[Record]]:
@@ -105,15 +119,22 @@ class Preprocessor:
         try:
             out = self.fn(batch)
         except Exception as exc:
-            index = 0 if len(records) == 1 else None
-            raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
+            raise _raised(0 if len(records) == 1 else None, exc) from exc
         return _split_batch_output(out, len(records))
+
+
+def _raised(index: int | None, exc: Exception) -> RecordError:
+    error = RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def normalise_output(out: Any, index: int) -> list[Record]:
     """Map one call's return value to the list of records it stands for."""
     if out is None:
         return []
+    if type(out) is dict:  # the common case first: this runs for every record
+        return [out]
     if isinstance(out, Mapping):
         return [dict(out)]
     if isinstance(out, (list, tuple)) and all(isinstance(o, Mapping) for o in out):

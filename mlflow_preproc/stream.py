@@ -18,7 +18,7 @@ from confluent_kafka import Message
 from mlflow_preproc.config import Config, ConfigError, sanitize_topic
 from mlflow_preproc.flavor import LoadedPreprocessing, load_preprocessing
 from mlflow_preproc.formats import EncodeError, MessageDecoder, MessageEncoder
-from mlflow_preproc.kafka_loop import KafkaLoop, source_headers
+from mlflow_preproc.kafka_loop import KafkaLoop, source_header
 from mlflow_preproc.model_identity import ModelIdentity, resolve_model
 from mlflow_preproc.records import RecordError
 
@@ -62,23 +62,26 @@ class Stream(KafkaLoop):
         results = self.preprocessor.process_each(records)
 
         # encode and produce
-        counts = self.stats.counts
+        encode = self.encoder.encode
+        model_headers = self.extra_headers
+        dropped = 0
         for msg, result in zip(owners, results):
             if isinstance(result, RecordError):
                 self.dead_letter(msg, "preprocess", result)
                 continue
             if not result:
-                counts["dropped"] += 1
+                dropped += 1
                 continue
             try:
-                values = [self.encoder.encode(out) for out in result]
+                values = [encode(out) for out in result]
             except EncodeError as exc:
                 self.dead_letter(msg, "encode", exc)
                 continue
-            headers = [*(msg.headers() or []), *source_headers(msg), *self.extra_headers]
-            for value in values:
-                self.produce(msg, value, headers)
-            counts["out"] += len(values)
+            headers = [source_header(msg), *model_headers]
+            if msg.headers():
+                headers = msg.headers() + headers
+            self.produce(msg, values, headers)
+        self.stats.counts["dropped"] += dropped
 
 
 def default_output_topic(config: Config, identity: ModelIdentity) -> str:

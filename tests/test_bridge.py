@@ -43,7 +43,8 @@ def test_bridge_predicts_every_record_keyed_like_its_input(broker, classifier_ur
     assert len(predictions) == 28
     assert all(by_key[b"obj%d" % i] == (1 if i % 2 == 0 else 0)
                for i in range(30) if i not in (7, 9))
-    assert headers_of(predictions[0])["x-preproc-source-topic"] == topic.encode()
+    first = next(m for m in predictions if m.key() == b"obj0")
+    assert headers_of(first)["x-preproc-source"] == f"{topic}/0/0".encode()
     stages = {m.key(): headers_of(m)["x-preproc-stage"] for m in dead}
     assert stages == {b"obj7": b"predict", b"obj9": b"decode"}
     refused = next(m for m in dead if m.key() == b"obj7")

@@ -23,6 +23,8 @@ def features(record):
         return None
     if "boom" in record:
         raise ValueError(f"cannot preprocess {record['id']}")
+    if record.get("big"):  # over librdkafka's 1 MB message.max.bytes: cannot be produced
+        return {"id": record["id"], "blob": "x" * 1_500_000}
     return {"id": record["id"], "double": record["x"] * 2}
 
 
@@ -51,29 +53,29 @@ def test_json_stream_keeps_keys_adds_provenance_and_dead_letters_poison(broker, 
     records = [{"id": i, "x": i} for i in range(100)]
     records[10] = {"id": 10, "drop": True}
     records[20] = {"id": 20, "x": 1, "boom": True}
+    records[40] = {"id": 40, "x": 1, "big": True}
     values = [json.dumps(r).encode() for r in records]
     values[30] = b"{not json"
     produce(broker.bootstrap_servers, topic, values, keys=[b"k%d" % i for i in range(100)],
             headers=[[("trace", b"t%d" % i)] for i in range(100)])
 
     stream = streams(base_env(broker, model, topic, OUTPUT_TOPIC=out))
-    outputs = consume(broker.bootstrap_servers, out, 97)
-    dead = consume(broker.bootstrap_servers, f"{topic}-dlq", 2)
+    outputs = consume(broker.bootstrap_servers, out, 96)
+    dead = consume(broker.bootstrap_servers, f"{topic}-dlq", 3)
     assert stream.stop() == 0, stream.text()
 
     assert sorted(json.loads(m.value())["id"] for m in outputs) == \
-        [i for i in range(100) if i not in (10, 20, 30)]
+        [i for i in range(100) if i not in (10, 20, 30, 40)]
     first = next(m for m in outputs if json.loads(m.value())["id"] == 5)
     assert json.loads(first.value()) == {"id": 5, "double": 10}
     assert first.key() == b"k5"
     h = headers_of(first)
     assert h["trace"] == b"t5"
-    assert (h["x-preproc-source-topic"], h["x-preproc-source-offset"]) == (topic.encode(), b"5")
-    assert h["x-preproc-model-uri"] == model.encode()
-    assert h["x-preproc-model-version"] == b"stream-prep/1"
+    assert h["x-preproc-source"] == f"{topic}/0/5".encode()
+    assert h["x-preproc-model"] == b"models:/stream-prep/1"
 
-    by_offset = {m.key(): m for m in dead}
-    poison, garbage = by_offset[b"k20"], by_offset[b"k30"]
+    by_key = {m.key(): m for m in dead}
+    poison, garbage, too_big = by_key[b"k20"], by_key[b"k30"], by_key[b"k40"]
     assert json.loads(poison.value())["boom"] is True  # the original bytes
     assert headers_of(poison)["x-preproc-stage"] == b"preprocess"
     assert b"ValueError: cannot preprocess 20" in headers_of(poison)["x-preproc-error"]
@@ -81,9 +83,13 @@ def test_json_stream_keeps_keys_adds_provenance_and_dead_letters_poison(broker, 
     assert garbage.value() == b"{not json"
     assert headers_of(garbage)["x-preproc-stage"] == b"decode"
     assert b"not valid JSON" in headers_of(garbage)["x-preproc-error"]
+    assert json.loads(too_big.value()) == records[40]
+    assert headers_of(too_big)["x-preproc-stage"] == b"produce"
+    assert b"too large" in headers_of(too_big)["x-preproc-error"]
+    assert headers_of(too_big)["x-preproc-source"] == f"{topic}/0/40".encode()
 
     stopped = [entry for entry in stream.logs() if entry.get("event") == "stop"][-1]
-    assert (stopped["in"], stopped["out"], stopped["dropped"], stopped["failed"]) == (100, 97, 1, 2)
+    assert (stopped["in"], stopped["out"], stopped["dropped"], stopped["failed"]) == (100, 96, 1, 3)
 
 
 def test_restart_resumes_after_the_last_commit(broker, model, streams):
@@ -101,6 +107,25 @@ def test_restart_resumes_after_the_last_commit(broker, model, streams):
     outputs = consume(broker.bootstrap_servers, out, 61, timeout=25)
     assert second.stop() == 0
     # SIGTERM committed everything: the restart reads only the 10 new records.
+    assert sorted(json.loads(m.value())["id"] for m in outputs) == list(range(60))
+
+
+def test_idle_stream_commits_within_the_interval_so_a_kill_redoes_nothing(broker, model, streams):
+    topic, out, group = unique("raw"), unique("clean"), unique("group")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": 1}).encode()
+                                              for i in range(50)])
+    env = base_env(broker, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group,
+                   COMMIT_INTERVAL_MS="500", BATCH_TIMEOUT_MS="200")
+    first = streams(env)
+    assert len(consume(broker.bootstrap_servers, out, 50)) == 50
+    time.sleep(2)  # several commit intervals with nothing new to read
+    first.stop(signal.SIGKILL)
+    produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": 1}).encode()
+                                              for i in range(50, 60)])
+    second = streams(env)
+    outputs = consume(broker.bootstrap_servers, out, 61, timeout=25)
+    assert second.stop() == 0
     assert sorted(json.loads(m.value())["id"] for m in outputs) == list(range(60))
 
 
