@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -92,6 +93,7 @@ class MessageDecoder:
         self.fmt = fmt
         self._schema = fastavro.parse_schema(schema) if schema else None
         self._by_id = _SchemaById(schema_dir, registry_url, registry_config)
+        self._containers = _ContainerReader()
 
     def decode(self, value: bytes | None) -> list[Record]:
         if value is None:
@@ -100,7 +102,7 @@ class MessageDecoder:
             return [_json_object(value)]
         if self.fmt == "avro":
             if value[:4] == _OCF_MAGIC:
-                return _read_container(io.BytesIO(value))
+                return self._containers.read(value)
             if self._schema is None:
                 raise DecodeError(
                     "the message is schemaless Avro but no schema is configured; set "
@@ -138,11 +140,62 @@ def _schemaless(value: bytes, parsed_schema: dict) -> Record:
     return record
 
 
-def _read_container(stream: IO[bytes]) -> list[Record]:
-    try:
-        return list(fastavro.reader(stream))
-    except Exception as exc:
-        raise DecodeError(f"corrupt Avro container ({type(exc).__name__}: {exc})") from None
+class _ContainerReader:
+    """Reads Avro object containers sent as single messages, parsing each writer schema once.
+
+    Alert streams (ZTF, Fink) send every alert as a whole container: a header carrying the
+    ~20 kB schema, then one block. ``fastavro.reader`` parses that schema for every message,
+    a third of the decode time of a ZTF alert; here parsed schemas are kept by their text.
+    Codecs other than null and deflate go through ``fastavro.reader``.
+    """
+
+    _HEADER = fastavro.parse_schema({
+        "type": "record", "name": "org.apache.avro.file.Header", "fields": [
+            {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
+            {"name": "meta", "type": {"type": "map", "values": "bytes"}},
+            {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
+    _LONG = fastavro.parse_schema("long")
+    _MAX_SCHEMAS = 64
+
+    def __init__(self) -> None:
+        self._schemas: dict[bytes, dict] = {}
+
+    def read(self, value: bytes) -> list[Record]:
+        try:
+            return self._read(value)
+        except DecodeError:
+            raise
+        except Exception as exc:  # truncated or corrupt bytes fail anywhere inside fastavro
+            raise DecodeError(f"corrupt Avro container ({type(exc).__name__}: {exc})") from None
+
+    def _read(self, value: bytes) -> list[Record]:
+        buf = io.BytesIO(value)
+        header = fastavro.schemaless_reader(buf, self._HEADER, None)
+        codec = header["meta"].get("avro.codec", b"null")
+        if codec not in (b"null", b"deflate"):
+            return list(fastavro.reader(io.BytesIO(value)))
+        schema = self._schema(header["meta"]["avro.schema"])
+        records: list[Record] = []
+        while buf.tell() < len(value):
+            count = fastavro.schemaless_reader(buf, self._LONG, None)
+            size = fastavro.schemaless_reader(buf, self._LONG, None)
+            data = buf.read(size)
+            if codec == b"deflate":
+                data = zlib.decompress(data, -15)  # raw deflate, as the Avro spec says
+            block = io.BytesIO(data)
+            records.extend(fastavro.schemaless_reader(block, schema, None) for _ in range(count))
+            if buf.read(16) != header["sync"]:
+                raise DecodeError("corrupt Avro container (a block does not end with the "
+                                  "file's sync marker)")
+        return records
+
+    def _schema(self, text: bytes) -> dict:
+        schema = self._schemas.get(text)
+        if schema is None:
+            if len(self._schemas) >= self._MAX_SCHEMAS:
+                self._schemas.clear()
+            schema = self._schemas[text] = fastavro.parse_schema(json.loads(text))
+        return schema
 
 
 class _SchemaById:

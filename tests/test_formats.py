@@ -34,6 +34,31 @@ def test_avro_container_message_decodes_like_the_file():
     assert alert["objectId"].startswith("ZTF")
 
 
+@pytest.mark.parametrize("codec", ["null", "deflate", "bzip2"])
+def test_avro_container_messages_of_any_codec_and_many_records_decode_like_fastavro(codec):
+    with open(PACKET, "rb") as f:
+        reader = fastavro.reader(f)
+        schema, alert = reader.writer_schema, next(reader)
+    buf = io.BytesIO()
+    # Several blocks of several records, as a producer batching alerts would write them.
+    fastavro.writer(buf, schema, [dict(alert, candid=alert["candid"] + i) for i in range(7)],
+                    codec=codec, sync_interval=3 * len(PACKET.read_bytes()))
+    decoder = MessageDecoder("avro")
+    for _ in range(2):  # the second time from the cached schema
+        records = decoder.decode(buf.getvalue())
+        assert [r["candid"] for r in records] == [alert["candid"] + i for i in range(7)]
+        assert records == list(fastavro.reader(io.BytesIO(buf.getvalue())))
+
+
+def test_truncated_or_corrupt_avro_container_is_a_decode_error():
+    raw = PACKET.read_bytes()
+    decoder = MessageDecoder("avro")
+    with pytest.raises(DecodeError, match="corrupt Avro container"):
+        decoder.decode(raw[:len(raw) // 2])
+    with pytest.raises(DecodeError, match="sync marker"):
+        decoder.decode(raw[:-1] + bytes([raw[-1] ^ 0xFF]))
+
+
 def test_drop_fields_removes_cutouts_and_nested_paths_and_ignores_missing():
     [alert] = MessageDecoder("avro").decode(PACKET.read_bytes())
     drop_fields(alert, [*ZTF_CUTOUTS, "candidate.pdiffimfilename", "no.such.path"])

@@ -92,25 +92,8 @@ def test_json_stream_keeps_keys_adds_provenance_and_dead_letters_poison(broker, 
     assert (stopped["in"], stopped["out"], stopped["dropped"], stopped["failed"]) == (100, 96, 1, 3)
 
 
-def test_restart_resumes_after_the_last_commit(broker, model, streams):
-    topic, out, group = unique("raw"), unique("clean"), unique("group")
-    broker.create_topics(topic)
-    produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": 1}).encode()
-                                              for i in range(50)])
-    env = base_env(broker, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group)
-    first = streams(env)
-    assert len(consume(broker.bootstrap_servers, out, 50)) == 50
-    assert first.stop() == 0
-    produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": 1}).encode()
-                                              for i in range(50, 60)])
-    second = streams(env)
-    outputs = consume(broker.bootstrap_servers, out, 61, timeout=25)
-    assert second.stop() == 0
-    # SIGTERM committed everything: the restart reads only the 10 new records.
-    assert sorted(json.loads(m.value())["id"] for m in outputs) == list(range(60))
-
-
-def test_idle_stream_commits_within_the_interval_so_a_kill_redoes_nothing(broker, model, streams):
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill-when-idle"])
+def test_restart_resumes_after_the_last_commit(broker, model, streams, stop):
     topic, out, group = unique("raw"), unique("clean"), unique("group")
     broker.create_topics(topic)
     produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": 1}).encode()
@@ -119,13 +102,17 @@ def test_idle_stream_commits_within_the_interval_so_a_kill_redoes_nothing(broker
                    COMMIT_INTERVAL_MS="500", BATCH_TIMEOUT_MS="200")
     first = streams(env)
     assert len(consume(broker.bootstrap_servers, out, 50)) == 50
-    time.sleep(2)  # several commit intervals with nothing new to read
-    first.stop(signal.SIGKILL)
+    if stop == "sigterm":
+        assert first.stop() == 0  # commits on the way out
+    else:
+        time.sleep(2)  # several commit intervals with nothing new to read
+        first.stop(signal.SIGKILL)
     produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": 1}).encode()
                                               for i in range(50, 60)])
     second = streams(env)
     outputs = consume(broker.bootstrap_servers, out, 61, timeout=25)
     assert second.stop() == 0
+    # Everything was committed: the restart reads only the 10 new records.
     assert sorted(json.loads(m.value())["id"] for m in outputs) == list(range(60))
 
 
