@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import fastavro
+from orjson import loads  # strict and fast; its errors are ValueErrors
 
 from mlflow_preproc.avro_schemas import load_avro_schema
-from mlflow_preproc.jsonable import dumps, loads
+from mlflow_preproc.jsonable import dumps
 
 Record = dict[str, Any]
 

@@ -95,7 +95,3 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value, default=to_jsonable,
                             option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
-
-def loads(data: bytes | str) -> Any:
-    """Parse JSON (orjson: strict, fast)."""
-    return orjson.loads(data)
