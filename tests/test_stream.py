@@ -284,3 +284,35 @@ def test_fatal_errors_stop_with_one_clear_line(broker, model, streams, env, mess
     last = stream.text().strip().splitlines()[-1]
     assert last.startswith("mlflow-preproc stream: error: ") and message in last, stream.text()
     assert "Traceback" not in stream.text()
+
+
+def test_output_the_broker_refuses_dead_letters_its_input_injected_delivery_error(broker):
+    # Tansu accepts any message size, so the broker's refusal of a delivered output cannot be
+    # produced on demand: the delivery report is injected (a real KafkaError, the real
+    # callback the loop registers) and everything after it is real.
+    from confluent_kafka import KafkaError, Message
+
+    from mlflow_preproc import config
+    from mlflow_preproc.kafka_loop import KafkaLoop, _OnFailedDelivery
+
+    topic = unique("raw")
+    broker.create_topics(topic)
+    loop = KafkaLoop(config.load("bridge", environ={
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}), topic, unique("clean"))
+    source = Message(topic=topic, partition=0, offset=7, key=b"k7", value=b'{"id": 7}',
+                     headers=[("trace", b"t7")])
+    try:
+        _OnFailedDelivery(loop, source)(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), None)
+        assert loop.producer.flush(10) == 0
+    finally:
+        loop.consumer.close()
+        del loop.producer  # its last reference: the client closes now, not at broker shutdown
+
+    [dead] = consume(broker.bootstrap_servers, f"{topic}-dlq", 1)
+    assert (dead.key(), dead.value()) == (b"k7", b'{"id": 7}')
+    h = headers_of(dead)
+    assert h["trace"] == b"t7"
+    assert h["x-preproc-stage"] == b"produce"
+    assert b"Message size too large" in h["x-preproc-error"]
+    assert h["x-preproc-source"] == f"{topic}/0/7".encode()
+    assert loop.stats.counts["failed"] == 1
