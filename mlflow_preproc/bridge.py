@@ -21,7 +21,7 @@ from confluent_kafka import Message
 from mlflow_preproc.config import Config, ConfigError
 from mlflow_preproc.formats import MessageDecoder
 from mlflow_preproc.jsonable import dumps
-from mlflow_preproc.kafka_loop import KafkaLoop, source_header
+from mlflow_preproc.kafka_loop import KafkaLoop
 
 logger = logging.getLogger("mlflow_preproc")
 
@@ -80,7 +80,7 @@ class Bridge(KafkaLoop):
             if isinstance(prediction, ModelRejected):
                 self.dead_letter(msg, "predict", prediction)
                 continue
-            self.produce(msg, [dumps(prediction)], [*(msg.headers() or []), source_header(msg)])
+            self.produce(msg, [dumps(prediction)])
 
     def _predict(self, records: list[dict]) -> list[Any]:
         body = dumps({PAYLOAD_KEY: records})

@@ -148,9 +148,11 @@ class KafkaLoop:
                 owners.append(msg)
         return records, owners
 
-    def produce(self, source: Message, values: Sequence[bytes], headers: Headers) -> None:
-        """Send the outputs of ``source``, keyed like it. An output the client refuses (too
-        large...) sends ``source`` to the dead-letter topic instead of the outputs not sent."""
+    def produce(self, source: Message, values: Sequence[bytes]) -> None:
+        """Send the outputs of ``source``, keyed like it, with its headers and the provenance
+        headers. An output the client refuses (too large...) sends ``source`` to the
+        dead-letter topic instead of the outputs not sent."""
+        headers = [*(source.headers() or []), source_header(source), *self.extra_headers]
         on_failure = _OnFailedDelivery(self, source)
         key = source.key()
         sent = 0

@@ -72,24 +72,7 @@ class Preprocessor:
         of its batch carries on. In batch mode a failed batch is retried record by record to
         find which records are to blame.
         """
-        if self.batch_format is not None:
-            return self._batch_each(records)
-        fn = self.fn
-        results: list[list[Record] | RecordError] = []
-        for i, record in enumerate(records):
-            try:
-                out = fn(record)
-            except Exception as exc:
-                results.append(_raised(i, exc))
-                continue
-            try:
-                results.append(normalise_output(out, i))
-            except RecordError as err:
-                results.append(err)
-        return results
-
-    def _batch_each(self, records: Sequence[Record]) -> list[list[Record] | RecordError]:
-        if len(records) > 1:
+        if self.batch_format is not None and len(records) > 1:
             try:
                 return list(self._call_batch(records))
             except RecordError:
@@ -97,7 +80,10 @@ class Preprocessor:
         results: list[list[Record] | RecordError] = []
         for i, record in enumerate(records):
             try:
-                results.append(self._call_batch([record])[0])
+                if self.batch_format is None:
+                    results.append(self._call_one(i, record))
+                else:
+                    results.append(self._call_batch([record])[0])
             except RecordError as err:
                 results.append(err.at(i))
         return results
@@ -106,7 +92,7 @@ class Preprocessor:
         try:
             out = self.fn(record)
         except Exception as exc:
-            raise _raised(index, exc) from exc
+            raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
         return normalise_output(out, index)
 
     def _call_batch(self, records: Sequence[Record]) -> list[list[Record]]:
@@ -119,14 +105,9 @@ class Preprocessor:
         try:
             out = self.fn(batch)
         except Exception as exc:
-            raise _raised(0 if len(records) == 1 else None, exc) from exc
+            index = 0 if len(records) == 1 else None
+            raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
         return _split_batch_output(out, len(records))
-
-
-def _raised(index: int | None, exc: Exception) -> RecordError:
-    error = RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return error
 
 
 def normalise_output(out: Any, index: int) -> list[Record]:

@@ -18,7 +18,7 @@ from confluent_kafka import Message
 from mlflow_preproc.config import Config, ConfigError, sanitize_topic
 from mlflow_preproc.flavor import LoadedPreprocessing, load_preprocessing
 from mlflow_preproc.formats import EncodeError, MessageDecoder, MessageEncoder
-from mlflow_preproc.kafka_loop import KafkaLoop, source_header
+from mlflow_preproc.kafka_loop import KafkaLoop
 from mlflow_preproc.model_identity import ModelIdentity, resolve_model
 from mlflow_preproc.records import RecordError
 
@@ -63,7 +63,6 @@ class Stream(KafkaLoop):
 
         # encode and produce
         encode = self.encoder.encode
-        model_headers = self.extra_headers
         dropped = 0
         for msg, result in zip(owners, results):
             if isinstance(result, RecordError):
@@ -77,10 +76,7 @@ class Stream(KafkaLoop):
             except EncodeError as exc:
                 self.dead_letter(msg, "encode", exc)
                 continue
-            headers = [source_header(msg), *model_headers]
-            if msg.headers():
-                headers = msg.headers() + headers
-            self.produce(msg, values, headers)
+            self.produce(msg, values)
         self.stats.counts["dropped"] += dropped
 
 
