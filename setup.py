@@ -48,7 +48,7 @@ setup(
         ],
         # `mlflow deployments ... -t preproc`
         "mlflow.deployments": [
-            "preproc = mlflow_preproc.deployment",
+            "preproc = mlflow_preproc.deploy.target",
         ],
         # Loaded during `import mlflow`: installs the lazy `mlflow.preproc` module.
         "mlflow.run_context_provider": [

@@ -73,7 +73,7 @@ def main() -> None:
     created = []
     try:
         # preproc target: the build alone (the same code path create uses), then the full CLI.
-        from mlflow_preproc.deployment import PreprocDeploymentClient
+        from mlflow_preproc.deploy.target import PreprocDeploymentClient
 
         target = PreprocDeploymentClient("preproc")
         start = time.perf_counter()

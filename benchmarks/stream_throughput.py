@@ -1,7 +1,7 @@
 """Throughput of ``mlflow-preproc stream`` against a raw confluent-kafka loop and a naive one.
 
 Runs everything on the embedded broker (Tansu on loopback, see
-:mod:`mlflow_preproc.embedded_broker`) and prints one table, in one run:
+:mod:`mlflow_preproc.streaming.embedded_broker`) and prints one table, in one run:
 
 (a) raw       a plain confluent-kafka consume -> produce loop, no preprocessing: the ceiling.
               ``consume(500)``, each value produced unchanged (``produce`` + ``poll(0)``),
@@ -78,7 +78,7 @@ from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_CREATE_TIME, Consumer, P
 from confluent_kafka.admin import AdminClient, NewTopic
 
 import mlflow_preproc
-from mlflow_preproc.embedded_broker import EmbeddedBroker
+from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
 
 DEFAULT_ALERTS_DIR = Path(mlflow_preproc.__file__).resolve().parents[1] / "tests" / "data"
 

@@ -27,7 +27,7 @@ def __getattr__(name: str) -> Any:
     # PEP 562: importing mlflow.pyfunc here eagerly would form an import cycle when this
     # package is loaded from inside `import mlflow` (see mlflow_preproc/_mlflow_hook.py).
     if name in _FLAVOR_API:
-        return getattr(importlib.import_module("mlflow_preproc.flavor"), name)
+        return getattr(importlib.import_module("mlflow_preproc.runtime.flavor"), name)
     raise AttributeError(f"module 'mlflow_preproc' has no attribute {name!r}")
 
 

@@ -15,7 +15,7 @@ import sys
 
 
 def install() -> None:
-    """Expose ``mlflow_preproc.flavor`` as ``mlflow.preproc`` (lazily)."""
+    """Expose ``mlflow_preproc.runtime.flavor`` as ``mlflow.preproc`` (lazily)."""
     mlflow = sys.modules.get("mlflow")
     if mlflow is None or "preproc" in mlflow.__dict__:
         return  # not imported yet: the entry point installs it during `import mlflow`
@@ -25,12 +25,12 @@ def install() -> None:
     # Code that walks sys.modules and probes every module (skops, pickle's whichmodule,
     # MLflow's requirement capture) would otherwise load the flavor, and every model logged
     # where this package is installed would list mlflow-preproc as a requirement.
-    mlflow.preproc = LazyLoader("mlflow.preproc", mlflow.__dict__, "mlflow_preproc.flavor")
+    mlflow.preproc = LazyLoader("mlflow.preproc", mlflow.__dict__, "mlflow_preproc.runtime.flavor")
     sys.meta_path.append(_AliasFinder())
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Makes ``import mlflow.preproc`` import ``mlflow_preproc.flavor``."""
+    """Makes ``import mlflow.preproc`` import ``mlflow_preproc.runtime.flavor``."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "mlflow.preproc":
@@ -38,7 +38,7 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):
-        return importlib.import_module("mlflow_preproc.flavor")
+        return importlib.import_module("mlflow_preproc.runtime.flavor")
 
     def exec_module(self, module) -> None:
         pass  # already executed under its own name

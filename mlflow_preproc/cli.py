@@ -89,10 +89,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mlflow_preproc import batch_run
-    from mlflow_preproc.avro_schemas import load_avro_schema
-    from mlflow_preproc.flavor import load_preprocessing
-    from mlflow_preproc.formats import ZTF_CUTOUTS
+    from mlflow_preproc.runtime import batch_run
+    from mlflow_preproc.runtime.avro_schemas import load_avro_schema
+    from mlflow_preproc.runtime.flavor import load_preprocessing
+    from mlflow_preproc.runtime.formats import ZTF_CUTOUTS
 
     loaded = load_preprocessing(args.model_uri)
     schema = load_avro_schema(args.output_schema) if args.output_schema \
@@ -115,7 +115,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_stream(args: argparse.Namespace) -> int:
-    from mlflow_preproc.stream import Stream
+    from mlflow_preproc.streaming.stream import Stream
 
     config = settings.load("stream", args)
     _configure_logging(config)
@@ -124,7 +124,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
 
 
 def _cmd_bridge(args: argparse.Namespace) -> int:
-    from mlflow_preproc.bridge import Bridge
+    from mlflow_preproc.streaming.bridge import Bridge
 
     config = settings.load("bridge", args)
     _configure_logging(config)
@@ -133,8 +133,8 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
 
 
 def _cmd_builds_serve(args: argparse.Namespace) -> int:
-    from mlflow_preproc.build_service import serve
-    from mlflow_preproc.metrics import configure_logging
+    from mlflow_preproc.builds.service import serve
+    from mlflow_preproc.streaming.metrics import configure_logging
 
     configure_logging("text", "INFO")
     deploy = {}
@@ -148,7 +148,7 @@ def _cmd_builds_serve(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(config: settings.Config) -> None:
-    from mlflow_preproc.metrics import configure_logging
+    from mlflow_preproc.streaming.metrics import configure_logging
 
     configure_logging(config["LOG_FORMAT"], config["LOG_LEVEL"])
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -157,9 +157,9 @@ def _configure_logging(config: settings.Config) -> None:
 def _is_user_error(exc: Exception) -> bool:
     from mlflow.exceptions import MlflowException
 
-    from mlflow_preproc.avro_schemas import SchemaError
-    from mlflow_preproc.kafka_loop import FatalError
-    from mlflow_preproc.model_identity import ModelNotFound
+    from mlflow_preproc.runtime.avro_schemas import SchemaError
+    from mlflow_preproc.streaming.loop import FatalError
+    from mlflow_preproc.runtime.model_identity import ModelNotFound
 
     return isinstance(exc, (settings.ConfigError, FatalError, ModelNotFound, MlflowException,
                             SchemaError, FileNotFoundError, ValueError))

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlflow_preproc.formats import INPUT_FORMATS, OUTPUT_FORMATS, ZTF_CUTOUTS
+from mlflow_preproc.runtime.formats import INPUT_FORMATS, OUTPUT_FORMATS, ZTF_CUTOUTS
 
 
 class ConfigError(ValueError):

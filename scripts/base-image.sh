@@ -72,7 +72,7 @@ trap 'exit 130' INT TERM
 import importlib.metadata as md, json, platform, sys
 work = sys.argv[1]
 # What a preprocessing model's requirements.txt names, so image builds need no download.
-from mlflow_preproc.flavor import RUNTIME_PACKAGES
+from mlflow_preproc.runtime.flavor import RUNTIME_PACKAGES
 wanted = ["mlflow", *RUNTIME_PACKAGES, "gunicorn", "wheel"]
 def version(name):
     try:

@@ -134,7 +134,7 @@ def unique(prefix: str) -> str:
 
 @pytest.fixture(scope="session")
 def broker():
-    from mlflow_preproc.embedded_broker import EmbeddedBroker
+    from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
 
     with EmbeddedBroker() as b:
         yield b

@@ -14,8 +14,8 @@ import requests
 from cryptography.fernet import Fernet
 
 from conftest import BIN, free_port, stop_process, wait_http
-from mlflow_preproc.build_store import BuildStore
-from mlflow_preproc.webhooks import sign
+from mlflow_preproc.builds.store import BuildStore
+from mlflow_preproc.builds.webhooks import sign
 
 pytestmark = pytest.mark.slow
 SECRET = "s3cret-for-tests"

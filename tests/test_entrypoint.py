@@ -30,7 +30,7 @@ def model_dir(tracking_uri):
 
 def entrypoint(model_dir, env, **kwargs):
     return subprocess.Popen(
-        [sys.executable, "-m", "mlflow_preproc.entrypoint", *kwargs.pop("args", [])],
+        [sys.executable, "-m", "mlflow_preproc.image.entrypoint", *kwargs.pop("args", [])],
         env={**os.environ, **FAST_GROUP_ENV, "MLFLOW_PREPROC_MODEL_PATH": model_dir,
              "LOG_FORMAT": "json", **env},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kwargs)

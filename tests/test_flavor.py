@@ -17,7 +17,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 import mlflow_preproc
-from mlflow_preproc.records import RecordError
+from mlflow_preproc.runtime.records import RecordError
 
 
 def band(record):
@@ -186,7 +186,10 @@ def test_user_pip_requirements_keep_the_runtime_dependencies(tracking_uri):
     assert {"pandas", "mlflow", "cloudpickle", "fastavro", "confluent-kafka",
             "prometheus-client"} <= names
     assert "mlflow-preproc" not in names  # not on any index: it travels in code/
-    assert (local / "code" / "mlflow_preproc" / "flavor.py").is_file()
+    assert (local / "code" / "mlflow_preproc" / "runtime" / "flavor.py").is_file()
+    # Only the runtime travels with a model, not the control plane.
+    assert not (local / "code" / "mlflow_preproc" / "deploy").exists()
+    assert not (local / "code" / "mlflow_preproc" / "builds").exists()
 
 
 def test_avro_schema_is_stored_with_the_model(tracking_uri, ztf_schema_path):
@@ -295,7 +298,7 @@ def test_mlflow_preproc_exists_after_a_plain_import_mlflow():
     proc = run_python("""
         import sys
         import mlflow
-        assert "mlflow_preproc.flavor" not in sys.modules  # lazy: nothing heavy yet
+        assert "mlflow_preproc.runtime.flavor" not in sys.modules  # lazy: nothing heavy yet
         print(mlflow.preproc.FLAVOR_NAME, callable(mlflow.preproc.log_model))
         import mlflow.preproc as mp
         assert mp.log_model is mlflow.preproc.log_model
@@ -356,11 +359,11 @@ def test_model_loads_where_this_package_is_not_installed(tracking_uri, tmp_path)
             import mlflow
             model = mlflow.pyfunc.load_model("{info.model_uri}")
             print(model.predict([{{"magpsf": 20.0, "fid": 3}}]))
-            print(sys.modules["mlflow_preproc.flavor"].__file__)
+            print(sys.modules["mlflow_preproc.runtime.flavor"].__file__)
         """)],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     prediction, flavor_file = proc.stdout.strip().splitlines()
     assert prediction == "[{'mag': 20.0, 'band': 'i'}]"
-    assert flavor_file.endswith(os.path.join("code", "mlflow_preproc", "flavor.py"))
+    assert flavor_file.endswith(os.path.join("code", "mlflow_preproc", "runtime", "flavor.py"))

@@ -11,8 +11,8 @@ import fastavro
 import pytest
 
 from conftest import DATA
-from mlflow_preproc.avro_schemas import SchemaError, load_avro_schema
-from mlflow_preproc.formats import (
+from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
+from mlflow_preproc.runtime.formats import (
     ZTF_CUTOUTS,
     DecodeError,
     EncodeError,

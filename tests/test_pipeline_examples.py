@@ -13,7 +13,7 @@ import yaml
 
 from conftest import BIN
 from mlflow_preproc import config
-from mlflow_preproc.deployment import PreprocDeploymentClient
+from mlflow_preproc.deploy.target import PreprocDeploymentClient
 
 PIPELINE = Path(__file__).resolve().parent.parent / "examples" / "pipeline"
 

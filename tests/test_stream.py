@@ -293,7 +293,7 @@ def test_output_the_broker_refuses_dead_letters_its_input_injected_delivery_erro
     from confluent_kafka import KafkaError, Message
 
     from mlflow_preproc import config
-    from mlflow_preproc.kafka_loop import KafkaLoop, _OnFailedDelivery
+    from mlflow_preproc.streaming.loop import KafkaLoop, _OnFailedDelivery
 
     topic = unique("raw")
     broker.create_topics(topic)

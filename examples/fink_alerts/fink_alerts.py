@@ -32,7 +32,7 @@ import pandas as pd
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from sklearn.linear_model import LogisticRegression
 
-from mlflow_preproc.embedded_broker import EmbeddedBroker
+from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent

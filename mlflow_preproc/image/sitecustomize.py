@@ -4,6 +4,6 @@
 import os
 
 if os.environ.get("MLFLOW_PREPROC_MODE") or os.environ.get("KAFKA_ENABLED"):
-    from mlflow_preproc.entrypoint import take_over_stock_entrypoint
+    from mlflow_preproc.image.entrypoint import take_over_stock_entrypoint
 
     take_over_stock_entrypoint()

@@ -52,13 +52,17 @@ from mlflow.utils.model_utils import (
 )
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-from mlflow_preproc import code_capture
-from mlflow_preproc.avro_schemas import SchemaError, load_avro_schema
-from mlflow_preproc.jsonable import to_jsonable
-from mlflow_preproc.records import BATCH_FORMATS, Preprocessor, RecordError, as_records
+from mlflow_preproc.runtime import code_capture
+from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
+from mlflow_preproc.runtime.jsonable import to_jsonable
+from mlflow_preproc.runtime.records import BATCH_FORMATS, Preprocessor, RecordError, as_records
 
 FLAVOR_NAME = "preprocessing"
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+# What a model carries in its code/ folder: the runtime, not the control plane (deploy/,
+# builds/, spark/), which runs where models are built and deployed, never inside them.
+_RUNTIME_PARTS = ("__init__.py", "_mlflow_hook.py", "cli.py", "config.py", "runtime", "streaming",
+                  "image")
 _INPUT_SCHEMA_FILE = "input_schema.avsc"
 _OUTPUT_SCHEMA_FILE = "output_schema.avsc"
 
@@ -149,11 +153,7 @@ def save_model(
         raise
 
     code_dir_subpath = _validate_and_copy_code_paths(code_paths, path) or "code"
-    shutil.copytree(
-        _PACKAGE_DIR,
-        Path(path, code_dir_subpath, _PACKAGE_DIR.name),
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )
+    _copy_runtime(Path(path, code_dir_subpath, _PACKAGE_DIR.name))
     # Lets environment variables pick the mode of a stock build-docker image (entrypoint.py).
     hook = Path(path, code_dir_subpath, "sitecustomize.py")
     if not hook.exists():
@@ -191,6 +191,16 @@ def save_model(
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
     _write_requirements(path, captured, conda_env, pip_requirements, extra_pip_requirements)
+
+
+def _copy_runtime(dest: Path) -> None:
+    dest.mkdir(parents=True)
+    for part in _RUNTIME_PARTS:
+        src = _PACKAGE_DIR / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dest / part)
 
 
 def _load_schema_arg(source: Any, name: str) -> dict | None:

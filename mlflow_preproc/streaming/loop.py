@@ -34,9 +34,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from mlflow_preproc.config import Config
-from mlflow_preproc.formats import DecodeError, MessageDecoder, drop_fields
-from mlflow_preproc.metrics import LoopStats, serve_metrics
-from mlflow_preproc.model_identity import HEADER
+from mlflow_preproc.runtime.formats import DecodeError, MessageDecoder, drop_fields
+from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
+from mlflow_preproc.runtime.model_identity import HEADER
 
 logger = logging.getLogger("mlflow_preproc")
 

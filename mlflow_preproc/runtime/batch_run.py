@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from mlflow_preproc.formats import (
+from mlflow_preproc.runtime.formats import (
     DecodeError,
     EncodeError,
     FileWriter,
@@ -26,8 +26,8 @@ from mlflow_preproc.formats import (
     read_records,
     sniff_file_format,
 )
-from mlflow_preproc.jsonable import dumps
-from mlflow_preproc.records import Preprocessor, RecordError
+from mlflow_preproc.runtime.jsonable import dumps
+from mlflow_preproc.runtime.records import Preprocessor, RecordError
 
 BATCH_SIZE = 1000
 

@@ -1,7 +1,7 @@
 """Build the serving image of a preprocessing model with the Docker SDK.
 
 The image is the model's own environment (``requirements.txt`` installed on a Python base) with
-the model in ``/opt/ml/model`` and :mod:`mlflow_preproc.entrypoint` as ENTRYPOINT. The
+the model in ``/opt/ml/model`` and :mod:`mlflow_preproc.image.entrypoint` as ENTRYPOINT. The
 requirements layer comes before the model layer, so a new model version with the same
 requirements rebuilds in seconds from the cache.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from mlflow_preproc.model_identity import REGISTERED_MODEL_FILE
+from mlflow_preproc.runtime.model_identity import REGISTERED_MODEL_FILE
 
 MODEL_PATH = "/opt/ml/model"
 LABEL = "org.mlflow-preproc"
@@ -31,7 +31,7 @@ COPY model/requirements.txt /opt/ml/requirements.txt
 RUN python -m pip install --no-cache-dir -r /opt/ml/requirements.txt
 COPY model {model_path}
 ENV PYTHONPATH={model_path}/code
-ENTRYPOINT ["python", "-m", "mlflow_preproc.entrypoint"]
+ENTRYPOINT ["python", "-m", "mlflow_preproc.image.entrypoint"]
 """
 
 

@@ -19,9 +19,9 @@ import requests
 from confluent_kafka import Message
 
 from mlflow_preproc.config import Config, ConfigError
-from mlflow_preproc.formats import MessageDecoder
-from mlflow_preproc.jsonable import dumps
-from mlflow_preproc.kafka_loop import KafkaLoop
+from mlflow_preproc.runtime.formats import MessageDecoder
+from mlflow_preproc.runtime.jsonable import dumps
+from mlflow_preproc.streaming.loop import KafkaLoop
 
 logger = logging.getLogger("mlflow_preproc")
 

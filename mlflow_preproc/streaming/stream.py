@@ -5,7 +5,7 @@ Each batch goes through the data path top to bottom:
     message in -> decode -> drop fields -> pre_processing -> encode -> message out
 
 A message that fails at any stage goes to the dead-letter topic with the stage and the error;
-delivery, commits, rebalances and shutdown are :class:`~mlflow_preproc.kafka_loop.KafkaLoop`'s.
+delivery, commits, rebalances and shutdown are :class:`~mlflow_preproc.streaming.loop.KafkaLoop`'s.
 Run it with ``mlflow-preproc stream`` or, from Python, ``Stream.from_config(config).run()``.
 """
 
@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from confluent_kafka import Message
 
 from mlflow_preproc.config import Config, ConfigError, sanitize_topic
-from mlflow_preproc.flavor import LoadedPreprocessing, load_preprocessing
-from mlflow_preproc.formats import EncodeError, MessageDecoder, MessageEncoder
-from mlflow_preproc.kafka_loop import KafkaLoop
-from mlflow_preproc.model_identity import ModelIdentity, resolve_model
-from mlflow_preproc.records import RecordError
+from mlflow_preproc.runtime.flavor import LoadedPreprocessing, load_preprocessing
+from mlflow_preproc.runtime.formats import EncodeError, MessageDecoder, MessageEncoder
+from mlflow_preproc.streaming.loop import KafkaLoop
+from mlflow_preproc.runtime.model_identity import ModelIdentity, resolve_model
+from mlflow_preproc.runtime.records import RecordError
 
 
 class Stream(KafkaLoop):
@@ -94,7 +94,7 @@ def default_output_topic(config: Config, identity: ModelIdentity) -> str:
 def _schema(path: str | None) -> dict | None:
     if not path:
         return None
-    from mlflow_preproc.avro_schemas import SchemaError, load_avro_schema
+    from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 
     try:
         return load_avro_schema(path)

@@ -13,7 +13,7 @@ Input formats
 
 Output formats
 ==============
-``json``/``jsonl``  JSON objects (bytes as base64, NaN as null: see :mod:`mlflow_preproc.jsonable`)
+``json``/``jsonl``  JSON objects (bytes as base64, NaN as null: see :mod:`mlflow_preproc.runtime.jsonable`)
 ``avro``            Kafka: schemaless Avro with the output schema; files: an object container
 ``confluent-avro``  Kafka: Confluent wire format, schema registered under ``<topic>-value``
 
@@ -34,8 +34,8 @@ from typing import IO, Any
 import fastavro
 from orjson import loads  # strict and fast; its errors are ValueErrors
 
-from mlflow_preproc.avro_schemas import load_avro_schema
-from mlflow_preproc.jsonable import dumps
+from mlflow_preproc.runtime.avro_schemas import load_avro_schema
+from mlflow_preproc.runtime.jsonable import dumps
 
 Record = dict[str, Any]
 

@@ -10,7 +10,7 @@
 
 If one child dies the container exits non-zero (an orchestrator restarts it); SIGTERM reaches
 every child, consumers commit, and the container exits once they have. Images built by this
-package's deployment target use ``python -m mlflow_preproc.entrypoint`` as ENTRYPOINT; stock
+package's deployment target use ``python -m mlflow_preproc.image.entrypoint`` as ENTRYPOINT; stock
 ``mlflow models build-docker`` images reach it through :func:`take_over_stock_entrypoint`.
 """
 
@@ -118,7 +118,7 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float, clean: bool) -> int
 
 def main(argv: list[str] | None = None) -> int:
     """Run the mode selected by the environment; extra arguments go to ``run`` mode."""
-    from mlflow_preproc.metrics import configure_logging
+    from mlflow_preproc.streaming.metrics import configure_logging
 
     cfg = settings.load("image")
     stream_cfg = settings.load("stream")

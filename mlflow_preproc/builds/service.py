@@ -10,7 +10,7 @@
 - ``POST /build`` (queued, returns an id), ``POST /build/sync``, ``GET /builds``,
   ``GET /builds/{id}``, ``DELETE /builds/{id}``, ``GET /health``.
 
-Builds live in SQLite (:mod:`mlflow_preproc.build_store`) and run ``--max-builds`` at a time.
+Builds live in SQLite (:mod:`mlflow_preproc.builds.store`) and run ``--max-builds`` at a time.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any, Literal
 from fastapi import FastAPI, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from mlflow_preproc import webhooks
-from mlflow_preproc.build_store import STATUSES, Build, BuildStore
-from mlflow_preproc.image_build import docker_reference
+from mlflow_preproc.builds import webhooks
+from mlflow_preproc.builds.store import STATUSES, Build, BuildStore
+from mlflow_preproc.deploy.image_build import docker_reference
 
 logger = logging.getLogger("mlflow_preproc")
 
@@ -86,7 +86,7 @@ class Builder:
                               error=str(exc).splitlines()[0][:2000], log_tail="".join(tail))
 
     def _build_preprocessing(self, build: Build, tail: deque) -> str:
-        from mlflow_preproc.deployment import PreprocDeploymentClient
+        from mlflow_preproc.deploy.target import PreprocDeploymentClient
 
         config = {"image": build.config["image"]} if build.config.get("image") else {}
         reference, _ = PreprocDeploymentClient("preproc").build_image(
@@ -101,7 +101,7 @@ class Builder:
         from mlflow.pyfunc.backend import PyFuncBackend
         from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
-        from mlflow_preproc.model_identity import resolve_model
+        from mlflow_preproc.runtime.model_identity import resolve_model
 
         identity = resolve_model(build.model_uri)
         image = build.config.get("image") or docker_reference(
@@ -115,8 +115,8 @@ class Builder:
         return image
 
     def _deploy(self, build: Build, deploy: dict[str, str]) -> str:
-        from mlflow_preproc.deployment import PreprocDeploymentClient
-        from mlflow_preproc.model_identity import resolve_model
+        from mlflow_preproc.deploy.target import PreprocDeploymentClient
+        from mlflow_preproc.runtime.model_identity import resolve_model
 
         identity = resolve_model(build.model_uri)
         config = dict(deploy)

@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from mlflow_preproc import config as settings
-from mlflow_preproc.image_build import (
+from mlflow_preproc.deploy.image_build import (
     LABEL,
     BuildError,
     build_image,
@@ -225,7 +225,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         """
         import mlflow
 
-        from mlflow_preproc.model_identity import ModelNotFound, resolve_model
+        from mlflow_preproc.runtime.model_identity import ModelNotFound, resolve_model
 
         try:
             identity = resolve_model(model_uri)
