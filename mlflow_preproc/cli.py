@@ -16,15 +16,27 @@ EXIT_OK, EXIT_RECORDS_FAILED, EXIT_FATAL = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    shutdown = None
+    if argv[:1] in (["stream"], ["bridge"]):
+        # Before anything slow (imports, the model, the broker): SIGTERM from here on is a
+        # clean stop, exit 0, never a kill mid-start (-15).
+        from mlflow_preproc.streaming.shutdown import Shutdown
+
+        shutdown = Shutdown().install()
     parser = _parser()
     args = parser.parse_args(argv)
+    args.shutdown = shutdown
     try:
         return args.handler(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 -- turned into one line below, or re-raised
-        if not _is_user_error(exc):
+        if shutdown is None and not _is_user_error(exc):
             raise
+        # A long-running consumer says what went wrong in one line (its exit code tells the
+        # orchestrator to restart it); the traceback is for whoever turns on DEBUG.
+        logging.getLogger("mlflow_preproc").debug("fatal error", exc_info=True)
         print(f"mlflow-preproc {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FATAL
 
@@ -59,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                             description="Consume INPUT_TOPIC in a consumer group, run the "
                             "model's preprocessing, produce to OUTPUT_TOPIC (at least once).")
     stream.add_argument("-m", dest="MODEL_URI", help="same as --model-uri")
+    # The serving image's own: the model baked into it (MODEL_URI then only names it).
+    stream.add_argument("--model-path", help=argparse.SUPPRESS)
     settings.add_arguments(stream, "stream")
     stream.set_defaults(handler=_cmd_stream)
 
@@ -119,7 +133,8 @@ def _cmd_stream(args: argparse.Namespace) -> int:
 
     config = settings.load("stream", args)
     _configure_logging(config)
-    Stream.from_config(config).run()
+    if not args.shutdown.requested:
+        Stream.from_config(config, args.shutdown, args.model_path).run()
     return EXIT_OK
 
 
@@ -128,7 +143,8 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
 
     config = settings.load("bridge", args)
     _configure_logging(config)
-    Bridge.from_config(config).run()
+    if not args.shutdown.requested:
+        Bridge.from_config(config, args.shutdown).run()
     return EXIT_OK
 
 
@@ -167,6 +183,8 @@ def _is_user_error(exc: Exception) -> bool:
 
 def _one_line(exc: Exception) -> str:
     text = getattr(exc, "message", None) or str(exc)
+    if not _is_user_error(exc):  # a bug or an unforeseen condition: say what it was
+        text = f"{type(exc).__name__}: {text} (set LOG_LEVEL=DEBUG for the traceback)"
     return " ".join(text.split())
 
 

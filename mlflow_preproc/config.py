@@ -4,9 +4,11 @@ Each setting is read from a command-line flag, else from its environment variabl
 default. Names from the legacy runner (``KAFKA_BOOTSTRAP_SERVERS``, ``INPUT_TOPIC``...) are the
 primary ones; ``settings_table_markdown()`` renders the table README.md shows.
 
-librdkafka settings pass through: ``KAFKA_<NAME>`` sets ``<name>`` with ``_`` read as ``.``
-(``KAFKA_SASL_MECHANISM=PLAIN`` -> ``sasl.mechanism``), and ``KAFKA_CONFIG_FILE`` names a
-properties file (``key=value`` lines). Variables this table names are not passed through.
+librdkafka settings pass through under one explicit prefix: ``LIBRDKAFKA_<NAME>`` sets
+``<name>`` with ``_`` read as ``.`` (``LIBRDKAFKA_SASL_MECHANISM=PLAIN`` -> ``sasl.mechanism``),
+and ``KAFKA_CONFIG_FILE`` names a properties file (``key=value`` lines). Other ``KAFKA_*``
+variables are not librdkafka's: Kubernetes sets ``KAFKA_PORT=tcp://...`` for a Service named
+``kafka``, and Docker links set more of them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlflow_preproc.runtime.formats import INPUT_FORMATS, OUTPUT_FORMATS, ZTF_CUTOUTS
+# Kept here, not imported from runtime.formats: this module loads before anything heavy, so
+# the stream and bridge commands catch SIGTERM from their first fraction of a second.
+MESSAGE_FORMATS = ("json", "avro", "confluent-avro")
+ZTF_CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 
 
 class ConfigError(ValueError):
@@ -41,8 +46,9 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {s.env: s for s in (
-    Setting("MODEL_URI", None, "MLflow URI of the preprocessing model (in an image: the model "
-            "baked into it)", modes=("stream",), example="models:/fink-preproc/1"),
+    Setting("MODEL_URI", None, "MLflow URI of the preprocessing model (in an image, whose model "
+            "is baked in, only its name in provenance headers and default topic and group "
+            "names)", modes=("stream",), example="models:/fink-preproc/1"),
     Setting("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092", "Kafka bootstrap servers",
             example="broker-1:9092,broker-2:9092"),
     Setting("KAFKA_SECURITY_PROTOCOL", None, "librdkafka security.protocol",
@@ -57,14 +63,16 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             modes=("stream",), example="cleaned"),
     Setting("DLQ_TOPIC", None, "Dead-letter topic for records that cannot be processed "
             "(default {INPUT_TOPIC}-dlq)", example="fink-alert-dlq"),
-    Setting("CONSUMER_GROUP_ID", None, "Consumer group (default mlflow-preproc-{command}); "
-            "run more instances with the same group to scale out", example="preprocessing-group"),
+    Setting("CONSUMER_GROUP_ID", None, "Consumer group (default: stream mlflow-preproc-{model "
+            "name}, bridge mlflow-preproc-bridge-{OUTPUT_TOPIC}, a deployment "
+            "mlflow-preproc-{deployment name}); instances in one group share the partitions",
+            example="preprocessing-group"),
     Setting("AUTO_OFFSET_RESET", "earliest", "Where a new group starts",
             choices=("earliest", "latest"), example="latest"),
-    Setting("INPUT_FORMAT", "json", "Format of input message values", choices=INPUT_FORMATS[:1]
-            + INPUT_FORMATS[2:], example="avro"),
+    Setting("INPUT_FORMAT", "json", "Format of input message values", choices=MESSAGE_FORMATS,
+            example="avro"),
     Setting("OUTPUT_FORMAT", "json", "Format of output message values",
-            choices=OUTPUT_FORMATS[:1] + OUTPUT_FORMATS[2:], example="avro"),
+            choices=MESSAGE_FORMATS, example="avro"),
     Setting("AVRO_SCHEMA_PATH", None, "Schema of schemaless Avro input (default: the schema "
             "stored with the model)", modes=("stream",), example="/app/schemas/alert.avsc"),
     Setting("OUTPUT_AVRO_SCHEMA_PATH", None, "Schema of Avro output (default: the output "
@@ -117,16 +125,21 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             "count)", kind=int, modes=("image",), example="2"),
 )}
 
-# Legacy variable that means "run the Kafka consumer": read by the serving entrypoint.
-LEGACY_SWITCHES = ("KAFKA_ENABLED",)
+
+LIBRDKAFKA_PREFIX = "LIBRDKAFKA_"
 
 
 @dataclass
 class Config:
-    """Resolved settings for one command, keyed by environment variable name."""
+    """Resolved settings for one command, keyed by environment variable name.
+
+    ``kafka`` is the librdkafka configuration; ``kafka_sources`` says where each of its
+    properties came from, so an error from librdkafka can name the variable to fix.
+    """
 
     values: dict[str, Any]
     kafka: dict[str, str] = field(default_factory=dict)
+    kafka_sources: dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, env: str) -> Any:
         return self.values[env]
@@ -166,17 +179,20 @@ def load(mode: str, args: argparse.Namespace | None = None,
         if raw is None:
             raw = environ.get(s.env)
         values[s.env] = s.default if raw in (None, "") else _convert(s, raw)
-    kafka = kafka_settings(environ)
+    kafka, sources = kafka_settings(values.get("KAFKA_CONFIG_FILE"), environ)
     if "KAFKA_BOOTSTRAP_SERVERS" not in values:  # the image's own settings name no broker
-        return Config(values, kafka)
+        return Config(values, kafka, sources)
     # A flag or variable wins over the properties file, which wins over the default.
-    if getattr(args, "KAFKA_BOOTSTRAP_SERVERS", None) or environ.get("KAFKA_BOOTSTRAP_SERVERS") \
-            or "bootstrap.servers" not in kafka:
+    flag_or_env = getattr(args, "KAFKA_BOOTSTRAP_SERVERS", None) or \
+        environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if flag_or_env or "bootstrap.servers" not in kafka:
         kafka["bootstrap.servers"] = values["KAFKA_BOOTSTRAP_SERVERS"]
+        sources["bootstrap.servers"] = "KAFKA_BOOTSTRAP_SERVERS"
     values["KAFKA_BOOTSTRAP_SERVERS"] = kafka["bootstrap.servers"]
     if values["KAFKA_SECURITY_PROTOCOL"]:
         kafka["security.protocol"] = values["KAFKA_SECURITY_PROTOCOL"]
-    return Config(values, kafka)
+        sources["security.protocol"] = "KAFKA_SECURITY_PROTOCOL"
+    return Config(values, kafka, sources)
 
 
 def _convert(s: Setting, raw: Any) -> Any:
@@ -205,23 +221,42 @@ def parse_bool(raw: str, name: str) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
 
 
-# Our own KAFKA_* names are settings, not librdkafka properties.
-_NOT_LIBRDKAFKA = {name for name in SETTINGS if name.startswith("KAFKA_")} | set(LEGACY_SWITCHES)
+def kafka_settings(config_file: str | None, environ: Mapping[str, str]
+                   ) -> tuple[dict[str, str], dict[str, str]]:
+    """librdkafka settings: the properties file, then ``LIBRDKAFKA_*`` variables.
 
-
-def kafka_settings(environ: Mapping[str, str]) -> dict[str, str]:
-    """librdkafka pass-through settings: ``KAFKA_CONFIG_FILE``, then ``KAFKA_*`` variables."""
+    Returns the configuration and, per property, the variable or file line that set it.
+    """
     conf: dict[str, str] = {}
-    path = environ.get("KAFKA_CONFIG_FILE")
-    if path:
-        conf.update(_read_properties(path))
-    for key, value in environ.items():
-        if key.startswith("KAFKA_") and key not in _NOT_LIBRDKAFKA:
-            conf[key[len("KAFKA_"):].lower().replace("_", ".")] = value
-    return conf
+    sources: dict[str, str] = {}
+    if config_file:
+        for key, (value, line) in _read_properties(config_file).items():
+            conf[key] = value
+            sources[key] = f"{config_file} line {line} (KAFKA_CONFIG_FILE)"
+    for name, value in environ.items():
+        if name.startswith(LIBRDKAFKA_PREFIX) and len(name) > len(LIBRDKAFKA_PREFIX):
+            key = name[len(LIBRDKAFKA_PREFIX):].lower().replace("_", ".")
+            conf[key] = value
+            sources[key] = name
+    return conf, sources
 
 
-def _read_properties(path: str) -> dict[str, str]:
+def client_config_error(config: Config, message: str) -> ConfigError:
+    """A librdkafka refusal of a property (``No such configuration property: "port"``,
+    ``Invalid value ... for configuration property "linger.ms"``) as a ConfigError naming the
+    variable or file line that set it."""
+    match = re.search(r'property:? "([^"]+)"', message)
+    prop = match.group(1) if match else None
+    where = config.kafka_sources.get(prop) if prop else None
+    if where is None:
+        return ConfigError(f"librdkafka refused the Kafka client configuration: {message}; "
+                           "check LIBRDKAFKA_* variables and KAFKA_CONFIG_FILE")
+    return ConfigError(f"{where} sets the librdkafka property {prop!r}, which librdkafka "
+                       f"refuses ({message}); fix or remove it (librdkafka's properties: "
+                       "https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md)")
+
+
+def _read_properties(path: str) -> dict[str, tuple[str, int]]:
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as exc:
@@ -235,7 +270,7 @@ def _read_properties(path: str) -> dict[str, str]:
         key, sep, value = line.partition("=")
         if not sep:
             raise ConfigError(f"{path} line {n} is not key=value: {line!r}")
-        conf[key.strip()] = value.strip()
+        conf[key.strip()] = (value.strip(), n)
     return conf
 
 

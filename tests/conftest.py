@@ -123,7 +123,8 @@ def docker_client():
 # ---- Kafka: the embedded Tansu broker, real clients, real consumer groups -----------------
 
 # Tansu takes about session.timeout.ms/2 to form a group: keep it short in tests.
-FAST_GROUP_ENV = {"KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
+FAST_GROUP_ENV = {"LIBRDKAFKA_SESSION_TIMEOUT_MS": "6000",
+                  "LIBRDKAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
 _names = iter(range(10**6))
 
 
@@ -184,15 +185,49 @@ def headers_of(msg) -> dict[str, bytes]:
     return dict(msg.headers() or [])
 
 
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:
+    """What ``group`` has committed on each partition of ``topic`` (-1001: nothing)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False})
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in range(partitions)],
+                                   timeout=15)
+    finally:
+        consumer.close()
+    return [tp.offset for tp in sorted(found, key=lambda tp: tp.partition)]
+
+
+@pytest.fixture
+def own_broker():
+    """A broker of this test's own, to freeze (SIGSTOP) or to start late."""
+    from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
+
+    started = []
+
+    def make(port: int | None = None, start: bool = True) -> EmbeddedBroker:
+        b = EmbeddedBroker(port)
+        started.append(b)
+        return b.start() if start else b
+
+    yield make
+    for b in started:
+        if b.process is not None and b.process.poll() is None:
+            os.kill(b.process.pid, signal.SIGCONT)  # a frozen broker cannot stop
+        b.stop()
+
+
 # ---- mlflow-preproc stream/bridge processes -----------------------------------------------
 
 class StreamProcess:
     """`mlflow-preproc stream` in a subprocess, stopped by PID."""
 
-    def __init__(self, log_dir: Path, env: dict[str, str], command: str = "stream"):
+    def __init__(self, log_dir: Path, env: dict[str, str], command: str = "stream",
+                 args: tuple[str, ...] = ()):
         self.log_path = log_dir / f"{unique(command)}.log"
         self.proc = subprocess.Popen(
-            [str(BIN / "mlflow-preproc"), command],
+            [str(BIN / "mlflow-preproc"), command, *args],
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
             env={**os.environ, **FAST_GROUP_ENV, "LOG_FORMAT": "json", "BATCH_TIMEOUT_MS": "200",
                  "STATS_INTERVAL_S": "1", **env},
@@ -202,6 +237,9 @@ class StreamProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
+
+    def events(self, name: str) -> list[dict]:
+        return [entry for entry in self.logs() if entry.get("event") == name]
 
     def logs(self) -> list[dict]:
         lines = []
@@ -220,8 +258,9 @@ class StreamProcess:
 def streams(tmp_path: Path):
     started: list[StreamProcess] = []
 
-    def start(env: dict[str, str], command: str = "stream") -> StreamProcess:
-        s = StreamProcess(tmp_path, env, command)
+    def start(env: dict[str, str], command: str = "stream",
+              args: tuple[str, ...] = ()) -> StreamProcess:
+        s = StreamProcess(tmp_path, env, command, args)
         started.append(s)
         return s
 

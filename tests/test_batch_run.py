@@ -124,3 +124,68 @@ def test_a_missing_input_file_is_one_clear_line(model, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.decode().strip().splitlines()[-1] == (
         "mlflow-preproc run: error: cannot read input nope.jsonl: No such file or directory")
+
+
+def test_a_bad_first_line_is_one_reject_and_the_other_lines_are_read(model, tmp_path):
+    lines = b'not json\n{"id": 1, "x": 1}\n{"id": 2, "x": 2}\n{"id": 3, "x": 3}\n'
+    for args, stdin in (((), lines), (("in.json",), b"")):
+        (tmp_path / "in.json").write_bytes(lines)
+        proc = run_cli("-m", model, *args, stdin=stdin, cwd=tmp_path)
+        assert proc.returncode == 1, proc.stderr.decode()
+        assert b"in=4 out=3 dropped=0 failed=1" in proc.stderr
+        assert [r["id"] for r in jsonl(proc.stdout)] == [1, 2, 3]
+        [reject] = jsonl((tmp_path / "rejects.jsonl").read_bytes())
+        assert (reject["index"], reject["stage"]) == (0, "decode")
+        assert "line 1 is not valid JSON" in reject["error"]
+
+
+def test_a_truncated_line_does_not_take_the_next_good_one_with_it(model, tmp_path):
+    data = b'{"id": 1, "x": 1}\n{"id": 2, "x"\n{"id": 3, "x": 3}\n{\n  "id": 4,\n  "x": 4\n}\n'
+    proc = run_cli("-m", model, stdin=data, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert [r["id"] for r in jsonl(proc.stdout)] == [1, 3, 4]  # 4 is spread over four lines
+    [reject] = jsonl((tmp_path / "rejects.jsonl").read_bytes())
+    assert "line 2 hold a JSON value that never ends" in reject["error"]
+
+
+def alerts_container(codec: str, count: int = 6) -> bytes:
+    import io
+
+    with open(ZTF_PACKETS[0], "rb") as f:
+        reader = fastavro.reader(f)
+        schema, alert = reader.writer_schema, next(reader)
+    buf = io.BytesIO()
+    alerts = [dict(alert, candid=alert["candid"] + i) for i in range(count)]
+    # One alert per block, so damage in a block leaves the blocks before it readable.
+    fastavro.writer(buf, schema, alerts, codec=codec, sync_interval=1)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["truncated mid-block", "corrupt bytes", "truncated deflate"])
+def test_an_avro_file_damaged_after_its_header_gives_what_came_before_and_one_reject(
+        tracking_uri, tmp_path, damage):
+    with mlflow.start_run():
+        model = mlflow.preproc.log_model(ztf_features, name="ztf").model_uri
+    good = alerts_container("deflate" if damage == "truncated deflate" else "null")
+    if damage == "corrupt bytes":
+        # Flip the bytes of the sync marker that ends the third block (most bytes of an alert
+        # are image stamps, where flipped bytes still decode).
+        sync = good[-16:]
+        third = [i for i in range(len(good)) if good.startswith(sync, i)][3]
+        data = good[:third] + bytes(b ^ 0x5A for b in sync) + good[third + 16:]
+    else:
+        data = good[:len(good) * 2 // 3]
+    (tmp_path / "alerts.avro").write_bytes(data)
+    proc = run_cli("-m", model, "alerts.avro", "-o", "out.jsonl", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert b"Traceback" not in proc.stderr
+    summary = proc.stderr.decode().strip().splitlines()[-1]
+    assert summary.startswith("mlflow-preproc run: in=") and "failed=1" in summary, summary
+    rejects = jsonl((tmp_path / "out.jsonl.rejects.jsonl").read_bytes())
+    assert [r["stage"] for r in rejects] == ["decode"]
+    assert "alerts.avro is damaged after record" in rejects[0]["error"]
+    # The alerts read before the damage came out.
+    before = int(rejects[0]["error"].split("after record ")[1].split(" ")[0])
+    assert 1 <= before < 6
+    assert len(jsonl((tmp_path / "out.jsonl").read_bytes())) == before
+    assert f"in={before + 1} out={before} dropped=0 failed=1" in summary

@@ -28,10 +28,46 @@ def test_librdkafka_pass_through_and_properties_file(tmp_path):
     props = tmp_path / "client.properties"
     props.write_text("# comment\nsasl.mechanism=PLAIN\nbootstrap.servers=file:9092\n")
     cfg = config.load("stream", environ={"KAFKA_CONFIG_FILE": str(props),
-                                         "KAFKA_SASL_USERNAME": "alice",
+                                         "LIBRDKAFKA_SASL_USERNAME": "alice",
                                          "KAFKA_ENABLED": "true"})
     assert cfg.kafka == {"sasl.mechanism": "PLAIN", "bootstrap.servers": "file:9092",
                          "sasl.username": "alice"}
+    assert cfg.kafka_sources["sasl.mechanism"] == f"{props} line 2 (KAFKA_CONFIG_FILE)"
+    assert cfg.kafka_sources["sasl.username"] == "LIBRDKAFKA_SASL_USERNAME"
+
+
+def test_kubernetes_service_variables_are_not_librdkafka_settings():
+    # Kubernetes sets these for a Service named `kafka` in the pod's namespace.
+    cfg = config.load("stream", environ={
+        "KAFKA_PORT": "tcp://10.0.0.7:9092", "KAFKA_SERVICE_HOST": "10.0.0.7",
+        "KAFKA_SERVICE_PORT": "9092", "KAFKA_PORT_9092_TCP_PROTO": "tcp",
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092"})
+    assert cfg.kafka == {"bootstrap.servers": "kafka:9092"}
+
+
+def test_the_config_file_flag_is_read(tmp_path):
+    import argparse
+
+    props = tmp_path / "client.properties"
+    props.write_text("bootstrap.servers=from-file:9092\nclient.id=flagged\n")
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, "stream")
+    cfg = config.load("stream", parser.parse_args(["--kafka-config-file", str(props)]),
+                      environ={})
+    assert cfg.kafka == {"bootstrap.servers": "from-file:9092", "client.id": "flagged"}
+    assert cfg["KAFKA_BOOTSTRAP_SERVERS"] == "from-file:9092"
+
+
+def test_a_property_librdkafka_refuses_names_the_variable_that_set_it():
+    from confluent_kafka import KafkaException, Producer
+
+    cfg = config.load("stream", environ={"LIBRDKAFKA_LINGER_MSS": "5"})
+    with pytest.raises(KafkaException) as refused:  # librdkafka's own check, no broker needed
+        Producer(cfg.kafka)
+    error = config.client_config_error(cfg, refused.value.args[0].str())
+    assert str(error).startswith("LIBRDKAFKA_LINGER_MSS sets the librdkafka property "
+                                 "'linger.mss', which librdkafka refuses (No such "
+                                 "configuration property")
 
 
 def test_flags_override_environment():

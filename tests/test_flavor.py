@@ -164,6 +164,31 @@ def test_two_models_with_the_same_module_name_run_their_own_code(tracking_uri, t
     assert second.predict([{}]) == [{"version": 2}]
 
 
+def test_log_model_leaves_the_callers_sys_path_and_modules_as_they_were(tracking_uri, tmp_path):
+    trainer = tmp_path / "trainer"
+    write(trainer / "processor.py", "WHO = 'the trainer'\n")
+    sys.path.insert(0, str(trainer))
+    try:
+        import processor
+
+        code = tmp_path / "code"
+        write(code / "processor.py", "WHO = 'the model'\ndef scale(x):\n    return x * 10\n")
+        write(code / "preprocessing.py", """
+            from processor import scale
+            def pre_processing(data):
+                return {"y": scale(data["x"])}
+        """)
+        path_before, modules_before = list(sys.path), set(sys.modules)
+        info = log(str(code / "preprocessing.py"), input_example={"x": 1})
+        assert sys.path == path_before  # no temporary model folder left behind
+        assert sys.modules["processor"] is processor and processor.WHO == "the trainer"
+        assert "preprocessing" not in set(sys.modules) - modules_before
+    finally:
+        sys.path.remove(str(trainer))
+        sys.modules.pop("processor", None)
+    assert mlflow.pyfunc.load_model(info.model_uri).predict([{"x": 2}]) == [{"y": 20}]
+
+
 def test_batch_mode_records_and_pandas(tracking_uri):
     def vectorised(frame):
         frame = frame[frame["x"] > 0]  # dropped rows keep out of the output

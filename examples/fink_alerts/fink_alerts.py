@@ -115,7 +115,8 @@ def main() -> None:
         producer.flush(30)
         kafka = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "LOG_FORMAT": "text",
                  # Tansu forms groups in about session.timeout.ms / 2
-                 "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
+                 "LIBRDKAFKA_SESSION_TIMEOUT_MS": "6000",
+                 "LIBRDKAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
         port = free_port()
         try:
             started = time.monotonic()

@@ -39,16 +39,17 @@ def resolve_mode(cfg: settings.Config, environ=os.environ) -> str:
     return "serve"
 
 
-def child_commands(mode: str, cfg: settings.Config, model_path: str,
-                   run_args: list[str]) -> list[list[str]]:
-    """The processes a mode runs."""
+def child_commands(mode: str, cfg: settings.Config, model_path: str, run_args: list[str],
+                   metrics_port: int = 0) -> list[list[str]]:
+    """The processes a mode runs; consumer ``j`` serves ``/healthz`` on ``metrics_port + j``."""
     py = sys.executable
     serve = [py, "-m", "mlflow", "models", "serve", "-m", model_path, "--env-manager", "local",
              "-h", cfg["HOST"], "-p", str(cfg["PORT"])]
     if cfg["MLFLOW_MODELS_WORKERS"]:
         serve += ["-w", str(cfg["MLFLOW_MODELS_WORKERS"])]
-    stream = [py, "-m", "mlflow_preproc.cli", "stream"]
-    consumers = [stream] * cfg["KAFKA_CONSUMERS"]
+    stream = [py, "-m", "mlflow_preproc.cli", "stream", "--model-path", model_path]
+    consumers = [stream + (["--metrics-port", str(metrics_port + j)] if metrics_port else [])
+                 for j in range(cfg["KAFKA_CONSUMERS"])]
     return {
         "serve": [serve],
         "kafka": consumers,
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     # `mlflow models serve` starts `uvicorn` from PATH: make it the one beside this Python,
     # also when a virtualenv is used without being activated.
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
-    env.setdefault("MODEL_URI", model_path)
-    commands = child_commands(mode, cfg, model_path, list(sys.argv[1:] if argv is None else argv))
+    commands = child_commands(mode, cfg, model_path, list(sys.argv[1:] if argv is None else argv),
+                              stream_cfg["METRICS_PORT"])
     logger.info("starting", extra={"event": "entrypoint", "mode": mode,
                                    "processes": len(commands)})
     return supervise(commands, env, stream_cfg["SHUTDOWN_TIMEOUT_S"] + 5,

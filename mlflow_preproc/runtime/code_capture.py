@@ -16,10 +16,11 @@ load it (``"pickle"`` or ``"module"`` with an entry module name).
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,3 +235,32 @@ def _forget_shadowing_modules(search_path: list[Path]) -> None:
         file = getattr(sys.modules[name], "__file__", None) or ""
         if not any(os.path.realpath(file).startswith(root + os.sep) for root in roots):
             del sys.modules[name]
+
+
+@contextlib.contextmanager
+def caller_imports_kept() -> Iterator[None]:
+    """Leave ``sys.path`` and ``sys.modules`` as the caller had them.
+
+    Logging a model loads its code to try it (our input-example check, MLflow's signature and
+    serving-input checks) from temporary folders that are deleted afterwards, and loading drops
+    same-named modules (:func:`_forget_shadowing_modules`). In a trainer's interpreter that
+    would leave dead folders on ``sys.path`` and replace the trainer's own ``processor``
+    module with the model's copy.
+    """
+    path = list(sys.path)
+    modules = dict(sys.modules)
+    try:
+        yield
+    finally:
+        added = [os.path.realpath(p) for p in sys.path if p not in path and p]
+        sys.path[:] = path
+        for name, module in list(sys.modules.items()):
+            before = modules.get(name)
+            if before is None:
+                file = getattr(module, "__file__", None)
+                if file and any(os.path.realpath(file).startswith(d + os.sep) for d in added):
+                    del sys.modules[name]
+            elif before is not module:
+                sys.modules[name] = before
+        for name, module in modules.items():
+            sys.modules.setdefault(name, module)

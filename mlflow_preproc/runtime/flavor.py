@@ -147,7 +147,8 @@ def save_model(
     try:
         captured = code_capture.capture(pre_processing, path)
         if input_example is not None:
-            _check_runs_on_example(path, captured, batch_format, input_example)
+            with code_capture.caller_imports_kept():
+                _check_runs_on_example(path, captured, batch_format, input_example)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # don't leave a half-written model behind
         raise
@@ -326,25 +327,26 @@ def log_model(
     """
     import sys
 
-    return Model.log(
-        artifact_path=artifact_path,
-        name=name,
-        flavor=sys.modules[__name__],
-        pre_processing=pre_processing,
-        batch_format=batch_format,
-        avro_schema=avro_schema,
-        output_avro_schema=output_avro_schema,
-        conda_env=conda_env,
-        code_paths=code_paths,
-        registered_model_name=registered_model_name,
-        signature=signature,
-        input_example=input_example,
-        await_registration_for=await_registration_for,
-        pip_requirements=pip_requirements,
-        extra_pip_requirements=extra_pip_requirements,
-        metadata=metadata,
-        **kwargs,
-    )
+    with code_capture.caller_imports_kept():
+        return Model.log(
+            artifact_path=artifact_path,
+            name=name,
+            flavor=sys.modules[__name__],
+            pre_processing=pre_processing,
+            batch_format=batch_format,
+            avro_schema=avro_schema,
+            output_avro_schema=output_avro_schema,
+            conda_env=conda_env,
+            code_paths=code_paths,
+            registered_model_name=registered_model_name,
+            signature=signature,
+            input_example=input_example,
+            await_registration_for=await_registration_for,
+            pip_requirements=pip_requirements,
+            extra_pip_requirements=extra_pip_requirements,
+            metadata=metadata,
+            **kwargs,
+        )
 
 
 def load_model(model_uri: str, dst_path: str | None = None) -> Callable:

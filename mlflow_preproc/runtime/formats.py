@@ -34,14 +34,14 @@ from typing import IO, Any
 import fastavro
 from orjson import loads  # strict and fast; its errors are ValueErrors
 
-from mlflow_preproc.runtime.avro_schemas import load_avro_schema
+from mlflow_preproc.config import ZTF_CUTOUTS  # noqa: F401 (re-exported)
+from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.jsonable import dumps
 
 Record = dict[str, Any]
 
 INPUT_FORMATS = ("json", "jsonl", "avro", "confluent-avro")
 OUTPUT_FORMATS = ("json", "jsonl", "avro", "confluent-avro")
-ZTF_CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 
 _OCF_MAGIC = b"Obj\x01"
 _CONFLUENT_MAGIC = 0
@@ -212,12 +212,22 @@ class _SchemaById:
 
     def get(self, schema_id: int) -> dict:
         if schema_id not in self._cache:
-            self._cache[schema_id] = fastavro.parse_schema(self._fetch(schema_id))
+            schema = self._fetch(schema_id)
+            try:
+                self._cache[schema_id] = fastavro.parse_schema(schema)
+            except Exception as exc:  # noqa: BLE001 -- fastavro's schema errors have no base
+                raise DecodeError(f"schema id {schema_id} cannot be used "
+                                  f"({type(exc).__name__}: {exc}); define every named type it "
+                                  "uses in it, or put the defining .avsc files beside it"
+                                  ) from None
         return self._cache[schema_id]
 
     def _fetch(self, schema_id: int) -> dict:
         if self._dir and (self._dir / f"{schema_id}.avsc").is_file():
-            return load_avro_schema(self._dir / f"{schema_id}.avsc")
+            try:
+                return load_avro_schema(self._dir / f"{schema_id}.avsc")
+            except SchemaError as exc:
+                raise DecodeError(f"schema id {schema_id}: {exc}") from None
         if not self._registry_url:
             raise DecodeError(f"no schema with id {schema_id}: add {schema_id}.avsc to "
                               f"{self._dir} or set SCHEMA_REGISTRY_URL")
@@ -293,41 +303,96 @@ def sniff_file_format(path: str | None, head: bytes) -> str:
 def read_records(stream: IO[bytes], fmt: str, where: str) -> Iterator[Record | DecodeError]:
     """Stream records from a binary file; a bad record yields a :class:`DecodeError`.
 
-    Memory stays constant: JSON Lines are read line by line, arrays are parsed incrementally
-    (ijson), Avro containers block by block.
+    Memory stays constant: JSON is read line by line (an object spread over several lines
+    is gathered first), arrays are parsed incrementally (ijson), Avro containers block by
+    block. Damage ends a file with one error, after the records read before it.
     """
     if fmt == "avro":
-        try:
-            reader = fastavro.reader(stream)
-        except Exception as exc:
-            yield DecodeError(f"{where} is not an Avro object container file ({exc})")
-            return
-        yield from reader
+        yield from _avro_file(stream, where)
         return
     if fmt not in ("json", "jsonl"):
         raise ValueError(f"input format {fmt!r} is not supported for files; use json, jsonl "
                          "or avro")
-    first = _peek_nonspace(stream)
-    if fmt == "json" and first == b"[":
+    if fmt == "json" and _peek_nonspace(stream) == b"[":
         yield from _json_array(stream, where)
         return
-    for line_no, line in enumerate(stream, 1):
-        if not line.strip():
-            continue
-        try:
-            record = loads(line)
-        except ValueError as exc:
-            if line_no == 1 and fmt == "json":
-                # Not JSON Lines: maybe one pretty-printed object over several lines.
-                yield from _whole_document(line + stream.read(), where)
-                return
-            yield DecodeError(f"{where} line {line_no} is not valid JSON ({exc})")
-            continue
-        if isinstance(record, dict):
+    yield from _json_lines(stream, where)
+
+
+def _avro_file(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]:
+    try:
+        reader = fastavro.reader(stream)
+    except Exception as exc:  # noqa: BLE001 -- fastavro raises many types on a bad header
+        yield DecodeError(f"{where} is not an Avro object container file ({exc})")
+        return
+    count = 0
+    try:
+        for record in reader:
             yield record
+            count += 1
+    except Exception as exc:  # noqa: BLE001 -- truncated/corrupt blocks: EOFError, IndexError,
+        # zlib.error, ValueError... whatever the bytes make fastavro do
+        yield DecodeError(f"{where} is damaged after record {count} ({type(exc).__name__}: "
+                          f"{exc}); the rest of the file is skipped")
+
+
+# A JSON value spread over lines is gathered up to this size; past it, it is a bad record.
+_MAX_SPREAD_BYTES = 64 * 1024 * 1024
+
+
+def _json_lines(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]:
+    """JSON Lines, where a line that is not valid JSON is one bad record, whatever its place.
+
+    A line that is the unfinished start of a JSON value (``{`` of a pretty-printed object)
+    is joined with the next ones until the value is complete. When a later line cannot
+    continue it, the unfinished lines are one bad record and that line is read on its own,
+    so a truncated line never takes a good one with it.
+    """
+    pending, first = b"", 0
+    for line_no, line in enumerate(stream, 1):
+        if not pending:
+            if not line.strip():
+                continue
+            first = line_no
+        value, error = _parse(pending + line)
+        if error is _UNFINISHED and len(pending) + len(line) < _MAX_SPREAD_BYTES:
+            pending += line
+            continue
+        if error is not None and pending:
+            yield DecodeError(f"{where} {_lines(first, line_no - 1)} hold a JSON value that "
+                              "never ends")
+            pending, first = b"", line_no
+            value, error = _parse(line)
+            if error is _UNFINISHED:
+                pending = line
+                continue
+        pending = b""
+        if error is not None:
+            reason = "a JSON value that never ends" if error is _UNFINISHED else error
+            yield DecodeError(f"{where} {_lines(first, line_no)} is not valid JSON ({reason})")
+        elif isinstance(value, dict):
+            yield value
         else:
-            yield DecodeError(f"{where} line {line_no} is a JSON {type(record).__name__}, "
-                              "not an object")
+            yield DecodeError(f"{where} {_lines(first, line_no)} is a JSON "
+                              f"{type(value).__name__}, not an object")
+    if pending:
+        yield DecodeError(f"{where} ends inside a JSON value started on line {first}")
+
+
+_UNFINISHED = "unfinished"
+
+
+def _parse(text: bytes) -> tuple[Any, str | None]:
+    try:
+        return loads(text), None
+    except ValueError as exc:  # orjson.JSONDecodeError
+        if getattr(exc, "pos", -1) >= len(text.rstrip()):
+            return None, _UNFINISHED  # valid so far: the value goes on in the next line
+        return None, str(exc)
+
+
+def _lines(first: int, last: int) -> str:
+    return f"line {first}" if first == last else f"lines {first}-{last}"
 
 
 def _peek_nonspace(stream: IO[bytes]) -> bytes:
@@ -350,18 +415,6 @@ def _json_array(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]
     except ijson.JSONError as exc:
         yield DecodeError(f"{where} is not valid JSON after item {index} ({exc}); the rest of "
                           "the file is skipped")
-
-
-def _whole_document(data: bytes, where: str) -> Iterator[Record | DecodeError]:
-    try:
-        doc = loads(data)
-    except ValueError as exc:
-        yield DecodeError(f"{where} is neither JSON Lines nor a JSON document ({exc})")
-        return
-    items = doc if isinstance(doc, list) else [doc]
-    for i, item in enumerate(items):
-        yield item if isinstance(item, dict) else DecodeError(
-            f"{where} item {i} is a JSON {type(item).__name__}, not an object")
 
 
 class FileWriter:

@@ -66,6 +66,36 @@ def resolve_model(uri: str) -> ModelIdentity:
     return ModelIdentity(uri, f"models:/{name}/{version}", name, str(version))
 
 
+def local_identity(path: str, uri: str | None = None) -> ModelIdentity:
+    """Who a model already on disk is (in an image: ``/opt/ml/model``), for provenance headers,
+    topic and group names: what the deployment target wrote into it, else ``uri`` as the
+    operator names it (``MODEL_URI``; not looked up, an image has no registry to ask), else the
+    MLflow model id in its MLmodel, else the path."""
+    baked = _baked_identity(path)
+    if baked is not None:
+        return baked
+    if uri:
+        match = _REGISTERED.match(uri)
+        if match and (match["version"] or "").isdigit():
+            return ModelIdentity(uri, path, match["name"], match["version"])
+        return ModelIdentity(uri, path)
+    model_id = _model_id(path)
+    if model_id:
+        return ModelIdentity(f"models:/{model_id}", path)
+    return ModelIdentity(path, path)
+
+
+def _model_id(path: str) -> str | None:
+    import os
+
+    import yaml
+
+    mlmodel = os.path.join(path, "MLmodel")
+    if not os.path.isfile(mlmodel):
+        return None
+    return (yaml.safe_load(open(mlmodel)) or {}).get("model_id")
+
+
 def _baked_identity(path: str) -> ModelIdentity | None:
     # Images built by the deployment target carry the registry identity of their model.
     import json

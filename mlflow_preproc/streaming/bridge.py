@@ -11,17 +11,17 @@ server's message. Delivery, commits and shutdown are :class:`KafkaLoop`'s.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import requests
 from confluent_kafka import Message
 
-from mlflow_preproc.config import Config, ConfigError
+from mlflow_preproc.config import Config, ConfigError, sanitize_topic
 from mlflow_preproc.runtime.formats import MessageDecoder
 from mlflow_preproc.runtime.jsonable import dumps
-from mlflow_preproc.streaming.loop import KafkaLoop
+from mlflow_preproc.streaming.loop import Abandon, KafkaLoop
+from mlflow_preproc.streaming.shutdown import Shutdown
 
 logger = logging.getLogger("mlflow_preproc")
 
@@ -33,18 +33,18 @@ class ModelRejected(Exception):
     """The model server refused the input (HTTP 4xx); the message is the server's."""
 
 
-class _Abandoned(Exception):
-    """Shutdown came while the model server was failing: leave the batch uncommitted."""
-
-
 class Bridge(KafkaLoop):
     """Calls an MLflow scoring server for every record of a topic, at least once."""
 
     command = "bridge"
 
-    def __init__(self, config: Config):
-        super().__init__(config, config.require("INPUT_TOPIC"), config.require("OUTPUT_TOPIC"),
-                         config["DLQ_TOPIC"], config["CONSUMER_GROUP_ID"])
+    def __init__(self, config: Config, shutdown: Shutdown | None = None):
+        output_topic = config.require("OUTPUT_TOPIC")
+        # One group per output: two bridges feeding different models each see every record.
+        group = config["CONSUMER_GROUP_ID"] or sanitize_topic(f"mlflow-preproc-bridge-"
+                                                              f"{output_topic}")
+        super().__init__(config, config.require("INPUT_TOPIC"), output_topic,
+                         config["DLQ_TOPIC"], group, shutdown=shutdown)
         self.url = config.require("API_URL").rstrip("/") + config["API_ENDPOINT"]
         self.timeout = config["REQUEST_TIMEOUT_S"]
         self.decoder = MessageDecoder(config["INPUT_FORMAT"])
@@ -54,20 +54,17 @@ class Bridge(KafkaLoop):
                               "API_URL=http://127.0.0.1:8080")
 
     @classmethod
-    def from_config(cls, config: Config) -> Bridge:
-        return cls(config)
+    def from_config(cls, config: Config, shutdown: Shutdown | None = None) -> Bridge:
+        return cls(config, shutdown)
 
     def handle_batch(self, messages: Sequence[Message]) -> None:
         records, owners = self.decode(messages, self.decoder)
         if not records:
             return
         # predict: the whole batch, or record by record when the model refuses the batch
+        # (a shutdown while the server is down raises Abandon: the batch stays uncommitted)
         try:
             predictions: list[Any] = self._predict(records)
-        except _Abandoned:
-            # Left uncommitted, so the next consumer of the group predicts them again.
-            self.leave_uncommitted()
-            return
         except ModelRejected:
             predictions = []
             for record in records:
@@ -98,16 +95,16 @@ class Bridge(KafkaLoop):
                     raise ModelRejected(f"the model server refused the input with HTTP "
                                         f"{resp.status_code}: {_message(resp)}")
                 problem = f"HTTP {resp.status_code}: {_message(resp)}"
-            if self._stopping:
-                raise _Abandoned(problem)
-            # The server is down or failing: keep the batch, wait and retry; the loop is
-            # healthy, its dependency is not, so don't let /healthz restart us for it.
+            if self.shutdown.requested:
+                raise Abandon(problem)
+            # The server is down or failing: keep the batch, wait (input paused, the consumer
+            # polled so the group keeps us) and retry; the loop is healthy, its dependency is
+            # not, so don't let /healthz restart us for it.
             logger.warning("model server unavailable; retrying", extra={
                 "event": "model_unavailable", "url": self.url, "error": problem,
                 "retry_in_s": delay})
             self.stats.alive()
-            self.producer.poll(0)
-            time.sleep(delay)
+            self.wait(delay)
             delay = min(delay * 2, _MAX_BACKOFF_S)
 
     @staticmethod

@@ -2,17 +2,26 @@
 
 Guarantees, whatever the handler does with a batch:
 
-- at-least-once: input offsets are committed only after the producer is flushed, that is once
-  every output produced so far (or its dead-letter copy) is acknowledged by the broker; a
-  crash at any moment loses nothing, it only reprocesses what was not committed (at most
-  ``COMMIT_INTERVAL_MS`` of input);
-- a record that cannot be handled goes to the dead-letter topic with the original bytes, the
-  error and the stage in headers, and the stream goes on;
-- on a rebalance, finished work of revoked partitions is flushed and committed first;
-- SIGTERM/SIGINT finish the batch in flight, flush, commit and close within
-  ``SHUTDOWN_TIMEOUT_S``;
-- broker outages are retried by librdkafka, with backoff on our side while no broker answers;
-  unrecoverable conditions raise :class:`FatalError` with a message naming the fix.
+- **at least once.** The loop keeps a :class:`~mlflow_preproc.streaming.checkpoint.Checkpoint`:
+  per partition, the offset after the last input whose outputs (or dead-letter copy) were all
+  handed to the producer. It commits exactly those offsets, and only after the producer
+  flushed cleanly with no retriable delivery error outstanding: every ``COMMIT_INTERVAL_MS``,
+  before giving up partitions in a rebalance, and on a normal exit. A batch the handler
+  abandons, an exception, a crash or a broker outage commit nothing that was not delivered;
+  what was not committed is processed again.
+- **a poison record never halts a partition.** A record that cannot be decoded, processed,
+  encoded or written goes to the dead-letter topic with its original bytes, the stage and the
+  error; one larger than the producer may send goes there truncated, with its original size.
+- **delivery errors are sorted** (:mod:`~mlflow_preproc.streaming.delivery`): permanent ones
+  dead-letter their input; retriable ones (a broker away for longer than
+  ``message.timeout.ms``) are sent again while the input partitions are paused and the
+  consumer keeps polling, so the group keeps this member; a producer whose idempotence state
+  broke is replaced.
+- **signals.** SIGTERM/SIGINT, at any moment from start-up on, finish the batch in flight,
+  flush, commit and close within ``SHUTDOWN_TIMEOUT_S`` (exit 0).
+- **fatal conditions** (unreachable broker at start, a missing topic, a dead-letter topic this
+  client may not write to) raise :class:`FatalError` with a message naming the fix; any other
+  exception commits nothing either.
 
 Why flush-then-commit rather than tracking each output's acknowledgement: the producer only
 reports failed deliveries (``delivery.report.only.error``), which spares a Python callback
@@ -23,20 +32,23 @@ for one broker round trip.
 
 from __future__ import annotations
 
-import functools
 import gc
+import hashlib
 import logging
-import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from mlflow_preproc.config import Config
-from mlflow_preproc.runtime.formats import DecodeError, MessageDecoder, drop_fields
-from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
+from mlflow_preproc.config import Config, client_config_error
+from mlflow_preproc.runtime.formats import MessageDecoder, drop_fields
 from mlflow_preproc.runtime.model_identity import HEADER
+from mlflow_preproc.streaming.checkpoint import Checkpoint
+from mlflow_preproc.streaming.client_logs import client_logger
+from mlflow_preproc.streaming.delivery import Failure, Redelivery, classify, is_size_error
+from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
+from mlflow_preproc.streaming.shutdown import Shutdown
 
 logger = logging.getLogger("mlflow_preproc")
 
@@ -44,15 +56,23 @@ _MAX_ERROR_HEADER = 4000
 _STARTUP_WAIT_S = 60.0
 # A periodic flush that cannot finish (broker down) gives up after this and commits later.
 _COMMIT_FLUSH_TIMEOUT_S = 10.0
+_MAX_RETRY_BACKOFF_S = 10.0
+# librdkafka's default message.max.bytes; room is kept for the headers and record framing.
+_DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+_FRAMING_BYTES = 512
+
+Headers = list[tuple[str, bytes]]
+
+SOURCE_HEADER = HEADER + "source"
 
 
 class FatalError(RuntimeError):
     """The loop cannot go on; the message says why and what to change."""
 
 
-Headers = list[tuple[str, bytes]]
-
-SOURCE_HEADER = HEADER + "source"
+class Abandon(Exception):
+    """Raised by a handler to give up the batch in flight (shutting down while a dependency
+    is down): nothing of that batch is committed, so the group processes it again."""
 
 
 def source_header(msg: Message) -> tuple[str, bytes]:
@@ -61,72 +81,81 @@ def source_header(msg: Message) -> tuple[str, bytes]:
     return SOURCE_HEADER, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()
 
 
-class _OnFailedDelivery:
-    """``on_delivery`` of the outputs of one input message; called only when the broker
-    refuses one of them (``delivery.report.only.error``), to dead-letter the input."""
+class _Delivery:
+    """``on_delivery`` of what one input message produced; called only when a delivery fails
+    (``delivery.report.only.error``). Keeps the headers, which delivery reports lack."""
 
-    __slots__ = ("loop", "source")
+    __slots__ = ("loop", "source", "headers", "dead_letter")
 
-    def __init__(self, loop: KafkaLoop, source: Message):
+    def __init__(self, loop: KafkaLoop, source: Message, headers: Headers,
+                 dead_letter: bool = False):
         self.loop = loop
         self.source = source
+        self.headers = headers
+        self.dead_letter = dead_letter
 
-    def __call__(self, err: KafkaError | None, _msg: Message) -> None:
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
-            self.loop._output_failed(self.source, err)
+            self.loop._delivery_failed(self, err, msg)
 
 
 class KafkaLoop:
-    """Consumes ``input_topic`` in a group and hands batches to :meth:`handle_batch`."""
+    """Consumes ``input_topic`` in a group and hands batches to :meth:`handle_batch`.
+
+    ``consumer`` and ``producer`` default to real clients made from ``config``; passing others
+    (a test double) is what the fast unit tests of the commit rules do.
+    """
 
     command = "loop"
 
     def __init__(self, config: Config, input_topic: str, output_topic: str,
                  dlq_topic: str | None = None, group_id: str | None = None,
-                 extra_headers: Headers | None = None):
+                 extra_headers: Headers | None = None, shutdown: Shutdown | None = None,
+                 consumer: Consumer | None = None, producer: Producer | None = None):
         self.config = config
         self.input_topic = input_topic
         self.output_topic = output_topic
         self.dlq_topic = dlq_topic or f"{input_topic}-dlq"
         self.group_id = group_id or f"mlflow-preproc-{self.command}"
         self.extra_headers = extra_headers or []
+        self.shutdown = shutdown or Shutdown()
         self.stats = LoopStats(self.command)
-        self._stopping = False
-        self._uncommittable = False
+        self.checkpoint = Checkpoint()
+        self._owned: set[tuple[str, int]] = set()
+        self._redeliveries: list[Redelivery] = []
+        self._producer_broken = False
         self._fatal: FatalError | None = None
+        self._failed = False  # an exception ended the loop: commit nothing, not even on close
         self._backoff = 0.0
-        self._committed: dict[tuple[str, int], int] = {}
-        kafka = dict(config.kafka)
-        self.consumer = Consumer({
+        self._max_message_bytes = int(config.kafka.get("message.max.bytes",
+                                                       _DEFAULT_MAX_MESSAGE_BYTES))
+        self.consumer = consumer if consumer is not None else self._client(Consumer, {
             # librdkafka stops fetching for fetch.queue.backoff.ms (default 1 s) whenever its
             # prefetch queue is full (64 MB: ~64k records of 1 KB); a loop that drains that in
             # under a second then waits on an idle fetcher. 10 ms: +45% on 1 KB records
             # (benchmarks/stream_throughput.py).
             "fetch.queue.backoff.ms": 10,
-            **kafka,
+            **config.kafka,
             "group.id": self.group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": config["AUTO_OFFSET_RESET"],
             "statistics.interval.ms": 5000 if config["METRICS_PORT"] else 0,
             "stats_cb": self.stats.on_librdkafka_stats,
-            "error_cb": self._on_client_error,
+            "error_cb": self._on_consumer_error,
             "on_commit": self._on_commit,
+            "logger": client_logger(),
         })
-        self.producer = Producer({
-            # Idempotence keeps retried sends from duplicating or reordering outputs.
-            "enable.idempotence": True,
-            "linger.ms": 5,
-            **kafka,
-            # Successes are known from flush(); see the module docstring.
-            "delivery.report.only.error": True,
-            "error_cb": self._on_client_error,
-        })
+        self.producer = producer if producer is not None else self._new_producer()
         self._metrics_server = None
 
     # ---- what subclasses implement -------------------------------------------------------
 
     def handle_batch(self, messages: Sequence[Message]) -> None:
-        """Turn input messages into :meth:`produce` and :meth:`dead_letter` calls."""
+        """Turn input messages into :meth:`produce` and :meth:`dead_letter` calls.
+
+        Returning means every message of the batch is handled; raise :class:`Abandon` to give
+        the batch up instead.
+        """
         raise NotImplementedError
 
     # ---- inputs and outputs ----------------------------------------------------------------
@@ -140,7 +169,8 @@ class KafkaLoop:
         for msg in messages:
             try:
                 decoded = decode(msg.value())
-            except DecodeError as exc:
+            except Exception as exc:  # noqa: BLE001 -- whatever the bytes do to a decoder,
+                # it is this record's problem, not the partition's
                 self.dead_letter(msg, "decode", exc)
                 continue
             for record in decoded:
@@ -153,19 +183,20 @@ class KafkaLoop:
         headers. An output the client refuses (too large...) sends ``source`` to the
         dead-letter topic instead of the outputs not sent."""
         headers = [*(source.headers() or []), source_header(source), *self.extra_headers]
-        on_failure = _OnFailedDelivery(self, source)
+        on_delivery = _Delivery(self, source, headers)
         key = source.key()
         sent = 0
         try:
             for value in values:
-                self._send(self.output_topic, value, key, headers, on_failure)
+                self._send(self.output_topic, value, key, headers, on_delivery)
                 sent += 1
         except KafkaException as exc:
             self.dead_letter(source, "produce", f"cannot produce to {self.output_topic}: "
-                                                f"{exc.args[0].str()}")
+                                                f"{exc.args[0].str()}", exc.args[0].name())
         self.stats.counts["out"] += sent
 
-    def dead_letter(self, source: Message, stage: str, error: BaseException | str) -> None:
+    def dead_letter(self, source: Message, stage: str, error: BaseException | str,
+                    error_type: str | None = None) -> None:
         """Send ``source``'s original bytes to the dead-letter topic with the reason."""
         reason = str(error)[:_MAX_ERROR_HEADER]
         self.stats.counts["failed"] += 1
@@ -175,60 +206,67 @@ class KafkaLoop:
             "dlq_topic": self.dlq_topic})
         headers = [*(source.headers() or []),
                    (HEADER + "error", reason.encode()),
-                   (HEADER + "error-type", _error_type(error).encode()),
+                   (HEADER + "error-type", (error_type or _error_type(error)).encode()),
                    (HEADER + "stage", stage.encode()),
                    source_header(source), *self.extra_headers]
+        value = source.value()
+        if value is not None and self._too_large(value, source.key(), headers):
+            value, headers = self._truncated(value, source.key(), headers)
+        self._send_dead_letter(source, value, headers)
+
+    def wait(self, seconds: float) -> None:
+        """Let ``seconds`` pass taking no new input (a dependency is down): the assigned
+        partitions are paused while the consumer is polled, so the group keeps this member
+        past ``max.poll.interval.ms`` and rebalances are served. Returns early on shutdown."""
+        self.consumer.pause(self.consumer.assignment())
         try:
-            self._send(self.dlq_topic, source.value(), source.key(), headers,
-                       functools.partial(self._on_dead_letter_delivery, source))
-        except KafkaException as exc:
-            self._dead_letter_failed(source, exc.args[0])
+            self._poll_paused(seconds)
+        finally:
+            self.consumer.resume(self.consumer.assignment())
 
-    def leave_uncommitted(self) -> None:
-        """The batch being handled is given up (shutting down): commit nothing from now on,
-        so the group processes it again."""
-        self._uncommittable = True
-
-    def _send(self, topic, value, key, headers, callback) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value, key, headers=headers, on_delivery=callback)
-                return
-            except BufferError:
-                # The local queue is full: let the broker catch up.
-                self.producer.poll(0.1)
-
-    def _output_failed(self, source: Message, err: KafkaError) -> None:
-        # The broker refused an output (too large, not authorised...): keep the input instead.
-        self.stats.counts["out"] -= 1
-        self.dead_letter(source, "produce", f"producing to {self.output_topic} failed: "
-                                            f"{err.str()}")
-
-    def _on_dead_letter_delivery(self, source: Message, err: KafkaError | None,
-                                 _msg: Message) -> None:
-        if err is not None:
-            self._dead_letter_failed(source, err)
-
-    def _dead_letter_failed(self, source: Message, err: KafkaError) -> None:
-        # Committing past this record would lose it: stop, so a restart retries it.
-        self._uncommittable = True
-        self._fatal = FatalError(
-            f"cannot write to the dead-letter topic {self.dlq_topic} ({err.str()}); record "
-            f"{source.topic()}/{source.partition()}/{source.offset()} stays uncommitted; check "
-            "that the topic exists and this client may write to it")
+    def _poll_paused(self, seconds: float) -> None:
+        rewind: dict[tuple[str, int], int] = {}
+        deadline = time.monotonic() + seconds
+        while not self.shutdown.requested:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for msg in self.consumer.consume(100, min(left, 0.2)):
+                # Fetched before the pause took effect: read it again after the resume.
+                if msg.error() is None:
+                    key = (msg.topic(), msg.partition())
+                    rewind[key] = min(rewind.get(key, msg.offset()), msg.offset())
+            self.producer.poll(0)
+        for (topic, partition), offset in rewind.items():
+            if (topic, partition) in self._owned:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
 
     # ---- the loop --------------------------------------------------------------------------
 
     def run(self) -> None:
         """Consume until stopped (SIGTERM/SIGINT or :meth:`stop`); raise FatalError on failure."""
-        self._install_signal_handlers()
-        self._check_topics()
+        self.shutdown.install()
+        try:
+            self._run()
+        except BaseException:
+            self._failed = True
+            self._close(commit=False)
+            raise
+        self._close(commit=True)
+
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, commit and return."""
+        self.shutdown.request()
+
+    def _run(self) -> None:
+        if not self._check_topics():
+            return  # stopped while waiting for the broker
         if self.config["METRICS_PORT"]:
             self._metrics_server = serve_metrics(self.stats, self.config["METRICS_HOST"],
                                                  self.config["METRICS_PORT"],
                                                  self.config["HEALTH_STALL_S"])
-        self.consumer.subscribe([self.input_topic], on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        self.consumer.subscribe([self.input_topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
         logger.info("consuming", extra={"event": "start", "command": self.command,
                                         "input_topic": self.input_topic,
                                         "output_topic": self.output_topic,
@@ -241,29 +279,27 @@ class KafkaLoop:
         # for 100-300 ms twice per 50k records (benchmarks/stream_throughput.py: +27%).
         gc.collect()
         gc.freeze()
-        try:
-            while not self._stopping:
-                messages = self._consume(batch_size, timeout)
-                if messages:
-                    started = time.monotonic()
+        while not self.shutdown.requested:
+            messages = self._consume(batch_size, timeout)
+            if messages:
+                started = time.monotonic()
+                try:
                     self.handle_batch(messages)
-                    self.stats.batch_done(time.monotonic() - started)
-                else:
-                    self.stats.alive()
-                self.producer.poll(0)
+                except Abandon:
+                    break  # left out of the checkpoint: the group processes it again
+                self.checkpoint.mark_handled(messages, self._owned)
+                self.stats.batch_done(time.monotonic() - started)
+            else:
+                self.stats.alive()
+            self.producer.poll(0)
+            self._raise_if_fatal()
+            if self._redeliveries or self._producer_broken:
+                self._redeliver()
+            if time.monotonic() >= next_commit:
+                self._commit(asynchronous=True, flush_timeout=_COMMIT_FLUSH_TIMEOUT_S)
                 self._raise_if_fatal()
-                if time.monotonic() >= next_commit:
-                    self._commit(asynchronous=True, flush_timeout=_COMMIT_FLUSH_TIMEOUT_S)
-                    self._raise_if_fatal()
-                    next_commit = time.monotonic() + commit_interval
-                self.stats.maybe_log(self.config["STATS_INTERVAL_S"],
-                                     in_flight=len(self.producer))
-        finally:
-            self._shutdown()
-
-    def stop(self) -> None:
-        """Ask the loop to finish its batch, commit and return."""
-        self._stopping = True
+                next_commit = time.monotonic() + commit_interval
+            self.stats.maybe_log(self.config["STATS_INTERVAL_S"], in_flight=len(self.producer))
 
     def _consume(self, batch_size: int, timeout: float) -> list[Message]:
         messages = self.consumer.consume(batch_size, timeout)
@@ -274,7 +310,7 @@ class KafkaLoop:
         if good:
             self._backoff = 0.0
         elif self._backoff:
-            time.sleep(self._backoff)
+            self.shutdown.sleep(self._backoff)
         return good
 
     def _consume_errors(self, messages: list[Message]) -> None:
@@ -289,80 +325,229 @@ class KafkaLoop:
                 raise FatalError(f"Kafka consumer failed: {err.str()}")
             logger.warning("consume error", extra={"event": "kafka_error", "error": err.str()})
 
-    def _commit(self, asynchronous: bool, flush_timeout: float,
-                partitions: list[TopicPartition] | None = None) -> None:
-        """Flush the producer, then commit the position of every handled input.
+    # ---- committing --------------------------------------------------------------------------
 
-        Every batch ``consume()`` returned has been handled when this runs, so the consumer's
-        positions (last returned offset + 1) are exactly what the flushed outputs cover.
+    def _commit(self, asynchronous: bool, flush_timeout: float,
+                partitions: list[tuple[str, int]] | None = None) -> bool:
+        """Flush the producer, then commit the checkpoint (of ``partitions``, default all).
+
+        Returns whether everything handled so far is committed (or being committed).
         """
+        if self._failed:
+            return False
         left = self.producer.flush(flush_timeout)
-        if self._uncommittable:
-            return
-        if left:
-            logger.warning("outputs not acknowledged yet; not committing", extra={
-                "event": "commit_deferred", "outputs": left})
-            return
+        if left or self._redeliveries or self._producer_broken:
+            logger.warning("outputs not delivered yet; not committing", extra={
+                "event": "commit_deferred", "outputs": left,
+                "redeliveries": len(self._redeliveries)})
+            return False
+        offsets = self.checkpoint.to_commit(partitions)
+        if not offsets:
+            return True
         try:
-            positions = self.consumer.position(partitions or self.consumer.assignment())
-            offsets = [tp for tp in positions if tp.offset >= 0
-                       and self._committed.get((tp.topic, tp.partition)) != tp.offset]
-            if offsets:
-                self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
-                self._committed.update(((tp.topic, tp.partition), tp.offset) for tp in offsets)
+            self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
         except KafkaException as exc:
             # Not fatal: the offsets stay uncommitted and are retried with the next commit.
             logger.warning("commit failed", extra={"event": "commit_failed", "error": str(exc)})
+            return False
+        self.checkpoint.committed(offsets)
+        return True
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if err is not None:
             logger.warning("commit failed", extra={"event": "commit_failed", "error": err.str()})
-            for tp in partitions:  # retried by the next commit
-                self._committed.pop((tp.topic, tp.partition), None)
+            self.checkpoint.commit_failed(partitions)  # retried by the next commit
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._owned.update((tp.topic, tp.partition) for tp in partitions)
+        self.stats.assigned([(tp.topic, tp.partition) for tp in partitions], self._owned)
+        logger.info("partitions assigned", extra={
+            "event": "assign", "partitions": [p.partition for p in partitions]})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Everything consumed from these partitions was handled; wait for the broker's acks
-        # and commit, so the next owner starts right after our last output.
+        # Everything handled from these partitions is delivered, then committed, so the next
+        # owner starts right after our last output. A batch in flight is not in the checkpoint.
+        keys = [(tp.topic, tp.partition) for tp in partitions]
         self._commit(asynchronous=False, flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"],
-                     partitions=partitions)
-        self._forget(partitions)
+                     partitions=keys)
+        self._give_up(keys)
         logger.info("partitions revoked", extra={"event": "revoke",
                                                  "partitions": [p.partition for p in partitions]})
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member owns them already: committing would fail or overwrite its progress.
-        self._forget(partitions)
+        self._give_up([(tp.topic, tp.partition) for tp in partitions])
         logger.warning("partitions lost", extra={"event": "lost",
                                                  "partitions": [p.partition for p in partitions]})
 
-    def _forget(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self._committed.pop((tp.topic, tp.partition), None)
+    def _give_up(self, keys: list[tuple[str, int]]) -> None:
+        self._owned.difference_update(keys)
+        self.checkpoint.forget(keys)
+        self.stats.assigned([], self._owned)
 
-    def _on_client_error(self, err: KafkaError) -> None:
+    # ---- delivery failures -------------------------------------------------------------------
+
+    def _send(self, topic: str, value: bytes | None, key: bytes | None, headers: Headers,
+              callback: Callable) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value, key, headers=headers, on_delivery=callback)
+                return
+            except BufferError:
+                # The local queue is full: let the broker catch up.
+                self.producer.poll(0.1)
+
+    def _send_dead_letter(self, source: Message, value: bytes | None, headers: Headers) -> None:
+        try:
+            self._send(self.dlq_topic, value, source.key(), headers,
+                       _Delivery(self, source, headers, dead_letter=True))
+        except KafkaException as exc:
+            self._dead_letter_refused(source, value, headers, exc.args[0])
+
+    def _delivery_failed(self, delivery: _Delivery, err: KafkaError, msg: Message) -> None:
+        kind = classify(err)
+        if kind is Failure.PERMANENT:
+            if delivery.dead_letter:
+                self._dead_letter_refused(delivery.source, msg.value(), delivery.headers, err)
+            else:
+                # The broker refused an output (too large, not authorised...): keep the input.
+                self.stats.counts["out"] -= 1
+                self.dead_letter(delivery.source, "produce", f"producing to {msg.topic()} "
+                                 f"failed: {err.str()}", err.name())
+            return
+        if kind is Failure.BROKEN_PRODUCER:
+            self._producer_broken = True
+        self._redeliveries.append(Redelivery(msg.topic(), msg.value(), msg.key(),
+                                             delivery.headers, delivery))
+
+    def _redeliver(self) -> None:
+        """Send failed deliveries again, taking no new input until they are through."""
+        logger.warning("deliveries failed with a retriable error; input paused while they are "
+                       "sent again", extra={"event": "redeliver",
+                                            "messages": len(self._redeliveries)})
+        self.consumer.pause(self.consumer.assignment())
+        backoff = 0.5
+        try:
+            while (self._redeliveries or self._producer_broken) and not self.shutdown.requested:
+                if self._producer_broken:
+                    self._replace_producer()
+                pending, self._redeliveries = self._redeliveries, []
+                for r in pending:
+                    self._send(r.topic, r.value, r.key, r.headers, r.on_delivery)
+                # Wait for this round to be delivered, polling the consumer meanwhile.
+                while len(self.producer) and not self._redeliveries \
+                        and not self._producer_broken and not self.shutdown.requested:
+                    self._poll_paused(0.5)
+                self._raise_if_fatal()
+                if self._redeliveries:
+                    self._poll_paused(backoff)
+                    backoff = min(backoff * 2, _MAX_RETRY_BACKOFF_S)
+        finally:
+            self.consumer.resume(self.consumer.assignment())
+        if not self._redeliveries:
+            logger.info("failed deliveries sent again", extra={"event": "redelivered"})
+
+    def _replace_producer(self) -> None:
+        # An idempotent producer that lost its sequence state refuses everything from now on
+        # (on Tansu: PRODUCER_FENCED after any timeout). What it still holds fails over to
+        # _redeliveries through the purge's delivery reports.
+        logger.warning("the producer cannot deliver any more (idempotence state lost); "
+                       "replacing it", extra={"event": "producer_replaced"})
+        old = self.producer
+        old.purge()
+        old.flush(5)
+        self.producer = self._new_producer()
+        self._producer_broken = False
+
+    def _dead_letter_refused(self, source: Message, value: bytes | None, headers: Headers,
+                             err: KafkaError) -> None:
+        if is_size_error(err) and value:
+            # Over the broker's or the topic's limit even after truncation: send the headers
+            # alone; x-preproc-source still points at the original record.
+            size = (HEADER + "original-size", str(len(source.value() or b"")).encode())
+            self._send_dead_letter(source, b"", headers if size in headers else [*headers, size])
+            return
+        if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                          KafkaError.CLUSTER_AUTHORIZATION_FAILED):
+            fix = "grant this client write access to it (ACLs)"
+        elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            fix = "create it, or set AUTO_CREATE_TOPICS=true"
+        else:
+            fix = "fix the broker or topic settings named in the error"
+        # Committing past this record would lose it: stop, so a restart retries it.
+        self._fatal = FatalError(
+            f"cannot write to the dead-letter topic {self.dlq_topic} ({err.name()}: "
+            f"{err.str()}); record {source.topic()}/{source.partition()}/{source.offset()} "
+            f"stays uncommitted; {fix}")
+
+    def _too_large(self, value: bytes, key: bytes | None, headers: Headers) -> bool:
+        return len(value) + _overhead(key, headers) > self._max_message_bytes
+
+    def _truncated(self, value: bytes, key: bytes | None, headers: Headers
+                   ) -> tuple[bytes, Headers]:
+        # Keep a prefix for whoever reads the dead letter, and enough to find the original:
+        # its size and digest (x-preproc-source names its topic, partition and offset).
+        headers = [*headers,
+                   (HEADER + "original-size", str(len(value)).encode()),
+                   (HEADER + "original-sha256", hashlib.sha256(value).hexdigest().encode())]
+        room = max(0, self._max_message_bytes - _overhead(key, headers))
+        return value[:room], headers
+
+    # ---- clients -----------------------------------------------------------------------------
+
+    def _client(self, cls: type, conf: dict):
+        try:
+            return cls(conf)
+        except KafkaException as exc:
+            raise client_config_error(self.config, exc.args[0].str()) from None
+
+    def _new_producer(self) -> Producer:
+        return self._client(Producer, {
+            # Idempotence keeps retried sends from duplicating or reordering outputs.
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            **self.config.kafka,
+            # Successes are known from flush(); see the module docstring.
+            "delivery.report.only.error": True,
+            "error_cb": self._on_producer_error,
+            "logger": client_logger(),
+        })
+
+    def _on_producer_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            # The idempotent producer lost its sequence state: a new one sends what it held.
+            self._producer_broken = True
+            logger.warning("producer failed", extra={"event": "producer_failed",
+                                                     "error": err.str()})
+        else:
+            self._on_consumer_error(err)
+
+    def _on_consumer_error(self, err: KafkaError) -> None:
         if err.fatal():
             self._fatal = FatalError(f"Kafka client failed: {err.str()}")
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
             self._backoff = min(max(self._backoff * 2, 0.2), 5.0)
-            logger.warning("no broker answers; retrying", extra={
+            client_logger().warning("no broker answers; retrying", extra={
                 "event": "brokers_down", "retry_in_s": self._backoff,
                 "bootstrap_servers": self.config["KAFKA_BOOTSTRAP_SERVERS"]})
         else:
-            logger.warning("kafka client error", extra={"event": "kafka_error",
-                                                        "error": err.str()})
+            client_logger().warning("kafka client error", extra={"event": "kafka_error",
+                                                                 "error": err.str()})
 
     def _raise_if_fatal(self) -> None:
         if self._fatal is not None:
             raise self._fatal
 
-    def _shutdown(self) -> None:
-        if self._fatal is None:
-            self._commit(asynchronous=False, flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"])
-        left = len(self.producer)
-        if left:
-            logger.warning("outputs not acknowledged at shutdown; their inputs stay "
-                           "uncommitted and will be reprocessed", extra={
-                               "event": "shutdown_unacked", "outputs": left})
+    def _close(self, commit: bool) -> None:
+        done = commit and self._commit(asynchronous=False,
+                                       flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"])
+        if commit and not done:
+            logger.warning("outputs not delivered at shutdown; their inputs stay uncommitted "
+                           "and will be processed again", extra={
+                               "event": "shutdown_undelivered", "outputs": len(self.producer),
+                               "redeliveries": len(self._redeliveries)})
+        # Closing leaves the group, which runs on_revoke; after a failure it commits nothing.
+        self._failed = True
         try:
             self.consumer.close()
         except RuntimeError:
@@ -370,32 +555,31 @@ class KafkaLoop:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         logger.info("stopped", extra={"event": "stop", "command": self.command,
-                                      **self.stats.counts})
+                                      "committed": done, **self.stats.counts})
 
-    def _install_signal_handlers(self) -> None:
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
-        except ValueError:
-            pass  # not the main thread: the embedding application handles signals
+    # ---- start-up ------------------------------------------------------------------------------
 
-    def _check_topics(self) -> None:
+    def _check_topics(self) -> bool:
         metadata = self._wait_for_metadata()
+        if metadata is None:
+            return False
         if self.input_topic not in metadata.topics:
             raise FatalError(f"input topic {self.input_topic} does not exist on "
                              f"{self.config['KAFKA_BOOTSTRAP_SERVERS']}; create it or fix "
                              "INPUT_TOPIC")
         missing = [t for t in (self.output_topic, self.dlq_topic) if t not in metadata.topics]
         if not missing:
-            return
+            return True
         if not self.config["AUTO_CREATE_TOPICS"]:
             raise FatalError(f"topic(s) {', '.join(missing)} do not exist and "
                              "AUTO_CREATE_TOPICS is false; create them or set "
                              "AUTO_CREATE_TOPICS=true")
         partitions = len(metadata.topics[self.input_topic].partitions)
-        admin = AdminClient(dict(self.config.kafka))
+        admin = self._client(AdminClient, {**self.config.kafka, "logger": client_logger()})
+        # No replication factor: the broker's default.replication.factor decides, as it does
+        # for topics the broker creates itself.
         for topic, future in admin.create_topics(
-                [NewTopic(t, partitions, 1) for t in missing]).items():
+                [NewTopic(t, partitions) for t in missing]).items():
             try:
                 future.result(30)
                 logger.info("created topic", extra={"event": "create_topic", "topic": topic,
@@ -404,13 +588,14 @@ class KafkaLoop:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise FatalError(f"cannot create topic {topic}: {exc.args[0].str()}; "
                                      "create it yourself") from None
+        return True
 
     def _wait_for_metadata(self):
         deadline = time.monotonic() + _STARTUP_WAIT_S
         delay = 0.5
-        while True:
+        while not self.shutdown.requested:
             try:
-                return self.consumer.list_topics(timeout=5)
+                return self.consumer.list_topics(timeout=1)
             except KafkaException as exc:
                 if time.monotonic() > deadline:
                     raise FatalError(
@@ -419,8 +604,13 @@ class KafkaLoop:
                         "broker is up") from None
                 logger.warning("waiting for Kafka", extra={"event": "waiting_for_kafka",
                                                            "error": exc.args[0].str()})
-                time.sleep(delay)
+                self.shutdown.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        return None
+
+
+def _overhead(key: bytes | None, headers: Headers) -> int:
+    return len(key or b"") + sum(len(k) + len(v) for k, v in headers) + _FRAMING_BYTES
 
 
 def _error_type(error: BaseException | str) -> str:

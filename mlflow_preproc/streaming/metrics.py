@@ -3,7 +3,8 @@
 Counters are kept in plain integers (cheap on the hot path) and mirrored into Prometheus
 collectors once per batch. ``/healthz`` answers 503 when the loop has not completed an
 iteration for ``HEALTH_STALL_S`` seconds (a ``pre_processing`` call that hangs, a wedged
-client), so an orchestrator can restart the container.
+client), so an orchestrator can restart the container; its body says whether the consumer has
+joined its group and which partitions it owns, which is what a rollout waits for.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class LoopStats:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
     last_progress: float = field(default_factory=time.monotonic)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    joined: bool = False
+    partitions: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._records = Counter("mlflow_preproc_records", "Records by outcome",
@@ -57,6 +60,11 @@ class LoopStats:
 
     def alive(self) -> None:
         self.last_progress = time.monotonic()
+
+    def assigned(self, added: list[tuple[str, int]], owned: set[tuple[str, int]]) -> None:
+        """The group gave this member ``added`` (an empty assignment is a join too)."""
+        self.joined = True
+        self.partitions = sorted(p for _, p in owned)
 
     def on_librdkafka_stats(self, stats_json: str) -> None:
         """``stats_cb`` of the consumer: per-partition lag as librdkafka computes it."""
@@ -89,7 +97,9 @@ class _Handler(BaseHTTPRequestHandler):
             idle = time.monotonic() - self.stats.last_progress
             ok = idle < self.stall_s
             body = json.dumps({"status": "ok" if ok else "stalled",
-                               "seconds_since_progress": round(idle, 1), **self.stats.counts})
+                               "seconds_since_progress": round(idle, 1),
+                               "joined": self.stats.joined,
+                               "partitions": self.stats.partitions, **self.stats.counts})
             self._send(200 if ok else 503, body.encode(), "application/json")
         else:
             self._send(404, b"see /metrics and /healthz\n", "text/plain")

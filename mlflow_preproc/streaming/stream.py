@@ -19,7 +19,8 @@ from mlflow_preproc.config import Config, ConfigError, sanitize_topic
 from mlflow_preproc.runtime.flavor import LoadedPreprocessing, load_preprocessing
 from mlflow_preproc.runtime.formats import EncodeError, MessageDecoder, MessageEncoder
 from mlflow_preproc.streaming.loop import KafkaLoop
-from mlflow_preproc.runtime.model_identity import ModelIdentity, resolve_model
+from mlflow_preproc.streaming.shutdown import Shutdown
+from mlflow_preproc.runtime.model_identity import ModelIdentity, local_identity, resolve_model
 from mlflow_preproc.runtime.records import RecordError
 
 
@@ -29,10 +30,11 @@ class Stream(KafkaLoop):
     command = "stream"
 
     def __init__(self, config: Config, preprocessing: LoadedPreprocessing,
-                 identity: ModelIdentity, output_topic: str):
+                 identity: ModelIdentity, output_topic: str, shutdown: Shutdown | None = None):
         input_topic = config.require("INPUT_TOPIC")
         super().__init__(config, input_topic, output_topic, config["DLQ_TOPIC"],
-                         config["CONSUMER_GROUP_ID"], extra_headers=identity.headers())
+                         config["CONSUMER_GROUP_ID"] or default_group(identity),
+                         extra_headers=identity.headers(), shutdown=shutdown)
         self.preprocessor = preprocessing.preprocessor
         self.fields_to_drop = config.drop_fields()
         schema = _schema(config["AVRO_SCHEMA_PATH"]) or preprocessing.avro_schema
@@ -47,12 +49,17 @@ class Stream(KafkaLoop):
             raise ConfigError(str(exc)) from None
 
     @classmethod
-    def from_config(cls, config: Config) -> Stream:
-        """Load the model named by ``MODEL_URI`` and resolve the output topic."""
-        model_uri = config.require("MODEL_URI")
-        identity = resolve_model(model_uri)
+    def from_config(cls, config: Config, shutdown: Shutdown | None = None,
+                    model_path: str | None = None) -> Stream:
+        """Load the model named by ``MODEL_URI`` (or the one at ``model_path``, in an image,
+        ``MODEL_URI`` then only naming it) and resolve the output topic."""
+        if model_path:
+            identity = local_identity(model_path, config["MODEL_URI"])
+        else:
+            identity = resolve_model(config.require("MODEL_URI"))
         preprocessing = load_preprocessing(identity.download_uri)
-        return cls(config, preprocessing, identity, default_output_topic(config, identity))
+        return cls(config, preprocessing, identity, default_output_topic(config, identity),
+                   shutdown)
 
     def handle_batch(self, messages: Sequence[Message]) -> None:
         # decode, drop fields
@@ -78,6 +85,16 @@ class Stream(KafkaLoop):
                 continue
             self.produce(msg, values)
         self.stats.counts["dropped"] += dropped
+
+
+def default_group(identity: ModelIdentity) -> str:
+    """The consumer group when ``CONSUMER_GROUP_ID`` is not set: one per model, so instances of
+    one model share a topic's partitions and two different models each see every record."""
+    if identity.name:
+        return sanitize_topic(f"mlflow-preproc-{identity.name}")
+    if identity.uri.startswith("models:/m-"):
+        return sanitize_topic(f"mlflow-preproc-{identity.uri[len('models:/'):]}")
+    return "mlflow-preproc-stream"
 
 
 def default_output_topic(config: Config, identity: ModelIdentity) -> str:

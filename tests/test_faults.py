@@ -1,0 +1,517 @@
+"""The stream and the bridge under faults, against the embedded broker, as real processes.
+
+Each test reproduces one finding of the fault review: a path on which offsets were committed
+for records that produced nothing, a poison record that halted a partition, or a signal that
+was ignored. Faults the broker cannot produce on demand are made by the test: a broker frozen
+with SIGSTOP (a real outage: the process is there, nothing answers) and FakeFlakyModelServer,
+a model server that refuses and fails when the test says so.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import fastavro
+import mlflow
+import pytest
+
+from conftest import (
+    committed_offsets,
+    consume,
+    free_port,
+    headers_of,
+    produce,
+    unique,
+)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def features(record):
+    if record.get("gate"):
+        # Holds pre_processing until the test opens the gate, so the test can act while
+        # outputs are about to be produced.
+        gate = Path(os.environ["TEST_GATE_DIR"])
+        (gate / "reached").touch()
+        deadline = time.monotonic() + 60
+        while not (gate / "open").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if "blob" in record:
+        return record  # as large as its input
+    return {"id": record["id"], "double": record.get("x", 0) * 2}
+
+
+@pytest.fixture
+def model(tracking_uri):
+    with mlflow.start_run():
+        mlflow.preproc.log_model(features, name="p", registered_model_name="fault-prep")
+    return "models:/fault-prep/1"
+
+
+def env_for(bootstrap, model_uri, topic, **extra) -> dict[str, str]:
+    return {"MODEL_URI": model_uri, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "INPUT_TOPIC": topic,
+            "CONSUMER_GROUP_ID": unique("group"), "OUTPUT_TOPIC": unique("out"), **extra}
+
+
+def ids(messages) -> list[int]:
+    return sorted(json.loads(m.value())["id"] for m in messages)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+# ---- 1. an exception while handling a batch commits nothing -----------------------------
+
+def test_a_schema_that_cannot_be_used_dead_letters_its_records_and_the_stream_goes_on(
+        broker, model, streams, tmp_path):
+    schemas = tmp_path / "schemas"
+    schemas.mkdir()
+    # Refers to a named type that no file defines: unusable, but only for records of id 42.
+    (schemas / "42.avsc").write_text(json.dumps({"type": "record", "name": "Obs", "fields": [
+        {"name": "id", "type": "long"}, {"name": "o", "type": "ztf.Undefined"}]}))
+    good = {"type": "record", "name": "Obs", "fields": [{"name": "id", "type": "long"},
+                                                         {"name": "x", "type": "long"}]}
+    (schemas / "43.avsc").write_text(json.dumps(good))
+
+    def framed(schema_id, record):
+        buf = io.BytesIO(struct.pack(">bI", 0, schema_id))
+        buf.seek(5)
+        fastavro.schemaless_writer(buf, fastavro.parse_schema(good), record)
+        return buf.getvalue()
+
+    topic = unique("confluent")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [framed(42, {"id": i, "x": i}) for i in range(10)]
+            + [framed(43, {"id": i, "x": i}) for i in range(10, 13)])
+    env = env_for(broker.bootstrap_servers, model, topic, INPUT_FORMAT="confluent-avro",
+                  AVRO_SCHEMA_DIR=str(schemas))
+    stream = streams(env)
+    outputs = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 3)
+    dead = consume(broker.bootstrap_servers, f"{topic}-dlq", 10)
+    assert stream.stop() == 0, stream.text()[-2000:]
+    assert ids(outputs) == [10, 11, 12]
+    assert len(dead) == 10
+    assert {headers_of(m)["x-preproc-stage"] for m in dead} == {b"decode"}
+    assert b"schema id 42" in headers_of(dead[0])["x-preproc-error"]
+    assert committed_offsets(broker.bootstrap_servers, env["CONSUMER_GROUP_ID"], topic) == [13]
+    assert "Traceback" not in stream.text()
+
+
+# ---- 2. and 8. the bridge and a model server that refuses, then fails --------------------
+
+class FakeFlakyModelServer:
+    """An MLflow-scoring-protocol server on loopback whose faults the test chooses:
+    ``refuse_batches`` answers 400 to requests of more than one record, ``down`` answers 503,
+    and so does every request after ``down_after`` answered ones. Otherwise each record's
+    prediction is its ``x``."""
+
+    def __init__(self):
+        self.refuse_batches = False
+        self.down = False
+        self.down_after: int | None = None
+        self.answered = 0
+        self.requests: list[int] = []  # records per request, in order
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                records = body["dataframe_records"]
+                outer.requests.append(len(records))
+                if outer.down_after is not None and outer.answered >= outer.down_after:
+                    outer.down = True
+                if outer.down:
+                    return self._answer(503, {"message": "the model is reloading"})
+                if outer.refuse_batches and len(records) > 1:
+                    return self._answer(400, {"message": "batch refused"})
+                outer.answered += 1
+                self._answer(200, {"predictions": [r["x"] for r in records]})
+
+            def _answer(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def model_server():
+    server = FakeFlakyModelServer()
+    yield server
+    server.close()
+
+
+def bridge_env(bootstrap, topic, url, **extra):
+    return {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "INPUT_TOPIC": topic, "API_URL": url,
+            "OUTPUT_TOPIC": unique("predictions"), "CONSUMER_GROUP_ID": unique("bridge"),
+            **extra}
+
+
+def test_sigterm_while_the_bridge_retries_a_refused_batch_commits_none_of_it(
+        broker, streams, model_server):
+    topic = unique("features")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [json.dumps({"x": i}).encode() for i in range(5)])
+    # The batch is refused, retried record by record; after two records the server goes down.
+    model_server.refuse_batches, model_server.down_after = True, 2
+    env = bridge_env(broker.bootstrap_servers, topic, model_server.url, BATCH_SIZE="5")
+    bridge = streams(env, command="bridge")
+    wait_for(lambda: model_server.down and len(model_server.requests) >= 5, 60,
+             "retries against a server that went down")
+    assert bridge.stop() == 0, bridge.text()[-2000:]
+    assert "Traceback" not in bridge.text()
+    assert committed_offsets(broker.bootstrap_servers, env["CONSUMER_GROUP_ID"], topic) == \
+        [-1001]  # nothing: the batch was not finished
+    assert consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 1, timeout=3) == []
+
+    # The next member of the group predicts the whole batch.
+    model_server.down = model_server.refuse_batches = False
+    model_server.down_after = None
+    again = streams(env, command="bridge")
+    predictions = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 5)
+    assert again.stop() == 0
+    assert sorted(json.loads(m.value()) for m in predictions) == [0, 1, 2, 3, 4]
+
+
+def test_the_bridge_keeps_its_group_membership_while_the_model_server_is_down(
+        broker, streams, model_server):
+    topic = unique("features")
+    broker.create_topics(topic)
+    model_server.down = True
+    env = bridge_env(broker.bootstrap_servers, topic, model_server.url,
+                     LIBRDKAFKA_MAX_POLL_INTERVAL_MS="7000")
+    bridge = streams(env, command="bridge")
+    produce(broker.bootstrap_servers, topic, [json.dumps({"x": i}).encode() for i in range(20)])
+    wait_for(lambda: len(model_server.requests) >= 1, 60, "the first prediction request")
+    time.sleep(16)  # more than twice max.poll.interval.ms with the server down
+    model_server.down = False
+    predictions = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 21, timeout=20)
+    # Never out of the group (a revoke comes only with the stop, below).
+    assert len(bridge.events("assign")) == 1, bridge.text()[-3000:]
+    assert bridge.events("revoke") == [] and bridge.events("lost") == []
+    assert "maximum poll interval" not in bridge.text()
+    assert bridge.stop() == 0
+    assert sorted(json.loads(m.value()) for m in predictions) == list(range(20))  # once each
+
+
+# ---- 3. a broker outage longer than message.timeout.ms is not poison ----------------------
+
+def test_outputs_that_time_out_while_the_broker_is_frozen_are_sent_again_not_dead_lettered(
+        own_broker, model, streams, tmp_path):
+    broker = own_broker()
+    topic = unique("raw")
+    broker.create_topics(topic)
+    records = [{"id": i, "x": i} for i in range(20)]
+    records[5]["gate"] = True
+    produce(broker.bootstrap_servers, topic, [json.dumps(r).encode() for r in records])
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = env_for(broker.bootstrap_servers, model, topic, TEST_GATE_DIR=str(gate),
+                  LIBRDKAFKA_MESSAGE_TIMEOUT_MS="2000")
+    stream = streams(env)
+    wait_for((gate / "reached").exists, 60, "pre_processing to reach the gated record")
+    os.kill(broker.process.pid, signal.SIGSTOP)  # the broker stops answering
+    (gate / "open").touch()
+    time.sleep(7)  # every output of the batch times out (message.timeout.ms=2000)
+    os.kill(broker.process.pid, signal.SIGCONT)
+    outputs = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 20, timeout=60)
+    assert stream.stop() == 0, stream.text()[-3000:]
+    assert set(ids(outputs)) == set(range(20))
+    assert consume(broker.bootstrap_servers, f"{topic}-dlq", 1, timeout=3) == []
+    assert stream.events("redeliver"), "the timed-out outputs were not sent again"
+
+
+# ---- 4. and 6. librdkafka settings come from where the user meant them to ----------------
+
+def test_kubernetes_service_variables_do_not_reach_librdkafka(broker, model, streams):
+    topic = unique("raw")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [b'{"id": 1, "x": 1}'])
+    env = env_for(broker.bootstrap_servers, model, topic,
+                  # what Kubernetes sets for a Service named `kafka` (never contacted here)
+                  KAFKA_PORT="tcp://10.0.0.7:9092", KAFKA_SERVICE_HOST="10.0.0.7",
+                  KAFKA_SERVICE_PORT="9092", KAFKA_PORT_9092_TCP="tcp://10.0.0.7:9092")
+    stream = streams(env)
+    assert ids(consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 1)) == [1]
+    assert stream.stop() == 0, stream.text()[-2000:]
+
+
+def test_an_unknown_librdkafka_setting_is_one_line_naming_the_variable(broker, model, streams):
+    topic = unique("raw")
+    broker.create_topics(topic)
+    stream = streams(env_for(broker.bootstrap_servers, model, topic, LIBRDKAFKA_LINGER_MSS="5"))
+    assert stream.proc.wait(60) == 2
+    last = stream.text().strip().splitlines()[-1]
+    assert last.startswith("mlflow-preproc stream: error: LIBRDKAFKA_LINGER_MSS sets the "
+                           "librdkafka property 'linger.mss'"), stream.text()[-2000:]
+    assert "Traceback" not in stream.text()
+
+
+def test_the_kafka_config_file_flag_configures_the_clients(broker, model, streams, tmp_path):
+    topic = unique("raw")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [b'{"id": 2, "x": 1}'])
+    props = tmp_path / "client.properties"
+    props.write_text(f"bootstrap.servers={broker.bootstrap_servers}\n")
+    env = env_for(broker.bootstrap_servers, model, topic)
+    del env["KAFKA_BOOTSTRAP_SERVERS"]  # the file is the only place naming the broker
+    stream = streams(env, args=("--kafka-config-file", str(props)))
+    assert ids(consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 1)) == [2]
+    assert stream.stop() == 0, stream.text()[-2000:]
+
+
+# ---- 5. topics it creates get the broker's replication factor ------------------------------
+
+def test_created_topics_leave_the_replication_factor_to_the_broker(broker, monkeypatch):
+    # Tansu is one broker: every topic has one replica whatever is asked, so what is checked
+    # is the request itself (recorded on its way to the real broker, which then creates it).
+    from confluent_kafka.admin import AdminClient
+
+    from mlflow_preproc import config
+    from mlflow_preproc.streaming.loop import KafkaLoop
+
+    requested = []
+    real_create_topics = AdminClient.create_topics
+
+    def recording_create_topics(self, new_topics, **kwargs):
+        requested.extend(new_topics)
+        return real_create_topics(self, new_topics, **kwargs)
+
+    topic, out = unique("raw"), unique("out")
+    broker.create_topics(topic, partitions=3)
+    monkeypatch.setattr(AdminClient, "create_topics", recording_create_topics)
+    loop = KafkaLoop(config.load("bridge", environ={
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}), topic, out)
+    try:
+        loop._check_topics()
+    finally:
+        loop.consumer.close()
+    assert sorted(t.topic for t in requested) == sorted([out, f"{topic}-dlq"])
+    assert {(t.num_partitions, t.replication_factor) for t in requested} == {(3, -1)}
+    assert out in consume_metadata(broker.bootstrap_servers)
+
+
+def consume_metadata(bootstrap: str) -> set[str]:
+    from confluent_kafka.admin import AdminClient
+
+    return set(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics)
+
+
+# ---- 7. and 14. signals during start-up ------------------------------------------------------
+
+def test_sigterm_while_waiting_for_the_broker_exits_at_once_and_cleanly(model, streams):
+    nothing_listens = f"127.0.0.1:{free_port()}"
+    stream = streams(env_for(nothing_listens, model, unique("raw")))
+    time.sleep(8)  # model loaded, waiting for a broker that never comes
+    started = time.monotonic()
+    assert stream.stop(timeout=30) == 0, stream.text()[-2000:]
+    assert time.monotonic() - started < 5
+    assert stream.events("waiting_for_kafka")
+
+
+def test_sigterm_in_the_first_second_of_start_up_is_a_clean_exit(broker, model, streams):
+    stream = streams(env_for(broker.bootstrap_servers, model, unique("raw")))
+    time.sleep(1)  # importing, loading the model
+    assert stream.stop(timeout=60) == 0, stream.text()[-2000:]
+
+
+def test_librdkafka_lines_are_structured_and_rate_limited_while_the_broker_is_down(
+        own_broker, model, streams):
+    broker = own_broker()
+    topic = unique("raw")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [b'{"id": 1, "x": 1}'])
+    env = env_for(broker.bootstrap_servers, model, topic)
+    stream = streams(env)
+    consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 1)
+    os.kill(broker.process.pid, signal.SIGKILL)  # gone for good: every reconnect fails
+    time.sleep(20)
+    assert stream.stop() == 0
+    lines = stream.text().splitlines()
+    assert not [line for line in lines if line.startswith("%")], "raw librdkafka lines"
+    from_librdkafka = [e for e in stream.logs() if e.get("name") == "mlflow_preproc.librdkafka"]
+    assert from_librdkafka, "librdkafka's lines should come through the logger"
+    # Unlimited, librdkafka wrote 1,421 lines in 69 s with the broker down.
+    assert len(from_librdkafka) < 30, [e["message"] for e in from_librdkafka]
+
+
+# ---- 11. a record too large to produce reaches the dead-letter topic ----------------------
+
+def test_a_record_larger_than_the_producer_allows_is_dead_lettered_truncated_and_the_stream_goes_on(
+        broker, model, streams):
+    from confluent_kafka import Producer
+
+    topic = unique("raw")
+    broker.create_topics(topic)
+    big = json.dumps({"id": 1, "blob": "x" * 1_500_000}).encode()
+    producer = Producer({"bootstrap.servers": broker.bootstrap_servers,
+                         "message.max.bytes": 2_000_000})
+    for value in (b'{"id": 0, "x": 1}', big, b'{"id": 2, "x": 1}'):
+        producer.produce(topic, value, b"k")
+    assert producer.flush(30) == 0
+    env = env_for(broker.bootstrap_servers, model, topic)
+    stream = streams(env)
+    outputs = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 2)
+    [dead] = consume(broker.bootstrap_servers, f"{topic}-dlq", 1)
+    assert stream.stop() == 0, stream.text()[-2000:]
+    assert ids(outputs) == [0, 2]
+    h = headers_of(dead)
+    assert h["x-preproc-stage"] == b"produce"
+    assert h["x-preproc-error-type"] == b"MSG_SIZE_TOO_LARGE"
+    assert h["x-preproc-original-size"] == str(len(big)).encode()
+    assert h["x-preproc-source"] == f"{topic}/0/1".encode()
+    assert 0 < len(dead.value()) < 1_000_000 and big.startswith(dead.value())
+    assert committed_offsets(broker.bootstrap_servers, env["CONSUMER_GROUP_ID"], topic) == [3]
+
+
+# ---- all of it at once: kills, signals, poison and a late broker --------------------------
+
+def chaos_features(record):
+    kind = record.get("poison")
+    if kind == "raise":
+        raise ValueError(f"cannot preprocess {record['id']}")
+    if kind == "unencodable":
+        return {"id": record["id"], "value": object()}
+    if kind == "oversized":
+        return {"id": record["id"], "blob": "x" * 1_500_000}
+    if kind == "drop":
+        return None
+    time.sleep(0.0005)  # real work takes time: kills land in the middle of batches
+    return {"id": record["id"], "double": record["x"] * 2}
+
+
+POISON_VALUES = {"not-json": b"{not json", "array": b"[1, 2]", "tombstone": None,
+                 "bad-utf8": b'{"id": "\xff\xfe"}', "scalar": b"42"}
+POISON_RECORDS = ("raise", "unencodable", "oversized")
+
+
+def test_random_kills_and_signals_with_poison_and_a_late_broker_lose_no_record(
+        own_broker, tracking_uri, streams):
+    import random
+
+    seed = int(os.environ.get("CHAOS_SEED", time.time()))
+    rng = random.Random(seed)
+    print(f"\nchaos seed {seed} (CHAOS_SEED={seed} replays it)")
+    with mlflow.start_run():
+        model_uri = mlflow.preproc.log_model(chaos_features, name="chaos").model_uri
+
+    n = 20_000
+    keys = [str(i).encode() for i in range(n)]
+    values: list[bytes | None] = [json.dumps({"id": i, "x": i}).encode() for i in range(n)]
+    poison_at = rng.sample(range(n), len(POISON_VALUES) + len(POISON_RECORDS) + 1)
+    for i, kind in zip(poison_at, [*POISON_VALUES, *POISON_RECORDS, "drop"]):
+        values[i] = POISON_VALUES[kind] if kind in POISON_VALUES else \
+            json.dumps({"id": i, "x": i, "poison": kind}).encode()
+    dropped = {keys[poison_at[-1]]}
+
+    broker = own_broker(free_port(), start=False)
+    topic = unique("chaos")
+    env = {"MODEL_URI": model_uri, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+           "INPUT_TOPIC": topic, "OUTPUT_TOPIC": unique("chaos-out"),
+           "CONSUMER_GROUP_ID": unique("chaos-group"), "COMMIT_INTERVAL_MS": "500",
+           "BATCH_SIZE": "200"}
+    live = [streams(env), streams(env)]  # before the broker is up: they wait for it
+    time.sleep(4)
+    broker.start()
+    broker.create_topics(topic, partitions=4)
+
+    from confluent_kafka import Producer
+
+    def feed():  # a steady stream through the whole run, as alerts arrive
+        producer = Producer({"bootstrap.servers": broker.bootstrap_servers, "linger.ms": 5,
+                             "message.max.bytes": 2_000_000})
+        started = time.monotonic()
+        for i in range(n):
+            producer.produce(topic, values[i], keys[i])
+            if i % 100 == 0:
+                producer.poll(0)
+                time.sleep(max(0.0, started + i / 350 - time.monotonic()))  # ~350 records/s
+        producer.flush(30)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    events = ["SIGKILL"] * 20 + ["SIGTERM"] * 5
+    rng.shuffle(events)
+    sigterm_exits, own_exits = [], []
+    for event in events:
+        # A random moment of work: once the group has formed again after the last event
+        # (Tansu's coordinator can wedge a group whose members die while it forms), then a
+        # random delay.
+        wait_for(lambda: all(s.events("assign") or s.proc.poll() is not None for s in live),
+                 90, "the group to form")
+        time.sleep(rng.uniform(0.2, 3.0))
+        for s in [s for s in live if s.proc.poll() is not None]:
+            # An instance that found the broker before the topic existed stops (exit 2);
+            # like an orchestrator, start another.
+            own_exits.append((s.proc.returncode, s.text().strip().splitlines()[-1]))
+            live.remove(s)
+            live.append(streams(env))
+        victim = rng.choice(live)
+        if event == "SIGKILL":
+            victim.stop(signal.SIGKILL)
+        else:
+            sigterm_exits.append(victim.stop(signal.SIGTERM))
+        live.remove(victim)
+        live.append(streams(env))
+    feeder.join(120)
+
+    expected = set(keys) - dropped
+    seen_out: list = []
+    seen_dlq: list = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        seen_out = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 10**9, timeout=3)
+        seen_dlq = consume(broker.bootstrap_servers, f"{topic}-dlq", 10**9, timeout=1)
+        if expected <= {m.key() for m in seen_out} | {m.key() for m in seen_dlq}:
+            break
+    for s in live:
+        sigterm_exits.append(s.stop(signal.SIGTERM))
+
+    missing = expected - {m.key() for m in seen_out} - {m.key() for m in seen_dlq}
+    unique_count = len({m.key() for m in seen_out} | {m.key() for m in seen_dlq})
+    duplicates = len(seen_out) + len(seen_dlq) - unique_count
+    print(f"chaos: {n} inputs, {len(seen_out)} outputs, {len(seen_dlq)} dead letters, "
+          f"{duplicates} duplicates ({100 * duplicates / max(unique_count, 1):.1f}%), "
+          f"{len(missing)} missing; instances that stopped by themselves: {own_exits}")
+    assert not missing, f"lost {len(missing)} records, e.g. {sorted(missing)[:10]}"
+    assert sigterm_exits == [0] * len(sigterm_exits)
+    assert all(code == 2 and "does not exist" in line for code, line in own_exits), own_exits
+    stages = {}
+    for m in seen_dlq:
+        stages.setdefault(m.key(), headers_of(m)["x-preproc-stage"].decode())
+    poison_keys = {keys[i]: kind for i, kind in zip(poison_at, [*POISON_VALUES,
+                                                                  *POISON_RECORDS])}
+    assert {poison_keys[k] for k in stages if k in poison_keys} == set(poison_keys.values())
+    assert set(stages) == set(poison_keys)  # nothing else was dead-lettered
+    expected_stage = {"not-json": "decode", "array": "decode", "tombstone": "decode",
+                      "bad-utf8": "decode", "scalar": "decode", "raise": "preprocess",
+                      "unencodable": "encode", "oversized": "produce"}
+    assert {poison_keys[k]: v for k, v in stages.items()} == expected_stage
+    by_key = {m.key(): m.value() for m in seen_dlq if m.key() in poison_keys}
+    for key, kind in poison_keys.items():
+        if kind in POISON_VALUES:
+            assert by_key[key] == POISON_VALUES[kind]  # byte-exact copies of the input

@@ -1,0 +1,330 @@
+"""The commit rules of KafkaLoop, with test doubles of the Kafka clients (fast, no broker).
+
+The real-broker tests (test_stream.py, test_faults.py) show the same rules end to end; these
+pin down every branch in milliseconds. FakeConsumer and FakeProducer script what a broker
+cannot do on demand: a delivery that fails with a chosen error at a chosen moment, a
+rebalance in the middle of a batch. The messages, errors and topic partitions are the real
+confluent-kafka types.
+"""
+
+from __future__ import annotations
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+
+from mlflow_preproc import config
+from mlflow_preproc.streaming.loop import Abandon, FatalError, KafkaLoop
+
+TOPIC = "in"
+
+
+def msg(partition: int, offset: int, value: bytes = b"{}", key: bytes | None = None) -> Message:
+    return Message(topic=TOPIC, partition=partition, offset=offset, key=key, value=value)
+
+
+class FakeMetadata:
+    def __init__(self, topics):
+        self.topics = {t: type("T", (), {"partitions": {0: None, 1: None}})() for t in topics}
+
+
+class FakeConsumer:
+    """Returns scripted batches; records pauses, seeks and commits. ``close`` revokes, as the
+    real client does when it leaves the group."""
+
+    def __init__(self, batches, topics=(TOPIC, "out", f"{TOPIC}-dlq"), partitions=(0, 1)):
+        self.batches = list(batches)
+        self.topics = topics
+        self.partitions = [TopicPartition(TOPIC, p) for p in partitions]
+        self.commits: list[list[tuple[int, int]]] = []
+        self.paused = False
+        self.pause_calls = 0
+        self.seeks: list[tuple[int, int]] = []
+        self.on_revoke = None
+        self.between_batches = None  # called on each empty consume: scripted events
+        self.loop: KafkaLoop | None = None
+
+    def list_topics(self, timeout=None):
+        return FakeMetadata(self.topics)
+
+    def subscribe(self, topics, on_assign=None, on_revoke=None, on_lost=None):
+        self.on_revoke = on_revoke
+        on_assign(self, self.partitions)
+
+    def assignment(self):
+        return list(self.partitions)
+
+    def consume(self, num_messages=1, timeout=-1):
+        if self.paused:
+            return []
+        if self.batches:
+            batch = self.batches.pop(0)
+            return batch(self) if callable(batch) else batch
+        self.loop.stop()  # the script is over: SIGTERM
+        return []
+
+    def pause(self, partitions):
+        self.paused = True
+        self.pause_calls += 1
+
+    def resume(self, partitions):
+        self.paused = False
+
+    def seek(self, tp):
+        self.seeks.append((tp.partition, tp.offset))
+
+    def commit(self, offsets=None, asynchronous=True):
+        self.commits.append(sorted((tp.partition, tp.offset) for tp in offsets))
+
+    def revoke(self, partitions):
+        revoked = [tp for tp in self.partitions if tp.partition in partitions]
+        self.on_revoke(self, revoked)
+        self.partitions = [tp for tp in self.partitions if tp.partition not in partitions]
+
+    def close(self):
+        if self.on_revoke and self.partitions:
+            self.on_revoke(self, self.partitions)
+        self.partitions = []
+
+
+class FakeProducer:
+    """Queues what is produced; ``flush``/``poll`` deliver it, failing the values ``fail``
+    names with the error it gives. Refuses values over ``max_bytes`` at produce time, as
+    librdkafka does over message.max.bytes."""
+
+    def __init__(self, fail=None, max_bytes=1_000_000):
+        self.fail = fail or (lambda topic, value, attempt: None)
+        self.max_bytes = max_bytes
+        self.queue: list = []
+        self.delivered: list[tuple[str, bytes, dict]] = []
+        self.attempts: dict[bytes, int] = {}
+        self.purged = False
+
+    def produce(self, topic, value=None, key=None, headers=None, on_delivery=None):
+        if value is not None and len(value) > self.max_bytes:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+        self.queue.append((topic, value, key, headers or [], on_delivery))
+
+    def poll(self, timeout=0):
+        self._deliver()
+        return 0
+
+    def flush(self, timeout=None):
+        self._deliver()
+        return len(self.queue)
+
+    def purge(self, *args, **kwargs):
+        self.purged = True
+
+    def __len__(self):
+        return len(self.queue)
+
+    def _deliver(self):
+        while self.queue:
+            topic, value, key, headers, on_delivery = self.queue.pop(0)
+            attempt = self.attempts[value] = self.attempts.get(value, 0) + 1
+            error = self.fail(topic, value, attempt)
+            if error is None:
+                self.delivered.append((topic, value, dict(headers)))
+            elif on_delivery is not None:
+                on_delivery(KafkaError(error), Message(topic=topic, value=value, key=key))
+
+
+class Echo(KafkaLoop):
+    """Produces each input unchanged; values listed in ``abandon`` make it give up."""
+
+    command = "echo"
+
+    def __init__(self, consumer, producer, abandon=(), raise_on=(), **env):
+        cfg = config.load("bridge", environ={"COMMIT_INTERVAL_MS": "0", **env})
+        super().__init__(cfg, TOPIC, "out", consumer=consumer, producer=producer)
+        consumer.loop = self
+        self.abandon = set(abandon)
+        self.raise_on = set(raise_on)
+        self.replacements: list[FakeProducer] = []
+
+    def handle_batch(self, messages):
+        for m in messages:
+            if m.value() in self.raise_on:
+                raise RuntimeError("a bug in the handler")
+            if m.value() in self.abandon:
+                raise Abandon("shutting down while the model server is down")
+            self.produce(m, [m.value()])
+
+    def _new_producer(self):
+        if not hasattr(self, "replacements"):  # the first one, from __init__
+            return super()._new_producer()
+        replacement = FakeProducer()
+        self.replacements.append(replacement)
+        return replacement
+
+
+def outputs(producer, topic="out"):
+    return [v for t, v, _ in producer.delivered if t == topic]
+
+
+def test_commits_the_offset_after_each_handled_batch_per_partition():
+    consumer = FakeConsumer([[msg(0, 0, b"a"), msg(1, 5, b"b")], [msg(0, 1, b"c")]])
+    producer = FakeProducer()
+    Echo(consumer, producer).run()
+    assert outputs(producer) == [b"a", b"b", b"c"]
+    assert consumer.commits == [[(0, 1), (1, 6)], [(0, 2)]]  # only what changed each time
+
+
+def test_an_exception_in_the_handler_commits_nothing_not_even_when_leaving_the_group():
+    consumer = FakeConsumer([[msg(0, 0, b"a")], [msg(0, 1, b"boom"), msg(0, 2, b"c")]])
+    with pytest.raises(RuntimeError, match="a bug in the handler"):
+        Echo(consumer, FakeProducer(), raise_on={b"boom"}).run()
+    assert consumer.commits == [[(0, 1)]]  # the first batch only, committed before the bug
+
+
+def test_an_abandoned_batch_stays_uncommitted_and_the_rest_is_committed_on_exit():
+    consumer = FakeConsumer([[msg(0, 0, b"a")], [msg(0, 1, b"b"), msg(1, 0, b"stop")]])
+    producer = FakeProducer()
+    Echo(consumer, producer, abandon={b"stop"}).run()
+    assert consumer.commits == [[(0, 1)]]
+    assert outputs(producer) == [b"a", b"b"]  # produced, but its batch is processed again
+
+
+def test_a_retriable_delivery_failure_pauses_input_and_blocks_commits_until_redelivered():
+    timeouts = {b"b": 2}  # b times out twice (a broker away for longer than message.timeout.ms)
+
+    def fail(topic, value, attempt):
+        return KafkaError._MSG_TIMED_OUT if attempt <= timeouts.get(value, 0) else None
+
+    committed_while_failing = []
+    consumer = FakeConsumer([[msg(0, 0, b"a"), msg(0, 1, b"b")], [msg(0, 2, b"c")]])
+    producer = FakeProducer(fail)
+    original_commit = consumer.commit
+
+    def commit(offsets=None, asynchronous=True):
+        committed_while_failing.append(producer.attempts.get(b"b", 0))
+        original_commit(offsets, asynchronous)
+
+    consumer.commit = commit
+    Echo(consumer, producer).run()
+    assert outputs(producer) == [b"a", b"b", b"c"]
+    assert outputs(producer, f"{TOPIC}-dlq") == []  # not poison
+    assert producer.attempts[b"b"] == 3
+    assert consumer.pause_calls >= 1 and not consumer.paused
+    assert committed_while_failing == [3, 3]  # no commit before b was through
+    assert consumer.commits == [[(0, 2)], [(0, 3)]]
+
+
+def test_a_permanent_delivery_failure_dead_letters_the_input_with_the_error_code():
+    def fail(topic, value, attempt):
+        return KafkaError.TOPIC_AUTHORIZATION_FAILED if (topic, value) == ("out", b"b") else None
+
+    consumer = FakeConsumer([[msg(0, 0, b"a"), msg(0, 1, b"b", key=b"kb")]])
+    producer = FakeProducer(fail)
+    loop = Echo(consumer, producer)
+    loop.run()
+    [(value, headers)] = [(v, h) for t, v, h in producer.delivered if t == f"{TOPIC}-dlq"]
+    assert value == b"b"
+    assert headers["x-preproc-stage"] == b"produce"
+    assert headers["x-preproc-error-type"] == b"TOPIC_AUTHORIZATION_FAILED"
+    assert headers["x-preproc-source"] == b"in/0/1"
+    assert consumer.commits == [[(0, 2)]]
+    assert loop.stats.counts["out"] == 1 and loop.stats.counts["failed"] == 1
+
+
+def test_a_record_too_large_for_the_producer_reaches_the_dead_letter_topic_truncated():
+    big = b"x" * 5000
+    consumer = FakeConsumer([[msg(0, 0, big, key=b"k"), msg(0, 1, b"after")]])
+    producer = FakeProducer(max_bytes=2000)
+    Echo(consumer, producer, LIBRDKAFKA_MESSAGE_MAX_BYTES="2000").run()
+    [(value, headers)] = [(v, h) for t, v, h in producer.delivered if t == f"{TOPIC}-dlq"]
+    assert big.startswith(value) and 0 < len(value) < 2000
+    assert headers["x-preproc-original-size"] == b"5000"
+    assert len(headers["x-preproc-original-sha256"]) == 64
+    assert outputs(producer) == [b"after"]  # the partition goes on
+    assert consumer.commits == [[(0, 2)]]
+
+
+def test_a_dead_letter_the_broker_still_refuses_for_size_is_sent_as_headers_only():
+    def fail(topic, value, attempt):
+        if topic == "out" and value == b"big":
+            return KafkaError.MSG_SIZE_TOO_LARGE  # over the topic's max.message.bytes
+        if topic == f"{TOPIC}-dlq" and value:
+            return KafkaError.MSG_SIZE_TOO_LARGE  # the dead-letter topic has the same limit
+        return None
+
+    consumer = FakeConsumer([[msg(0, 0, b"big")]])
+    producer = FakeProducer(fail)
+    Echo(consumer, producer).run()
+    [(value, headers)] = [(v, h) for t, v, h in producer.delivered if t == f"{TOPIC}-dlq"]
+    assert value == b"" and headers["x-preproc-original-size"] == b"3"
+    assert consumer.commits == [[(0, 1)]]
+
+
+def test_a_dead_letter_topic_this_client_may_not_write_to_is_fatal_and_uncommitted():
+    def fail(topic, value, attempt):
+        if topic == "out":
+            return KafkaError.INVALID_RECORD
+        return KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+    consumer = FakeConsumer([[msg(0, 0, b"a")]])
+    with pytest.raises(FatalError, match=r"cannot write to the dead-letter topic in-dlq "
+                       r"\(TOPIC_AUTHORIZATION_FAILED.*record in/0/0 stays uncommitted; grant "
+                       r"this client write access"):
+        Echo(consumer, FakeProducer(fail)).run()
+    assert consumer.commits == []
+
+
+def test_a_producer_that_lost_its_idempotence_state_is_replaced_and_its_records_resent():
+    def fail(topic, value, attempt):
+        return KafkaError.PRODUCER_FENCED  # the old producer refuses everything
+
+    consumer = FakeConsumer([[msg(0, 0, b"a"), msg(0, 1, b"b")]])
+    broken = FakeProducer(fail)
+    loop = Echo(consumer, broken)
+    loop.run()
+    [replacement] = loop.replacements
+    assert broken.purged
+    assert outputs(replacement) == [b"a", b"b"]
+    assert consumer.commits == [[(0, 2)]]
+
+
+def test_partitions_revoked_during_a_batch_are_not_committed_by_this_member():
+    consumer = FakeConsumer([])
+
+    class WaitsForModel(Echo):
+        def handle_batch(self, messages):
+            consumer.revoke([1])  # a rebalance while the model server is down
+            self.wait(0)
+            super().handle_batch(messages)
+
+    consumer.batches = [[msg(0, 0, b"a"), msg(1, 0, b"b")]]
+    producer = FakeProducer()
+    WaitsForModel(consumer, producer).run()
+    assert consumer.commits == [[(0, 1)]]  # partition 1 belongs to someone else now
+
+
+def test_messages_fetched_before_a_pause_are_read_again_after_it():
+    consumer = FakeConsumer([])
+    prefetched = [msg(0, 7, b"early"), msg(0, 8, b"early2")]
+
+    class Prefetching(Echo):
+        def handle_batch(self, messages):
+            consumer.paused = False  # the pause did not stop what was already fetched
+            consumer.batches.insert(0, prefetched)
+            consumer.pause = lambda partitions: None
+            self.wait(0.05)
+            super().handle_batch(messages)
+
+    consumer.batches = [[msg(0, 6, b"a")]]
+    Prefetching(consumer, FakeProducer()).run()
+    assert consumer.seeks == [(0, 7)]
+
+
+def test_a_stop_requested_while_waiting_for_the_broker_ends_start_up_cleanly():
+    class Unreachable(FakeConsumer):
+        def list_topics(self, timeout=None):
+            self.loop.stop()
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+        def subscribe(self, *args, **kwargs):
+            raise AssertionError("subscribed after a stop")
+
+    consumer = Unreachable([])
+    Echo(consumer, FakeProducer()).run()
+    assert consumer.commits == []
