@@ -50,16 +50,18 @@ def mlflow_server(tmp_path, monkeypatch):
 
 
 class BuildService:
-    def __init__(self, tmp_path, tracking_uri: str, *args: str):
+    def __init__(self, tmp_path, tracking_uri: str, *args: str, token: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp_path / f"builds-{self.port}.log", "w")
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+               "MLFLOW_PREPROC_WEBHOOK_SECRET": SECRET}
+        if token:
+            env["MLFLOW_PREPROC_API_TOKEN"] = token
         self.proc = subprocess.Popen(
             [str(BIN / "mlflow-preproc"), "builds", "serve", "--port", str(self.port),
              "--db", str(tmp_path / "builds.db"), *args],
-            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-                 "MLFLOW_PREPROC_WEBHOOK_SECRET": SECRET},
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_http(f"{self.url}/health", self.proc, timeout=60)
 
     def wait_for(self, count: int, timeout: float = 300) -> list[dict]:
@@ -84,8 +86,8 @@ class BuildService:
 def services(tmp_path):
     started = []
 
-    def start(tracking_uri: str, *args: str) -> BuildService:
-        started.append(BuildService(tmp_path, tracking_uri, *args))
+    def start(tracking_uri: str, *args: str, token: str | None = None) -> BuildService:
+        started.append(BuildService(tmp_path, tracking_uri, *args, token=token))
         return started[-1]
 
     yield start
@@ -223,3 +225,60 @@ def test_a_successful_build_can_deploy_it(mlflow_server, services, docker_client
         for c in docker_client.containers.list(
                 all=True, filters={"label": f"org.mlflow-preproc.deployment={name}"}):
             c.remove(force=True)
+
+
+def test_malformed_signed_deliveries_and_non_ascii_timestamps_are_refused_with_4xx(
+        tracking_uri, services):
+    service = services(tracking_uri)
+    url = f"{service.url}/webhooks/mlflow"
+    for body, detail in ((b"not json at all", "not JSON"),
+                         (b"[1, 2]", "a JSON list, not an object"),
+                         (json.dumps({"entity": "model_version", "action": "created",
+                                      "data": {"version": "1"}}).encode(),
+                          "needs data.name and data.version")):
+        headers = sign(body, SECRET, "d-bad", int(time.time()))
+        answer = requests.post(url, data=body, headers=headers, timeout=10)
+        assert answer.status_code == 400, answer.text
+        assert detail in answer.json()["detail"]
+    body, headers = signed_delivery("x", "1")
+    headers["X-MLflow-Timestamp"] = "\u00b2"  # '²'.isdigit() is True; int('²') raises
+    answer = requests.post(url, data=body, headers=headers, timeout=10)
+    assert answer.status_code == 401 and "not Unix seconds" in answer.json()["detail"]
+    assert requests.get(f"{service.url}/builds", timeout=10).json() == []
+
+
+def test_the_api_needs_the_token_and_webhooks_their_signature(tracking_uri, services):
+    service = services(tracking_uri, "--host", "0.0.0.0", token="t0ken-for-tests")
+    build = {"model_uri": "models:/nope/1"}
+    calls = [("post", "/build", build), ("post", "/build/sync", build), ("get", "/builds", None),
+             ("get", "/builds/abc", None), ("delete", "/builds/abc", None)]
+    for auth in (None, "Bearer wrong-token", "Basic dDBrZW4tZm9yLXRlc3Rz", "t0ken-for-tests"):
+        headers = {"Authorization": auth} if auth else {}
+        for method, path, body in calls:
+            answer = requests.request(method, service.url + path, json=body, headers=headers,
+                                      timeout=10)
+            assert answer.status_code == 401, (auth, method, path, answer.text)
+            assert answer.headers["WWW-Authenticate"] == "Bearer"
+            assert "Authorization: Bearer <token>" in answer.json()["detail"]
+    assert requests.get(f"{service.url}/builds", timeout=10,
+                        headers={"Authorization": "Bearer t0ken-for-tests"}).json() == []
+    good = {"Authorization": "Bearer t0ken-for-tests"}
+    queued = requests.post(f"{service.url}/build", json=build, headers=good, timeout=10)
+    assert queued.status_code == 202
+    assert requests.get(f"{service.url}/health", timeout=10).status_code == 200  # probes
+    # The webhook is authenticated by its signature, not the token.
+    body, signed = signed_delivery("other", "1")
+    assert requests.post(f"{service.url}/webhooks/mlflow", data=body, headers=signed,
+                         timeout=30).status_code == 202
+
+
+def test_listening_beyond_loopback_without_a_token_is_refused(tracking_uri, tmp_path):
+    proc = subprocess.run(
+        [str(BIN / "mlflow-preproc"), "builds", "serve", "--host", "0.0.0.0",
+         "--port", str(free_port()), "--db", str(tmp_path / "b.db")],
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, capture_output=True,
+        text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "mlflow-preproc builds: error: refusing to listen on 0.0.0.0 without "
+        "MLFLOW_PREPROC_API_TOKEN")

@@ -60,11 +60,14 @@ def test_deploy_serve_predict_stream_update_delete(tracking_uri, broker, deploym
                  "-m", "models:/dock-prep/1", "-C", f"port={port}", "-C", "mode=both",
                  "-C", f"kafka_bootstrap_servers={broker.bootstrap_servers}",
                  "-C", f"input_topic={topic}", "-C", f"consumer_group_id={unique('g')}",
-                 "-C", "env.KAFKA_SESSION_TIMEOUT_MS=6000",
-                 "-C", "env.KAFKA_HEARTBEAT_INTERVAL_MS=1000")
+                 "-C", "env.LIBRDKAFKA_SESSION_TIMEOUT_MS=6000",
+                 "-C", "env.LIBRDKAFKA_HEARTBEAT_INTERVAL_MS=1000")
     assert create.returncode == 0, create.stderr[-3000:]
     assert f"preprocessing deployment {name} is created" in create.stdout
-    assert "Step " in create.stderr  # build progress streamed to the terminal
+    # One line per step, not the build's log or MLflow's download bars.
+    steps = [line for line in create.stderr.splitlines() if line.startswith("[")]
+    assert [s[:5] for s in steps] == ["[1/3]", "[2/3]", "[3/3]"], create.stderr[-3000:]
+    assert "Step " not in create.stderr and "Downloading artifacts" not in create.stderr
 
     # REST over loopback
     status, body = post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": [{"id": 7}]})
@@ -176,11 +179,16 @@ def test_stock_build_docker_image_serves_and_streams_with_env_only(tracking_uri,
             "PYTHONPATH": "/opt/ml/model/code", "MLFLOW_PREPROC_MODE": "kafka",
             "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "INPUT_TOPIC": topic,
             "OUTPUT_TOPIC": out, "CONSUMER_GROUP_ID": unique("g"),
-            "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "1000"})
+            "MODEL_URI": "models:/stock-prep/1",  # names the baked model in provenance headers
+            "LIBRDKAFKA_SESSION_TIMEOUT_MS": "6000",
+            "LIBRDKAFKA_HEARTBEAT_INTERVAL_MS": "1000"})
         containers.append(kafka)
         outputs = consume(broker.bootstrap_servers, out, 2, timeout=90)
         assert sorted(json.loads(m.value())["x2"] for m in outputs) == [2, 4], \
             kafka.logs().decode()[-3000:]
+        assert {dict(m.headers())["x-preproc-model"] for m in outputs} == {
+            b"models:/stock-prep/1"}  # not the path /opt/ml/model
+        assert "found in sys.modules" not in kafka.logs().decode()
         kafka.stop(timeout=40)
         kafka.reload()
         assert kafka.attrs["State"]["ExitCode"] == 0, kafka.logs().decode()[-2000:]

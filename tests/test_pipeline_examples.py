@@ -63,9 +63,9 @@ def test_github_workflow_calls_existing_commands_with_valid_config():
         if cmd[1] == "deployments":
             assert cmd[cmd.index("-t") + 1] == "preproc"
             pairs = dict(cmd[i + 1].split("=", 1) for i, a in enumerate(cmd) if a == "-C")
-            PreprocDeploymentClient("preproc")._validate(None, pairs)  # raises on unknown keys
+            PreprocDeploymentClient("preproc")._options(None, pairs)  # raises on unknown keys
 
 
 def test_workflow_config_validation_would_catch_a_typo():
     with pytest.raises(Exception, match="unknown config key"):
-        PreprocDeploymentClient("preproc")._validate(None, {"prot": "8080"})
+        PreprocDeploymentClient("preproc")._options(None, {"prot": "8080"})

@@ -22,10 +22,11 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from mlflow_preproc.builds import webhooks
+from mlflow_preproc.builds.auth import TOKEN_ENV, check_listen_address, require_token
 from mlflow_preproc.builds.store import STATUSES, Build, BuildStore
 from mlflow_preproc.deploy.image_build import docker_reference
 
@@ -68,6 +69,8 @@ class Builder:
 
         tail: deque[str] = deque(maxlen=40)
         self.store.update(build.id, status="running", started_at=time.time())
+        logger.info("build started", extra={"event": "build_started", "build": build.id,
+                                            "kind": build.kind, "model_uri": build.model_uri})
         try:
             if build.kind == "preprocessing":
                 image = self._build_preprocessing(build, tail)
@@ -75,6 +78,8 @@ class Builder:
                 image = self._build_model(build, tail)
             self.store.update(build.id, status="succeeded", image=image,
                               finished_at=time.time(), log_tail="".join(tail))
+            logger.info("build succeeded", extra={"event": "build_succeeded",
+                                                  "build": build.id, "image": image})
             deploy = build.config.get("deploy") or (self.deploy if build.kind ==
                                                     "preprocessing" else None)
             if deploy:
@@ -140,8 +145,9 @@ class Builder:
 
 
 def create_app(db_path: str, secret: str | None, allow_unsigned: bool = False,
-               max_builds: int = 1, deploy: dict[str, str] | None = None) -> FastAPI:
-    """The build service as an ASGI app (``uvicorn`` runs it)."""
+               max_builds: int = 1, deploy: dict[str, str] | None = None,
+               token: str | None = None) -> FastAPI:
+    """The build service as an ASGI app (``uvicorn`` runs it); ``token`` guards the API."""
     store = BuildStore(db_path)
     for lost in store.recover():
         logger.warning("marked a build interrupted by a restart as failed",
@@ -153,6 +159,7 @@ def create_app(db_path: str, secret: str | None, allow_unsigned: bool = False,
     app = FastAPI(title="mlflow-preproc build service",
                   description=__doc__.split("\n\n")[0], version="1")
     app.state.store, app.state.builder = store, builder
+    authorized = [Depends(require_token(token))]
 
     def queue(kind: str, model_uri: str, config: dict[str, Any],
               event_key: str | None = None) -> tuple[Build, bool]:
@@ -161,31 +168,36 @@ def create_app(db_path: str, secret: str | None, allow_unsigned: bool = False,
             builder.submit(build)
         return build, created
 
-    @app.post("/build", status_code=202, summary="Queue an image build")
+    @app.post("/build", status_code=202, summary="Queue an image build",
+             dependencies=authorized)
     def post_build(request: BuildRequest) -> dict:
         build, _ = queue(request.kind, request.model_uri,
                          {"image": request.image, "deploy": request.deploy})
         return {"id": build.id, "status": build.status}
 
-    @app.post("/build/sync", summary="Build and wait for the result")
+    @app.post("/build/sync", summary="Build and wait for the result",
+             dependencies=authorized)
     def post_build_sync(request: BuildRequest) -> dict:
         build, _ = queue(request.kind, request.model_uri,
                          {"image": request.image, "deploy": request.deploy})
         builder.wait(build.id)
         return store.get(build.id).to_json()
 
-    @app.get("/builds", summary="List builds, newest first")
+    @app.get("/builds", summary="List builds, newest first",
+             dependencies=authorized)
     def list_builds(status: Literal[STATUSES] | None = Query(None)) -> list[dict]:  # type: ignore[valid-type]
         return [b.to_json() for b in store.list(status)]
 
-    @app.get("/builds/{build_id}", summary="One build: status, timings, image, log tail")
+    @app.get("/builds/{build_id}", summary="One build: status, timings, image, log tail",
+             dependencies=authorized)
     def get_build(build_id: str) -> dict:
         build = store.get(build_id)
         if build is None:
             raise HTTPException(404, f"no build {build_id}; GET /builds lists them")
         return build.to_json()
 
-    @app.delete("/builds/{build_id}", status_code=204, summary="Forget a finished build")
+    @app.delete("/builds/{build_id}", status_code=204, summary="Forget a finished build",
+             dependencies=authorized)
     def delete_build(build_id: str) -> Response:
         build = store.get(build_id)
         if build is None:
@@ -210,10 +222,18 @@ def create_app(db_path: str, secret: str | None, allow_unsigned: bool = False,
                 "event": "webhook_refused", "reason": str(exc),
                 "client": request.client.host if request.client else None})
             raise HTTPException(401, str(exc)) from None
-        event = webhooks.parse(body)
+        try:
+            event = webhooks.parse(body)
+        except webhooks.Malformed as exc:
+            logger.warning("webhook delivery refused", extra={"event": "webhook_malformed",
+                                                               "reason": str(exc)})
+            raise HTTPException(400, str(exc)) from None
         if event is None:
             return {"queued": [], "detail": "not a model version creation; nothing to build"}
         plan = webhooks.plan_builds(event)
+        logger.info("webhook delivery accepted", extra={
+            "event": "webhook_accepted", "model": f"{event.name}/{event.version}",
+            "builds": [kind for kind, _, _ in plan]})
         queued = []
         for kind, model_uri, image in plan:
             build, created = queue(kind, model_uri, {"image": image},
@@ -234,9 +254,14 @@ def serve(host: str, port: int, db_path: str, allow_unsigned: bool, max_builds: 
     """Run the build service until interrupted."""
     import uvicorn
 
+    token = os.environ.get(TOKEN_ENV) or None
+    check_listen_address(host, token)
     secret = os.environ.get(SECRET_ENV)
     if not secret and not allow_unsigned:
         logger.warning(f"{SECRET_ENV} is not set: every webhook delivery will be refused "
                        "(start with --allow-unsigned to accept unsigned ones)")
-    app = create_app(db_path, secret, allow_unsigned, max_builds, deploy)
+    if token is None:
+        logger.warning(f"{TOKEN_ENV} is not set: the API is open to this machine only "
+                       f"(listening on {host})")
+    app = create_app(db_path, secret, allow_unsigned, max_builds, deploy, token)
     uvicorn.run(app, host=host, port=port, log_level="warning")

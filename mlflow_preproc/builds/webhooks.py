@@ -23,6 +23,10 @@ class Rejected(Exception):
     """A delivery that must not be acted upon (answered 401); the message says why."""
 
 
+class Malformed(ValueError):
+    """A verified delivery whose body is not an MLflow webhook event (answered 400)."""
+
+
 @dataclass(frozen=True)
 class VersionCreated:
     """A ``model_version.created`` event."""
@@ -47,8 +51,10 @@ def verify(body: bytes, headers: Mapping[str, str], secret: str | None,
                        "MLFLOW_PREPROC_WEBHOOK_SECRET to the webhook's secret")
     delivery_id = headers.get("x-mlflow-delivery-id")
     timestamp = headers.get("x-mlflow-timestamp")
-    if not delivery_id or not timestamp or not timestamp.isdigit():
-        raise Rejected("missing X-MLflow-Delivery-Id or X-MLflow-Timestamp header")
+    # isdigit() is true for '²' and other Unicode digits that int() refuses: ASCII only.
+    if not delivery_id or not timestamp or not (timestamp.isascii() and timestamp.isdigit()):
+        raise Rejected("missing X-MLflow-Delivery-Id, or an X-MLflow-Timestamp that is not "
+                       "Unix seconds")
     age = (time.time() if now is None else now) - int(timestamp)
     if abs(age) > MAX_AGE_S:
         raise Rejected(f"timestamp is {int(age)} s old, outside the {MAX_AGE_S} s window: a "
@@ -70,16 +76,25 @@ def sign(body: bytes, secret: str, delivery_id: str, timestamp: int) -> dict[str
 
 
 def parse(body: bytes) -> VersionCreated | None:
-    """The model version a delivery announces, or ``None`` for any other event."""
+    """The model version a delivery announces, or ``None`` for any other event.
+
+    Raises :class:`Malformed` for a body that is not a JSON object, or a model version event
+    without ``data.name`` and ``data.version``.
+    """
     try:
         event = json.loads(body)
     except ValueError:
-        raise Rejected("the delivery body is not JSON") from None
+        raise Malformed("the delivery body is not JSON") from None
+    if not isinstance(event, dict):
+        raise Malformed(f"the delivery body is a JSON {type(event).__name__}, not an object")
     if (event.get("entity"), event.get("action")) != ("model_version", "created"):
         return None
-    data = event.get("data") or {}
+    data = event.get("data")
+    if not isinstance(data, dict) or not data.get("name") or not data.get("version"):
+        raise Malformed("a model_version.created event needs data.name and data.version")
+    run_id = data.get("run_id")
     return VersionCreated(str(data["name"]), str(data["version"]), data.get("source"),
-                          data.get("run_id"))
+                          str(run_id) if run_id else None)
 
 
 def plan_builds(event: VersionCreated) -> list[tuple[str, str, str | None]]:

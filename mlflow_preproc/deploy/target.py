@@ -7,18 +7,30 @@ builds the model's serving image with the Docker SDK and starts its container(s)
 are Docker containers labelled ``org.mlflow-preproc.deployment=<name>``: ``list``/``get`` read
 Docker itself, so nothing is kept in a local file that could drift from what runs.
 Target URI: ``preproc``, or ``preproc:/<docker host>`` such as ``preproc:/unix:///run/docker.sock``.
+
+Rollout rules: ``create`` and ``update`` check the whole resulting configuration (every setting
+through the settings table, the model, the ports, the broker and topics in a Kafka mode) before
+building or stopping anything. New containers must prove themselves in the mode they run: REST
+answers and every consumer has joined its group (its ``/healthz``). A ``create`` that fails
+removes what it started; an ``update`` that fails removes the new containers and starts the
+previous revision again, with its image, settings and consumer group. A deployment's consumer
+group and output topic are fixed at ``create`` (default ``mlflow-preproc-<name>`` and
+``<model>-<version>-<suffix>``) and kept by ``update`` unless set again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
-import socket
+import signal
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +40,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from mlflow_preproc import config as settings
+from mlflow_preproc.deploy import options as opts
+from mlflow_preproc.deploy.docker_backend import (
+    DockerBackend,
+    NotHealthy,
+    free_ports,
+    options_of,
+    port_free,
+    revision_of,
+    spec_of,
+)
 from mlflow_preproc.deploy.image_build import (
     LABEL,
     BuildError,
@@ -36,31 +58,16 @@ from mlflow_preproc.deploy.image_build import (
     model_python_version,
     prepare_context,
 )
+from mlflow_preproc.deploy.spec import (
+    ContainerSpec,
+    Deployment,
+    check_settings,
+    container_spec,
+    default_output_topic,
+    with_stream_defaults,
+)
 
 FLAVOR = "preprocessing"
-DEPLOYMENT_LABEL = f"{LABEL}.deployment"
-
-# Deployment keys (-C key=value); every setting of the settings table is accepted too, by its
-# lowercase name (-C input_topic=fink-alert), as are env.NAME=value and label.NAME=value.
-CONFIG_KEYS: dict[str, tuple[str, str, str]] = {
-    # key: (default, meaning, example)
-    "mode": ("serve", "serve, kafka, both, run or bridge (see MLFLOW_PREPROC_MODE)", "both"),
-    "port": ("8080", "scoring server port on the host; replica i listens on port+i", "5001"),
-    "replicas": ("1", "containers; in kafka/both mode they share one consumer group", "2"),
-    "consumers": ("1", "Kafka consumer processes per container", "2"),
-    "workers": ("", "scoring server workers per container (MLflow's default: CPU count)", "2"),
-    "image": ("preprocessing-{model_name}-{version}", "image repository name", "fink-prep"),
-    "tag": ("latest", "image tag", "v1"),
-    "base_image": ("python:{python_version}-slim", "base image of the build", "python:3.11-slim"),
-    "python_version": ("the model's", "Python version of the default base image", "3.11.7"),
-    "network_mode": ("host", "Docker network mode of builds and containers", "host"),
-    "docker_host": ("DOCKER_HOST or the local socket", "Docker engine to use",
-                    "unix:///run/docker.sock"),
-    "no_cache": ("false", "build without Docker's layer cache", "true"),
-    "health_timeout": ("120", "seconds to wait for a new container to be healthy", "300"),
-    "remove_image": ("false", "delete only: also remove the image", "true"),
-}
-PREFIX_KEYS = {"env.": "set a container environment variable", "label.": "add a Docker label"}
 
 
 class DeploymentError(MlflowException, click.ClickException):
@@ -79,28 +86,17 @@ class DeploymentError(MlflowException, click.ClickException):
 
 def target_help() -> str:
     """``mlflow deployments help -t preproc``."""
-    lines = [__doc__.strip(), "", "Config keys (-C key=value):", ""]
-    for key, (default, meaning, example) in CONFIG_KEYS.items():
-        lines.append(f"  {key:<16} {meaning}\n  {'':<16} default: {default}; e.g. -C {key}={example}")
-    for prefix, meaning in PREFIX_KEYS.items():
-        lines.append(f"  {prefix + 'NAME':<16} {meaning}; e.g. -C {prefix}LOG_LEVEL=DEBUG")
-    lines += ["", "Streaming settings, by lowercase name (see README.md, Settings):", ""]
-    for s in settings.SETTINGS.values():
-        if s.modes != ("image",):
-            default = "" if s.default in (None, "") else f" (default {s.default})"
-            lines.append(f"  {s.env.lower():<26} {s.help}{default}; e.g. -C "
-                         f"{s.env.lower()}={s.example}")
-    return "\n".join(lines)
+    return f"{__doc__.strip()}\n\n{opts.help_text()}"
 
 
 def run_local(name: str, model_uri: str, flavor: str | None = None,
               config: dict | None = None) -> None:
-    """``mlflow deployments run-local -t preproc``: build, run in the foreground, Ctrl-C stops."""
+    """``mlflow deployments run-local -t preproc``: build, run in the foreground; Ctrl-C or
+    SIGTERM stops it and removes its container."""
     client = PreprocDeploymentClient("preproc")
-    config = dict(config or {})
-    container = None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C
     try:
-        deployment = client.create_deployment(name, model_uri, flavor, config)
+        deployment = client.create_deployment(name, model_uri, flavor, dict(config or {}))
         container = client._docker.containers.get(deployment["containers"][0]["name"])
         print(f"running {deployment['image']} as {container.name}; Ctrl-C stops it",
               file=sys.stderr)
@@ -110,7 +106,8 @@ def run_local(name: str, model_uri: str, flavor: str | None = None,
     except KeyboardInterrupt:
         pass
     finally:
-        if container is not None:
+        signal.signal(signal.SIGTERM, previous)
+        if client._backend.containers(name):
             client.delete_deployment(name)
 
 
@@ -127,57 +124,66 @@ class PreprocDeploymentClient(BaseDeploymentClient):
 
     def create_deployment(self, name: str, model_uri: str, flavor: str | None = None,
                           config: dict | None = None, endpoint: str | None = None) -> dict:
-        config = self._validate(flavor, config)
-        if self._containers(name):
+        options = self._options(flavor, config)
+        if self._backend.containers(name):
             raise DeploymentError(f"a deployment named {name} already exists; use mlflow "
                                   f"deployments update --name {name}, or delete it first")
-        image, identity = self.build_image(model_uri, config, name)
-        self._check_ports_free(config)
-        self._start(name, image, identity, model_uri, config)
+        deployment = self._plan(name, model_uri, options)
+        specs = self._check(deployment)
+        self._build(deployment)
+        _step(2, f"starting {_count(deployment.replicas, 'container')} ({deployment.mode})")
+        started: list = []
+        try:
+            self._start(specs, deployment, started)
+        except BaseException as exc:
+            self._backend.remove(started)
+            if isinstance(exc, NotHealthy):
+                raise DeploymentError(f"{name} did not start, so nothing is left running: "
+                                      f"{exc}") from None
+            raise
         return self.get_deployment(name)
 
     def update_deployment(self, name: str, model_uri: str | None = None,
                           flavor: str | None = None, config: dict | None = None,
                           endpoint: str | None = None) -> dict:
-        old = self._containers(name)
+        old = self._backend.current(name)
         if not old:
             raise self._not_found(name)
-        previous = json.loads(old[0].labels.get(f"{LABEL}.config", "{}"))
-        config = self._validate(flavor, {**previous, **(config or {})})
+        previous = options_of(old[0])
+        options = self._options(flavor, {**previous, **(config or {})})
         model_uri = model_uri or old[0].labels[f"{LABEL}.model-uri"]
-        image, identity = self.build_image(model_uri, config, name)
-        if config["mode"] in ("serve", "both"):
-            # Host networking: the new container cannot bind the old one's port while it runs.
-            # Prove the new image serves on a spare port first; only then swap.
-            self._trial_serve(name, image, identity, config)
-        for container in old:
-            container.stop(timeout=_stop_timeout(config))
-            container.remove()
-        self._start(name, image, identity, model_uri, config)
+        deployment = self._plan(name, model_uri, options, revision_of(old[0]) + 1)
+        specs = self._check(deployment, replacing=old)
+        self._note_kept_topic(deployment, previous, config or {})
+        self._build(deployment)
+        if deployment.serving:
+            # Host networking: the new container cannot bind the old one's port while it
+            # runs. Prove the new image serves on a spare port before touching the old one.
+            self._trial_serve(deployment)
+        self._swap(old, deployment, specs)
         return self.get_deployment(name)
 
     def delete_deployment(self, name: str, config: dict | None = None,
                           endpoint: str | None = None) -> None:
-        containers = self._containers(name)
+        containers = self._backend.containers(name)  # every revision
         if not containers:
             raise self._not_found(name)
-        image = containers[0].labels.get(f"{LABEL}.image")
-        for container in containers:
-            if container.status == "running":
-                container.stop(timeout=_stop_timeout(container.labels))
-            container.remove(force=True)
+        image = self._backend.current(name)[0].labels.get(f"{LABEL}.image")
+        self._backend.stop(containers, _stop_timeout(options_of(containers[0])))
+        self._backend.remove(containers)
         if settings.parse_bool(str((config or {}).get("remove_image", "false")), "remove_image"):
             self._docker.images.remove(image)
 
     def list_deployments(self, endpoint: str | None = None) -> list[dict]:
-        names = sorted({c.labels[DEPLOYMENT_LABEL] for c in self._containers()})
+        names = sorted({c.labels[f"{LABEL}.deployment"] for c in self._backend.containers()})
         return [self.get_deployment(n) for n in names]
 
     def get_deployment(self, name: str, endpoint: str | None = None) -> dict:
-        containers = self._containers(name)
+        containers = self._backend.current(name)
         if not containers:
             raise self._not_found(name)
         labels = containers[0].labels
+        options = options_of(containers[0])
         statuses = [c.status for c in containers]
         mode = labels.get(f"{LABEL}.mode", "serve")
         port = labels.get(f"{LABEL}.port")
@@ -186,12 +192,15 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             "flavor": FLAVOR,
             "status": "running" if set(statuses) == {"running"} else "/".join(sorted(statuses)),
             "mode": mode,
+            "revision": revision_of(containers[0]),
             "model_uri": labels.get(f"{LABEL}.model-uri"),
             "image": labels.get(f"{LABEL}.image"),
-            "endpoint": f"http://127.0.0.1:{port}" if mode in ("serve", "both") else None,
+            "endpoint": f"http://127.0.0.1:{port}" if mode in opts.SERVING_MODES else None,
+            "consumer_group": options.get("consumer_group_id"),
+            "output_topic": options.get("output_topic"),
             "containers": [{"name": c.name, "id": c.short_id, "status": c.status}
                            for c in containers],
-            "config": json.loads(labels.get(f"{LABEL}.config", "{}")),
+            "config": options,
         }
 
     def predict(self, deployment_name: str | None = None, inputs: Any = None,
@@ -213,7 +222,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             raise DeploymentError(f"cannot reach {deployment_name} at {url} ({err.reason}); "
                                   "check it runs: mlflow deployments get -t preproc") from None
 
-    # ---- building and starting ---------------------------------------------------------------
+    # ---- building ------------------------------------------------------------------------------
 
     def build_image(self, model_uri: str, config: dict | None = None, name: str | None = None,
                     echo=None) -> tuple[str, Any]:
@@ -221,97 +230,184 @@ class PreprocDeploymentClient(BaseDeploymentClient):
 
         Returns the image reference and the model's :class:`ModelIdentity`. ``config`` takes
         the same keys as ``create`` (``image``, ``tag``, ``base_image``, ``no_cache``...).
-        ``echo`` receives the build's output lines (default: stderr).
+        ``echo`` receives the build's output lines (default: only a failure's tail, printed).
         """
+        deployment = self._plan(name or "model", model_uri, self._options(None, config))
+        self._build(deployment, echo)
+        return deployment.image, deployment.identity
+
+    def _build(self, d: Deployment, echo=None) -> None:
         import mlflow
 
+        _step(1, f"building {d.image}")
+        started = time.monotonic()
+        tail: deque[str] = deque(maxlen=25)
+        workdir = Path(tempfile.mkdtemp(prefix="mlflow-preproc-model-"))
+        try:
+            with _no_download_bars():
+                model_dir = Path(mlflow.artifacts.download_artifacts(
+                    d.identity.download_uri, dst_path=str(workdir)))
+            base = d.options.get("base_image") or \
+                f"python:{d.options.get('python_version') or model_python_version(model_dir)}-slim"
+            context = prepare_context(model_dir, base, {
+                "uri": d.identity.uri, "name": d.identity.name, "version": d.identity.version})
+            try:
+                build_image(self._docker, context, d.image, {f"{LABEL}.model-uri": d.identity.uri},
+                            network_mode=d.options["network_mode"],
+                            nocache=settings.parse_bool(d.options["no_cache"], "no_cache"),
+                            echo=echo or tail.append)
+            except BuildError as exc:
+                raise DeploymentError(str(exc)) from None
+            finally:
+                shutil.rmtree(context, ignore_errors=True)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        _done(f"built {d.image} from {base}", started)
+
+    # ---- planning and checking -------------------------------------------------------------
+
+    def _options(self, flavor: str | None, config: dict | None) -> dict[str, str]:
+        if flavor not in (None, FLAVOR, "python_function"):
+            raise DeploymentError(f"flavor {flavor!r} is not supported by the preproc target; "
+                                  f"omit --flavor or use {FLAVOR}")
+        try:
+            options = opts.resolve(config or {})
+        except (opts.OptionError, settings.ConfigError) as exc:
+            raise DeploymentError(str(exc)) from None
+        if "docker_host" in options:
+            self._docker_host = options["docker_host"]
+        return options
+
+    def _plan(self, name: str, model_uri: str, options: dict[str, str],
+              revision: int = 1) -> Deployment:
         from mlflow_preproc.runtime.model_identity import ModelNotFound, resolve_model
 
         try:
             identity = resolve_model(model_uri)
         except ModelNotFound as exc:
             raise DeploymentError(str(exc)) from None
-        config = self._validate(None, config)
-        workdir = Path(tempfile.mkdtemp(prefix="mlflow-preproc-model-"))
+        self._require_preprocessing(model_uri, identity.download_uri)
+        options = with_stream_defaults(name, identity, options)
+        default_repo = (f"preprocessing-{identity.name}-{identity.version}"
+                        if identity.name else f"preprocessing-{name}")
+        image = f"{docker_reference(options.get('image') or default_repo)}:" \
+                f"{options.get('tag') or 'latest'}"
+        return Deployment(name, model_uri, identity, image, options, revision)
+
+    def _specs(self, d: Deployment) -> list[ContainerSpec]:
+        base_port = int(d.options["port"])
+        given_metrics = d.options.get("metrics_port")
+        specs = []
+        for i in range(d.replicas):
+            metrics = None
+            if d.consuming:
+                metrics = (int(given_metrics) + i * d.consumers if given_metrics
+                           else free_ports(d.consumers))
+            specs.append(container_spec(d, i, base_port + i, metrics))
+        return specs
+
+    def _check(self, d: Deployment, replacing: list = ()) -> list[ContainerSpec]:
+        """Everything that can be known before building: settings, ports, broker, topics."""
+        specs = self._specs(d)
         try:
+            consumer_settings = [check_settings(spec) for spec in specs][0]
+        except settings.ConfigError as exc:
+            raise DeploymentError(str(exc)) from None
+        held = {int(c.labels.get(f"{LABEL}.port", 0)) for c in replacing}
+        if d.serving and d.options["network_mode"] == "host":
+            for spec in specs:
+                if spec.rest_port not in held and not port_free(spec.rest_port):
+                    raise DeploymentError(f"port {spec.rest_port} is already in use on this "
+                                          "host; pass -C port=<a free port>")
+        if consumer_settings is not None:
+            _check_topics(consumer_settings, d.mode)
+        return specs
+
+    def _note_kept_topic(self, d: Deployment, previous: dict, given: dict) -> None:
+        if d.mode not in ("kafka", "both") or "output_topic" in given:
+            return
+        new_default = default_output_topic(d.identity, d.options)
+        kept = d.options.get("output_topic")
+        if previous.get("output_topic") and new_default and new_default != kept:
+            print(f"keeping the output topic {kept} (the default for this version would be "
+                  f"{new_default}; -C output_topic=... changes it)", file=sys.stderr)
+
+    @staticmethod
+    def _require_preprocessing(model_uri: str, download_uri: str) -> None:
+        import mlflow
+        import yaml
+
+        with tempfile.TemporaryDirectory() as tmp, _no_download_bars():
             try:
-                model_dir = Path(mlflow.artifacts.download_artifacts(identity.download_uri,
-                                                                     dst_path=str(workdir)))
+                path = mlflow.artifacts.download_artifacts(
+                    f"{download_uri.rstrip('/')}/MLmodel", dst_path=tmp)
             except MlflowException as exc:
                 raise DeploymentError(f"cannot download {model_uri}: "
                                       f"{exc.message.splitlines()[0]}") from None
-            self._require_preprocessing(model_uri, model_dir)
-            base = config.get("base_image") or \
-                f"python:{config.get('python_version') or model_python_version(model_dir)}-slim"
-            default_repo = (f"preprocessing-{identity.name}-{identity.version}"
-                            if identity.name else f"preprocessing-{name or 'model'}")
-            reference = f"{docker_reference(config.get('image') or default_repo)}:" \
-                        f"{config.get('tag') or 'latest'}"
-            registered = {"uri": identity.uri, "name": identity.name,
-                          "version": identity.version}
-            context = prepare_context(model_dir, base, registered)
-            try:
-                if echo is None:
-                    print(f"building {reference} from {base}", file=sys.stderr)
-                build_image(self._docker, context, reference,
-                            {f"{LABEL}.model-uri": identity.uri},
-                            network_mode=config["network_mode"],
-                            nocache=settings.parse_bool(config["no_cache"], "no_cache"),
-                            echo=echo)
-            except BuildError as exc:
-                raise DeploymentError(str(exc)) from None
-            finally:
-                shutil.rmtree(context, ignore_errors=True)
-            return reference, identity
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            flavors = yaml.safe_load(Path(path).read_text()).get("flavors", {})
+        if FLAVOR not in flavors:
+            raise DeploymentError(
+                f"{model_uri} is not a preprocessing model (its flavors: "
+                f"{', '.join(flavors) or 'none'}); the preproc target deploys models logged "
+                "with mlflow.preproc.log_model; use mlflow models build-docker for others")
 
-    def _start(self, name: str, image: str, identity, model_uri: str, config: dict) -> None:
-        base_port = int(config["port"])
-        for i in range(int(config["replicas"])):
-            self._run_container(f"{name}-{i}", image, _environment(config, identity,
-                                                                   base_port + i),
-                                _labels(name, image, model_uri, config, base_port + i),
-                                config)
-        for i in range(int(config["replicas"])):
-            self._wait_healthy(f"{name}-{i}", config, base_port + i)
+    # ---- starting, swapping ------------------------------------------------------------------
 
-    def _run_container(self, container_name, image, environment, labels, config):
-        return self._docker.containers.run(
-            image, name=container_name, detach=True, network_mode=config["network_mode"],
-            environment=environment, labels=labels,
-            # The entrypoint exits non-zero when a child dies; let Docker restart it.
-            restart_policy={"Name": "on-failure", "MaximumRetryCount": 5},
-        )
+    def _start(self, specs: list[ContainerSpec], d: Deployment, started: list) -> None:
+        for spec in specs:
+            started.append(self._backend.run(spec, d.options["network_mode"]))
+        waited = time.monotonic()
+        what = "REST answers" if d.serving else ""
+        if d.consuming:
+            what += (" and " if what else "") + \
+                f"every consumer joined group {d.options['consumer_group_id']}"
+        _step(3, f"waiting until healthy ({what or 'running'})")
+        self._backend.wait_healthy(list(zip(started, specs)), float(d.options["health_timeout"]))
+        _done(f"{_count(len(started), 'container')} healthy", waited)
 
-    def _trial_serve(self, name: str, image: str, identity, config: dict) -> None:
-        port = _free_port()
-        trial_config = {**config, "mode": "serve", "port": str(port)}
-        trial = self._run_container(f"{name}-trial", image,
-                                    _environment(trial_config, identity, port),
-                                    {f"{LABEL}.trial": name}, trial_config)
+    def _swap(self, old: list, d: Deployment, specs: list[ContainerSpec]) -> None:
+        previous = revision_of(old[0])
+        print(f"stopping revision {previous} (its consumers commit first)", file=sys.stderr)
+        timeout = _stop_timeout(options_of(old[0]))
+        self._backend.stop(old, timeout)
+        for container in old:
+            container.rename(f"{container.name}-r{previous}")
+        _step(2, f"starting revision {d.revision}: {_count(d.replicas, 'container')}")
+        started: list = []
         try:
-            self._wait_healthy(trial.name, trial_config, port)
-        finally:
-            trial.remove(force=True)
-
-    def _wait_healthy(self, container_name: str, config: dict, port: int) -> None:
-        deadline = time.monotonic() + float(config["health_timeout"])
-        serving = config["mode"] in ("serve", "both")
-        settled_at = time.monotonic() + 3  # a consumer that cannot start exits within seconds
-        while time.monotonic() < deadline:
-            container = self._docker.containers.get(container_name)
-            if container.status in ("exited", "dead") or container.attrs["RestartCount"]:
+            self._start(specs, d, started)
+        except BaseException as exc:
+            self._backend.remove(started)
+            for container in old:
+                container.rename(container.name.rsplit(f"-r{previous}", 1)[0])
+                container.start()
+            print(f"revision {d.revision} failed; starting revision {previous} again",
+                  file=sys.stderr)
+            self._backend.wait_healthy([(c, spec_of(c)) for c in old],
+                                       float(options_of(old[0])["health_timeout"]))
+            if isinstance(exc, NotHealthy):
                 raise DeploymentError(
-                    f"container {container_name} exited during start-up; its last log lines:\n"
-                    + container.logs(tail=20).decode(errors="replace"))
-            if serving and _answers(f"http://127.0.0.1:{port}/ping"):
-                return
-            if not serving and container.status == "running" and time.monotonic() > settled_at:
-                return
-            time.sleep(0.5)
-        raise DeploymentError(f"container {container_name} was not healthy within "
-                              f"{config['health_timeout']}s; see docker logs {container_name}")
+                    f"update of {d.name} to revision {d.revision} failed and was rolled back: "
+                    f"revision {previous} ({old[0].labels.get(f'{LABEL}.image')}, same settings "
+                    f"and consumer group) is running again. The new revision: {exc}") from None
+            raise
+        self._backend.remove(old)
+
+    def _trial_serve(self, d: Deployment) -> None:
+        port = free_ports(1)
+        trial = Deployment(d.name, d.model_uri, d.identity, d.image,
+                           {**d.options, "mode": "serve", "port": str(port)}, d.revision)
+        spec = container_spec(trial, 0, port, None)
+        spec = ContainerSpec(f"{d.name}-trial", spec.image, spec.env, {f"{LABEL}.trial": d.name},
+                             port, [], spec.mounts)
+        container = self._backend.run(spec, d.options["network_mode"])
+        try:
+            self._backend.wait_healthy([(container, spec)], float(d.options["health_timeout"]))
+        except NotHealthy as exc:
+            raise DeploymentError(f"the new revision of {d.name} does not serve, so the "
+                                  f"running one was left untouched: {exc}") from None
+        finally:
+            container.remove(force=True)
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -333,59 +429,9 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             self._client = client
         return self._client
 
-    def _containers(self, name: str | None = None) -> list:
-        wanted = f"{DEPLOYMENT_LABEL}={name}" if name else DEPLOYMENT_LABEL
-        found = self._docker.containers.list(all=True, filters={"label": wanted})
-        return sorted(found, key=lambda c: c.name)
-
-    def _validate(self, flavor: str | None, config: dict | None) -> dict:
-        if flavor not in (None, FLAVOR, "python_function"):
-            raise DeploymentError(f"flavor {flavor!r} is not supported by the preproc target; "
-                                  f"omit --flavor or use {FLAVOR}")
-        config = {str(k): str(v) for k, v in (config or {}).items()}
-        stream_keys = {s.env.lower() for s in settings.SETTINGS.values() if s.modes != ("image",)}
-        unknown = [k for k in config if k not in CONFIG_KEYS and k.lower() not in stream_keys
-                   and not k.startswith(tuple(PREFIX_KEYS))]
-        if unknown:
-            raise DeploymentError(
-                f"unknown config key(s) {', '.join(sorted(unknown))}; valid keys: "
-                f"{', '.join(CONFIG_KEYS)}, env.NAME, label.NAME and the streaming settings "
-                f"({', '.join(sorted(stream_keys))}); see mlflow deployments help -t preproc")
-        if "docker_host" in config:
-            self._docker_host = config["docker_host"]
-        resolved = {k: v[0] for k, v in CONFIG_KEYS.items()
-                    if k not in ("image", "base_image", "python_version", "docker_host",
-                                 "workers")}
-        resolved.update(config)
-        if resolved["mode"] not in ("serve", "kafka", "both", "run", "bridge"):
-            raise DeploymentError(f"mode={resolved['mode']!r} is not one of serve, kafka, "
-                                  "both, run, bridge")
-        for key in ("port", "replicas", "consumers", "health_timeout"):
-            if not resolved[key].isdigit():
-                raise DeploymentError(f"{key}={resolved[key]!r} is not a whole number; e.g. "
-                                      f"-C {key}={CONFIG_KEYS[key][2]}")
-        return resolved
-
-    @staticmethod
-    def _require_preprocessing(model_uri: str, model_dir: Path) -> None:
-        import yaml
-
-        flavors = yaml.safe_load((model_dir / "MLmodel").read_text()).get("flavors", {})
-        if FLAVOR not in flavors:
-            raise DeploymentError(
-                f"{model_uri} is not a preprocessing model (its flavors: "
-                f"{', '.join(flavors) or 'none'}); the preproc target deploys models logged "
-                "with mlflow.preproc.log_model; use mlflow models build-docker for others")
-
-    def _check_ports_free(self, config: dict) -> None:
-        if config["mode"] not in ("serve", "both") or config["network_mode"] != "host":
-            return
-        for i in range(int(config["replicas"])):
-            port = int(config["port"]) + i
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    raise DeploymentError(f"port {port} is already in use on this host; pass "
-                                          "-C port=<a free port>")
+    @property
+    def _backend(self) -> DockerBackend:
+        return DockerBackend(self._docker)
 
     @staticmethod
     def _not_found(name: str) -> DeploymentError:
@@ -393,31 +439,66 @@ class PreprocDeploymentClient(BaseDeploymentClient):
                                "preproc shows the deployments")
 
 
-def _environment(config: dict, identity, port: int) -> dict[str, str]:
-    env = {"MLFLOW_PREPROC_MODE": config["mode"], "PORT": str(port),
-           "KAFKA_CONSUMERS": config["consumers"]}
-    if config.get("workers"):
-        env["MLFLOW_MODELS_WORKERS"] = config["workers"]
-    for key, value in config.items():
-        if key.upper() in settings.SETTINGS and key not in CONFIG_KEYS:
-            env[key.upper()] = value
-        elif key.startswith("env."):
-            env[key[len("env."):]] = value
-    if config["mode"] in ("kafka", "both") and "OUTPUT_TOPIC" not in env and identity.name:
-        # The model inside the image is a local path; name the legacy default topic here.
-        suffix = env.get("KAFKA_TOPIC_SUFFIX", settings.SETTINGS["KAFKA_TOPIC_SUFFIX"].default)
-        env["OUTPUT_TOPIC"] = settings.sanitize_topic(
-            f"{identity.name}-{identity.version}-{suffix}")
-    return env
+def _check_topics(cfg: settings.Config, mode: str) -> None:
+    """The broker answers with this configuration and the input topic exists; the output
+    and dead-letter topics exist or may be created."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    servers = cfg["KAFKA_BOOTSTRAP_SERVERS"]
+    try:
+        admin = AdminClient({**cfg.kafka, "logger": _quiet_logger()})
+        topics = admin.list_topics(timeout=10).topics
+    except KafkaException as exc:
+        error = exc.args[0].str()
+        if "configuration property" in error:
+            raise DeploymentError(str(settings.client_config_error(cfg, error))) from None
+        raise DeploymentError(f"cannot reach Kafka at {servers} ({error}); check "
+                              "kafka_bootstrap_servers and that the broker is up (the "
+                              "containers would fail the same way)") from None
+    input_topic = cfg["INPUT_TOPIC"]
+    if input_topic not in topics:
+        raise DeploymentError(f"input topic {input_topic} does not exist on {servers}; create "
+                              "it or fix -C input_topic=...")
+    missing = [t for t in (cfg["OUTPUT_TOPIC"], cfg["DLQ_TOPIC"] or f"{input_topic}-dlq")
+               if t and t not in topics]
+    if missing and not cfg["AUTO_CREATE_TOPICS"]:
+        raise DeploymentError(f"topic(s) {', '.join(missing)} do not exist on {servers} and "
+                              "auto_create_topics is false; create them first")
 
 
-def _labels(name: str, image: str, model_uri: str, config: dict, port: int) -> dict[str, str]:
-    labels = {DEPLOYMENT_LABEL: name, f"{LABEL}.model-uri": model_uri, f"{LABEL}.image": image,
-              f"{LABEL}.mode": config["mode"], f"{LABEL}.port": str(port),
-              f"{LABEL}.config": json.dumps({k: v for k, v in config.items()
-                                             if k not in ("remove_image",)})}
-    labels.update({k[len("label."):]: v for k, v in config.items() if k.startswith("label.")})
-    return labels
+def _quiet_logger():
+    import logging
+
+    quiet = logging.getLogger("mlflow_preproc.deploy.librdkafka")
+    quiet.setLevel(logging.CRITICAL)  # the check reports its own one-line error
+    return quiet
+
+
+@contextlib.contextmanager
+def _no_download_bars():
+    # MLflow draws a progress bar per artifact download; one line per step is enough here.
+    before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
+
+
+def _step(number: int, text: str) -> None:
+    print(f"[{number}/3] {text}", file=sys.stderr, flush=True)
+
+
+def _done(text: str, since: float) -> None:
+    print(f"      {text} ({time.monotonic() - since:.1f} s)", file=sys.stderr, flush=True)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _as_payload(inputs: Any) -> dict:
@@ -429,21 +510,7 @@ def _as_payload(inputs: Any) -> dict:
     return {"inputs": inputs if isinstance(inputs, list) else [inputs]}
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_timeout(config_or_labels: dict) -> int:
-    shutdown = config_or_labels.get("shutdown_timeout_s") or \
+def _stop_timeout(options: dict) -> int:
+    shutdown = options.get("shutdown_timeout_s") or \
         settings.SETTINGS["SHUTDOWN_TIMEOUT_S"].default
     return int(float(shutdown)) + 10
