@@ -60,9 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rejects", help="where failed records go (default: OUTPUT.rejects.jsonl, "
                      "or rejects.jsonl when writing to stdout)")
     run.add_argument("--drop-fields", default="", help="comma-separated field paths to drop "
-                     "before preprocessing")
+                     "before preprocessing [DROP_FIELDS]")
     run.add_argument("--skip-cutouts", action="store_true",
-                     help="drop the ZTF cutoutScience/cutoutTemplate/cutoutDifference stamps")
+                     help="drop the ZTF cutoutScience/cutoutTemplate/cutoutDifference stamps "
+                     "[SKIP_CUTOUTS]")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: when stderr is a terminal)")
     run.set_defaults(handler=_cmd_run)
@@ -106,14 +107,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mlflow_preproc.runtime import batch_run
     from mlflow_preproc.runtime.avro_schemas import load_avro_schema
     from mlflow_preproc.runtime.flavor import load_preprocessing
-    from mlflow_preproc.runtime.formats import ZTF_CUTOUTS
 
+    # --skip-cutouts / --drop-fields, else SKIP_CUTOUTS / DROP_FIELDS from the environment
+    # (the env file of `docker run -i --env-file ... IMAGE < alerts`).
+    env = settings.load("run")
+    drop = settings.Config({
+        "SKIP_CUTOUTS": args.skip_cutouts or env["SKIP_CUTOUTS"],
+        "DROP_FIELDS": args.drop_fields or env["DROP_FIELDS"]}).drop_fields()
     loaded = load_preprocessing(args.model_uri)
     schema = load_avro_schema(args.output_schema) if args.output_schema \
         else loaded.output_avro_schema
-    drop = [p.strip() for p in args.drop_fields.split(",") if p.strip()]
-    if args.skip_cutouts:
-        drop += ZTF_CUTOUTS
     rejects = args.rejects or (f"{args.output}.rejects.jsonl" if args.output else "rejects.jsonl")
     out = open(args.output, "wb") if args.output else sys.stdout.buffer
     try:

@@ -82,9 +82,9 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
     Setting("SCHEMA_REGISTRY_URL", None, "Confluent Schema Registry for confluent-avro",
             modes=("stream",), example="http://registry:8081"),
     Setting("SKIP_CUTOUTS", False, "Drop the ZTF image stamps (" + ", ".join(ZTF_CUTOUTS) +
-            ") before preprocessing", kind=bool, modes=("stream",), example="true"),
+            ") before preprocessing", kind=bool, modes=("stream", "run"), example="true"),
     Setting("DROP_FIELDS", "", "Comma-separated field paths dropped before preprocessing",
-            modes=("stream",), example="cutoutScience,candidate.pdiffimfilename"),
+            modes=("stream", "run"), example="cutoutScience,candidate.pdiffimfilename"),
     Setting("BATCH_SIZE", 500, "Records per batch (stream: per consume; bridge: per "
             "/invocations call)", kind=int, example="100"),
     Setting("BATCH_TIMEOUT_MS", 1000, "Longest wait to fill a batch", kind=int, example="200"),

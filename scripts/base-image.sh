@@ -15,6 +15,12 @@
 #   BASE_IMAGE_REBUILD=1      rebuild even if the tags exist (also redoes debootstrap)
 #   DEBIAN_MIRROR             override the Debian mirror URL
 #   BASE_IMAGE_EXTRA_PIP      extra pip requirements to pre-install (space separated)
+#   BASE_IMAGE_PULL=1         start from the official python:<X.Y.Z>-slim (docker pull) instead
+#                             of a local Debian rootfs, on a machine that can pull images
+#
+# The tag is the one MLflow asks for, but the local rootfs has Debian's Python (3.11.2 on
+# bookworm), not X.Y.Z: the real version is recorded in the label
+# org.mlflow-preproc.python-version and printed.
 #
 # Requires a running engine (see docker-engine.sh start).
 set -euo pipefail
@@ -118,10 +124,11 @@ mkdir -p "$STATE_DIR"
 exec 9>"$STATE_DIR/base-image.lock"
 flock 9
 
+label_of() { docker image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
 if [[ "$REBUILD" != 1 ]] && docker image inspect "$TAG" >/dev/null 2>&1; then
-    have="$(docker image inspect -f '{{index .Config.Labels "org.mlflow-preproc.pinned"}}' "$TAG" 2>/dev/null || true)"
-    if [[ "$have" == "$STAMP" ]]; then
-        log "$TAG already exists; nothing to do"
+    have="$(label_of "$TAG" org.mlflow-preproc.pinned)"
+    if [[ "$have" == "$STAMP" && -n "$(label_of "$TAG" org.mlflow-preproc.python-version)" ]]; then
+        log "$TAG already exists (its Python: $(label_of "$TAG" org.mlflow-preproc.python-version)); nothing to do"
         exit 0
     fi
     # A stale base would make offline builds (stock build-docker) fail: rebuild its pip layer.
@@ -129,8 +136,20 @@ if [[ "$REBUILD" != 1 ]] && docker image inspect "$TAG" >/dev/null 2>&1; then
     log "\$PYTHON now has:      $STAMP; rebuilding the pip layer"
 fi
 
+FROM_IMAGE="$RAW_TAG"
+if [[ "${BASE_IMAGE_PULL:-0}" == 1 ]]; then
+    if timeout 600 docker pull "$TAG" >&2; then
+        FROM_IMAGE="$(docker image inspect -f '{{.Id}}' "$TAG")"
+        log "pulled the official $TAG"
+    else
+        log "cannot pull $TAG; building a local Debian rootfs instead"
+    fi
+fi
+
 # --- raw Debian image ------------------------------------------------------------------
-if [[ "$REBUILD" == 1 ]] || ! docker image inspect "$RAW_TAG" >/dev/null 2>&1; then
+if [[ "$FROM_IMAGE" != "$RAW_TAG" ]]; then
+    :  # the official image is the base
+elif [[ "$REBUILD" == 1 ]] || ! docker image inspect "$RAW_TAG" >/dev/null 2>&1; then
     if ! command -v debootstrap >/dev/null 2>&1; then
         log "debootstrap not found; installing it"
         as_root apt-get update
@@ -197,13 +216,16 @@ else
 fi
 
 # --- pre-install mlflow & co ------------------------------------------------------------
+# --network none: nothing to reach, and no bridge may be created on this machine.
+REAL_PY="$(docker run --rm --network none "$FROM_IMAGE" python3 -c \
+    'import platform; print(platform.python_version())')"
 phase "pre-installing into $TAG: pip==$PIP_VERSION setuptools==$SETUPTOOLS_VERSION ${REQS[*]}"
 CTX="$WORK/ctx"
 mkdir -p "$CTX"
 cp "$WORK/constraints.txt" "$CTX/constraints.txt"
 pin() { [[ -n "$2" ]] && echo "$1==$2" || echo "$1"; }
 {
-    echo "FROM $RAW_TAG"
+    echo "FROM $FROM_IMAGE"
     echo "COPY constraints.txt /tmp/constraints.txt"
     # Debian's pip/setuptools/wheel have no RECORD files, so upstream pip cannot uninstall
     # them; --ignore-installed puts the pinned copies in /usr/local, which wins on sys.path.
@@ -213,7 +235,7 @@ pin() { [[ -n "$2" ]] && echo "$1==$2" || echo "$1"; }
     printf 'RUN pip install --no-cache-dir -c /tmp/constraints.txt'
     printf " '%s'" "${REQS[@]}"
     echo " && rm /tmp/constraints.txt"
-    echo "LABEL org.mlflow-preproc.pinned=\"$STAMP\""
+    echo "LABEL org.mlflow-preproc.pinned=\"$STAMP\" org.mlflow-preproc.python-version=\"$REAL_PY\""
 } >"$CTX/Dockerfile"
 # --network host: the engine has no bridge, and pip needs PyPI (through the local CA).
 # DOCKER_BUILDKIT=0: no buildx plugin is installed; be explicit rather than rely on fallback.
@@ -224,3 +246,4 @@ DOCKER_BUILDKIT=0 docker build --network host -t "$TAG" "$CTX" >"$WORK/build.log
 
 phase "done"
 log "built $TAG in $((SECONDS - T0))s total ($(docker image inspect -f '{{.Size}}' "$TAG" | awk '{printf "%.0f MB", $1/1e6}'))"
+log "the tag names Python $PY_VERSION (what MLflow asks for); the image's Python is $REAL_PY"

@@ -52,10 +52,28 @@ case "${1:-}" in
         setup
         start_docker
         export PATH="$VENV/bin:$PATH"
+        # Every temporary file of the run (pytest's, MLflow's downloads, broker logs, build
+        # contexts) goes in one folder, removed afterwards; the tests remove their images.
+        TMPDIR="$(mktemp -d "${TMPDIR:-/tmp}/mlflow-preproc-tests.XXXXXX")"
+        export TMPDIR
+        images_before="$(docker images -aq --no-trunc 2>/dev/null | sort -u || true)"
         set +e
         "$VENV/bin/python" -m pytest "$@"
         status=$?
         set -e
+        # What the tests built and did not remove (tests/conftest.py removes it at the end).
+        left="$( (docker images -q --no-trunc --filter label=org.mlflow-preproc.model-uri;
+                  docker images -q --no-trunc --filter dangling=true) 2>/dev/null | sort -u \
+                 | comm -13 <(echo "$images_before") - || true)"
+        if [[ -n "$left" ]]; then
+            echo "[dev] the tests left these images behind:" $left >&2
+            [[ $status -ne 0 ]] || status=1
+        fi
+        if [[ $status -eq 0 ]]; then
+            rm -rf "$TMPDIR"
+        else
+            echo "[dev] tests failed; their files are kept in $TMPDIR" >&2
+        fi
         # pytest exits 5 when it collected nothing: for us that is a broken suite, not a pass.
         if [[ $status -eq 5 ]]; then
             echo "[dev] pytest collected no tests" >&2

@@ -104,6 +104,36 @@ def serve_model() -> Iterator:
 
 # ---- Docker --------------------------------------------------------------------------------
 
+# Images the tests build: the target's (labelled), stock build-docker ones (by name), and
+# the untagged ones a rebuild of the same tag leaves behind. The base image is a cache: kept.
+_TEST_IMAGE_PREFIXES = ("preprocessing-", "stock-prep-", "model-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_test_images():
+    """At the end of the session, remove the images this session built."""
+    try:
+        import docker
+
+        client = docker.from_env()
+        before = {image.id for image in client.images.list(all=True)}
+    except Exception:  # noqa: BLE001 -- no engine: nothing to clean
+        yield
+        return
+    yield
+    tagged = [image for image in client.images.list() if image.id not in before and (
+        image.labels.get("org.mlflow-preproc.model-uri")
+        or any(tag.startswith(_TEST_IMAGE_PREFIXES) for tag in image.tags))]
+    for image in tagged:  # their untagged build layers go with them
+        client.images.remove(image.id, force=True)
+    for image in client.images.list(filters={"dangling": True}):
+        if image.id not in before:  # left by rebuilds of one tag
+            try:
+                client.images.remove(image.id, force=True)
+            except docker.errors.APIError:
+                pass  # removed with its child meanwhile
+
+
 @pytest.fixture(scope="session")
 def docker_client():
     """The local Docker engine; under CI=true a missing engine fails instead of skipping."""

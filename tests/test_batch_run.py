@@ -39,9 +39,12 @@ def model(tracking_uri):
     return info.model_uri
 
 
-def run_cli(*args: str, stdin: bytes = b"", cwd: Path | None = None):
+def run_cli(*args: str, stdin: bytes = b"", cwd: Path | None = None, env: dict | None = None):
+    import os
+
     return subprocess.run([str(BIN / "mlflow-preproc"), "run", *args], input=stdin,
-                          capture_output=True, cwd=cwd, timeout=300)
+                          capture_output=True, cwd=cwd, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 def jsonl(data: bytes) -> list[dict]:
@@ -96,6 +99,16 @@ def test_ztf_avro_files_with_cutouts_dropped(tracking_uri, tmp_path):
                          "fields": ["candid", "candidate", "objectId", "prv_candidates",
                                     "publisher", "schemavsn"]})
     assert out == expected
+
+
+def test_skip_cutouts_and_drop_fields_are_read_from_the_environment(tracking_uri, tmp_path):
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(ztf_features, name="ztf")
+    proc = run_cli("-m", info.model_uri, *map(str, ZTF_PACKETS), cwd=tmp_path,
+                   env={"SKIP_CUTOUTS": "true", "DROP_FIELDS": "publisher,schemavsn"})
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert {tuple(r["fields"]) for r in jsonl(proc.stdout)} == {
+        ("candid", "candidate", "objectId", "prv_candidates")}
 
 
 def test_cutout_bytes_are_base64_in_json_output(tracking_uri, tmp_path):

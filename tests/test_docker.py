@@ -69,17 +69,24 @@ def test_deploy_serve_predict_stream_update_delete(tracking_uri, broker, deploym
     assert [s[:5] for s in steps] == ["[1/3]", "[2/3]", "[3/3]"], create.stderr[-3000:]
     assert "Step " not in create.stderr and "Downloading artifacts" not in create.stderr
 
+    logs = docker_client.containers.get(f"{name}-0").logs().decode()
+    assert "found in sys.modules" not in logs  # no RuntimeWarning from the entrypoint
+
     # REST over loopback
     status, body = post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": [{"id": 7}]})
     assert (status, body) == (200, {"predictions": [{"id": 7, "version": 1}]})
 
-    # mlflow deployments predict
-    (tmp_path / "in.json").write_text(json.dumps([{"id": 8}]))
-    predict = cli("deployments", "predict", "-t", "preproc", "--name", name,
-                  "-I", str(tmp_path / "in.json"))
-    assert predict.returncode == 0, predict.stderr[-2000:]
-    assert json.loads(predict.stdout.strip().splitlines()[-1]) == {
-        "predictions": [{"id": 8, "version": 1}]}
+    # mlflow deployments predict: every payload MLflow's scoring protocol accepts, and a list
+    for payload in ([{"id": 8}, {"id": 9}], {"inputs": [{"id": 8}, {"id": 9}]},
+                    {"dataframe_records": [{"id": 8}, {"id": 9}]},
+                    {"dataframe_split": {"columns": ["id"], "data": [[8], [9]]}},
+                    {"instances": [{"id": 8}, {"id": 9}]}):
+        (tmp_path / "in.json").write_text(json.dumps(payload))
+        predict = cli("deployments", "predict", "-t", "preproc", "--name", name,
+                      "-I", str(tmp_path / "in.json"))
+        assert predict.returncode == 0, (payload, predict.stderr[-2000:])
+        assert json.loads(predict.stdout.strip().splitlines()[-1]) == {
+            "predictions": [{"id": 8, "version": 1}, {"id": 9, "version": 1}]}, payload
 
     # mode both: the consumer in the container reads the host's broker; default topic name
     produce(broker.bootstrap_servers, topic, [b'{"id": 1, "x": 5}'])
@@ -213,3 +220,15 @@ class _RunningContainer:
     @property
     def returncode(self):
         return self.container.attrs["State"]["ExitCode"]
+
+
+def test_the_local_base_image_records_the_python_it_really_has(docker_client):
+    import platform
+
+    tag = f"python:{platform.python_version()}-slim"  # what build-docker asks for
+    image = docker_client.images.get(tag)
+    recorded = image.labels["org.mlflow-preproc.python-version"]
+    real = docker_client.containers.run(
+        tag, ["python3", "-c", "import platform; print(platform.python_version())"],
+        network_mode="none", remove=True).decode().strip()
+    assert recorded == real

@@ -44,6 +44,21 @@ def test_run_mode_reads_stdin_and_writes_stdout(model_dir):
         {"a": 1, "tagged": True}, {"a": 2, "tagged": True}]
 
 
+def test_run_mode_reads_skip_cutouts_from_the_env_file_variables(tracking_uri):
+    from conftest import DATA
+
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(lambda alert: {"fields": sorted(alert)}, name="z")
+    packet = sorted(DATA.glob("*.avro"))[0]
+    proc = entrypoint(mlflow.artifacts.download_artifacts(info.model_uri),
+                      {"MLFLOW_PREPROC_MODE": "run", "SKIP_CUTOUTS": "true"},
+                      stdin=subprocess.PIPE)
+    out, err = proc.communicate(packet.read_bytes(), timeout=120)
+    assert proc.returncode == 0, err.decode()
+    [record] = [json.loads(line) for line in out.splitlines()]
+    assert not {"cutoutScience", "cutoutTemplate", "cutoutDifference"} & set(record["fields"])
+
+
 def test_legacy_kafka_enabled_runs_server_and_consumers_then_sigterm_stops_all(model_dir,
                                                                                 broker):
     topic, out, port = unique("raw"), unique("out"), free_port()

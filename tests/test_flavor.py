@@ -120,6 +120,26 @@ def test_module_file_captures_sibling_modules_and_requirements(tracking_uri, tmp
     assert mlflow.pyfunc.load_model(info.model_uri).predict([{"x": 2}]) == [{"y": 20}]
 
 
+@pytest.mark.parametrize("form", ["file", "folder"])
+def test_a_requirements_pin_beside_the_code_wins_over_the_installed_version(tracking_uri,
+                                                                            tmp_path, form):
+    installed = np.__version__
+    pinned = "2.2.6" if installed != "2.2.6" else "2.2.5"  # any release but the installed one
+    code = tmp_path / "code"
+    write(code / "preprocessing.py", """
+        import numpy as np
+        def pre_processing(data):
+            return {"y": float(np.float64(data["x"]))}
+    """)
+    write(code / "requirements.txt", f"# what the model was written for\nnumpy=={pinned}\n")
+    info = log(str(code / "preprocessing.py") if form == "file" else str(code))
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    requirements = (local / "requirements.txt").read_text().split()
+    assert [r for r in requirements if r.startswith("numpy")] == [f"numpy=={pinned}"]
+    assert {"cloudpickle", "fastavro", "confluent-kafka"} <= {r.split("==")[0]
+                                                              for r in requirements}
+
+
 def test_module_file_in_a_package_keeps_relative_imports(tracking_uri, tmp_path):
     pkg = tmp_path / "fink_prep"
     write(pkg / "__init__.py", "")

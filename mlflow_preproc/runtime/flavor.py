@@ -230,20 +230,22 @@ def _write_requirements(path, captured, conda_env, pip_requirements, extra_pip_r
     if conda_env is not None:
         conda_env, pip_reqs, constraints = _process_conda_env(conda_env)
     else:
-        if pip_requirements is None and captured.requirements_file:
-            extra_pip_requirements = [
-                f"-r {captured.requirements_file}",
-                *_as_list(extra_pip_requirements),
-            ]
         if pip_requirements is not None:
             # MLflow drops the defaults when requirements are given; the runtime still needs them.
+            given = _requirement_names(_as_list(pip_requirements))
             pip_requirements = _as_list(pip_requirements) + [
-                r for r in runtime if not _names_package(pip_requirements, r)
-            ]
+                r for r in runtime if _requirement_name(r) not in given]
             default_reqs = None
         else:
             inferred = mlflow.models.infer_pip_requirements(path, FLAVOR_NAME, fallback=runtime)
             default_reqs = sorted(set(inferred).union(runtime))
+            if captured.requirements_file:
+                # The user's requirements.txt wins over the pins read off this interpreter: two
+                # pins of one package make MLflow refuse the model as "incompatible".
+                user = [f"-r {captured.requirements_file}"]
+                names = _requirement_names(user)
+                default_reqs = [r for r in default_reqs if _requirement_name(r) not in names]
+                extra_pip_requirements = [*user, *_as_list(extra_pip_requirements)]
         conda_env, pip_reqs, constraints = _process_pip_requirements(
             default_reqs, pip_requirements, extra_pip_requirements
         )
@@ -263,14 +265,23 @@ def _as_list(reqs: list[str] | str | None) -> list[str]:
     return list(reqs)
 
 
-def _names_package(reqs: list[str] | str, pinned: str) -> bool:
+def _requirement_name(line: str) -> str:
     import re
 
-    name = re.split(r"[=<>!~\[; ]", pinned, maxsplit=1)[0].lower().replace("_", "-")
-    return any(
-        re.split(r"[=<>!~\[; ]", r.strip(), maxsplit=1)[0].lower().replace("_", "-") == name
-        for r in _as_list(reqs)
-    )
+    return re.split(r"[=<>!~\[; @]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _requirement_names(lines: list[str]) -> set[str]:
+    """Package names of requirement lines; ``-r file`` lines are read."""
+    names = set()
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line.startswith(("-r ", "--requirement ")):
+            target = line.split(None, 1)[1]
+            names |= _requirement_names(Path(target).read_text().splitlines())
+        elif line and not line.startswith("-"):
+            names.add(_requirement_name(line))
+    return names
 
 
 def _package_version() -> str:

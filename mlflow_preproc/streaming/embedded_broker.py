@@ -67,14 +67,21 @@ class EmbeddedBroker:
         raise RuntimeError(f"the embedded broker did not listen within {timeout}s")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """Stop the broker (by PID) and remove its log, unless it died on its own: then the
+        log says why."""
+        if self.process is None:
             return
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
+        died = self.process.poll() is not None
+        if not died:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self._log.close()
+        if not died:
+            Path(self._log.name).unlink(missing_ok=True)
 
     def create_topics(self, *names: str, partitions: int = 1) -> None:
         """Create topics (idempotent) and wait until they exist."""
