@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                             description="Consume INPUT_TOPIC in a consumer group, run the "
                             "model's preprocessing, produce to OUTPUT_TOPIC (at least once).")
     stream.add_argument("-m", dest="MODEL_URI", help="same as --model-uri")
+    stream.add_argument("--model", dest="PREDICTION_MODEL_URI",
+                        help="same as --prediction-model-uri: predict in the same process")
     # The serving image's own: the model baked into it (MODEL_URI then only names it).
     stream.add_argument("--model-path", help=argparse.SUPPRESS)
     settings.add_arguments(stream, "stream")

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlflow_preproc.runtime.model_input import PAYLOAD_FORMATS
+
 # Kept here, not imported from runtime.formats: this module loads before anything heavy, so
 # the stream and bridge commands catch SIGTERM from their first fraction of a second.
 MESSAGE_FORMATS = ("json", "avro", "confluent-avro")
@@ -49,6 +51,13 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
     Setting("MODEL_URI", None, "MLflow URI of the preprocessing model (in an image, whose model "
             "is baked in, only its name in provenance headers and default topic and group "
             "names)", modes=("stream",), example="models:/fink-preproc/1"),
+    Setting("PREDICTION_MODEL_URI", None, "A model run in the same process on the preprocessed "
+            "features (any MLflow pyfunc, e.g. an sklearn classifier); the stream then produces "
+            "its predictions ({KEEP_FIELDS..., prediction})", modes=("stream",),
+            example="models:/fink-classifier/1"),
+    Setting("KEEP_FIELDS", "", "With PREDICTION_MODEL_URI: comma-separated field paths of the "
+            "input copied into each prediction record", modes=("stream",),
+            example="objectId,candid"),
     Setting("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092", "Kafka bootstrap servers",
             example="broker-1:9092,broker-2:9092"),
     Setting("KAFKA_SECURITY_PROTOCOL", None, "librdkafka security.protocol",
@@ -97,6 +106,9 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             example="http://127.0.0.1:8080"),
     Setting("API_ENDPOINT", "/invocations", "Model server scoring path", modes=("bridge",),
             example="/invocations"),
+    Setting("PAYLOAD_FORMAT", "auto", "How the bridge sends records to the model: auto (named "
+            "records as dataframe_split, feature vectors as instances) or one of MLflow's "
+            "scoring formats", choices=PAYLOAD_FORMATS, modes=("bridge",), example="inputs"),
     Setting("REQUEST_TIMEOUT_S", 30.0, "Timeout of one /invocations call", kind=float,
             modes=("bridge",), example="10"),
     Setting("METRICS_PORT", 0, "Port of the Prometheus /metrics and /healthz endpoint "
@@ -152,8 +164,12 @@ class Config:
                               f"variable), e.g. {env}={s.example}")
         return value
 
+    def comma_list(self, env: str) -> list[str]:
+        """A comma-separated setting as a list."""
+        return [p.strip() for p in (self.values.get(env) or "").split(",") if p.strip()]
+
     def drop_fields(self) -> list[str]:
-        paths = [p.strip() for p in self.values["DROP_FIELDS"].split(",") if p.strip()]
+        paths = self.comma_list("DROP_FIELDS")
         return paths + (list(ZTF_CUTOUTS) if self.values["SKIP_CUTOUTS"] else [])
 
 

@@ -109,34 +109,12 @@ def serve_model() -> Iterator:
 _TEST_IMAGE_PREFIXES = ("preprocessing-", "stock-prep-", "model-")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def remove_test_images():
-    """At the end of the session, remove the images this session built."""
-    try:
-        import docker
-
-        client = docker.from_env()
-        before = {image.id for image in client.images.list(all=True)}
-    except Exception:  # noqa: BLE001 -- no engine: nothing to clean
-        yield
-        return
-    yield
-    tagged = [image for image in client.images.list() if image.id not in before and (
-        image.labels.get("org.mlflow-preproc.model-uri")
-        or any(tag.startswith(_TEST_IMAGE_PREFIXES) for tag in image.tags))]
-    for image in tagged:  # their untagged build layers go with them
-        client.images.remove(image.id, force=True)
-    for image in client.images.list(filters={"dangling": True}):
-        if image.id not in before:  # left by rebuilds of one tag
-            try:
-                client.images.remove(image.id, force=True)
-            except docker.errors.APIError:
-                pass  # removed with its child meanwhile
-
-
 @pytest.fixture(scope="session")
 def docker_client():
-    """The local Docker engine; under CI=true a missing engine fails instead of skipping."""
+    """The local Docker engine; under CI=true a missing engine fails instead of skipping.
+
+    At the end of the session, the images built during it are removed (a session running
+    beside it on the same engine could lose its own: run one at a time)."""
     import docker
 
     try:
@@ -147,7 +125,37 @@ def docker_client():
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    return client
+    before = {image.id for image in client.images.list(all=True)}
+    yield client
+    tagged = [image for image in client.images.list() if image.id not in before and (
+        image.labels.get("org.mlflow-preproc.model-uri")
+        or any(tag.startswith(_TEST_IMAGE_PREFIXES) for tag in image.tags))]
+    dangling = [image for image in client.images.list(filters={"dangling": True})
+                if image.id not in before]  # left by rebuilds of one tag
+    for image in [*tagged, *dangling]:  # the build layers of each go with it
+        try:
+            client.images.remove(image.id, force=True)
+        except docker.errors.APIError:
+            pass  # removed with its child meanwhile, or in use by a container
+
+
+@pytest.fixture
+def deployments(docker_client):
+    """Names to deploy under with the preproc target; whatever is left is deleted by its
+    Docker label."""
+    import uuid
+
+    names = []
+
+    def make() -> str:
+        names.append(f"t{uuid.uuid4().hex[:8]}")
+        return names[-1]
+
+    yield make
+    for name in names:
+        for c in docker_client.containers.list(
+                all=True, filters={"label": f"org.mlflow-preproc.deployment={name}"}):
+            c.remove(force=True)
 
 
 # ---- Kafka: the embedded Tansu broker, real clients, real consumer groups -----------------

@@ -32,22 +32,6 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-@pytest.fixture
-def deployments(docker_client):
-    """Names to deploy under; whatever is left is deleted by its Docker label."""
-    names = []
-
-    def make() -> str:
-        names.append(f"t{uuid.uuid4().hex[:8]}")
-        return names[-1]
-
-    yield make
-    for name in names:
-        for c in docker_client.containers.list(
-                all=True, filters={"label": f"org.mlflow-preproc.deployment={name}"}):
-            c.remove(force=True)
-
-
 def test_deploy_serve_predict_stream_update_delete(tracking_uri, broker, deployments,
                                                    docker_client, tmp_path):
     with mlflow.start_run():

@@ -188,6 +188,7 @@ def test_log_model_leaves_the_callers_sys_path_and_modules_as_they_were(tracking
     trainer = tmp_path / "trainer"
     write(trainer / "processor.py", "WHO = 'the trainer'\n")
     sys.path.insert(0, str(trainer))
+    sys.modules.pop("processor", None)  # another test's model may have loaded one
     try:
         import processor
 
@@ -290,9 +291,10 @@ def test_predict_error_names_the_record_and_keeps_the_cause(tracking_uri):
     assert isinstance(err.value.__cause__, KeyError)
 
 
-def test_wrong_return_type_is_named(tracking_uri):
-    model = mlflow.pyfunc.load_model(log(lambda d: 42).model_uri)
-    with pytest.raises(RecordError, match="record 0: pre_processing returned a int; return a dict"):
+def test_a_return_value_that_mixes_records_and_values_is_named(tracking_uri):
+    model = mlflow.pyfunc.load_model(log(lambda d: [{"a": 1}, 2]).model_uri)
+    with pytest.raises(RecordError, match="record 0: pre_processing returned a list that mixes "
+                       "dicts and values"):
         model.predict([{}])
 
 

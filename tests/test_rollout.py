@@ -46,22 +46,6 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture
-def deployments(docker_client):
-    """Names to deploy under; whatever is left is deleted by its Docker label."""
-    names = []
-
-    def make() -> str:
-        names.append(f"r{uuid.uuid4().hex[:8]}")
-        return names[-1]
-
-    yield make
-    for name in names:
-        for c in docker_client.containers.list(
-                all=True, filters={"label": f"org.mlflow-preproc.deployment={name}"}):
-            c.remove(force=True)
-
-
-@pytest.fixture
 def registered(tracking_uri):
     """models:/roll-prep/1 (v1) and models:/roll-prep/2 (v2)."""
     for fn in (v1, v2):

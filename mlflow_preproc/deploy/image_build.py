@@ -24,13 +24,17 @@ from mlflow_preproc.runtime.model_identity import REGISTERED_MODEL_FILE
 MODEL_PATH = "/opt/ml/model"
 LABEL = "org.mlflow-preproc"
 
+PREDICTION_MODEL_PATH = "/opt/ml/prediction_model"
+
+# The requirements layers come before the models: a new model version with the same
+# requirements rebuilds from the cache in seconds.
 DOCKERFILE = """\
 FROM {base_image}
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 COPY model/requirements.txt /opt/ml/requirements.txt
-RUN python -m pip install --no-cache-dir -r /opt/ml/requirements.txt
+{prediction_requirements}RUN python -m pip install --no-cache-dir -r /opt/ml/requirements.txt{also}
 COPY model {model_path}
-ENV PYTHONPATH={model_path}/code
+{prediction_model}ENV PYTHONPATH={model_path}/code
 ENTRYPOINT ["python", "-m", "mlflow_preproc.image.entrypoint"]
 """
 
@@ -52,14 +56,28 @@ def model_python_version(model_dir: Path) -> str:
     return mlmodel["flavors"]["python_function"]["python_version"]
 
 
-def prepare_context(model_dir: Path, base_image: str, registered: dict | None) -> Path:
-    """A temporary build context: the model, its registry identity and the Dockerfile."""
+def prepare_context(model_dir: Path, base_image: str, registered: dict | None,
+                    prediction_model: tuple[Path, dict] | None = None) -> Path:
+    """A temporary build context: the model, its registry identity and the Dockerfile; with
+    ``prediction_model`` (its folder and identity), that model too, for one-hop predictions.
+    Both models' requirements are installed in one environment: if they conflict, the build
+    fails at its pip step, and the bridge (two images) is the way."""
     context = Path(tempfile.mkdtemp(prefix="mlflow-preproc-build-"))
     shutil.copytree(model_dir, context / "model", ignore=shutil.ignore_patterns("__pycache__"))
     if registered:
         (context / "model" / REGISTERED_MODEL_FILE).write_text(json.dumps(registered))
+    parts = {"prediction_requirements": "", "also": "", "prediction_model": ""}
+    if prediction_model is not None:
+        folder, identity = prediction_model
+        shutil.copytree(folder, context / "prediction_model",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (context / "prediction_model" / REGISTERED_MODEL_FILE).write_text(json.dumps(identity))
+        parts = {"prediction_requirements": "COPY prediction_model/requirements.txt "
+                                            "/opt/ml/prediction-requirements.txt\n",
+                 "also": " -r /opt/ml/prediction-requirements.txt",
+                 "prediction_model": f"COPY prediction_model {PREDICTION_MODEL_PATH}\n"}
     (context / "Dockerfile").write_text(DOCKERFILE.format(base_image=base_image,
-                                                          model_path=MODEL_PATH))
+                                                          model_path=MODEL_PATH, **parts))
     return context
 
 

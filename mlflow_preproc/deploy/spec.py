@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 from mlflow_preproc import config as settings
-from mlflow_preproc.deploy.image_build import LABEL
+from mlflow_preproc.deploy.image_build import LABEL, PREDICTION_MODEL_PATH
 from mlflow_preproc.deploy.options import CONSUMING_MODES, SERVING_MODES, mounts
 from mlflow_preproc.runtime.model_identity import ModelIdentity
 
@@ -34,6 +34,7 @@ class Deployment:
     image: str
     options: dict[str, str]
     revision: int = 1
+    prediction_identity: ModelIdentity | None = None  # a model baked in for one-hop predictions
 
     @property
     def mode(self) -> str:
@@ -115,6 +116,8 @@ def container_spec(d: Deployment, replica: int, rest_port: int,
             env[key[len("env."):]] = value
     if d.consuming and metrics_port:
         env["METRICS_PORT"] = str(metrics_port)
+    if d.options.get("prediction_model_uri"):
+        env["PREDICTION_MODEL_URI"] = PREDICTION_MODEL_PATH  # baked into the image
     labels = {DEPLOYMENT_LABEL: d.name, REVISION_LABEL: str(d.revision),
               f"{LABEL}.model-uri": d.model_uri, f"{LABEL}.image": d.image,
               f"{LABEL}.mode": d.mode, f"{LABEL}.port": str(rest_port),

@@ -243,14 +243,21 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         started = time.monotonic()
         tail: deque[str] = deque(maxlen=25)
         workdir = Path(tempfile.mkdtemp(prefix="mlflow-preproc-model-"))
+        (workdir / "model").mkdir()
+        (workdir / "predict").mkdir()
         try:
             with _no_download_bars():
                 model_dir = Path(mlflow.artifacts.download_artifacts(
-                    d.identity.download_uri, dst_path=str(workdir)))
+                    d.identity.download_uri, dst_path=str(workdir / "model")))
+                prediction_model = None
+                if d.prediction_identity is not None:
+                    prediction_model = (Path(mlflow.artifacts.download_artifacts(
+                        d.prediction_identity.download_uri, dst_path=str(workdir / "predict"))),
+                        _identity_json(d.prediction_identity))
             base = d.options.get("base_image") or \
                 f"python:{d.options.get('python_version') or model_python_version(model_dir)}-slim"
-            context = prepare_context(model_dir, base, {
-                "uri": d.identity.uri, "name": d.identity.name, "version": d.identity.version})
+            context = prepare_context(model_dir, base, _identity_json(d.identity),
+                                      prediction_model)
             try:
                 build_image(self._docker, context, d.image, {f"{LABEL}.model-uri": d.identity.uri},
                             network_mode=d.options["network_mode"],
@@ -288,11 +295,18 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             raise DeploymentError(str(exc)) from None
         self._require_preprocessing(model_uri, identity.download_uri)
         options = with_stream_defaults(name, identity, options)
+        prediction_identity = None
+        if options.get("prediction_model_uri"):
+            try:  # baked into the image with the preprocessing model (one hop)
+                prediction_identity = resolve_model(options["prediction_model_uri"])
+            except ModelNotFound as exc:
+                raise DeploymentError(str(exc)) from None
         default_repo = (f"preprocessing-{identity.name}-{identity.version}"
                         if identity.name else f"preprocessing-{name}")
         image = f"{docker_reference(options.get('image') or default_repo)}:" \
                 f"{options.get('tag') or 'latest'}"
-        return Deployment(name, model_uri, identity, image, options, revision)
+        return Deployment(name, model_uri, identity, image, options, revision,
+                          prediction_identity)
 
     def _specs(self, d: Deployment) -> list[ContainerSpec]:
         base_port = int(d.options["port"])
@@ -437,6 +451,10 @@ class PreprocDeploymentClient(BaseDeploymentClient):
     def _not_found(name: str) -> DeploymentError:
         return DeploymentError(f"no deployment named {name}; mlflow deployments list -t "
                                "preproc shows the deployments")
+
+
+def _identity_json(identity) -> dict:
+    return {"uri": identity.uri, "name": identity.name, "version": identity.version}
 
 
 def _check_topics(cfg: settings.Config, mode: str) -> None:

@@ -30,6 +30,7 @@ import mlflow
 from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelInputExample, ModelSignature
+from mlflow.types import ColSpec, Schema
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import _save_example
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -93,6 +94,7 @@ def save_model(
     pre_processing: Callable | str | os.PathLike,
     path: str,
     batch_format: str | None = None,
+    feature_names: list[str] | None = None,
     avro_schema: str | os.PathLike | dict | None = None,
     output_avro_schema: str | os.PathLike | dict | None = None,
     conda_env: dict | str | None = None,
@@ -113,6 +115,10 @@ def save_model(
         path: Local path where the model is to be saved; must not exist or be empty.
         batch_format: ``None`` (default) calls ``pre_processing`` once per record (a dict);
             ``"records"`` passes a list of records, ``"pandas"`` a DataFrame (see README.md).
+        feature_names: Names of the values of the feature vector ``pre_processing`` returns,
+            in order (default: the ``FEATURE_NAMES`` list of its module). Each vector becomes
+            the record ``{name: value}``; the signature gets one output column per name and,
+            unless ``output_avro_schema`` is given, an Avro output schema is derived.
         avro_schema: Avro schema of the input records (dict, JSON string or ``.avsc`` path),
             stored with the model so streams of schemaless Avro can be decoded.
         output_avro_schema: Avro schema of the output records, for Avro output.
@@ -144,14 +150,28 @@ def save_model(
         input_example = [input_example]
 
     _validate_and_prepare_target_save_path(path)
+    example_outputs = None
     try:
         captured = code_capture.capture(pre_processing, path)
-        if input_example is not None:
-            with code_capture.caller_imports_kept():
-                _check_runs_on_example(path, captured, batch_format, input_example)
+        with code_capture.caller_imports_kept():
+            # A function's module is where FEATURE_NAMES lives; its pickled copy keeps only
+            # the globals the function uses. The example runs on what was captured.
+            loaded = None if callable(pre_processing) else \
+                code_capture.load(path, captured.to_conf())
+            feature_names = _feature_names(feature_names, loaded or pre_processing)
+            if input_example is not None:
+                example_outputs = _check_runs_on_example(
+                    loaded or code_capture.load(path, captured.to_conf()), batch_format,
+                    feature_names, input_example)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # don't leave a half-written model behind
         raise
+    if feature_names:
+        types = _feature_types(feature_names, example_outputs)
+        signature = signature or ModelSignature(outputs=Schema(
+            [ColSpec(t, name) for name, t in types.items()]))
+        if output_schema is None:
+            output_schema = _derived_avro_schema(types)
 
     code_dir_subpath = _validate_and_copy_code_paths(code_paths, path) or "code"
     _copy_runtime(Path(path, code_dir_subpath, _PACKAGE_DIR.name))
@@ -173,6 +193,8 @@ def save_model(
         "batch_format": batch_format,
         "mlflow_preproc_version": _package_version(),
     }
+    if feature_names:
+        flavor_conf["feature_names"] = feature_names
     for schema, filename, key in (
         (input_schema, _INPUT_SCHEMA_FILE, "avro_schema"),
         (output_schema, _OUTPUT_SCHEMA_FILE, "output_avro_schema"),
@@ -213,16 +235,63 @@ def _load_schema_arg(source: Any, name: str) -> dict | None:
         raise MlflowException(f"{name}: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
 
 
-def _check_runs_on_example(path, captured, batch_format, input_example) -> None:
-    fn = code_capture.load(path, captured.to_conf())
+def _check_runs_on_example(fn, batch_format, feature_names, input_example) -> list[Any]:
     try:
-        Preprocessor(fn, batch_format).process(as_records(input_example))
+        outputs = Preprocessor(fn, batch_format, feature_names).process(
+            as_records(input_example))
     except (RecordError, TypeError) as exc:
         raise MlflowException(
             f"pre_processing fails on the input example, {exc}; fix the function, or pass an "
             "input_example it can process",
             error_code=INVALID_PARAMETER_VALUE,
         ) from exc
+    return [out for per_input in outputs for out in per_input]
+
+
+def _feature_names(given: list[str] | None, fn: Callable) -> list[str] | None:
+    # FEATURE_NAMES beside pre_processing in its module, as the Fink pipeline writes it.
+    names = given if given is not None else getattr(fn, "__globals__", {}).get("FEATURE_NAMES")
+    if names is None:
+        return None
+    where = "feature_names" if given is not None else "FEATURE_NAMES"
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise MlflowException(f"{where} must be a list of non-empty strings, e.g. "
+                              "['magpsf', 'sigmapsf']", error_code=INVALID_PARAMETER_VALUE)
+    names = list(names)
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise MlflowException(f"{where} names {', '.join(duplicates)} more than once; each "
+                              "value of the vector needs a name of its own",
+                              error_code=INVALID_PARAMETER_VALUE)
+    return names
+
+
+_COLUMN_TYPES = ((bool, "boolean"), (int, "long"), (float, "double"), (str, "string"))
+
+
+def _feature_types(names: list[str], example_outputs: list[Any] | None) -> dict[str, str]:
+    """Per name, the type of its values in the example's outputs (default double)."""
+    types = dict.fromkeys(names, "double")
+    for record in example_outputs or []:
+        for name in names:
+            value = to_jsonable(record.get(name)) if isinstance(record, dict) else None
+            for kind, column_type in _COLUMN_TYPES:
+                if isinstance(value, kind):
+                    types[name] = column_type
+                    break
+    return types
+
+
+def _derived_avro_schema(types: dict[str, str]) -> dict | None:
+    import re
+
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) for name in types):
+        _logger.warning("no Avro output schema derived: Avro field names allow only letters, "
+                        "digits and _; pass output_avro_schema for Avro output")
+        return None
+    # Nullable: a feature that cannot be computed for an alert is commonly None (or NaN).
+    return {"type": "record", "name": "Features", "namespace": "mlflow_preproc",
+            "fields": [{"name": name, "type": ["null", t]} for name, t in types.items()]}
 
 
 def _write_requirements(path, captured, conda_env, pip_requirements, extra_pip_requirements):
@@ -294,6 +363,7 @@ def log_model(
     pre_processing: Callable | str | os.PathLike,
     artifact_path: str | None = None,
     batch_format: str | None = None,
+    feature_names: list[str] | None = None,
     avro_schema: str | os.PathLike | dict | None = None,
     output_avro_schema: str | os.PathLike | dict | None = None,
     conda_env: dict | str | None = None,
@@ -345,6 +415,7 @@ def log_model(
             flavor=sys.modules[__name__],
             pre_processing=pre_processing,
             batch_format=batch_format,
+            feature_names=feature_names,
             avro_schema=avro_schema,
             output_avro_schema=output_avro_schema,
             conda_env=conda_env,
@@ -403,7 +474,7 @@ def _load_from_dir(model_dir: str) -> LoadedPreprocessing:
         return json.loads(Path(model_dir, name).read_text()) if name else None
 
     return LoadedPreprocessing(
-        Preprocessor(fn, conf.get("batch_format")),
+        Preprocessor(fn, conf.get("batch_format"), conf.get("feature_names")),
         model_dir,
         schema("avro_schema"),
         schema("output_avro_schema"),

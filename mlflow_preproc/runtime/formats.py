@@ -84,7 +84,10 @@ class MessageDecoder:
         schema_dir: str | None = None,
         registry_url: str | None = None,
         registry_config: dict | None = None,
+        any_json: bool = False,
     ):
+        """``any_json``: a JSON message may hold any value (a feature vector for a model),
+        not only an object (a record to preprocess)."""
         if fmt not in ("json", "avro", "confluent-avro"):
             raise ValueError(f"input format {fmt!r} is not supported for Kafka messages; use "
                              "json, avro or confluent-avro")
@@ -92,6 +95,7 @@ class MessageDecoder:
             raise ValueError("confluent-avro input needs SCHEMA_REGISTRY_URL or "
                              "AVRO_SCHEMA_DIR (a folder of <schema id>.avsc files)")
         self.fmt = fmt
+        self.any_json = any_json
         self._schema = fastavro.parse_schema(schema) if schema else None
         self._by_id = _SchemaById(schema_dir, registry_url, registry_config)
         self._containers = _ContainerReader()
@@ -100,7 +104,7 @@ class MessageDecoder:
         if value is None:
             raise DecodeError("the message has no value (a tombstone); nothing to preprocess")
         if self.fmt == "json":
-            return [_json_object(value)]
+            return [_json_value(value) if self.any_json else _json_object(value)]
         if self.fmt == "avro":
             if value[:4] == _OCF_MAGIC:
                 return self._containers.read(value)
@@ -115,6 +119,13 @@ class MessageDecoder:
                               "and a 4-byte schema id); check INPUT_FORMAT")
         (schema_id,) = struct.unpack(">I", value[1:5])
         return [_schemaless(value[5:], self._by_id.get(schema_id))]
+
+
+def _json_value(value: bytes) -> Any:
+    try:
+        return loads(value)
+    except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+        raise DecodeError(f"the message is not valid JSON ({exc}); check INPUT_FORMAT") from None
 
 
 def _json_object(value: bytes) -> Record:

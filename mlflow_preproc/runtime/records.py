@@ -1,11 +1,25 @@
 """The record contract: how ``pre_processing`` is called and what it may return.
 
-Per-record mode (the default): ``pre_processing(record)`` is called once per record, a ``dict``,
-and returns a ``dict``, ``None`` to drop the record, or a list of dicts to fan it out.
+Per-record mode (the default): ``pre_processing(record)`` is called once per record, a ``dict``.
+What it returns stands for the outputs of that record:
+
+==========================================================  =================================
+``pre_processing`` returns                                  outputs
+==========================================================  =================================
+a dict                                                      that record
+``None``, or an empty list / tuple / array                  none: the record is dropped
+a list or tuple of dicts                                    one per dict (fan-out)
+a list, tuple or 1-d numpy array of numbers, booleans or    one: a feature vector; with feature
+strings (``None`` allowed)                                  names, the record ``{name: value}``
+any other JSON value (a number, a string, a nested list)    one: that value
+==========================================================  =================================
+
+Feature names (``log_model(..., feature_names=[...])`` or a module-level ``FEATURE_NAMES``) name
+each value of a vector, in order; a vector of another length is that record's error.
 
 Batch mode (``batch_format="records"`` or ``"pandas"`` at log time): ``pre_processing`` receives
-the whole batch, a list of dicts or a pandas DataFrame, and returns a list with one entry per
-input (each a dict, ``None`` or a list of dicts) or a DataFrame whose index labels point back at
+the whole batch, a list of dicts or a pandas DataFrame, and returns a list (or a 2-d array)
+with one entry per input, each read as above, or a DataFrame whose index labels point back at
 the input rows it came from (filtering rows keeps their labels, so dropped records just vanish).
 
 Every mode (pyfunc, file runs, Kafka) goes through :class:`Preprocessor`, so a record gives the
@@ -51,21 +65,23 @@ class RecordError(MlflowException):
 class Preprocessor:
     """Applies a user's ``pre_processing`` function under the record contract."""
 
-    def __init__(self, fn: Callable[[Any], Any], batch_format: str | None = None):
+    def __init__(self, fn: Callable[[Any], Any], batch_format: str | None = None,
+                 feature_names: Sequence[str] | None = None):
         if batch_format not in BATCH_FORMATS:
             raise ValueError(
                 f"batch_format={batch_format!r} is not supported; use one of {BATCH_FORMATS}"
             )
         self.fn = fn
         self.batch_format = batch_format
+        self.feature_names = list(feature_names) if feature_names else None
 
-    def process(self, records: Sequence[Record]) -> list[list[Record]]:
+    def process(self, records: Sequence[Record]) -> list[list[Any]]:
         """Return the outputs of each input record; raise :class:`RecordError` on a failure."""
         if self.batch_format is None:
             return [self._call_one(i, r) for i, r in enumerate(records)]
         return self._call_batch(records)
 
-    def process_each(self, records: Sequence[Record]) -> list[list[Record] | RecordError]:
+    def process_each(self, records: Sequence[Record]) -> list[list[Any] | RecordError]:
         """Like :meth:`process`, but a failing record yields its error instead of raising.
 
         Streaming uses this so one poison record goes to the dead-letter topic while the rest
@@ -77,7 +93,7 @@ class Preprocessor:
                 return list(self._call_batch(records))
             except RecordError:
                 pass
-        results: list[list[Record] | RecordError] = []
+        results: list[list[Any] | RecordError] = []
         for i, record in enumerate(records):
             try:
                 if self.batch_format is None:
@@ -88,14 +104,14 @@ class Preprocessor:
                 results.append(err.at(i))
         return results
 
-    def _call_one(self, index: int, record: Record) -> list[Record]:
+    def _call_one(self, index: int, record: Record) -> list[Any]:
         try:
             out = self.fn(record)
         except Exception as exc:
             raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
-        return normalise_output(out, index)
+        return normalise_output(out, index, self.feature_names)
 
-    def _call_batch(self, records: Sequence[Record]) -> list[list[Record]]:
+    def _call_batch(self, records: Sequence[Record]) -> list[list[Any]]:
         if self.batch_format == "pandas":
             import pandas as pd
 
@@ -107,31 +123,49 @@ class Preprocessor:
         except Exception as exc:
             index = 0 if len(records) == 1 else None
             raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
-        return _split_batch_output(out, len(records))
+        return _split_batch_output(out, len(records), self.feature_names)
 
 
-def normalise_output(out: Any, index: int) -> list[Record]:
-    """Map one call's return value to the list of records it stands for."""
+_SCALARS = (str, int, float, bool)
+
+
+def normalise_output(out: Any, index: int, feature_names: list[str] | None = None) -> list[Any]:
+    """Map one call's return value to the list of outputs it stands for (see the table)."""
+    if type(out) is dict:  # the common cases first: this runs for every record
+        return [out]
     if out is None:
         return []
-    if type(out) is dict:  # the common case first: this runs for every record
-        return [out]
     if isinstance(out, Mapping):
         return [dict(out)]
-    if isinstance(out, (list, tuple)) and all(isinstance(o, Mapping) for o in out):
-        return [dict(o) for o in out]
     if _is_dataframe(out):
         return out.to_dict(orient="records")
-    raise RecordError(
-        index,
-        f"pre_processing returned a {type(out).__name__}; "
-        "return a dict, None (to drop the record) or a list of dicts (to fan it out)",
-    )
+    if type(out).__name__ == "ndarray":
+        out = out.tolist()  # a 1-d array is a vector, a 0-d one a scalar
+    if isinstance(out, (list, tuple)):
+        if not out:
+            return []
+        if all(isinstance(o, Mapping) for o in out):
+            return [dict(o) for o in out]
+        if any(isinstance(o, Mapping) for o in out):
+            raise RecordError(index, "pre_processing returned a list that mixes dicts and "
+                              "values; return a list of dicts (to fan out) or a list of "
+                              "values (one feature vector)")
+    return [_named(out, index, feature_names) if feature_names else out]
 
 
-def _split_batch_output(out: Any, n_inputs: int) -> list[list[Record]]:
+def _named(vector: Any, index: int, names: list[str]) -> dict[str, Any]:
+    values = list(vector) if isinstance(vector, (list, tuple)) else [vector]
+    if len(values) != len(names):
+        raise RecordError(index, f"pre_processing returned {len(values)} value(s) but "
+                          f"FEATURE_NAMES names {len(names)}; return one value per name, in "
+                          "the order of FEATURE_NAMES")
+    return dict(zip(names, values))
+
+
+def _split_batch_output(out: Any, n_inputs: int, feature_names: list[str] | None = None
+                        ) -> list[list[Any]]:
     if _is_dataframe(out):
-        grouped: list[list[Record]] = [[] for _ in range(n_inputs)]
+        grouped: list[list[Any]] = [[] for _ in range(n_inputs)]
         for label, row in zip(out.index, out.to_dict(orient="records")):
             if not (isinstance(label, int) or hasattr(label, "__index__")) or not 0 <= label < n_inputs:
                 raise RecordError(
@@ -142,14 +176,16 @@ def _split_batch_output(out: Any, n_inputs: int) -> list[list[Record]]:
                 )
             grouped[int(label)].append(row)
         return grouped
+    if type(out).__name__ == "ndarray" and out.ndim == 2:
+        out = list(out)  # one feature vector per input row
     if isinstance(out, (list, tuple)) and len(out) == n_inputs:
-        return [normalise_output(o, i) for i, o in enumerate(out)]
+        return [normalise_output(o, i, feature_names) for i, o in enumerate(out)]
     got = f"a list of {len(out)}" if isinstance(out, (list, tuple)) else type(out).__name__
     raise RecordError(
         None,
         f"in batch mode pre_processing returned {got} for {n_inputs} input records; return a "
-        "list with one entry per input (a dict, None or a list of dicts) or a DataFrame that "
-        "keeps the input's index",
+        "list with one entry per input (a dict, None, a list of dicts or a feature vector) or "
+        "a DataFrame that keeps the input's index",
     )
 
 

@@ -2,6 +2,10 @@
 
     message in -> decode (JSON) -> POST {API_URL}{API_ENDPOINT} in batches -> prediction out
 
+Named records go as ``dataframe_split`` (their keys are the columns), feature vectors as
+``instances`` (``PAYLOAD_FORMAT`` picks another of MLflow's scoring formats, e.g. ``inputs``
+for a tensor signature).
+
 Each prediction is produced keyed like its input. A model server that is down or answers 5xx
 is retried with backoff (nothing is committed meanwhile); a batch refused with 4xx is retried
 record by record, and the records the model refuses go to the dead-letter topic with the
@@ -20,12 +24,12 @@ from confluent_kafka import Message
 from mlflow_preproc.config import Config, ConfigError, sanitize_topic
 from mlflow_preproc.runtime.formats import MessageDecoder
 from mlflow_preproc.runtime.jsonable import dumps
+from mlflow_preproc.runtime.model_input import payload, per_record
 from mlflow_preproc.streaming.loop import Abandon, KafkaLoop
 from mlflow_preproc.streaming.shutdown import Shutdown
 
 logger = logging.getLogger("mlflow_preproc")
 
-PAYLOAD_KEY = "dataframe_records"  # MLflow scoring protocol: one record per row
 _MAX_BACKOFF_S = 10.0
 
 
@@ -47,7 +51,8 @@ class Bridge(KafkaLoop):
                          config["DLQ_TOPIC"], group, shutdown=shutdown)
         self.url = config.require("API_URL").rstrip("/") + config["API_ENDPOINT"]
         self.timeout = config["REQUEST_TIMEOUT_S"]
-        self.decoder = MessageDecoder(config["INPUT_FORMAT"])
+        self.payload_format = config["PAYLOAD_FORMAT"]
+        self.decoder = MessageDecoder(config["INPUT_FORMAT"], any_json=True)
         self.session = requests.Session()
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"API_URL={config['API_URL']!r} is not an http(s) URL; e.g. "
@@ -79,8 +84,8 @@ class Bridge(KafkaLoop):
                 continue
             self.produce(msg, [dumps(prediction)])
 
-    def _predict(self, records: list[dict]) -> list[Any]:
-        body = dumps({PAYLOAD_KEY: records})
+    def _predict(self, records: list[Any]) -> list[Any]:
+        body = dumps(payload(records, self.payload_format))
         delay = 0.5
         while True:
             try:
@@ -114,12 +119,10 @@ class Bridge(KafkaLoop):
         except (ValueError, KeyError, TypeError):
             raise ModelRejected(f"the model server's answer has no 'predictions' list: "
                                 f"{resp.text[:300]}") from None
-        if isinstance(predictions, dict):  # a DataFrame answer: {"col": [..], ...}
-            predictions = [dict(zip(predictions, row)) for row in zip(*predictions.values())]
-        if len(predictions) != expected:
-            raise ModelRejected(f"the model returned {len(predictions)} predictions for "
-                                f"{expected} records; a bridge needs one per record")
-        return predictions
+        try:
+            return per_record(predictions, expected)
+        except ValueError as exc:
+            raise ModelRejected(f"{exc}; a bridge needs one per record") from None
 
 
 def _message(resp: requests.Response) -> str:

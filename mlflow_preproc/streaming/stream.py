@@ -2,7 +2,11 @@
 
 Each batch goes through the data path top to bottom:
 
-    message in -> decode -> drop fields -> pre_processing -> encode -> message out
+    message in -> decode -> drop fields -> pre_processing [-> predict] -> encode -> message out
+
+With a prediction model (``PREDICTION_MODEL_URI``, ``--model``) the preprocessed features of the
+batch go to the model in the same process, and what is produced is one record per prediction:
+the ``KEEP_FIELDS`` of the input and the prediction.
 
 A message that fails at any stage goes to the dead-letter topic with the stage and the error;
 delivery, commits, rebalances and shutdown are :class:`~mlflow_preproc.streaming.loop.KafkaLoop`'s.
@@ -20,7 +24,13 @@ from mlflow_preproc.runtime.flavor import LoadedPreprocessing, load_preprocessin
 from mlflow_preproc.runtime.formats import EncodeError, MessageDecoder, MessageEncoder
 from mlflow_preproc.streaming.loop import KafkaLoop
 from mlflow_preproc.streaming.shutdown import Shutdown
-from mlflow_preproc.runtime.model_identity import ModelIdentity, local_identity, resolve_model
+from mlflow_preproc.runtime.model_identity import (
+    HEADER,
+    ModelIdentity,
+    local_identity,
+    resolve_model,
+)
+from mlflow_preproc.runtime.prediction import PredictionError, Predictor
 from mlflow_preproc.runtime.records import RecordError
 
 
@@ -30,12 +40,17 @@ class Stream(KafkaLoop):
     command = "stream"
 
     def __init__(self, config: Config, preprocessing: LoadedPreprocessing,
-                 identity: ModelIdentity, output_topic: str, shutdown: Shutdown | None = None):
+                 identity: ModelIdentity, output_topic: str, shutdown: Shutdown | None = None,
+                 predictor: Predictor | None = None):
         input_topic = config.require("INPUT_TOPIC")
+        headers = identity.headers()
+        if predictor is not None:
+            headers.append((HEADER + "prediction-model", predictor.uri.encode()))
         super().__init__(config, input_topic, output_topic, config["DLQ_TOPIC"],
                          config["CONSUMER_GROUP_ID"] or default_group(identity),
-                         extra_headers=identity.headers(), shutdown=shutdown)
+                         extra_headers=headers, shutdown=shutdown)
         self.preprocessor = preprocessing.preprocessor
+        self.predictor = predictor
         self.fields_to_drop = config.drop_fields()
         schema = _schema(config["AVRO_SCHEMA_PATH"]) or preprocessing.avro_schema
         out_schema = _schema(config["OUTPUT_AVRO_SCHEMA_PATH"]) or preprocessing.output_avro_schema
@@ -58,8 +73,12 @@ class Stream(KafkaLoop):
         else:
             identity = resolve_model(config.require("MODEL_URI"))
         preprocessing = load_preprocessing(identity.download_uri)
+        predictor = None
+        if config["PREDICTION_MODEL_URI"]:
+            predictor = Predictor.load(config["PREDICTION_MODEL_URI"],
+                                       config.comma_list("KEEP_FIELDS"))
         return cls(config, preprocessing, identity, default_output_topic(config, identity),
-                   shutdown)
+                   shutdown, predictor)
 
     def handle_batch(self, messages: Sequence[Message]) -> None:
         # decode, drop fields
@@ -68,12 +87,19 @@ class Stream(KafkaLoop):
         # pre_processing: the whole batch at once; a failing record fails alone
         results = self.preprocessor.process_each(records)
 
+        # predict, with a prediction model: every output of the batch at once
+        if self.predictor is not None:
+            results = self._predict(records, results)
+
         # encode and produce
         encode = self.encoder.encode
         dropped = 0
         for msg, result in zip(owners, results):
             if isinstance(result, RecordError):
                 self.dead_letter(msg, "preprocess", result)
+                continue
+            if isinstance(result, PredictionError):
+                self.dead_letter(msg, "predict", result)
                 continue
             if not result:
                 dropped += 1
@@ -85,6 +111,22 @@ class Stream(KafkaLoop):
                 continue
             self.produce(msg, values)
         self.stats.counts["dropped"] += dropped
+
+
+    def _predict(self, records: list, results: list) -> list:
+        features = [out for result in results if not isinstance(result, RecordError)
+                    for out in result]
+        predictions = iter(self.predictor.predict_each(features))
+        predicted: list = []
+        for record, result in zip(records, results):
+            if isinstance(result, RecordError):
+                predicted.append(result)
+                continue
+            mine = [next(predictions) for _ in result]
+            failed = next((p for p in mine if isinstance(p, PredictionError)), None)
+            predicted.append(failed or [self.predictor.output(record, features_, prediction)
+                                        for features_, prediction in zip(result, mine)])
+        return predicted
 
 
 def default_group(identity: ModelIdentity) -> str:
