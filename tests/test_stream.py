@@ -293,7 +293,7 @@ def test_output_the_broker_refuses_dead_letters_its_input_injected_delivery_erro
     from confluent_kafka import KafkaError, Message
 
     from mlflow_preproc import config
-    from mlflow_preproc.streaming.loop import KafkaLoop, _OnFailedDelivery
+    from mlflow_preproc.streaming.loop import KafkaLoop, _Delivery
 
     topic = unique("raw")
     broker.create_topics(topic)
@@ -302,7 +302,9 @@ def test_output_the_broker_refuses_dead_letters_its_input_injected_delivery_erro
     source = Message(topic=topic, partition=0, offset=7, key=b"k7", value=b'{"id": 7}',
                      headers=[("trace", b"t7")])
     try:
-        _OnFailedDelivery(loop, source)(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), None)
+        headers = [("trace", b"t7")]
+        _Delivery(loop, source, headers)(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE),
+                                         Message(topic=loop.output_topic, value=b"out"))
         assert loop.producer.flush(10) == 0
     finally:
         loop.consumer.close()
@@ -314,5 +316,6 @@ def test_output_the_broker_refuses_dead_letters_its_input_injected_delivery_erro
     assert h["trace"] == b"t7"
     assert h["x-preproc-stage"] == b"produce"
     assert b"Message size too large" in h["x-preproc-error"]
+    assert h["x-preproc-error-type"] == b"MSG_SIZE_TOO_LARGE"  # the broker's error code
     assert h["x-preproc-source"] == f"{topic}/0/7".encode()
     assert loop.stats.counts["failed"] == 1

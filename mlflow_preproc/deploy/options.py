@@ -49,16 +49,46 @@ OPTIONS: dict[str, Option] = {
                              "answers, every consumer joined its group) before a create is "
                              "undone or an update rolled back", "300"),
     "remove_image": Option("false", "delete only: also remove the image", "true"),
+    # Kubernetes (-C backend=kubernetes, or mlflow-preproc manifests)
+    "backend": Option("docker", "docker (containers on a Docker engine) or kubernetes "
+                      "(manifests applied with your kubeconfig)", "kubernetes"),
+    "namespace": Option("default", "Kubernetes namespace", "alerts"),
+    "kube_context": Option("the kubeconfig's current context", "kubeconfig context to use",
+                           "prod"),
+    "registry": Option("", "image registry to push to and pull from (Kubernetes)",
+                       "registry.example.org/fink"),
+    "push": Option("true", "Kubernetes: push the image to the registry after building it",
+                   "false"),
+    "autoscaling": Option("true", "kafka/both on Kubernetes: a KEDA ScaledObject scales on the "
+                          "consumer group's lag", "false"),
+    "lag_threshold": Option("100", "KEDA: target lag per replica", "500"),
+    "min_replicas": Option("1", "KEDA: fewest replicas", "0"),
+    "max_replicas": Option("the input topic's partitions", "KEDA: most replicas (never more "
+                           "than the partitions)", "8"),
+    "partitions": Option("read from the broker", "the input topic's partition count, when the "
+                         "broker cannot be reached from here", "12"),
+    "cpu_request": Option("", "Kubernetes resources.requests.cpu", "250m"),
+    "memory_request": Option("", "Kubernetes resources.requests.memory", "512Mi"),
+    "cpu_limit": Option("", "Kubernetes resources.limits.cpu", "1"),
+    "memory_limit": Option("", "Kubernetes resources.limits.memory", "1Gi"),
+    "service_monitor": Option("false", "Kubernetes: also a Prometheus Operator ServiceMonitor "
+                              "on /metrics", "true"),
 }
 PREFIXES = {
     "env.": "set a container environment variable; e.g. -C env.LOG_LEVEL=DEBUG",
-    "label.": "add a Docker label; e.g. -C label.team=alerts",
-    "mount.": "mount a host file or folder read-only; e.g. "
-              "-C mount./etc/kafka/client.properties=/home/me/client.properties",
+    "label.": "add a label (Docker, Kubernetes); e.g. -C label.team=alerts",
+    "mount.": "mount read-only: Docker, a host file or folder (-C "
+              "mount./etc/kafka/client.properties=/home/me/client.properties); Kubernetes, a "
+              "Secret or ConfigMap, or one key of it (-C mount./etc/kafka/ca.pem=secret:kafka/ca)",
+    "secret_env.": "Kubernetes: a container variable from a Secret's key; e.g. "
+                   "-C secret_env.LIBRDKAFKA_SASL_PASSWORD=kafka-user/password",
 }
 # Options with no fixed default: resolved from the model and the engine when absent.
-_DERIVED = ("image", "base_image", "python_version", "docker_host", "workers")
-_WHOLE_NUMBERS = ("port", "replicas", "consumers", "health_timeout")
+_DERIVED = ("image", "base_image", "python_version", "docker_host", "workers", "kube_context",
+            "max_replicas", "partitions")
+_WHOLE_NUMBERS = ("port", "replicas", "consumers", "health_timeout", "lag_threshold")
+_OPTIONAL_NUMBERS = ("max_replicas", "partitions")
+BACKENDS = ("docker", "kubernetes")
 
 
 class OptionError(ValueError):
@@ -87,24 +117,45 @@ def resolve(given: dict) -> dict[str, str]:
     resolved.update({k.lower() if k.lower() in known else k: v for k, v in given.items()})
     if resolved["mode"] not in MODES:
         raise OptionError(f"mode={resolved['mode']!r} is not one of {', '.join(MODES)}")
-    for key in _WHOLE_NUMBERS:
+    if resolved["backend"] not in BACKENDS:
+        raise OptionError(f"backend={resolved['backend']!r} is not one of {', '.join(BACKENDS)}")
+    for key in (*_WHOLE_NUMBERS, *(k for k in _OPTIONAL_NUMBERS if k in resolved)):
         if not (resolved[key].isascii() and resolved[key].isdigit()) or int(resolved[key]) < 1:
             raise OptionError(f"{key}={resolved[key]!r} is not a whole number of at least 1; "
                               f"e.g. -C {key}={OPTIONS[key].example}")
+    if not resolved["min_replicas"].isdigit():
+        raise OptionError(f"min_replicas={resolved['min_replicas']!r} is not a whole number")
+    kubernetes = resolved["backend"] == "kubernetes"
     for target, source in mounts(resolved).items():
         if not os.path.isabs(target):
             raise OptionError(f"mount.{target}: the path in the container must be absolute, "
                               f"e.g. -C mount./etc/kafka/client.properties={source}")
-        if not os.path.exists(source):
+        if kubernetes and not source.startswith(("secret:", "configmap:")):
+            raise OptionError(f"mount.{target}={source}: on Kubernetes a mount comes from a "
+                              f"Secret or ConfigMap; e.g. -C mount.{target}=secret:NAME or "
+                              f"secret:NAME/KEY")
+        if not kubernetes and not os.path.exists(source):
             raise OptionError(f"mount.{target}={source}: {source} does not exist on this host")
-    settings.parse_bool(resolved["no_cache"], "no_cache")
+    for name, ref in secret_env(resolved).items():
+        if ref.count("/") != 1 or not all(ref.split("/")):
+            raise OptionError(f"secret_env.{name}={ref}: name a Secret and its key, e.g. "
+                              f"-C secret_env.{name}=kafka-user/password")
+    for key in ("no_cache", "push", "autoscaling", "service_monitor"):
+        settings.parse_bool(resolved[key], key)
     return resolved
 
 
 def mounts(options: dict[str, str]) -> dict[str, str]:
-    """Container path -> absolute host path, from the ``mount.`` options."""
-    return {k[len("mount."):]: os.path.abspath(v) for k, v in options.items()
-            if k.startswith("mount.")}
+    """Container path -> source, from the ``mount.`` options: an absolute host path, or
+    ``secret:NAME[/KEY]`` / ``configmap:NAME[/KEY]`` on Kubernetes."""
+    return {k[len("mount."):]: v if v.startswith(("secret:", "configmap:")) else
+            os.path.abspath(v) for k, v in options.items() if k.startswith("mount.")}
+
+
+def secret_env(options: dict[str, str]) -> dict[str, str]:
+    """Variable -> ``secret/key``, from the ``secret_env.`` options."""
+    return {k[len("secret_env."):]: v for k, v in options.items()
+            if k.startswith("secret_env.")}
 
 
 def help_text() -> str:

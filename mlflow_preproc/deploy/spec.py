@@ -158,6 +158,9 @@ def _readable_config_file(env: dict[str, str], container_mounts: dict[str, str])
         return env
     for target, source in container_mounts.items():
         if path == target or path.startswith(target.rstrip("/") + "/"):
+            if source.startswith(("secret:", "configmap:")):
+                # On Kubernetes the file is in the cluster: checked by the pod, not here.
+                return {k: v for k, v in env.items() if k != "KAFKA_CONFIG_FILE"}
             return {**env, "KAFKA_CONFIG_FILE": source + path[len(target):]}
     raise settings.ConfigError(
         f"KAFKA_CONFIG_FILE={path} is not mounted into the container; add "

@@ -117,6 +117,11 @@ class PreprocDeploymentClient(BaseDeploymentClient):
     def __init__(self, target_uri: str):
         super().__init__(target_uri)
         _, _, rest = target_uri.partition(":/")
+        # preproc:/kubernetes[/namespace] reads Kubernetes (get and list take no -C keys)
+        self._kube_namespace = None
+        if rest == "kubernetes" or rest.startswith("kubernetes/"):
+            self._kube_namespace = rest.partition("/")[2] or "default"
+            rest = ""
         self._docker_host = rest or None
         self._client = None
 
@@ -124,6 +129,8 @@ class PreprocDeploymentClient(BaseDeploymentClient):
 
     def create_deployment(self, name: str, model_uri: str, flavor: str | None = None,
                           config: dict | None = None, endpoint: str | None = None) -> dict:
+        if self._on_kubernetes(config):
+            return self._apply_on_kubernetes(name, model_uri, flavor, config or {}, create=True)
         options = self._options(flavor, config)
         if self._backend.containers(name):
             raise DeploymentError(f"a deployment named {name} already exists; use mlflow "
@@ -146,6 +153,9 @@ class PreprocDeploymentClient(BaseDeploymentClient):
     def update_deployment(self, name: str, model_uri: str | None = None,
                           flavor: str | None = None, config: dict | None = None,
                           endpoint: str | None = None) -> dict:
+        if self._on_kubernetes(config):
+            return self._apply_on_kubernetes(name, model_uri, flavor, config or {},
+                                             create=False)
         old = self._backend.current(name)
         if not old:
             raise self._not_found(name)
@@ -165,6 +175,12 @@ class PreprocDeploymentClient(BaseDeploymentClient):
 
     def delete_deployment(self, name: str, config: dict | None = None,
                           endpoint: str | None = None) -> None:
+        if self._on_kubernetes(config):
+            kube = self._kube(self._options(None, {"backend": "kubernetes",
+                                                   **self._kube_options(), **(config or {})}))
+            if not _k8s(kube.delete, name):
+                raise self._not_found(name)
+            return None
         containers = self._backend.containers(name)  # every revision
         if not containers:
             raise self._not_found(name)
@@ -175,10 +191,23 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             self._docker.images.remove(image)
 
     def list_deployments(self, endpoint: str | None = None) -> list[dict]:
+        if self._kube_namespace is not None:
+            from mlflow_preproc.deploy.kubernetes_backend import summary
+
+            return [summary(o) for o in _k8s(self._kube(
+                self._options(None, {"backend": "kubernetes", **self._kube_options()})).list)]
         names = sorted({c.labels[f"{LABEL}.deployment"] for c in self._backend.containers()})
         return [self.get_deployment(n) for n in names]
 
     def get_deployment(self, name: str, endpoint: str | None = None) -> dict:
+        if self._kube_namespace is not None:
+            from mlflow_preproc.deploy.kubernetes_backend import summary
+
+            found = _k8s(self._kube(self._options(
+                None, {"backend": "kubernetes", **self._kube_options()})).get, name)
+            if found is None:
+                raise self._not_found(name)
+            return summary(found)
         containers = self._backend.current(name)
         if not containers:
             raise self._not_found(name)
@@ -305,6 +334,8 @@ class PreprocDeploymentClient(BaseDeploymentClient):
                         if identity.name else f"preprocessing-{name}")
         image = f"{docker_reference(options.get('image') or default_repo)}:" \
                 f"{options.get('tag') or 'latest'}"
+        if options.get("registry"):
+            image = f"{options['registry'].rstrip('/')}/{image}"
         return Deployment(name, model_uri, identity, image, options, revision,
                           prediction_identity)
 
@@ -348,17 +379,14 @@ class PreprocDeploymentClient(BaseDeploymentClient):
 
     @staticmethod
     def _require_preprocessing(model_uri: str, download_uri: str) -> None:
-        import mlflow
-        import yaml
+        from mlflow.models import get_model_info
 
-        with tempfile.TemporaryDirectory() as tmp, _no_download_bars():
-            try:
-                path = mlflow.artifacts.download_artifacts(
-                    f"{download_uri.rstrip('/')}/MLmodel", dst_path=tmp)
+        with _no_download_bars():
+            try:  # reads the MLmodel file only, for every kind of model URI
+                flavors = get_model_info(download_uri).flavors
             except MlflowException as exc:
                 raise DeploymentError(f"cannot download {model_uri}: "
                                       f"{exc.message.splitlines()[0]}") from None
-            flavors = yaml.safe_load(Path(path).read_text()).get("flavors", {})
         if FLAVOR not in flavors:
             raise DeploymentError(
                 f"{model_uri} is not a preprocessing model (its flavors: "
@@ -423,6 +451,83 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         finally:
             container.remove(force=True)
 
+    # ---- Kubernetes ----------------------------------------------------------------------------
+
+    def manifests(self, name: str, model_uri: str, config: dict | None = None) -> list[dict]:
+        """The Kubernetes objects ``create -C backend=kubernetes`` would apply."""
+        return self._kubernetes_objects(self._plan(name, model_uri, self._options(
+            None, {**(config or {}), "backend": "kubernetes"})))
+
+    def _kubernetes_objects(self, d: Deployment) -> list[dict]:
+        from mlflow_preproc.deploy.manifests import kubernetes_spec, render
+
+        if d.mode == "run":
+            raise DeploymentError("mode=run reads stdin, which a Kubernetes Deployment has "
+                                  "none of; use serve, kafka, both or bridge")
+        try:
+            consumer = check_settings(kubernetes_spec(d))
+        except settings.ConfigError as exc:
+            raise DeploymentError(str(exc)) from None
+        partitions = int(d.options["partitions"]) if d.options.get("partitions") else None
+        autoscaled = d.mode in ("kafka", "both") and settings.parse_bool(
+            d.options["autoscaling"], "autoscaling")
+        if autoscaled and partitions is None:
+            partitions = _partitions_if_reachable(consumer)
+        try:
+            return render(d, partitions)
+        except ValueError as exc:
+            raise DeploymentError(str(exc)) from None
+
+    def _apply_on_kubernetes(self, name: str, model_uri: str | None, flavor: str | None,
+                             given: dict, create: bool) -> dict:
+        from mlflow_preproc.deploy.kubernetes_backend import summary
+
+        given = {**given, "backend": "kubernetes"}
+        if self._kube_namespace is not None:
+            given.setdefault("namespace", self._kube_namespace)
+        options = self._options(flavor, given)
+        kube = self._kube(options)
+        current = _k8s(kube.get, name)
+        if create and current is not None:
+            raise DeploymentError(f"a deployment named {name} already exists in namespace "
+                                  f"{options['namespace']}; use mlflow deployments update")
+        revision = 1
+        if not create:
+            if current is None:
+                raise self._not_found(name)
+            before = summary(current)  # what it runs now, kept unless given again
+            options = self._options(flavor, {**before["config"], **given})
+            model_uri = model_uri or before["model_uri"]
+            revision = before["revision"] + 1
+        d = self._plan(name, model_uri, options, revision)
+        objects = self._kubernetes_objects(d)  # checked before anything is built
+        self._build(d)
+        if d.options.get("registry") and settings.parse_bool(d.options["push"], "push"):
+            self._push(d.image)
+        _step(3, f"applying {len(objects)} objects to namespace {d.options['namespace']}")
+        _k8s(kube.apply, objects)
+        return summary(_k8s(kube.get, name))
+
+    def _push(self, image: str) -> None:
+        repository, _, tag = image.rpartition(":")
+        _step(2, f"pushing {image}")
+        for chunk in self._docker.images.push(repository, tag=tag, stream=True, decode=True):
+            if "error" in chunk:
+                raise DeploymentError(f"cannot push {image}: {chunk['error']}; check -C "
+                                      "registry=... and docker login")
+
+    def _kube(self, options: dict):
+        from mlflow_preproc.deploy.kubernetes_backend import KubernetesBackend, api_client
+
+        return KubernetesBackend(_k8s(api_client, options.get("kube_context")),
+                                 options["namespace"])
+
+    def _kube_options(self) -> dict:
+        return {"namespace": self._kube_namespace or "default"}
+
+    def _on_kubernetes(self, config: dict | None) -> bool:
+        return self._kube_namespace is not None or (config or {}).get("backend") == "kubernetes"
+
     # ---- helpers -------------------------------------------------------------------------------
 
     @property
@@ -451,6 +556,33 @@ class PreprocDeploymentClient(BaseDeploymentClient):
     def _not_found(name: str) -> DeploymentError:
         return DeploymentError(f"no deployment named {name}; mlflow deployments list -t "
                                "preproc shows the deployments")
+
+
+def _k8s(call, *args):
+    """A Kubernetes backend call, its errors as one ``Error:`` line."""
+    from mlflow_preproc.deploy.kubernetes_backend import KubernetesError
+
+    try:
+        return call(*args)
+    except KubernetesError as exc:
+        raise DeploymentError(str(exc)) from None
+
+
+def _partitions_if_reachable(cfg: settings.Config) -> int | None:
+    """The input topic's partition count, if this machine reaches the broker (a cluster's
+    broker often answers only inside the cluster: then the autoscaler is not capped here)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        admin = AdminClient({**cfg.kafka, "logger": _quiet_logger()})
+        topic = admin.list_topics(topic=cfg["INPUT_TOPIC"], timeout=5).topics.get(
+            cfg["INPUT_TOPIC"])
+    except KafkaException:
+        topic = None
+    if topic is None or topic.error is not None:
+        return None
+    return len(topic.partitions)
 
 
 def _identity_json(identity) -> dict:
