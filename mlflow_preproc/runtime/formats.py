@@ -103,7 +103,8 @@ class MessageDecoder:
         self.fmt = fmt
         self._skip = frozenset(name for name in skip if "." not in name)
         self._reader = _RecordReader(schema, self._skip) if schema else None
-        self._by_id = _SchemaById(schema_dir, registry_url, registry_config, self._skip)
+        self._by_id = _SchemaById(schema_dir, registry_url, registry_config)
+        self._readers_by_id: dict[int, _RecordReader] = {}
         self._containers = _ContainerReader(self._skip)
 
     def decode(self, value: bytes | None) -> list[Record]:
@@ -124,7 +125,11 @@ class MessageDecoder:
             raise DecodeError("the message is not in the Confluent wire format (magic byte 0 "
                               "and a 4-byte schema id); check INPUT_FORMAT")
         (schema_id,) = struct.unpack(">I", value[1:5])
-        return [_schemaless(value[5:], self._by_id.get(schema_id))]
+        reader = self._readers_by_id.get(schema_id)
+        if reader is None:
+            reader = self._readers_by_id[schema_id] = _RecordReader(self._by_id.get(schema_id),
+                                                                    self._skip)
+        return [_schemaless(value[5:], reader)]
 
 
 def _json_object(value: bytes) -> Record:
@@ -164,8 +169,9 @@ class _RecordReader:
     """
 
     def __init__(self, writer_schema: dict | list | str, skip: Collection[str] = ()):
-        named: dict[str, Any] = {}
-        self.schema = fastavro.parse_schema(writer_schema, named_schemas=named)
+        """``writer_schema`` as JSON, or as ``fastavro.parse_schema`` returned it."""
+        self.schema = fastavro.parse_schema(writer_schema)  # returns a parsed one as it is
+        named = self.schema.get("__named_schemas", {}) if isinstance(self.schema, dict) else {}
         self._steps = _plan_steps(self.schema, frozenset(skip), named)
 
     def read(self, data: bytes, buf: io.BytesIO) -> Record:
@@ -416,17 +422,16 @@ class _SchemaById:
     """Schemas of the Confluent wire format: local ``<id>.avsc`` files, else the registry."""
 
     def __init__(self, schema_dir: str | None, registry_url: str | None,
-                 registry_config: dict | None, skip: Collection[str] = ()):
+                 registry_config: dict | None):
         self._dir = Path(schema_dir) if schema_dir else None
         self._registry_url = registry_url
         self._registry_config = registry_config or {}
-        self._skip = frozenset(skip)
         self._client = None
-        self._cache: dict[int, _RecordReader] = {}
+        self._cache: dict[int, dict] = {}
 
-    def get(self, schema_id: int) -> _RecordReader:
+    def get(self, schema_id: int) -> dict:
         if schema_id not in self._cache:
-            self._cache[schema_id] = _RecordReader(self._fetch(schema_id), self._skip)
+            self._cache[schema_id] = fastavro.parse_schema(self._fetch(schema_id))
         return self._cache[schema_id]
 
     def _fetch(self, schema_id: int) -> dict:
