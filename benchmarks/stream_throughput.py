@@ -625,8 +625,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="JSON records for (a), (a'), (c), (q), (s*) (default 200000)")
     p.add_argument("--naive-records", type=int, default=2_000,
                    help="JSON records for the slow one-at-a-time loop (b) (default 2000)")
-    p.add_argument("--mlserver-records", type=int, default=10_000,
-                   help="JSON records for MLServer (m), which is slow (default 10000)")
+    p.add_argument("--mlserver-records", type=int, default=3_000,
+                   help="JSON records for MLServer (m), which is slow (default 3000)")
     p.add_argument("--alerts", type=int, default=5_000,
                    help="Avro alert messages for (d), (d0), (d1) (default 5000)")
     p.add_argument("--rest-requests", type=int, default=300,

@@ -52,7 +52,7 @@ def setup() -> int:
             subprocess.run([sys.executable, "-m", "venv", str(VENVS / name)], check=True)
         print(f"installing {' '.join(requirements)} into {VENVS / name}", flush=True)
         subprocess.run([str(venv_python(name)), "-m", "pip", "install", "-q", *requirements],
-                       check=True)
+                       check=True, env=_clean_env())
     return 0
 
 
