@@ -202,6 +202,16 @@ def _clients(bootstrap: str, input_topic: str, group: str) -> tuple[Consumer, Pr
     return consumer, Producer({"bootstrap.servers": bootstrap, **PRODUCER_SETTINGS})
 
 
+def _wait_for_sigterm(timeout: float = 120.0) -> None:
+    """Stay alive until the benchmark has seen every output (it then sends SIGTERM), so that
+    the CPU this process used can still be read from /proc."""
+    stopped: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopped.append(signum))
+    deadline = time.monotonic() + timeout
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _batched_loop(bootstrap: str, input_topic: str, output_topic: str, group: str, n: int,
                   transform: Callable[[bytes], bytes] | None) -> None:
     """consume a batch -> produce each value (transformed) -> asynchronous commit."""
@@ -226,6 +236,7 @@ def _batched_loop(bootstrap: str, input_topic: str, output_topic: str, group: st
             consumer.commit(asynchronous=True)
     producer.flush(30)
     consumer.close()
+    _wait_for_sigterm()
 
 
 def raw_loop(bootstrap: str, input_topic: str, output_topic: str, group: str, n: int) -> None:
@@ -254,6 +265,7 @@ def naive_loop(bootstrap: str, input_topic: str, output_topic: str, group: str, 
         consumer.commit(message=msg, asynchronous=False)
         done += 1
     consumer.close()
+    _wait_for_sigterm()
 
 
 WORKERS: dict[str, Callable[[str, str, str, str, int], None]] = {
@@ -278,7 +290,8 @@ def run_worker(worker: str, bootstrap: str, inputs: Inputs, n: int, log_dir: Pat
     meter, broker_meter = CpuMeter([proc.pid]), CpuMeter([broker.process.pid])
     try:
         w = watch_output(bootstrap, output_topic, n, [proc], [meter, broker_meter])
-        proc.wait(60)  # it stops by itself after n records
+        proc.send_signal(signal.SIGTERM)  # it waits for this once its n records are out
+        proc.wait(60)
     except Exception as exc:
         raise RuntimeError(f"{exc}; log: {log_path}") from None
     finally:
@@ -292,13 +305,26 @@ def run_worker(worker: str, bootstrap: str, inputs: Inputs, n: int, log_dir: Pat
 
 @dataclass
 class StreamRun:
-    """One run of the stream (or of the image entrypoint running several)."""
+    """One run of the stream, or of the image entrypoint running ``processes`` streams.
+
+    With several processes in one group, one that joins late makes the group rebalance
+    (~3 s on Tansu) in the middle of the run. So for the (s*) rows the input is written in
+    a Kafka transaction left open, the processes are started, and once all have started
+    and the group has settled the transaction is committed: every input record becomes
+    visible to the group at once (the stream reads committed records only, as librdkafka
+    does by default).
+    """
 
     command: list[str]
     model_uri: str
     values: list[bytes]
     extra_env: dict[str, str]
     partitions: int = 1
+    processes: int = 0  # > 0: write the input once this many have joined
+
+
+# After the last process of a group has started: long enough for two rebalances on Tansu.
+GROUP_SETTLE_S = 10.0
 
 
 def run_stream(run: StreamRun, bootstrap: str, tracking_uri: str, log_dir: Path,
@@ -309,7 +335,8 @@ def run_stream(run: StreamRun, bootstrap: str, tracking_uri: str, log_dir: Path,
     dlq_topic = f"{input_topic}-dlq"
     topics = [input_topic, output_topic, dlq_topic]
     create_topics(bootstrap, topics, run.partitions)
-    fill_topic(bootstrap, input_topic, run.values, run.partitions)
+    filler = fill_topic(bootstrap, input_topic, run.values,
+                        transactional_id=fresh_name("fill") if run.processes else None)
     env = {**os.environ,
            "MLFLOW_TRACKING_URI": tracking_uri,
            "MODEL_URI": run.model_uri,
@@ -328,9 +355,16 @@ def run_stream(run: StreamRun, bootstrap: str, tracking_uri: str, log_dir: Path,
         proc = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     meter, broker_meter = CpuMeter([proc.pid]), CpuMeter([broker.process.pid])
+    released_at, watched_at = "", ""
     try:
+        if run.processes:
+            _wait_for_starts(log_path, run.processes, proc)
+            time.sleep(GROUP_SETTLE_S)
+            released_at = _log_time_now()
+            filler.commit_transaction(30)
         w = watch_output(bootstrap, output_topic, len(run.values), [proc],
                          [meter, broker_meter], run.partitions)
+        watched_at = _log_time_now()
         os.killpg(proc.pid, signal.SIGTERM)
         code = proc.wait(90)
         if code != 0:
@@ -349,7 +383,47 @@ def run_stream(run: StreamRun, bootstrap: str, tracking_uri: str, log_dir: Path,
     result = result_from_watch(w, avg, [meter], broker_meter)
     if own_rate and run.partitions == 1:
         result.notes.append(f"own stats lines: median {own_rate:,.0f} rec/s")
+    if run.processes:
+        late = _events_between(log_path, "revoke", released_at, watched_at)
+        result.notes.append(f"input released once {run.processes} had joined"
+                            + (f"; {late} rebalance(s) during the run" if late else
+                               ", no rebalance during the run"))
     return result
+
+
+def _wait_for_starts(log_path: Path, processes: int, proc: subprocess.Popen,
+                     timeout: float = 180.0) -> None:
+    """Until ``processes`` streams have logged their start (model loaded, consuming)."""
+    deadline = time.monotonic() + timeout
+    while _events_between(log_path, "start", "", "9999") < processes:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the entrypoint exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fewer than {processes} streams started in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _log_time_now() -> str:
+    """Now, as the stream's JSON log lines write ``asctime`` (comparable as text)."""
+    now = time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+
+
+def _events_between(log_path: Path, event: str, since: str, until: str) -> int:
+    """How many log lines of ``event`` the streams wrote from ``since`` to before ``until``
+    (``asctime`` texts)."""
+    count = 0
+    for line in log_path.read_text(errors="replace").splitlines():
+        if f'"{event}"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == event \
+                and since <= entry.get("asctime", "") < until:
+            count += 1
+    return count
 
 
 def stream_command() -> list[str]:
@@ -473,14 +547,16 @@ def build_rows(args: argparse.Namespace, inputs: Inputs, bootstrap: str, broker:
     n = len(inputs.json_values)
     alert_records, alert_check = expected_features(inputs.alert_values)
 
-    def stream_row(values, model, extra_env, records, expect, command=stream, partitions=1):
-        return lambda: run_stream(StreamRun(command, model, values, extra_env, partitions),
-                                  bootstrap, tracking_uri, work_dir, broker, expect, records)
+    def stream_row(values, model, extra_env, records, expect, command=stream, partitions=1,
+                   processes=0):
+        return lambda: run_stream(
+            StreamRun(command, model, values, extra_env, partitions, processes),
+            bootstrap, tracking_uri, work_dir, broker, expect, records)
 
     def scale_row(k: int) -> Callable[[], Result]:
         env = {"MLFLOW_PREPROC_MODE": "kafka", "KAFKA_CONSUMERS": str(k)}
         return stream_row(inputs.json_values, models["add_field"], env, inputs.json_records,
-                          add_field_check, entrypoint_command(), SCALE_PARTITIONS)
+                          add_field_check, entrypoint_command(), SCALE_PARTITIONS, k)
 
     quix, mlserver = peers.quix_row(args, inputs, bootstrap, broker, work_dir), \
         peers.mlserver_row(args, inputs, bootstrap, broker, work_dir)

@@ -97,17 +97,31 @@ def delete_topics(bootstrap: str, topics: list[str]) -> None:
             pass
 
 
-def fill_topic(bootstrap: str, topic: str, values: list[bytes], partitions: int = 1,
-               headers: list[tuple[str, bytes]] | None = None) -> None:
-    """Produce ``values`` keyed by index (record i to partition i % partitions) and wait
-    until the broker has them all."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
-                         "message.max.bytes": 2_000_000})
+def fill_topic(bootstrap: str, topic: str, values: list[bytes],
+               headers: list[tuple[str, bytes]] | None = None,
+               transactional_id: str | None = None) -> Producer:
+    """Produce ``values`` keyed by index and wait until the broker has them all.
+
+    Partitions are chosen by librdkafka's default partitioner on the key, as the loops
+    under test choose their outputs' partitions: with as many output partitions as input
+    ones, each output partition then has one writer. (Several processes writing to one
+    partition at once made Tansu lose outputs for a reader reading meanwhile.)
+
+    With ``transactional_id`` the values are written in a transaction left open: consumers
+    (read_committed, librdkafka's default) see none of them until the caller commits it
+    with ``commit_transaction()`` on the returned producer, and then all at once.
+    """
+    settings = {"bootstrap.servers": bootstrap, "linger.ms": 20, "message.max.bytes": 2_000_000}
+    if transactional_id:
+        settings |= {"transactional.id": transactional_id, "transaction.timeout.ms": 300_000}
+    producer = Producer(settings)
+    if transactional_id:
+        producer.init_transactions(30)
+        producer.begin_transaction()
     for i, value in enumerate(values):
         while True:
             try:
-                producer.produce(topic, value, str(i).encode(), partition=i % partitions,
-                                 headers=headers)
+                producer.produce(topic, value, str(i).encode(), headers=headers)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -115,6 +129,7 @@ def fill_topic(bootstrap: str, topic: str, values: list[bytes], partitions: int 
     left = producer.flush(120)
     if left:
         raise RuntimeError(f"{left} messages were not acknowledged while filling {topic}")
+    return producer
 
 
 # ---- CPU use of the processes under test -------------------------------------------------
@@ -188,16 +203,20 @@ def watch_output(bootstrap: str, topic: str, expected_keys: int, procs: list[sub
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
     w = Watch()
     seen: set[bytes | None] = set()
+    errors: dict[str, int] = {}
     deadline = time.monotonic() + timeout
     try:
         while len(seen) < expected_keys:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(seen)}/{expected_keys} outputs after "
-                                   f"{timeout:.0f} s")
+                                   f"{timeout:.0f} s; watcher errors: {errors or 'none'}")
             exited = [p for p in procs if p.poll() is not None]
             batch = consumer.consume(500, 2.0 if exited else 0.2)
             now = time.monotonic()
             good = [m for m in batch if m.error() is None]
+            for m in batch:
+                if m.error() is not None:
+                    errors[m.error().str()] = errors.get(m.error().str(), 0) + 1
             if ignore_key_prefix is not None:
                 good = [m for m in good if not (m.key() or b"").startswith(ignore_key_prefix)]
             if exited and not good:
@@ -257,13 +276,14 @@ def rate_window(arrivals: list[float]) -> tuple[int, float]:
 
 
 def result_from_watch(w: Watch, avg_input_bytes: float, meters: list[CpuMeter],
-                      broker_meter: CpuMeter | None) -> Result:
-    """The row's rate from output arrivals, with the CreateTime cross-check as a note."""
+                      broker_meter: CpuMeter | None, stamped_by_loop: bool = True) -> Result:
+    """The row's rate from output arrivals, with the CreateTime cross-check as a note when
+    the loop under test stamped its outputs (``stamped_by_loop``)."""
     counted, seconds = rate_window(w.arrivals)
     result = Result(counted, seconds, counted * avg_input_bytes,
                     cpu=_sum_cores(meters), broker_cpu=broker_meter.cores if broker_meter else None)
     stamps = sorted(t for t in w.timestamps_ms if t >= 0)
-    if len(stamps) > 1 and stamps[-1] > stamps[0]:
+    if stamped_by_loop and len(stamps) > 1 and stamps[-1] > stamps[0]:
         after = sum(1 for t in stamps if t > stamps[0])
         result.notes.append(f"produce() timestamps: {after / ((stamps[-1] - stamps[0]) / 1000):,.0f}"
                             " rec/s")
