@@ -590,18 +590,26 @@ def build_rows(args: argparse.Namespace, inputs: Inputs, bootstrap: str, broker:
 
 
 def run_rows(rows: list[Row], repeat: int) -> list[RowResult]:
+    """Run every row ``repeat`` times, in rounds (each round runs every row once), so that
+    the machine's load drifting over the run weighs on all rows alike."""
+    runs: dict[str, list[Result]] = {row.key: [] for row in rows}
+    errors: dict[str, str] = {row.key: row.skipped for row in rows if row.skipped}
+    for round_no in range(1, repeat + 1):
+        for row in rows:
+            if row.key in errors:
+                continue
+            print(f"round {round_no}/{repeat}: {row.label} ...", flush=True)
+            try:
+                runs[row.key].append(row.run())
+            except Exception as exc:  # noqa: BLE001 -- reported in the table, the rest goes on
+                errors[row.key] = str(exc)
     results = []
     for row in rows:
-        if row.skipped:
-            results.append(RowResult(row, error=row.skipped))
-            continue
-        print(f"running {row.label} ({repeat}x) ...", flush=True)
-        try:
-            runs = [row.run() for _ in range(repeat)]
-            median, low, high = median_run(runs)
+        if row.key in errors:
+            results.append(RowResult(row, error=errors[row.key]))
+        else:
+            median, low, high = median_run(runs[row.key])
             results.append(RowResult(row, median, low, high))
-        except Exception as exc:  # noqa: BLE001 -- reported in the table, the rest goes on
-            results.append(RowResult(row, error=str(exc)))
     return results
 
 
@@ -648,7 +656,8 @@ def print_table(results: list[RowResult], repeat: int, load_before: str, wall_s:
               f"{_fmt(p50, '.1f'):>6} {_fmt(p99, '.1f'):>6}")
     print("-" * len(header))
     print(f"rate = outputs after the first / (last output's arrival - first output's arrival), "
-          f"every row; median of {repeat} run(s), spread = slowest-fastest run. Units: rec/s; "
+          f"every row; median of {repeat} run(s) (run in rounds), spread = slowest-fastest run. "
+          "Units: rec/s; "
           "alerts/s for (d*); REST rows count records (100 per request). CPU: cores used "
           "meanwhile by the processes under test (/core = rate per core of them), broker: by "
           "the broker.")
