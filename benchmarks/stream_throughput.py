@@ -30,10 +30,10 @@ Kafka rows run on the embedded broker (Tansu on loopback, see
 (s1) (s2) (s4) the stream's image entrypoint (``MLFLOW_PREPROC_MODE=kafka``) with
                ``KAFKA_CONSUMERS`` = 1, 2, 4 stream processes in one group on a 4-partition
                topic, on the JSON records of (c).
-(r)  rest      ``mlflow models serve`` of the preprocessing model of (c), and of a stock
-               ``mlflow.pyfunc.PythonModel`` doing the same on its DataFrame: one client
-               posting 100-record ``dataframe_records`` batches one after the other
-               (``throughput_rest.py``).
+(rp) (rf)      ``mlflow models serve`` of the preprocessing model of (c), and of a stock
+               ``mlflow.pyfunc.PythonModel`` doing the same on its DataFrame
+               (``peers/pyfunc_add_field.py``): one client posting 100-record
+               ``dataframe_records`` batches one after the other (``throughput_rest.py``).
 
 Every output of every row is counted and checked: the output has the input's fields, plus
 ``candid_next`` with the right value where the row runs the function; (d) outputs equal the
@@ -49,13 +49,14 @@ processes under test (with their children) used between the first and the last o
 
 Peers live in virtualenvs under ``benchmarks/.venvs/`` that ``--setup`` creates (their pins
 never touch this project's); a peer whose virtualenv is missing, or that cannot run on the
-embedded broker, gets a row saying why.
+embedded broker, gets a row saying why. The repeats run in rounds (every row once, then
+again), so that the load of a shared machine drifting weighs on every row alike.
 
 Usage::
 
     python benchmarks/stream_throughput.py --setup      # once: the peers' virtualenvs
-    python benchmarks/stream_throughput.py              # full size, 3 repeats (~20 minutes)
-    python benchmarks/stream_throughput.py --quick      # a small run, once each (~3 minutes)
+    python benchmarks/stream_throughput.py              # full size, 3 rounds (~20 minutes)
+    python benchmarks/stream_throughput.py --quick      # a small run, one round (~3 minutes)
     python benchmarks/stream_throughput.py --only c,q   # some rows
 """
 
