@@ -1,65 +1,73 @@
-"""Throughput of ``mlflow-preproc stream`` against a raw confluent-kafka loop and a naive one.
+"""Throughput of ``mlflow-preproc stream`` against raw loops, the peers users would pick
+instead, the Avro decode ceiling, more processes, and REST serving: one table, one run.
 
-Runs everything on the embedded broker (Tansu on loopback, see
-:mod:`mlflow_preproc.streaming.embedded_broker`) and prints one table, in one run:
+Kafka rows run on the embedded broker (Tansu on loopback, see
+:mod:`mlflow_preproc.streaming.embedded_broker`), each loop in its own process:
 
-(a) raw       a plain confluent-kafka consume -> produce loop, no preprocessing: the ceiling.
-              ``consume(500)``, each value produced unchanged (``produce`` + ``poll(0)``),
-              an asynchronous commit per batch; same client settings as the stream
-              (``linger.ms=5``, ``enable.idempotence=true``, ``fetch.queue.backoff.ms=10``).
-(a') json     the same loop, each value parsed and serialised again with orjson and nothing
-              else: the ceiling of any loop that reads its JSON records.
-(b) naive     one message at a time, like the legacy runner: ``poll()``, ``json.loads``,
-              ``pre_processing`` (identity), ``json.dumps``, ``produce``, ``flush()`` and a
-              synchronous commit per message. Slow, so it runs on fewer records.
-(c) stream    the real ``mlflow-preproc stream`` console script with an identity model
-              logged with ``mlflow.preproc.log_model`` into a temporary sqlite store.
-(d) stream    the same with a realistic feature-extraction model on the real ZTF alerts of
-    ztf-avro  ``tests/data/*.avro`` (one Avro container per message, ``INPUT_FORMAT=avro``,
-              ``SKIP_CUTOUTS=true``), replicated to volume.
+(a)  raw       a plain confluent-kafka consume -> produce loop, no parsing. ``consume(500)``,
+               each value produced unchanged (``produce`` + ``poll(0)``), an asynchronous
+               commit per batch; the stream's client settings (``linger.ms=5``,
+               ``enable.idempotence=true``, ``fetch.queue.backoff.ms=10``).
+(a') json      the same loop plus ``orjson.loads``/``dumps`` per record: the JSON ceiling.
+(b)  naive     one message at a time, like the legacy runner: ``poll()``, ``json.loads``,
+               identity, ``json.dumps``, ``produce``, ``flush()``, a synchronous commit.
+(c)  stream    the ``mlflow-preproc stream`` console script, a preprocessing model logged with
+               ``mlflow.preproc.log_model`` doing identity plus one field
+               (``candid_next = candid + 1``, :func:`throughput_common.add_field`).
+(q)  quix      Quix Streams 3.x: a default ``Application``, ``sdf.apply(add_field)``,
+               ``to_topic``, JSON serde (``peers/quix_app.py``, in its own virtualenv).
+(m)  mlserver  MLServer 1.7 in its Kafka mode serving an MLflow pyfunc doing the same
+               (``peers/mlserver_model.py``, its own virtualenv). Its input contract is one V2
+               inference request per message, so each record is sent as one: every field a
+               ``[1]``-shaped tensor, ``content_type: pd``; outputs are V2 responses.
+(d)  ztf       the stream with a feature-extraction model on the real ZTF alerts of
+               ``tests/data/*.avro`` (one Avro container per message, ``INPUT_FORMAT=avro``,
+               ``SKIP_CUTOUTS=true``), replicated to volume.
+(d0) fastavro  the ceiling of (d): ``fastavro.schemaless_reader`` on each alert's record,
+               the schema parsed once; no Kafka, one process.
+(d1) decoder   what (d) does to each message before preprocessing: ``MessageDecoder`` with the
+               cutouts skipped (container header, framing, skipping); no Kafka, one process.
+(s1) (s2) (s4) the stream's image entrypoint (``MLFLOW_PREPROC_MODE=kafka``) with
+               ``KAFKA_CONSUMERS`` = 1, 2, 4 stream processes in one group on a 4-partition
+               topic, on the JSON records of (c).
+(rp) (rf)      ``mlflow models serve`` of the preprocessing model of (c), and of a stock
+               ``mlflow.pyfunc.PythonModel`` doing the same on its DataFrame
+               (``peers/pyfunc_add_field.py``): one client posting 100-record
+               ``dataframe_records`` batches one after the other (``throughput_rest.py``).
 
-(a), (a'), (b) and (c) use the same ~1 KB JSON records (a flattened ZTF candidate: 34 numeric
-fields and a few strings, values jittered per record) and (a), (a') and (c) the same number.
+Every output of every row is counted and checked: the output has the input's fields, plus
+``candid_next`` with the right value where the row runs the function; (d) outputs equal the
+features computed here. The rate of every row is the same (:mod:`throughput_common`)::
 
-Method, the same for every scenario: a fresh input topic is filled with N records first; then
-the loop under test is started as its own process ((a), (a') and (b) are this script re-run with
-``--worker``, (c) and (d) the ``mlflow-preproc`` console script); a watcher in this process
-reads the output topic by assignment (no group, so no join delay) until it has all N outputs,
-noting when each output arrived. The rate is counted from the end of the first batch to the
-last output::
+    records/s = (outputs after the first one) / (last output's arrival - first output's arrival)
 
-    records/s = (N - B) / (t[N] - t[B])        B = 500 (one consume batch), 1 for (b)
+so start-up, model loading and the group join (~3 s on Tansu) are left out. Kafka outputs
+arrive at a watcher in this process that reads the output topic by assignment; REST outputs
+are the records of each response; decode outputs are decoded records. "CPU" is the cores the
+processes under test (with their children) used between the first and the last output,
+"broker" the broker's; a loop that is CPU-bound shows ~1.0 per Python process.
 
-so process start-up, model loading, the consumer-group join (~3 s on Tansu) and the first
-batch are left out, and what is measured is outputs landing in the output topic, whole
-batches of consume + process + produce + delivery. The "records" column is N - B, "seconds"
-is t[N] - t[B]; MB/s is input bytes per second. The watcher reads a full topic at about
-300,000 messages/s here, several times the fastest loop, so it does not limit the result.
-
-Cross-checks printed under the table: the same formula on the outputs' CreateTime timestamps
-(stamped when the loop called ``produce()``; for (a) this runs ahead of delivery, since the
-loop only fills librdkafka's local queue) and the median of the stream's own 1 s stats lines.
-The loops stop by themselves ((a) and (b) after N records, (c) and (d) on SIGTERM sent to their
-PID once all outputs are in); the broker is stopped by PID at the end. Only loopback is used.
+Peers live in virtualenvs under ``benchmarks/.venvs/`` that ``--setup`` creates (their pins
+never touch this project's); a peer whose virtualenv is missing, or that cannot run on the
+embedded broker, gets a row saying why. The repeats run in rounds (every row once, then
+again), so that the load of a shared machine drifting weighs on every row alike.
 
 Usage::
 
-    python benchmarks/stream_throughput.py              # full size (about 5 minutes)
-    python benchmarks/stream_throughput.py --quick      # a small run (well under a minute)
-    python benchmarks/stream_throughput.py --records 100000 --naive-records 3000
-
-The issue's goal, on ~1 KB JSON records: c/a >= 0.8 and c/b >= 10. c/a' is printed too: how
-close the stream comes to a loop that does nothing but move and re-serialise the JSON.
+    python benchmarks/stream_throughput.py --setup      # once: the peers' virtualenvs
+    python benchmarks/stream_throughput.py              # full size, 3 rounds (~20 minutes)
+    python benchmarks/stream_throughput.py --quick      # a small run, one round (~3 minutes)
+    python benchmarks/stream_throughput.py --only c,q   # some rows
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
 import platform
-import random
 import signal
 import statistics
 import subprocess
@@ -73,34 +81,44 @@ from pathlib import Path
 import confluent_kafka
 import fastavro
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_CREATE_TIME, Consumer, Producer, \
-    TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Consumer, Producer
 
 import mlflow_preproc
+import mlflow_preproc.config
+from mlflow_preproc.runtime.formats import ZTF_CUTOUTS, MessageDecoder
+from mlflow_preproc.runtime.jsonable import dumps as jsonable_dumps
 from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throughput_peers as peers  # noqa: E402 -- beside this script
+import throughput_rest as rest  # noqa: E402
+from throughput_common import (  # noqa: E402
+    GROUP_SETTINGS, SCENARIO_TIMEOUT_S, CpuMeter, Result, add_field, check_outputs,
+    create_topics, delete_topics, fill_topic, fresh_name, make_json_records, median_run,
+    parse_stream_logs, percentile, rate_window, result_from_watch, same_record, stop_process,
+    watch_output)
 
 DEFAULT_ALERTS_DIR = Path(mlflow_preproc.__file__).resolve().parents[1] / "tests" / "data"
 
-# The stream's client settings (mlflow_preproc/kafka_loop.py), used by (a), (a') and (b) too,
-# so that the loops differ in what they do per record and not in tuning.
+# The stream's client settings (mlflow_preproc/streaming/loop.py), used by (a), (a') and (b)
+# too, so that the loops differ in what they do per record and not in tuning.
 PRODUCER_SETTINGS = {"linger.ms": 5, "enable.idempotence": True}
 CONSUMER_SETTINGS = {"fetch.queue.backoff.ms": 10}
-# Tansu joins a group in about session.timeout.ms / 2 (FIELD-NOTES section 7).
-GROUP_SETTINGS = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 CONSUME_BATCH = 500
-SCENARIO_TIMEOUT_S = 600.0
+SCALE_PARTITIONS = 4
 
-ZTF_STRING_FIELDS = ("isdiffpos", "programpi", "rbversion", "ssnamenr")
-N_NUMERIC_FIELDS = 34
+# librdkafka settings reach `mlflow-preproc stream` through environment variables with one
+# prefix (mlflow_preproc/config.py): the only place this script names it.
+LIBRDKAFKA_ENV_PREFIX = getattr(mlflow_preproc.config, "LIBRDKAFKA_PREFIX", "KAFKA_")
+
+
+def librdkafka_env(settings: dict) -> dict[str, str]:
+    """``{"session.timeout.ms": 6000}`` as the stream's variables (``..._SESSION_TIMEOUT_MS``)."""
+    return {LIBRDKAFKA_ENV_PREFIX + key.upper().replace(".", "_"): str(value)
+            for key, value in settings.items()}
 
 
 # ---- the preprocessing functions logged as models ------------------------------------------
-
-def identity(record: dict) -> dict:
-    """(c): no preprocessing at all."""
-    return record
-
 
 def ztf_features(alert: dict) -> dict:
     """(d): features of one ZTF alert, as a classifier's preprocessing would compute them."""
@@ -132,6 +150,22 @@ def ztf_features(alert: dict) -> dict:
     }
 
 
+def log_models(tracking_dir: Path) -> tuple[str, dict[str, str]]:
+    """Log the add-field and the ZTF feature models; return the tracking URI and model URIs."""
+    import mlflow
+
+    uri = f"sqlite:///{tracking_dir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment(
+        "stream-throughput", artifact_location=(tracking_dir / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        mlflow.preproc.log_model(add_field, name="add_field",
+                                 registered_model_name="bench-add-field")
+        mlflow.preproc.log_model(ztf_features, name="ztf",
+                                 registered_model_name="bench-ztf-features")
+    return uri, {"add_field": "models:/bench-add-field/1", "ztf": "models:/bench-ztf-features/1"}
+
+
 # ---- input data --------------------------------------------------------------------------
 
 def read_alert_files(alerts_dir: Path) -> list[bytes]:
@@ -142,153 +176,23 @@ def read_alert_files(alerts_dir: Path) -> list[bytes]:
     return [p.read_bytes() for p in paths]
 
 
-def make_json_records(n: int, alert_bytes: bytes, seed: int = 42) -> list[bytes]:
-    """``n`` JSON records of about 1 KB: a ZTF candidate flattened, values jittered per record."""
-    alert = next(iter(fastavro.reader(io.BytesIO(alert_bytes))))
-    candidate = alert["candidate"]
-    numeric = [k for k, v in candidate.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)][:N_NUMERIC_FIELDS]
-    rng = random.Random(seed)
-    values = []
-    for i in range(n):
-        record: dict = {"objectId": f"ZTF18{i:07d}", "candid": candidate["candid"] + i}
-        for key in numeric:
-            v = candidate[key]
-            record[key] = v if isinstance(v, int) else v * (1 + rng.uniform(-1e-3, 1e-3))
-        for key in ZTF_STRING_FIELDS:
-            record[key] = candidate.get(key) or ""
-        values.append(json.dumps(record).encode())
-    return values
-
-
-# ---- broker helpers ----------------------------------------------------------------------
-
-_name_counter = 0
-
-
-def fresh_name(prefix: str) -> str:
-    """A topic or group name used once: a reused group can get stuck on Tansu."""
-    global _name_counter
-    _name_counter += 1
-    return f"bench-{prefix}-{os.getpid()}-{_name_counter}"
-
-
-def fill_topic(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    """Produce ``values`` (keyed by index) and wait until the broker has them all."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
-                         "message.max.bytes": 2_000_000})
-    for i, value in enumerate(values):
-        while True:
-            try:
-                producer.produce(topic, value, str(i).encode())
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
-    left = producer.flush(120)
-    if left:
-        raise RuntimeError(f"{left} messages were not acknowledged while filling {topic}")
-
-
-def create_topics(bootstrap: str, topics: list[str]) -> None:
-    """Create fresh single-partition topics (the loops under test then find them ready)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.create_topics([NewTopic(t, 1, 1) for t in topics]).values():
-        future.result(15)
-
-
-def delete_topics(bootstrap: str, topics: list[str]) -> None:
-    """Free the broker's memory (Tansu keeps everything in RAM)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.delete_topics(topics, operation_timeout=15).values():
-        try:
-            future.result(15)
-        except Exception:  # noqa: BLE001 -- best effort, the broker goes away at the end anyway
-            pass
-
-
 @dataclass
-class Watch:
-    """What the watcher saw on the output topic, one entry per output, in topic order."""
+class Inputs:
+    """The records of every row, made once."""
 
-    timestamps_ms: list[int]    # CreateTime: when the loop under test called produce()
-    arrivals: list[float]       # when the watcher received it (time.monotonic())
+    json_values: list[bytes]     # (a), (a'), (c), (q), (s*): ~1 KB JSON records
+    json_records: list[dict]     # the same, parsed: what outputs are checked against
+    naive_count: int             # (b) uses the first ones
+    peer_count: int              # (m) uses the first ones (it is slow)
+    alert_values: list[bytes]    # (d), (d0), (d1): whole Avro containers, cutouts included
+    rest_requests: int           # (r): 100-record requests per run
 
-
-def watch_output(bootstrap: str, topic: str, expected: int, proc: subprocess.Popen,
-                 timeout: float) -> Watch:
-    """Read ``topic`` from the start by assignment until ``expected`` outputs arrived."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": fresh_name("watcher"),
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
-    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-    w = Watch([], [])
-    deadline = time.monotonic() + timeout
-    try:
-        while len(w.arrivals) < expected:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(w.arrivals)}/{expected} outputs after "
-                                   f"{timeout:.0f} s")
-            exited = proc.poll() is not None
-            batch = consumer.consume(1000, 2.0 if exited else 0.2)
-            now = time.monotonic()
-            good = [m for m in batch if m.error() is None]
-            if exited and not good:
-                raise RuntimeError(f"the process exited with {proc.returncode} after "
-                                   f"{len(w.arrivals)}/{expected} outputs")
-            for m in good:
-                kind, ts = m.timestamp()
-                if kind != TIMESTAMP_CREATE_TIME:
-                    raise RuntimeError(f"output without a CreateTime timestamp ({kind})")
-                w.timestamps_ms.append(ts)
-                w.arrivals.append(now)
-    finally:
-        consumer.close()
-    return w
+    def avg_json_bytes(self, n: int | None = None) -> float:
+        values = self.json_values[:n]
+        return sum(len(v) for v in values) / len(values)
 
 
-# ---- results -----------------------------------------------------------------------------
-
-@dataclass
-class Result:
-    scenario: str
-    records: int
-    seconds: float
-    input_bytes: int
-    note: str = ""
-    error: str | None = None
-
-    @property
-    def rate(self) -> float:
-        return self.records / self.seconds if self.seconds > 0 else float("nan")
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.input_bytes / self.seconds / 1e6 if self.seconds > 0 else float("nan")
-
-
-def result_from_watch(scenario: str, w: Watch, values: list[bytes], skip: int,
-                      note: str = "") -> Result:
-    """Rate from the ``skip``-th output to the last one (see the docstring).
-
-    ``skip`` is one consume batch for the batched loops: the first batch's outputs appear only
-    once it has been processed, so counting from the end of the first batch measures whole
-    batches (consume + process + produce) and leaves the start-up out.
-    """
-    n = len(w.arrivals)
-    if n <= skip:
-        raise RuntimeError(f"{n} outputs are too few to measure past the first {skip}; "
-                           "use more records")
-    counted = n - skip
-    seconds = w.arrivals[-1] - w.arrivals[skip - 1]
-    avg_size = sum(len(v) for v in values) / len(values)
-    produce_s = (w.timestamps_ms[-1] - w.timestamps_ms[skip - 1]) / 1000
-    cross_check = (f"produce() timestamps: {counted / produce_s:,.0f} rec/s"
-                   if produce_s > 0 else "")
-    return Result(scenario, counted, seconds, int(counted * avg_size),
-                  note="; ".join(x for x in (note, cross_check) if x))
-
-
-# ---- (a) and (b): loops run in a child process (this script with --worker) ---------------
+# ---- (a), (a') and (b): loops run in a child process (this script with --worker) ---------
 
 def _clients(bootstrap: str, input_topic: str, group: str) -> tuple[Consumer, Producer]:
     """A subscribed consumer and a producer with the stream's settings."""
@@ -297,6 +201,16 @@ def _clients(bootstrap: str, input_topic: str, group: str) -> tuple[Consumer, Pr
                          **GROUP_SETTINGS, **CONSUMER_SETTINGS})
     consumer.subscribe([input_topic])
     return consumer, Producer({"bootstrap.servers": bootstrap, **PRODUCER_SETTINGS})
+
+
+def _wait_for_sigterm(timeout: float = 120.0) -> None:
+    """Stay alive until the benchmark has seen every output (it then sends SIGTERM), so that
+    the CPU this process used can still be read from /proc."""
+    stopped: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopped.append(signum))
+    deadline = time.monotonic() + timeout
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _batched_loop(bootstrap: str, input_topic: str, output_topic: str, group: str, n: int,
@@ -323,6 +237,7 @@ def _batched_loop(bootstrap: str, input_topic: str, output_topic: str, group: st
             consumer.commit(asynchronous=True)
     producer.flush(30)
     consumer.close()
+    _wait_for_sigterm()
 
 
 def raw_loop(bootstrap: str, input_topic: str, output_topic: str, group: str, n: int) -> None:
@@ -346,21 +261,22 @@ def naive_loop(bootstrap: str, input_topic: str, output_topic: str, group: str, 
         if msg is None or msg.error() is not None:
             continue
         record = json.loads(msg.value())
-        output = identity(record)
-        producer.produce(output_topic, json.dumps(output).encode(), msg.key())
+        producer.produce(output_topic, json.dumps(record).encode(), msg.key())
         producer.flush()
         consumer.commit(message=msg, asynchronous=False)
         done += 1
     consumer.close()
+    _wait_for_sigterm()
 
 
 WORKERS: dict[str, Callable[[str, str, str, str, int], None]] = {
     "raw": raw_loop, "json": json_loop, "naive": naive_loop}
 
 
-def run_worker_scenario(scenario: str, worker: str, bootstrap: str, values: list[bytes],
-                        log_dir: Path) -> Result:
-    """Fill a fresh topic, run ``worker`` in a child process, watch its outputs."""
+def run_worker(worker: str, bootstrap: str, inputs: Inputs, n: int, log_dir: Path,
+               broker: EmbeddedBroker) -> Result:
+    """(a), (a'), (b): fill a fresh topic, run ``worker`` in a child process, watch it."""
+    values = inputs.json_values[:n]
     input_topic, output_topic = fresh_name("in"), fresh_name("out")
     create_topics(bootstrap, [input_topic, output_topic])
     fill_topic(bootstrap, input_topic, values)
@@ -370,122 +286,332 @@ def run_worker_scenario(scenario: str, worker: str, bootstrap: str, values: list
             [sys.executable, os.path.abspath(__file__), "--worker", worker,
              "--bootstrap", bootstrap, "--input-topic", input_topic,
              "--output-topic", output_topic, "--group", fresh_name("group"),
-             "--records", str(len(values))],
+             "--records", str(n)],
             stdout=log, stderr=subprocess.STDOUT)
+    meter, broker_meter = CpuMeter([proc.pid]), CpuMeter([broker.process.pid])
     try:
-        w = watch_output(bootstrap, output_topic, len(values), proc, SCENARIO_TIMEOUT_S)
-        proc.wait(60)  # it stops by itself after N records
+        w = watch_output(bootstrap, output_topic, n, [proc], [meter, broker_meter])
+        proc.send_signal(signal.SIGTERM)  # it waits for this once its n records are out
+        proc.wait(60)
     except Exception as exc:
         raise RuntimeError(f"{exc}; log: {log_path}") from None
     finally:
-        stop_pid(proc)
+        stop_process(proc)
         delete_topics(bootstrap, [input_topic, output_topic])
-    skip = 1 if worker == "naive" else CONSUME_BATCH
-    return result_from_watch(scenario, w, values, skip)
+    check_outputs(w, inputs.json_records[:n], same_record(extra_field=False))
+    return result_from_watch(w, inputs.avg_json_bytes(n), [meter], broker_meter)
 
 
-# ---- (c) and (d): the real `mlflow-preproc stream` -------------------------------------------
+# ---- (c), (d), (s*): the real `mlflow-preproc stream` ---------------------------------------
 
-def log_models(tracking_dir: Path) -> tuple[str, dict[str, str]]:
-    """Log the identity and the ZTF feature models; return the tracking URI and model URIs."""
-    import mlflow
+@dataclass
+class StreamRun:
+    """One run of the stream, or of the image entrypoint running ``processes`` streams.
 
-    uri = f"sqlite:///{tracking_dir / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.create_experiment(
-        "stream-throughput", artifact_location=(tracking_dir / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=experiment):
-        mlflow.preproc.log_model(identity, name="identity",
-                                 registered_model_name="bench-identity")
-        mlflow.preproc.log_model(ztf_features, name="ztf",
-                                 registered_model_name="bench-ztf-features")
-    return uri, {"identity": "models:/bench-identity/1", "ztf": "models:/bench-ztf-features/1"}
+    With several processes in one group, one that joins late makes the group rebalance
+    (~3 s on Tansu) in the middle of the run. So for the (s*) rows the input is written in
+    a Kafka transaction left open, the processes are started, and once all have started
+    and the group has settled the transaction is committed: every input record becomes
+    visible to the group at once (the stream reads committed records only, as librdkafka
+    does by default).
+    """
+
+    command: list[str]
+    model_uri: str
+    values: list[bytes]
+    extra_env: dict[str, str]
+    partitions: int = 1
+    processes: int = 0  # > 0: write the input once this many have joined
 
 
-def run_stream_scenario(scenario: str, bootstrap: str, tracking_uri: str, model_uri: str,
-                        values: list[bytes], log_dir: Path, extra_env: dict[str, str],
-                        name: str, stream_command: list[str]) -> Result:
-    """Fill a fresh topic, run ``mlflow-preproc stream`` on it, watch its outputs, SIGTERM it."""
+# After the last process of a group has started: long enough for two rebalances on Tansu.
+GROUP_SETTLE_S = 10.0
+
+
+def run_stream(run: StreamRun, bootstrap: str, tracking_uri: str, log_dir: Path,
+               broker: EmbeddedBroker, expect: Callable[[dict, dict], str | None],
+               records: list[dict]) -> Result:
+    """Fill a fresh topic, start the command, watch its outputs, SIGTERM it, check."""
     input_topic, output_topic = fresh_name("in"), fresh_name("out")
     dlq_topic = f"{input_topic}-dlq"
-    create_topics(bootstrap, [input_topic, output_topic, dlq_topic])
-    fill_topic(bootstrap, input_topic, values)
+    topics = [input_topic, output_topic, dlq_topic]
+    create_topics(bootstrap, topics, run.partitions)
+    filler = fill_topic(bootstrap, input_topic, run.values,
+                        transactional_id=fresh_name("fill") if run.processes else None)
     env = {**os.environ,
            "MLFLOW_TRACKING_URI": tracking_uri,
-           "MODEL_URI": model_uri,
+           "MODEL_URI": run.model_uri,
            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
            "INPUT_TOPIC": input_topic,
            "OUTPUT_TOPIC": output_topic,
            "CONSUMER_GROUP_ID": fresh_name("group"),
-           "LIBRDKAFKA_SESSION_TIMEOUT_MS": "6000",
-           "LIBRDKAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+           **librdkafka_env(GROUP_SETTINGS),
            "LOG_FORMAT": "json",
            "STATS_INTERVAL_S": "1",
            "BATCH_SIZE": str(CONSUME_BATCH),
-           **extra_env}
-    log_path = log_dir / f"{fresh_name(name)}.log"
+           **run.extra_env}
+    log_path = log_dir / f"{fresh_name('stream')}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(stream_command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # Its own session, so that stopping it stops the entrypoint's children too.
+        proc = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    meter, broker_meter = CpuMeter([proc.pid]), CpuMeter([broker.process.pid])
+    released_at, watched_at = "", ""
     try:
-        w = watch_output(bootstrap, output_topic, len(values), proc, SCENARIO_TIMEOUT_S)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
+        if run.processes:
+            _wait_for_starts(log_path, run.processes, proc)
+            time.sleep(GROUP_SETTLE_S)
+            released_at = _log_time_now()
+            filler.commit_transaction(30)
+        w = watch_output(bootstrap, output_topic, len(run.values), [proc],
+                         [meter, broker_meter], run.partitions)
+        watched_at = _log_time_now()
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(90)
         if code != 0:
-            raise RuntimeError(f"mlflow-preproc stream exited with {code}")
+            raise RuntimeError(f"{run.command[-1]} exited with {code}")
     except Exception as exc:
         raise RuntimeError(f"{exc}; log: {log_path}") from None
     finally:
-        stop_pid(proc)
-        delete_topics(bootstrap, [input_topic, output_topic, dlq_topic])
-    counts, own_rate = parse_stream_log(log_path)
-    if counts.get("in") != len(values) or counts.get("out") != len(values):
-        raise RuntimeError(f"the stream's stop line says {counts}, expected in=out="
-                           f"{len(values)}; log: {log_path}")
-    note = f"own stats lines: median {own_rate:,.0f} rec/s" if own_rate else ""
-    return result_from_watch(scenario, w, values, skip=CONSUME_BATCH, note=note)
+        stop_process(proc)
+        delete_topics(bootstrap, topics)
+    counts, own_rate = parse_stream_logs(log_path)
+    if counts.get("out", 0) < len(run.values) or counts.get("failed"):
+        raise RuntimeError(f"the stop lines say {counts}, expected out>={len(run.values)} "
+                           f"and no failure; log: {log_path}")
+    check_outputs(w, records, expect)
+    avg = sum(len(v) for v in run.values) / len(run.values)
+    result = result_from_watch(w, avg, [meter], broker_meter)
+    if own_rate and run.partitions == 1:
+        result.notes.append(f"own stats lines: median {own_rate:,.0f} rec/s")
+    if run.processes:
+        late = _events_between(log_path, "revoke", released_at, watched_at)
+        result.notes.append(f"input released once {run.processes} had joined"
+                            + (f"; {late} rebalance(s) during the run" if late else
+                               ", no rebalance during the run"))
+    return result
 
 
-def parse_stream_log(path: Path) -> tuple[dict, float | None]:
-    """The stop line's counts, and the median rate of its 1 s stats lines while busy."""
-    counts: dict = {}
-    rates = []
-    for line in path.read_text(errors="replace").splitlines():
+def _wait_for_starts(log_path: Path, processes: int, proc: subprocess.Popen,
+                     timeout: float = 180.0) -> None:
+    """Until ``processes`` streams have logged their start (model loaded, consuming)."""
+    deadline = time.monotonic() + timeout
+    while _events_between(log_path, "start", "", "9999") < processes:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the entrypoint exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fewer than {processes} streams started in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _log_time_now() -> str:
+    """Now, as the stream's JSON log lines write ``asctime`` (comparable as text)."""
+    now = time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+
+
+def _events_between(log_path: Path, event: str, since: str, until: str) -> int:
+    """How many log lines of ``event`` the streams wrote from ``since`` to before ``until``
+    (``asctime`` texts)."""
+    count = 0
+    for line in log_path.read_text(errors="replace").splitlines():
+        if f'"{event}"' not in line:
+            continue
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
-            continue  # librdkafka's own log lines
-        if not isinstance(entry, dict):
             continue
-        if entry.get("event") == "stop":
-            counts = {k: entry.get(k) for k in ("in", "out", "dropped", "failed")}
-        elif entry.get("event") == "stats" and entry.get("records_per_s", 0) > 0:
-            rates.append(entry["records_per_s"])
-    # The first and last busy intervals are partly idle: leave them out when there are more.
-    busy = rates[1:-1] if len(rates) > 2 else rates
-    return counts, (statistics.median(busy) if busy else None)
+        if isinstance(entry, dict) and entry.get("event") == event \
+                and since <= entry.get("asctime", "") < until:
+            count += 1
+    return count
 
 
-def stop_pid(proc: subprocess.Popen) -> None:
-    """Stop a process this script started, by its PID, if it is still running."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+def stream_command() -> list[str]:
+    """The real console script installed beside this interpreter."""
+    script = Path(sys.executable).parent / "mlflow-preproc"
+    if not script.exists():
+        raise SystemExit(f"{script} not found; pip install -e . into this environment first")
+    return [str(script), "stream"]
 
 
-def median_of(runs: list[Result]) -> Result:
-    """The run with the median rate, its note saying the spread of all runs."""
-    ordered = sorted(runs, key=lambda r: r.rate)
-    median = ordered[(len(ordered) - 1) // 2]
-    if len(runs) > 1:
-        spread = (f"median of {len(runs)} runs "
-                  f"({ordered[0].rate:,.0f}-{ordered[-1].rate:,.0f} rec/s)")
-        median.note = f"{spread}; {median.note}" if median.note else spread
-    return median
+def entrypoint_command() -> list[str]:
+    """The serving image's entrypoint, as its Dockerfile runs it."""
+    return [sys.executable, "-m", "mlflow_preproc.image.entrypoint"]
+
+
+def expected_features(alert_values: list[bytes]) -> tuple[list[dict], Callable]:
+    """(d)'s inputs as records to check against, and the check: the output is the features
+    of its input alert, as JSON would carry them."""
+    decoder = MessageDecoder("avro", skip=ZTF_CUTOUTS)
+    by_value: dict[bytes, dict] = {}
+    records = []
+    for value in alert_values:
+        if value not in by_value:
+            [alert] = decoder.decode(value)
+            by_value[value] = orjson.loads(jsonable_dumps(ztf_features(alert)))
+        records.append(by_value[value])
+
+    def expect(wanted: dict, output: dict) -> str | None:
+        return None if output == wanted else "the features differ"
+    return records, expect
+
+
+# ---- (d0), (d1): decoding alone, in a child process -----------------------------------------
+
+def decode_worker(which: str, alerts_dir: Path, n: int) -> None:
+    """Decode ``n`` alert messages, note when each record is out, print the rate as JSON."""
+    alerts = read_alert_files(alerts_dir)
+    values = [alerts[i % len(alerts)] for i in range(n)]
+    decode = _pure_fastavro_decode(alerts) if which == "fastavro" else \
+        MessageDecoder("avro", skip=ZTF_CUTOUTS).decode
+    gc.collect()
+    gc.freeze()  # as the stream does: full collections over long-lived objects stall it
+    arrivals = []
+    cpu_start = time.process_time()
+    for value in values:
+        decode(value)
+        arrivals.append(time.monotonic())
+    cpu = time.process_time() - cpu_start
+    counted, seconds = rate_window(arrivals)
+    print(json.dumps({"records": counted, "seconds": seconds,
+                      "cpu": cpu / (arrivals[-1] - arrivals[0] + 1e-9)}))
+
+
+def _pure_fastavro_decode(alerts: list[bytes]) -> Callable[[bytes], dict]:
+    """fastavro's decode of each alert's record, the schema parsed once: what is left of
+    (d) when Kafka, container framing and preprocessing are taken away."""
+    parts = {}
+    for raw in alerts:
+        reader = fastavro.reader(io.BytesIO(raw))
+        schema = fastavro.parse_schema(reader.writer_schema)
+        parts[raw] = (schema, _block_of(raw))
+
+    def decode(value: bytes) -> dict:
+        schema, block = parts[value]
+        return fastavro.schemaless_reader(io.BytesIO(block), schema, None)
+    return decode
+
+
+def _block_of(raw: bytes) -> bytes:
+    """The record bytes of a one-record, uncompressed container."""
+    from mlflow_preproc.runtime.formats import _ContainerReader
+
+    buf = io.BytesIO(raw)
+    header = fastavro.schemaless_reader(buf, _ContainerReader._HEADER, None)
+    if header["meta"].get("avro.codec", b"null") != b"null":
+        raise SystemExit("the alerts are expected uncompressed, as ZTF sends them")
+    fastavro.schemaless_reader(buf, _ContainerReader._LONG, None)
+    size = fastavro.schemaless_reader(buf, _ContainerReader._LONG, None)
+    return buf.read(size)
+
+
+def run_decode(which: str, alerts_dir: Path, inputs: Inputs) -> Result:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "decode",
+                           "--decode", which, "--alerts-dir", str(alerts_dir),
+                           "--records", str(len(inputs.alert_values))],
+                          capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    out = json.loads(proc.stdout.splitlines()[-1])
+    avg = sum(len(v) for v in inputs.alert_values) / len(inputs.alert_values)
+    return Result(out["records"], out["seconds"], out["records"] * avg, cpu=out["cpu"])
+
+
+# ---- the rows ------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One row of the table: how to run it once, and what it says."""
+
+    key: str
+    label: str
+    run: Callable[[], Result] | None
+    unit: str = "rec/s"
+    skipped: str | None = None   # why it did not run (a peer that cannot)
+
+
+@dataclass
+class RowResult:
+    row: Row
+    median: Result | None = None
+    low: float = float("nan")
+    high: float = float("nan")
+    error: str | None = None
+
+
+def build_rows(args: argparse.Namespace, inputs: Inputs, bootstrap: str, broker: EmbeddedBroker,
+               tracking_uri: str, models: dict[str, str], work_dir: Path) -> list[Row]:
+    """Every row, in table order."""
+    stream = stream_command()
+    add_field_check = same_record(extra_field=True)
+    n = len(inputs.json_values)
+    alert_records, alert_check = expected_features(inputs.alert_values)
+
+    def stream_row(values, model, extra_env, records, expect, command=stream, partitions=1,
+                   processes=0):
+        return lambda: run_stream(
+            StreamRun(command, model, values, extra_env, partitions, processes),
+            bootstrap, tracking_uri, work_dir, broker, expect, records)
+
+    def scale_row(k: int) -> Callable[[], Result]:
+        env = {"MLFLOW_PREPROC_MODE": "kafka", "KAFKA_CONSUMERS": str(k)}
+        return stream_row(inputs.json_values, models["add_field"], env, inputs.json_records,
+                          add_field_check, entrypoint_command(), SCALE_PARTITIONS, k)
+
+    quix, mlserver = peers.quix_row(args, inputs, bootstrap, broker, work_dir), \
+        peers.mlserver_row(args, inputs, bootstrap, broker, work_dir)
+    rest_rows = rest.rows(inputs, tracking_uri, models["add_field"], work_dir)
+    rows = [
+        Row("a", "(a) raw confluent-kafka loop",
+            lambda: run_worker("raw", bootstrap, inputs, n, work_dir, broker)),
+        Row("a'", "(a') raw loop + orjson loads/dumps",
+            lambda: run_worker("json", bootstrap, inputs, n, work_dir, broker)),
+        Row("b", "(b) naive 1-at-a-time loop",
+            lambda: run_worker("naive", bootstrap, inputs, inputs.naive_count, work_dir,
+                               broker)),
+        Row("c", "(c) mlflow-preproc stream",
+            stream_row(inputs.json_values, models["add_field"], {}, inputs.json_records,
+                       add_field_check)),
+        Row("q", quix.label, quix.run, skipped=quix.skipped),
+        Row("m", mlserver.label, mlserver.run, skipped=mlserver.skipped),
+        Row("d", "(d) stream, ZTF Avro alerts",
+            stream_row(inputs.alert_values, models["ztf"],
+                       {"INPUT_FORMAT": "avro", "SKIP_CUTOUTS": "true"}, alert_records,
+                       alert_check), unit="alerts/s"),
+        Row("d0", "(d0) fastavro decode only",
+            lambda: run_decode("fastavro", args.alerts_dir, inputs), unit="alerts/s"),
+        Row("d1", "(d1) MessageDecoder, cutouts skipped",
+            lambda: run_decode("decoder", args.alerts_dir, inputs), unit="alerts/s"),
+        *[Row(f"s{k}", f"(s{k}) KAFKA_CONSUMERS={k}, 4 partitions", scale_row(k))
+          for k in (1, 2, 4)],
+        *[Row(key, label, run) for key, label, run in rest_rows],
+    ]
+    return [r for r in rows if not args.only or r.key in args.only]
+
+
+def run_rows(rows: list[Row], repeat: int) -> list[RowResult]:
+    """Run every row ``repeat`` times, in rounds (each round runs every row once), so that
+    the machine's load drifting over the run weighs on all rows alike."""
+    runs: dict[str, list[Result]] = {row.key: [] for row in rows}
+    errors: dict[str, str] = {row.key: row.skipped for row in rows if row.skipped}
+    for round_no in range(1, repeat + 1):
+        for row in rows:
+            if row.key in errors:
+                continue
+            print(f"round {round_no}/{repeat}: {row.label} ...", flush=True)
+            try:
+                runs[row.key].append(row.run())
+            except Exception as exc:  # noqa: BLE001 -- reported in the table, the rest goes on
+                errors[row.key] = str(exc)
+    results = []
+    for row in rows:
+        if row.key in errors:
+            results.append(RowResult(row, error=errors[row.key]))
+        else:
+            median, low, high = median_run(runs[row.key])
+            results.append(RowResult(row, median, low, high))
+    return results
 
 
 # ---- the table ---------------------------------------------------------------------------
@@ -506,38 +632,74 @@ def machine_info() -> str:
             f"librdkafka {confluent_kafka.libversion()[0]}, broker: Tansu (embedded, loopback)")
 
 
-def label(r: Result) -> str:
-    """``(a)``, ``(a')``... of a scenario name."""
-    return r.scenario.split(" ", 1)[0]
+def _fmt(x: float | None, spec: str) -> str:
+    return "" if x is None or x != x else format(x, spec)
 
 
-def print_table(results: list[Result], wall_s: float) -> None:
-    header = f"{'scenario':<34} {'records':>9} {'seconds':>9} {'records/s':>11} {'MB/s':>8}"
+def print_table(results: list[RowResult], repeat: int, load_before: str, wall_s: float) -> None:
+    header = (f"{'row':<40} {'records':>8} {'seconds':>7} {'rate':>9} {'spread':>15} "
+              f"{'MB/s':>6} {'CPU':>4} {'/core':>7} {'broker':>6} {'p50 ms':>6} {'p99 ms':>6}")
     print()
     print(header)
     print("-" * len(header))
-    for r in results:
-        if r.error:
-            print(f"{r.scenario:<34} {'FAILED':>9}  {r.error}")
+    for rr in results:
+        if rr.median is None:
+            print(f"{rr.row.label:<40} {'--':>8}  {rr.error}")
             continue
-        print(f"{r.scenario:<34} {r.records:>9,} {r.seconds:>9.2f} {r.rate:>11,.0f} "
-              f"{r.mb_per_s:>8.2f}")
+        r = rr.median
+        spread = f"{rr.low:,.0f}-{rr.high:,.0f}" if repeat > 1 else ""
+        p50 = percentile(r.latencies_ms, 0.50) if r.latencies_ms else None
+        p99 = percentile(r.latencies_ms, 0.99) if r.latencies_ms else None
+        per_core = r.rate / r.cpu if r.cpu else None
+        print(f"{rr.row.label:<40} {r.records:>8,} {r.seconds:>7.2f} {r.rate:>9,.0f} "
+              f"{spread:>15} {r.mb_per_s:>6.1f} {_fmt(r.cpu, '.2f'):>4} "
+              f"{_fmt(per_core, ',.0f'):>7} {_fmt(r.broker_cpu, '.2f'):>6} "
+              f"{_fmt(p50, '.1f'):>6} {_fmt(p99, '.1f'):>6}")
     print("-" * len(header))
-    by_key = {label(r): r for r in results if not r.error}
-    a, a_json, b, c = (by_key.get(k) for k in ("(a)", "(a')", "(b)", "(c)"))
-    if a and c:
-        ratio = c.rate / a.rate
-        print(f"c/a = {ratio:.2f}   (goal >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'})")
-    if b and c:
-        ratio = c.rate / b.rate
-        print(f"c/b = {ratio:.1f}   (goal >= 10: {'met' if ratio >= 10 else 'NOT met'})")
-    if a_json and c:
-        print(f"c/a' = {c.rate / a_json.rate:.2f}  (a' = a + orjson loads/dumps per record)")
-    for r in results:
-        if r.note and not r.error:
-            print(f"  {label(r)} {r.note}")
+    print(f"rate = outputs after the first / (last output's arrival - first output's arrival), "
+          f"every row; median of {repeat} run(s) (run in rounds), spread = slowest-fastest run. "
+          "Units: rec/s; "
+          "alerts/s for (d*); REST rows count records (100 per request). CPU: cores used "
+          "meanwhile by the processes under test (/core = rate per core of them), broker: by "
+          "the broker.")
+    print_goals({rr.row.key: rr.median for rr in results if rr.median is not None})
+    for rr in results:
+        if rr.median is not None and rr.median.notes:
+            print(f"  {rr.row.label.split(' ')[0]} " + "; ".join(rr.median.notes))
     print(machine_info())
-    print(f"total wall time: {wall_s:.0f} s")
+    print(f"load average before the run: {load_before}; total wall time: {wall_s:.0f} s")
+
+
+def print_goals(by_key: dict[str, Result]) -> None:
+    """The issue's goals, each with the numbers it is judged on."""
+    def goal(text: str, value: float, target: float, fmt: str = ".2f") -> None:
+        print(f"{text} = {value:{fmt}}  (goal >= {target:{fmt}}: "
+              f"{'met' if value >= target else 'NOT met'})")
+
+    c, a_json = by_key.get("c"), by_key.get("a'")
+    if c and a_json:
+        goal("c/a'", c.rate / a_json.rate, 0.85)
+    best_peer = max((by_key[k] for k in ("q", "m") if k in by_key), key=lambda r: r.rate,
+                    default=None)
+    if c and best_peer:
+        goal("c/best peer", c.rate / best_peer.rate, 3.0, ".1f")
+    d = by_key.get("d")
+    if d and d.cpu:
+        goal(f"d per core (d / its {d.cpu:.2f} CPU)", d.rate / d.cpu, 3000, ",.0f")
+    s1 = by_key.get("s1")
+    if s1:
+        ups = [f"s{k}/s1 = {by_key[f's{k}'].rate / s1.rate:.2f}" for k in (2, 4)
+               if f"s{k}" in by_key]
+        if ups:
+            print("speed-up: " + ", ".join(ups) + f" (on {os.cpu_count()} cores shared with "
+                                                  "the broker)")
+    r_pre, r_py = by_key.get("rp"), by_key.get("rf")
+    if r_pre and r_py:
+        goal("REST preprocessing/pyfunc records/s", r_pre.rate / r_py.rate, 0.9)
+        print("REST p50/p99 preprocessing vs pyfunc: "
+              f"{percentile(r_pre.latencies_ms, .5):.1f}/{percentile(r_pre.latencies_ms, .99):.1f}"
+              f" vs {percentile(r_py.latencies_ms, .5):.1f}/"
+              f"{percentile(r_py.latencies_ms, .99):.1f} ms")
 
 
 # ---- main --------------------------------------------------------------------------------
@@ -546,97 +708,86 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # A few seconds per run at ~100k records/s: shorter runs are dominated by noise here.
     p.add_argument("--records", type=int, default=200_000,
-                   help="JSON records for (a), (a') and (c) (default 200000)")
+                   help="JSON records for (a), (a'), (c), (q), (s*) (default 200000)")
     p.add_argument("--naive-records", type=int, default=2_000,
                    help="JSON records for the slow one-at-a-time loop (b) (default 2000)")
+    p.add_argument("--mlserver-records", type=int, default=3_000,
+                   help="JSON records for MLServer (m), which is slow (default 3000)")
     p.add_argument("--alerts", type=int, default=5_000,
-                   help="Avro alert messages for (d) (default 5000)")
+                   help="Avro alert messages for (d), (d0), (d1) (default 5000)")
+    p.add_argument("--rest-requests", type=int, default=300,
+                   help="100-record requests per REST run (default 300)")
     p.add_argument("--quick", action="store_true",
-                   help="a small run: 5000 / 300 / 1500 records, once each")
+                   help="a small run: 20000 / 300 / 2000 records, 1500 alerts, 50 requests, "
+                        "once each")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of each row; the table shows the median run (default 3)")
+    p.add_argument("--only", type=lambda s: set(s.split(",")), default=None,
+                   help="comma-separated row keys: a,a',b,c,q,m,d,d0,d1,s1,s2,s4,rp,rf")
+    p.add_argument("--setup", action="store_true",
+                   help="create the peers' virtualenvs under benchmarks/.venvs and exit")
     p.add_argument("--alerts-dir", type=Path, default=DEFAULT_ALERTS_DIR,
                    help=f"folder of ZTF *.avro alerts (default {DEFAULT_ALERTS_DIR})")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="runs of each scenario; the table shows the median run (default 3)")
     p.add_argument("--keep-logs", action="store_true",
                    help="keep the temporary folder with the processes' logs")
-    # Internal: run loop (a), (a') or (b) in this process (the benchmark starts itself this way).
-    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    # Internal: run a loop or a decode in this process (the benchmark starts itself this way).
+    p.add_argument("--worker", choices=[*sorted(WORKERS), "decode"], help=argparse.SUPPRESS)
+    p.add_argument("--decode", choices=["fastavro", "decoder"], help=argparse.SUPPRESS)
     p.add_argument("--bootstrap", help=argparse.SUPPRESS)
     p.add_argument("--input-topic", help=argparse.SUPPRESS)
     p.add_argument("--output-topic", help=argparse.SUPPRESS)
     p.add_argument("--group", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.records, args.naive_records, args.alerts, args.repeat = 5_000, 300, 1_500, 1
+        args.records, args.naive_records, args.mlserver_records = 20_000, 300, 2_000
+        args.alerts, args.rest_requests, args.repeat = 1_500, 50, 1
     return args
 
 
-def stream_command() -> list[str]:
-    """The real console script installed beside this interpreter."""
-    script = Path(sys.executable).parent / "mlflow-preproc"
-    if not script.exists():
-        raise SystemExit(f"{script} not found; pip install -e . into this environment first")
-    return [str(script), "stream"]
+def make_inputs(args: argparse.Namespace) -> Inputs:
+    alerts = read_alert_files(args.alerts_dir)
+    json_values = make_json_records(args.records, alerts[0])
+    inputs = Inputs(json_values, [orjson.loads(v) for v in json_values],
+                    min(args.naive_records, args.records),
+                    min(args.mlserver_records, args.records),
+                    [alerts[i % len(alerts)] for i in range(args.alerts)], args.rest_requests)
+    avg_alert = sum(len(v) for v in inputs.alert_values) / len(inputs.alert_values)
+    print(f"JSON records: {len(json_values):,} x {inputs.avg_json_bytes():,.0f} B "
+          f"(naive {inputs.naive_count:,}, MLServer {inputs.peer_count:,}); ZTF alerts: "
+          f"{len(inputs.alert_values):,} x {avg_alert / 1e3:,.1f} kB ({len(alerts)} distinct, "
+          f"cutouts included); REST: {args.rest_requests} x 100 records", flush=True)
+    return inputs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.worker == "decode":
+        decode_worker(args.decode, args.alerts_dir, args.records)
+        return 0
     if args.worker:
         WORKERS[args.worker](args.bootstrap, args.input_topic, args.output_topic, args.group,
                              args.records)
         return 0
+    if args.setup:
+        return peers.setup()
 
-    started = time.monotonic()
-    alerts = read_alert_files(args.alerts_dir)
-    json_values = make_json_records(args.records, alerts[0])
-    naive_values = json_values[:args.naive_records]
-    alert_values = [alerts[i % len(alerts)] for i in range(args.alerts)]
-    avg_json = sum(len(v) for v in json_values) / len(json_values)
-    avg_alert = sum(len(v) for v in alert_values) / len(alert_values)
-    print(f"JSON records: {len(json_values):,} x {avg_json:,.0f} B; naive: "
-          f"{len(naive_values):,}; ZTF alerts: {len(alert_values):,} x {avg_alert / 1e3:,.1f} kB "
-          f"({len(alerts)} distinct, cutouts included)", flush=True)
-
+    started, load_before = time.monotonic(), ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    inputs = make_inputs(args)
     work_dir = Path(tempfile.mkdtemp(prefix="stream-throughput-"))
-    results: list[Result] = []
     with EmbeddedBroker() as broker:
-        bootstrap = broker.bootstrap_servers
         tracking_uri, models = log_models(work_dir)
-        command = stream_command()
-        scenarios: list[tuple[str, Callable[[], Result]]] = [
-            ("(a) raw confluent-kafka loop",
-             lambda: run_worker_scenario("(a) raw confluent-kafka loop", "raw", bootstrap,
-                                         json_values, work_dir)),
-            ("(a') raw loop + JSON round trip",
-             lambda: run_worker_scenario("(a') raw loop + JSON round trip", "json", bootstrap,
-                                         json_values, work_dir)),
-            ("(b) naive 1-at-a-time loop",
-             lambda: run_worker_scenario("(b) naive 1-at-a-time loop", "naive", bootstrap,
-                                         naive_values, work_dir)),
-            ("(c) mlflow-preproc stream, identity",
-             lambda: run_stream_scenario("(c) mlflow-preproc stream, identity", bootstrap,
-                                         tracking_uri, models["identity"], json_values,
-                                         work_dir, {}, "stream-identity", command)),
-            ("(d) stream, ZTF Avro features",
-             lambda: run_stream_scenario("(d) stream, ZTF Avro features", bootstrap,
-                                         tracking_uri, models["ztf"], alert_values, work_dir,
-                                         {"INPUT_FORMAT": "avro", "SKIP_CUTOUTS": "true"},
-                                         "stream-ztf", command)),
-        ]
-        for name, run in scenarios:
-            print(f"running {name} ({args.repeat}x) ...", flush=True)
-            try:
-                results.append(median_of([run() for _ in range(args.repeat)]))
-            except Exception as exc:  # noqa: BLE001 -- reported in the table, the rest goes on
-                results.append(Result(name, 0, 0.0, 0, error=str(exc)))
-    print_table(results, time.monotonic() - started)
-    if args.keep_logs or any(r.error for r in results):
+        rows = build_rows(args, inputs, broker.bootstrap_servers, broker, tracking_uri, models,
+                          work_dir)
+        results = run_rows(rows, args.repeat)
+    print_table(results, args.repeat, load_before, time.monotonic() - started)
+    failed = [rr for rr in results if rr.error and not rr.row.skipped]
+    if args.keep_logs or failed:
         print(f"logs: {work_dir}")
     else:
         import shutil
 
         shutil.rmtree(work_dir, ignore_errors=True)
-    return 1 if any(r.error for r in results) else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

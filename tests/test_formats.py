@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import struct
 
 import fastavro
@@ -19,6 +20,7 @@ from mlflow_preproc.runtime.formats import (
     FileWriter,
     MessageDecoder,
     MessageEncoder,
+    _ContainerReader,
     drop_fields,
     read_records,
 )
@@ -57,6 +59,158 @@ def test_truncated_or_corrupt_avro_container_is_a_decode_error():
         decoder.decode(raw[:len(raw) // 2])
     with pytest.raises(DecodeError, match="sync marker"):
         decoder.decode(raw[:-1] + bytes([raw[-1] ^ 0xFF]))
+
+
+PACKETS = sorted(DATA.glob("*.avro"))
+
+
+def _decoded_then_dropped(container: bytes, names) -> list[dict]:
+    """What skipping must equal: fastavro's whole decode, then the fields removed."""
+    return [drop_fields(r, names) for r in fastavro.reader(io.BytesIO(container))]
+
+
+def _long(n: int) -> bytes:
+    """``n`` as Avro writes a long (zigzag varint)."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema("long"), n)
+    return buf.getvalue()
+
+
+def _container(packet, codec: str, n: int = 1, **writer_args) -> bytes:
+    """``n`` copies of the packet's alert (candid varied) in one container of ``codec``."""
+    with open(packet, "rb") as f:
+        reader = fastavro.reader(f)
+        schema, alert = reader.writer_schema, next(reader)
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [dict(alert, candid=alert["candid"] + i) for i in range(n)],
+                    codec=codec, **writer_args)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("packet", PACKETS, ids=lambda p: p.stem)
+def test_skipped_cutouts_equal_decode_then_drop_on_the_real_packets(packet):
+    raw = packet.read_bytes()
+    decoder = MessageDecoder("avro", skip=ZTF_CUTOUTS)
+    for _ in range(2):  # then from the cached reader and the recognised header
+        [alert] = decoder.decode(raw)
+        [expected] = _decoded_then_dropped(raw, ZTF_CUTOUTS)
+        assert alert == expected
+        assert list(alert) == list(expected)  # same field order, too
+        assert not set(ZTF_CUTOUTS) & set(alert)
+
+
+@pytest.mark.parametrize("codec", ["null", "deflate", "bzip2", "xz"])
+@pytest.mark.parametrize("packet", PACKETS, ids=lambda p: p.stem)
+def test_skipping_equals_decode_then_drop_for_each_codec_and_many_records(packet, codec):
+    # Several blocks of several records, as a producer batching alerts would write them.
+    raw = _container(packet, codec, n=7, sync_interval=3 * packet.stat().st_size)
+    decoder = MessageDecoder("avro", skip=ZTF_CUTOUTS)
+    for _ in range(2):
+        assert decoder.decode(raw) == _decoded_then_dropped(raw, ZTF_CUTOUTS)
+
+
+@pytest.mark.parametrize("skip", [
+    ["prv_candidates"],                      # a run of kept fields on either side
+    ["cutoutScience"],                       # defines the cutout type the kept ones refer to
+    ["schemavsn", "candidate", "cutoutDifference"],
+    ["candid", "no_such_field"],
+])
+def test_skipping_any_top_level_fields_equals_decode_then_drop(skip):
+    raw = _container(PACKET, "null", n=3)
+    assert MessageDecoder("avro", skip=skip).decode(raw) == _decoded_then_dropped(raw, skip)
+
+
+def test_codecs_outside_the_standard_library_fall_back_to_fastavro_and_still_drop(monkeypatch):
+    raw = _container(PACKET, "deflate", n=2)
+    # As if deflate were snappy: a codec the fast path does not know.
+    monkeypatch.delitem(_ContainerReader._DECOMPRESS, b"deflate")
+    decoder = MessageDecoder("avro", skip=ZTF_CUTOUTS)
+    assert decoder.decode(raw) == _decoded_then_dropped(raw, ZTF_CUTOUTS)
+
+
+def test_skipping_schemaless_and_confluent_avro(tmp_path):
+    with open(PACKET, "rb") as f:
+        reader = fastavro.reader(f)
+        schema, alert = reader.writer_schema, next(reader)
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), alert)
+    expected = drop_fields(dict(alert), ZTF_CUTOUTS)
+    assert MessageDecoder("avro", schema, skip=ZTF_CUTOUTS).decode(buf.getvalue()) == [expected]
+    (tmp_path / "7.avsc").write_text(json.dumps(schema))
+    decoder = MessageDecoder("confluent-avro", schema_dir=str(tmp_path), skip=ZTF_CUTOUTS)
+    assert decoder.decode(struct.pack(">bI", 0, 7) + buf.getvalue()) == [expected]
+
+
+def test_json_messages_lose_the_skipped_top_level_fields_too():
+    decoder = MessageDecoder("json", skip=["cutoutScience", "candidate.rb"])
+    assert decoder.decode(b'{"a": 1, "cutoutScience": "x", "candidate": {"rb": 1}}') == [
+        {"a": 1, "candidate": {"rb": 1}}]  # nested paths are drop_fields' job
+
+
+def test_every_avro_type_is_skipped_to_the_right_place():
+    inner = {"type": "record", "name": "Inner", "fields": [
+        {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["a", "b"]}},
+        {"name": "f", "type": {"type": "fixed", "name": "F", "size": 3}},
+        {"name": "m", "type": {"type": "map", "values": ["null", "double"]}},
+        {"name": "t", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "next", "type": ["null", "Inner"]}]}  # recursive, by name
+    schema = {"type": "record", "name": "Outer", "fields": [
+        {"name": "keep1", "type": "string"},
+        {"name": "skipped", "type": {"type": "array", "items": inner}},
+        {"name": "flags", "type": {"type": "array", "items": "boolean"}},
+        {"name": "keep2", "type": ["null", "Inner"]}]}
+    leaf = {"e": "b", "f": b"xyz", "m": {"k": 1.5, "n": None}, "t": 1_700_000_000_000,
+            "next": None}
+    record = {"keep1": "é", "skipped": [leaf, dict(leaf, next=leaf)],
+              "flags": [True, False], "keep2": leaf}
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), record)
+    whole = MessageDecoder("avro", schema).decode(buf.getvalue())[0]
+    skipped = MessageDecoder("avro", schema, skip=["skipped", "flags"]).decode(buf.getvalue())
+    assert skipped == [drop_fields(whole, ["skipped", "flags"])]
+
+
+def test_arrays_written_with_block_sizes_are_jumped_whole():
+    # Writers may prefix a block with its size in bytes (a negative item count, then the size).
+    schema = {"type": "record", "name": "R", "fields": [
+        {"name": "a", "type": {"type": "array", "items": "long"}}, {"name": "b", "type": "int"}]}
+    items = b"\x02\x04\x06"  # 1, 2, 3 as zigzag varints
+    value = b"\x05" + b"\x06" + items + b"\x00" + b"\x54"  # count -3, size 3, items, end; b=42
+    assert MessageDecoder("avro", schema, skip=["a"]).decode(value) == [{"b": 42}]
+
+
+@pytest.mark.parametrize("packet", PACKETS, ids=lambda p: p.stem)
+def test_truncated_input_gives_the_same_decode_error_with_or_without_skipping(packet):
+    raw = packet.read_bytes()
+    whole, skipping = MessageDecoder("avro"), MessageDecoder("avro", skip=ZTF_CUTOUTS)
+    skipping.decode(raw)  # so that cut headers meet the recognised-header path too
+
+    def error(decoder: MessageDecoder, value: bytes) -> str:
+        with pytest.raises(DecodeError) as info:
+            decoder.decode(value)
+        # fastavro names the stream it could not read from by its address.
+        return re.sub(r" at 0x[0-9a-f]+", "", str(info.value))
+
+    # Every 500th cut after the magic bytes, and cuts in the last cutout and the sync marker.
+    for cut in [*range(4, len(raw), 500), len(raw) - 100, len(raw) - 17, len(raw) - 1]:
+        message = error(whole, raw[:cut])
+        assert message.startswith("corrupt Avro container")
+        assert error(skipping, raw[:cut]) == message, cut
+
+
+def test_corrupt_input_in_a_skipped_field_is_a_decode_error():
+    raw = bytearray(PACKET.read_bytes())
+    decoder = MessageDecoder("avro", skip=ZTF_CUTOUTS)
+    [alert] = MessageDecoder("avro").decode(bytes(raw))
+    # The length of the last cutout's stampData, made longer than what is left.
+    stamp = alert["cutoutDifference"]["stampData"]
+    at = bytes(raw).rindex(_long(len(stamp)) + stamp)
+    raw[at:at + len(_long(len(stamp)))] = _long(len(stamp) + 1)
+    with pytest.raises(DecodeError, match=rf"corrupt Avro container \(EOFError: Expected "
+                                          rf"{len(stamp) + 1} bytes"):
+        decoder.decode(bytes(raw))
+    with pytest.raises(DecodeError, match="sync marker"):
+        decoder.decode(PACKET.read_bytes()[:-1] + b"\x00")
 
 
 def test_drop_fields_removes_cutouts_and_nested_paths_and_ignores_missing():

@@ -23,11 +23,14 @@ streams can send the record to the dead-letter topic with that reason.
 
 from __future__ import annotations
 
+import bz2
 import io
+import itertools
 import json
+import lzma
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -75,7 +78,12 @@ def drop_fields(record: Record, paths: Iterable[str]) -> Record:
 # ---- Kafka message values ----------------------------------------------------------------
 
 class MessageDecoder:
-    """Decodes one Kafka message value into the records it holds (usually one)."""
+    """Decodes one Kafka message value into the records it holds (usually one).
+
+    ``skip`` names top-level fields left out of every record. Avro input never decodes them:
+    their bytes are stepped over (see :class:`_RecordReader`). Nested paths are not skipped
+    here; :func:`drop_fields` removes those after decoding.
+    """
 
     def __init__(
         self,
@@ -84,10 +92,12 @@ class MessageDecoder:
         schema_dir: str | None = None,
         registry_url: str | None = None,
         registry_config: dict | None = None,
+        skip: Collection[str] = (),
         any_json: bool = False,
     ):
-        """``any_json``: a JSON message may hold any value (a feature vector for a model),
-        not only an object (a record to preprocess)."""
+        """``skip``: top-level fields left out of the records (not decoded, for Avro);
+        ``any_json``: a JSON message may hold any value (a feature vector for a model), not
+        only an object (a record to preprocess)."""
         if fmt not in ("json", "avro", "confluent-avro"):
             raise ValueError(f"input format {fmt!r} is not supported for Kafka messages; use "
                              "json, avro or confluent-avro")
@@ -96,29 +106,39 @@ class MessageDecoder:
                              "AVRO_SCHEMA_DIR (a folder of <schema id>.avsc files)")
         self.fmt = fmt
         self.any_json = any_json
-        self._schema = fastavro.parse_schema(schema) if schema else None
+        self._skip = frozenset(name for name in skip if "." not in name)
+        self._reader = _RecordReader(schema, self._skip) if schema else None
         self._by_id = _SchemaById(schema_dir, registry_url, registry_config)
-        self._containers = _ContainerReader()
+        self._readers_by_id: dict[int, _RecordReader] = {}
+        self._containers = _ContainerReader(self._skip)
 
     def decode(self, value: bytes | None) -> list[Record]:
         if value is None:
             raise DecodeError("the message has no value (a tombstone); nothing to preprocess")
         if self.fmt == "json":
-            return [_json_value(value) if self.any_json else _json_object(value)]
+            if self.any_json:
+                return [_json_value(value)]
+            record = _json_object(value)
+            # A call per record costs ~3% of the stream's time on 1 KB records: only if needed.
+            return [_without(record, self._skip) if self._skip else record]
         if self.fmt == "avro":
             if value[:4] == _OCF_MAGIC:
                 return self._containers.read(value)
-            if self._schema is None:
+            if self._reader is None:
                 raise DecodeError(
                     "the message is schemaless Avro but no schema is configured; set "
                     "AVRO_SCHEMA_PATH or log the model with avro_schema=..."
                 )
-            return [_schemaless(value, self._schema)]
+            return [_schemaless(value, self._reader)]
         if len(value) < 5 or value[0] != _CONFLUENT_MAGIC:
             raise DecodeError("the message is not in the Confluent wire format (magic byte 0 "
                               "and a 4-byte schema id); check INPUT_FORMAT")
         (schema_id,) = struct.unpack(">I", value[1:5])
-        return [_schemaless(value[5:], self._by_id.get(schema_id))]
+        reader = self._readers_by_id.get(schema_id)
+        if reader is None:
+            reader = self._readers_by_id[schema_id] = _RecordReader(self._by_id.get(schema_id),
+                                                                    self._skip)
+        return [_schemaless(value[5:], reader)]
 
 
 def _json_value(value: bytes) -> Any:
@@ -139,10 +159,10 @@ def _json_object(value: bytes) -> Record:
     return record
 
 
-def _schemaless(value: bytes, parsed_schema: dict) -> Record:
+def _schemaless(value: bytes, reader: _RecordReader) -> Record:
     buf = io.BytesIO(value)
     try:
-        record = fastavro.schemaless_reader(buf, parsed_schema, None)
+        record = reader.read(value, buf)
     except Exception as exc:  # fastavro raises EOFError, ValueError, IndexError... on bad bytes
         raise DecodeError(f"cannot decode Avro with the configured schema "
                           f"({type(exc).__name__}: {exc}); check the schema") from None
@@ -152,13 +172,191 @@ def _schemaless(value: bytes, parsed_schema: dict) -> Record:
     return record
 
 
+class _RecordReader:
+    """Decodes records of one writer schema, stepping over the bytes of skipped fields.
+
+    Skipped fields are never decoded: the three image cutouts of a ZTF alert (~40 of its
+    70 kB) are stepped over, not copied out and then dropped. (That saves little time:
+    fastavro copies a 13 kB bytes field in ~2 us, and nearly all of an alert's decode time
+    goes to the ~3,000 small fields of ``candidate`` and ``prv_candidates``.) fastavro's own
+    way, a reader schema without the fields, resolves every field of the alert against it
+    and decodes twice as slowly as reading everything. Instead the writer's top-level fields
+    are cut into runs: each run of kept fields is decoded by fastavro as one record of just
+    those fields (Avro writes a record's fields back to back, so that reads exactly their
+    bytes), and each run of skipped fields is stepped over by a :func:`_skipper`, which
+    reads only lengths and union indexes. A skipped string is not checked to be UTF-8.
+    """
+
+    def __init__(self, writer_schema: dict | list | str, skip: Collection[str] = ()):
+        """``writer_schema`` as JSON, or as ``fastavro.parse_schema`` returned it."""
+        self.schema = fastavro.parse_schema(writer_schema)  # returns a parsed one as it is
+        named = self.schema.get("__named_schemas", {}) if isinstance(self.schema, dict) else {}
+        self._steps = _plan_steps(self.schema, frozenset(skip), named)
+
+    def read(self, data: bytes, buf: io.BytesIO) -> Record:
+        """The next record of ``buf``, a stream over ``data`` positioned at it."""
+        if self._steps is None:
+            return fastavro.schemaless_reader(buf, self.schema, None)
+        record: Record = {}
+        for kept, skip in self._steps:
+            if kept is not None:
+                record.update(fastavro.schemaless_reader(buf, kept, None))
+            else:
+                buf.seek(skip(data, buf.tell()))
+        return record
+
+
+Skipper = Callable[[bytes, int], int]  # (data, position of a value) -> position after it
+
+
+def _plan_steps(schema: Any, skip: frozenset[str], named: dict[str, Any]
+                ) -> list[tuple[dict | None, Skipper | None]] | None:
+    """``(run schema, None)`` and ``(None, skipper)`` steps in the writer's field order, or
+    None when the schema has none of the skipped fields (it is then decoded whole)."""
+    if not (isinstance(schema, dict) and schema.get("type") == "record"
+            and skip & {f["name"] for f in schema["fields"]}):
+        return None
+    steps: list[tuple[dict | None, Skipper | None]] = []
+    for is_skipped, fields in itertools.groupby(schema["fields"], lambda f: f["name"] in skip):
+        fields = list(fields)
+        if is_skipped:
+            steps.append((None, _skipper({"type": "record", "fields": fields}, named)))
+        else:
+            steps.append((_run_schema(fields, len(steps), named), None))
+    return steps
+
+
+def _run_schema(fields: list[dict], index: int, named: dict[str, Any]) -> dict:
+    """A record of just ``fields``. Named types are referred to by their full names: the
+    whole writer schema defined them, possibly in a field this run does not include. The
+    record's own name has no namespace, so that names without one still resolve as in the
+    writer's schema."""
+    return fastavro.parse_schema(
+        {"type": "record", "name": f"mlflow_preproc_kept_fields_{index}",
+         "fields": [{"name": f["name"], "type": _by_name(f["type"])} for f in fields]},
+        named_schemas=dict(named))
+
+
+def _by_name(schema: Any) -> Any:
+    """``schema`` with each named type's definition replaced by its (full) name."""
+    if isinstance(schema, list):
+        return [_by_name(branch) for branch in schema]
+    if not isinstance(schema, dict):
+        return schema
+    kind = schema["type"]
+    if kind in ("record", "error", "enum", "fixed"):
+        return schema["name"]
+    if kind == "array":
+        return {**schema, "items": _by_name(schema["items"])}
+    if kind == "map":
+        return {**schema, "values": _by_name(schema["values"])}
+    return schema
+
+
+def _skipper(schema: Any, named: dict[str, Any]) -> Skipper:
+    """A function stepping over one value of ``schema`` without decoding it.
+
+    Truncated data raises the EOFError fastavro raises when it reads the same bytes
+    (``Expected N bytes, read M``), a bad union index fastavro's IndexError.
+    """
+    if isinstance(schema, list):
+        branches = [_skipper(branch, named) for branch in schema]
+
+        def skip_union(data: bytes, pos: int) -> int:
+            index, pos = _zigzag(data, pos)
+            return branches[index](data, pos)
+        return skip_union
+    kind = schema if isinstance(schema, str) else schema["type"]
+    if kind in _FIXED_WIDTH or kind == "fixed":
+        width = schema["size"] if kind == "fixed" else _FIXED_WIDTH[kind]
+        return lambda data, pos: _advance(data, pos, width)
+    if kind in ("int", "long", "enum"):
+        return lambda data, pos: _zigzag(data, pos)[1]
+    if kind in ("string", "bytes"):
+        return _skip_sized
+    if kind in ("record", "error"):
+        fields = [_skipper(field["type"], named) for field in schema["fields"]]
+
+        def skip_record(data: bytes, pos: int) -> int:
+            for skip in fields:
+                pos = skip(data, pos)
+            return pos
+        return skip_record
+    if kind == "array":
+        return _block_skipper([_skipper(schema["items"], named)])
+    if kind == "map":
+        return _block_skipper([_skip_sized, _skipper(schema["values"], named)])
+    if isinstance(schema, dict):  # a primitive with a logical type: {"type": "long", ...}
+        return _skipper(kind, named)
+    # A named type, by name: resolved on first use, as a recursive type refers to itself.
+    resolved: list[Skipper] = []
+
+    def skip_named(data: bytes, pos: int) -> int:
+        if not resolved:
+            resolved.append(_skipper(named[kind], named))
+        return resolved[0](data, pos)
+    return skip_named
+
+
+_FIXED_WIDTH = {"null": 0, "boolean": 1, "float": 4, "double": 8}
+
+
+def _block_skipper(item: list[Skipper]) -> Skipper:
+    """Arrays and maps: blocks of items (map entries: key, value), ending with an empty
+    block. A writer may put a block's size in bytes before it (a negative count), which lets
+    the whole block be jumped."""
+    def skip_blocks(data: bytes, pos: int) -> int:
+        while True:
+            count, pos = _zigzag(data, pos)
+            if count == 0:
+                return pos
+            if count < 0:
+                size, pos = _zigzag(data, pos)
+                pos = _advance(data, pos, size)
+                continue
+            for _ in range(count):
+                for skip in item:
+                    pos = skip(data, pos)
+    return skip_blocks
+
+
+def _skip_sized(data: bytes, pos: int) -> int:
+    """Strings and bytes: a length, then that many bytes."""
+    size, pos = _zigzag(data, pos)
+    return _advance(data, pos, size)
+
+
+def _advance(data: bytes, pos: int, size: int) -> int:
+    end = pos + size
+    if size < 0 or end > len(data):
+        available = max(0, len(data) - pos)
+        read = available if size < 0 else min(size, available)
+        raise EOFError(f"Expected {size} bytes, read {read}")
+    return end
+
+
+def _zigzag(data: bytes, pos: int) -> tuple[int, int]:
+    """An Avro int or long (zigzag varint) at ``pos``, and the position after it."""
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise EOFError("Expected 1 bytes, read 0")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+
+
 class _ContainerReader:
     """Reads Avro object containers sent as single messages, parsing each writer schema once.
 
     Alert streams (ZTF, Fink) send every alert as a whole container: a header carrying the
     ~20 kB schema, then one block. ``fastavro.reader`` parses that schema for every message,
-    a third of the decode time of a ZTF alert; here parsed schemas are kept by their text.
-    Codecs other than null and deflate go through ``fastavro.reader``.
+    a third of the decode time of a ZTF alert; here a :class:`_RecordReader` is kept per
+    schema text, and the last header is recognised by its bytes. Blocks compressed with a codec outside the standard library (snappy,
+    zstandard, lz4) go through ``fastavro.reader``, and skipped fields are dropped after it.
     """
 
     _HEADER = fastavro.parse_schema({
@@ -168,9 +366,18 @@ class _ContainerReader:
             {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
     _LONG = fastavro.parse_schema("long")
     _MAX_SCHEMAS = 64
+    _RECENT_HEADERS = 4
+    # Raw deflate, as the Avro spec says; bzip2 and xz are whole streams.
+    _DECOMPRESS = {b"null": None, b"deflate": lambda data: zlib.decompress(data, -15),
+                   b"bzip2": bz2.decompress, b"xz": lzma.decompress}
 
-    def __init__(self) -> None:
-        self._schemas: dict[bytes, dict] = {}
+    def __init__(self, skip: Collection[str] = ()) -> None:
+        self._skip = frozenset(skip)
+        self._readers: dict[bytes, _RecordReader] = {}
+        # The header bytes before the sync marker of the last few containers read, with their
+        # codec and reader: a stream's containers share them, so a message starting with the
+        # same bytes needs no header decoding (the schema alone is ~20 kB to copy and hash).
+        self._recent: list[tuple[bytes, bytes, _RecordReader]] = []
 
     def read(self, value: bytes) -> list[Record]:
         try:
@@ -182,32 +389,52 @@ class _ContainerReader:
 
     def _read(self, value: bytes) -> list[Record]:
         buf = io.BytesIO(value)
-        header = fastavro.schemaless_reader(buf, self._HEADER, None)
-        codec = header["meta"].get("avro.codec", b"null")
-        if codec not in (b"null", b"deflate"):
-            return list(fastavro.reader(io.BytesIO(value)))
-        schema = self._schema(header["meta"]["avro.schema"])
+        known = next((h for h in self._recent if value.startswith(h[0])), None)
+        if known is not None:
+            prefix, codec, reader = known
+            buf.seek(len(prefix))
+            sync = buf.read(16)
+            if len(sync) < 16:  # what fastavro says of a header cut short in the same place
+                raise EOFError(f"Expected 16 bytes, read {len(sync)}")
+        else:
+            header = fastavro.schemaless_reader(buf, self._HEADER, None)
+            codec = header["meta"].get("avro.codec", b"null")
+            if codec not in self._DECOMPRESS:
+                records = list(fastavro.reader(io.BytesIO(value)))
+                return [_without(record, self._skip) for record in records]
+            reader = self._reader(header["meta"]["avro.schema"])
+            sync = header["sync"]
+            self._recent = [(value[:buf.tell() - len(sync)], codec, reader),
+                            *self._recent[:self._RECENT_HEADERS - 1]]
+        decompress = self._DECOMPRESS[codec]
         records: list[Record] = []
         while buf.tell() < len(value):
             count = fastavro.schemaless_reader(buf, self._LONG, None)
             size = fastavro.schemaless_reader(buf, self._LONG, None)
             data = buf.read(size)
-            if codec == b"deflate":
-                data = zlib.decompress(data, -15)  # raw deflate, as the Avro spec says
+            if decompress is not None:
+                data = decompress(data)
             block = io.BytesIO(data)
-            records.extend(fastavro.schemaless_reader(block, schema, None) for _ in range(count))
-            if buf.read(16) != header["sync"]:
+            records.extend(reader.read(data, block) for _ in range(count))
+            if buf.read(16) != sync:
                 raise DecodeError("corrupt Avro container (a block does not end with the "
                                   "file's sync marker)")
         return records
 
-    def _schema(self, text: bytes) -> dict:
-        schema = self._schemas.get(text)
-        if schema is None:
-            if len(self._schemas) >= self._MAX_SCHEMAS:
-                self._schemas.clear()
-            schema = self._schemas[text] = fastavro.parse_schema(json.loads(text))
-        return schema
+    def _reader(self, text: bytes) -> _RecordReader:
+        reader = self._readers.get(text)
+        if reader is None:
+            if len(self._readers) >= self._MAX_SCHEMAS:
+                self._readers.clear()
+            reader = self._readers[text] = _RecordReader(json.loads(text), self._skip)
+        return reader
+
+
+def _without(record: Record, names: Collection[str]) -> Record:
+    """``record`` without the top-level fields ``names`` (in place)."""
+    for name in names:
+        record.pop(name, None)
+    return record
 
 
 class _SchemaById:

@@ -55,9 +55,11 @@ class Stream(KafkaLoop):
         schema = _schema(config["AVRO_SCHEMA_PATH"]) or preprocessing.avro_schema
         out_schema = _schema(config["OUTPUT_AVRO_SCHEMA_PATH"]) or preprocessing.output_avro_schema
         try:
+            # Dropped top-level fields are skipped by the decoder, never decoded.
             self.decoder = MessageDecoder(config["INPUT_FORMAT"], schema,
                                           config["AVRO_SCHEMA_DIR"],
-                                          config["SCHEMA_REGISTRY_URL"])
+                                          config["SCHEMA_REGISTRY_URL"],
+                                          skip=self.fields_to_drop)
             self.encoder = MessageEncoder(config["OUTPUT_FORMAT"], out_schema,
                                           config["SCHEMA_REGISTRY_URL"], topic=output_topic)
         except ValueError as exc:
