@@ -49,18 +49,23 @@ def result_type(model_uri: str) -> Any:
         udf = mlflow.pyfunc.spark_udf(spark, uri, result_type=mlflow_preproc.spark.result_type(uri))
         df.withColumn("features", udf(struct(*df.columns)))
     """
+    import tempfile
+
     from mlflow.models import Model
     from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
-    # The MLmodel file and the output schema are all that is needed: no model download.
-    model = Model.load(model_uri)
-    conf = model.flavors.get("preprocessing")
-    if conf is None:
-        raise OutputSchemaError(f"{model_uri} is not a preprocessing model; log it with "
-                                "mlflow.preproc.log_model")
-    if conf.get("output_avro_schema"):
-        local = _download_artifact_from_uri(f"{model_uri.rstrip('/')}/{conf['output_avro_schema']}")
-        return _AvroToSpark(for_udf=True).convert_root(load_avro_schema(local))
+    with tempfile.TemporaryDirectory() as tmp:
+        # The whole model (small: code and environment files); sub-paths of models:/m-<id>
+        # URIs cannot be downloaded on their own.
+        local = _download_artifact_from_uri(model_uri, output_path=tmp)
+        model = Model.load(os.path.join(local, "MLmodel"))
+        conf = model.flavors.get("preprocessing")
+        if conf is None:
+            raise OutputSchemaError(f"{model_uri} is not a preprocessing model; log it with "
+                                    "mlflow.preproc.log_model")
+        if conf.get("output_avro_schema"):
+            schema = load_avro_schema(os.path.join(local, conf["output_avro_schema"]))
+            return _AvroToSpark(for_udf=True).convert_root(schema)
     if model.signature is not None and model.signature.outputs is not None:
         return model.signature.outputs.as_spark_schema()
     raise OutputSchemaError(
