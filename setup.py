@@ -41,6 +41,11 @@ setup(
             "scikit-learn",
             "requests",
         ],
+        # mlflow-preproc run --engine spark, mlflow_preproc.spark; Java 17+ comes from the
+        # system (Debian: openjdk-17-jre-headless).
+        "spark": [
+            "pyspark>=4.0,<5",
+        ],
     },
     entry_points={
         "console_scripts": [
