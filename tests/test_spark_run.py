@@ -149,6 +149,7 @@ def test_jsonl_and_parquet_in_partitioned_parquet_out(tracking_uri, tmp_path):
      "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless) or set JAVA_HOME to one"),
 ])
 def test_setup_errors_are_one_line(tmp_path, args, env, message):
+    require_spark()  # the Java check comes after pyspark's
     (tmp_path / "in.jsonl").write_text('{"id": 1}\n')
     proc = run_cli("-m", "models:/unused/1", *args, cwd=tmp_path, env=env)
     assert proc.returncode == 2

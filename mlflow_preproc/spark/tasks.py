@@ -32,8 +32,9 @@ from mlflow_preproc.runtime.records import Preprocessor, RecordError
 from mlflow_preproc.spark.model_files import ShippedModel
 
 OUTPUT, REJECT, COUNTS = "output", "reject", "counts"
-REJECT_DDL = "input string, index long, stage string, error string, record string"
-COUNTS_DDL = "read long, written long, dropped long, failed long"
+REJECT_FIELDS = {"input": "string", "index": "long", "stage": "string", "error": "string",
+                 "record": "string"}  # the fields of run's rejects file, the record as JSON
+COUNTS_FIELDS = ("read", "written", "dropped", "failed")
 # Columns that transform() adds to typed input rows to name where they came from.
 FILE_COLUMN, ROW_COLUMN = "__mlflow_preproc_file", "__mlflow_preproc_row"
 # Rows per emitted Arrow batch: bounded memory in the Python worker, few JVM round trips.
@@ -42,12 +43,15 @@ _EMIT_ROWS = 1000
 
 def tagged_schema(output_type: Any | None) -> Any:
     """The Spark schema of the tasks' rows; ``output_type`` None means JSON lines."""
-    from pyspark.sql.types import StringType, StructField, StructType, _parse_datatype_string
+    from pyspark.sql.types import LongType, StringType, StructField, StructType
 
+    types = {"string": StringType(), "long": LongType()}
+    reject = StructType([StructField(k, types[v], True) for k, v in REJECT_FIELDS.items()])
+    counts = StructType([StructField(k, LongType(), True) for k in COUNTS_FIELDS])
     return StructType([
         StructField(OUTPUT, output_type or StringType(), True),
-        StructField(REJECT, _parse_datatype_string(REJECT_DDL), True),
-        StructField(COUNTS, _parse_datatype_string(COUNTS_DDL), True),
+        StructField(REJECT, reject, True),
+        StructField(COUNTS, counts, True),
     ])
 
 
@@ -86,9 +90,9 @@ class PartitionJob:
     def _items(self, batch: Any, seen: int) -> Iterator[tuple[str, int, Any]]:
         """(where, index, record or DecodeError) for every input of an Arrow batch."""
         if self.files:
-            for path, content in zip(batch.column("path").to_pylist(),
-                                     batch.column("content").to_pylist()):
-                yield from self._file_records(path, content)
+            # One file's bytes in Python at a time, not the whole batch's.
+            for path, content in zip(batch.column("path").to_pylist(), batch.column("content")):
+                yield from self._file_records(path, content.as_py())
             return
         rows = batch.to_pylist()
         if not rows or FILE_COLUMN not in rows[0]:
@@ -172,7 +176,7 @@ class _Sink:
         self.arrow_schema = to_arrow_schema(schema)
         self._output_type = self.arrow_schema.field(OUTPUT).type
         self._typed = output_type is not None
-        self.counts = {"read": 0, "written": 0, "dropped": 0, "failed": 0}
+        self.counts = dict.fromkeys(COUNTS_FIELDS, 0)
         self._outputs: list[Any] = []   # JSON lines, or (where, index, output, input)
         self._rejects: list[dict] = []
 

@@ -18,8 +18,8 @@ from mlflow_preproc.runtime.batch_run import RunCounts
 from mlflow_preproc.runtime.flavor import LoadedPreprocessing
 from mlflow_preproc.spark import schemas
 from mlflow_preproc.spark.model_files import ship
-from mlflow_preproc.spark.tasks import COUNTS, FILE_COLUMN, OUTPUT, REJECT, ROW_COLUMN, \
-    PartitionJob, tagged_schema
+from mlflow_preproc.spark.tasks import COUNTS, COUNTS_FIELDS, FILE_COLUMN, OUTPUT, REJECT, \
+    ROW_COLUMN, PartitionJob, tagged_schema
 
 FILE_FORMATS = ("avro", "json", "jsonl")
 
@@ -59,8 +59,7 @@ class Transformed:
         from pyspark.sql import functions as F
 
         row = (self.tagged.where(F.col(COUNTS).isNotNull())
-               .agg(*(F.sum(f"{COUNTS}.{k}").alias(k)
-                      for k in ("read", "written", "dropped", "failed")))
+               .agg(*(F.sum(f"{COUNTS}.{k}").alias(k) for k in COUNTS_FIELDS))
                .first())
         return RunCounts(read=row["read"] or 0, written=row["written"] or 0,
                          dropped=row["dropped"] or 0, failed=row["failed"] or 0)
@@ -100,6 +99,10 @@ def transform(df: Any, model_uri: str, *, input_format: str | None = None,
     if input_format is not None and input_format not in FILE_FORMATS:
         raise ValueError(f"input_format={input_format!r} is not supported; use one of "
                          f"{FILE_FORMATS} for files, or None for a DataFrame of records")
+    if input_format is not None and not {"path", "content"} <= set(df.columns):
+        raise ValueError(f"input_format={input_format!r} decodes files: pass a DataFrame of "
+                         "files, spark.read.format('binaryFile').load(...), not one with "
+                         f"columns {df.columns}")
     return transform_files(df, model_uri, files=input_format is not None,
                            input_format=input_format, drop_fields=drop_fields,
                            output_schema=output_schema)
