@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                      "--engine spark)")
     run.add_argument("--output-format", choices=("jsonl", "avro", "parquet"), default="jsonl",
                      help="avro: --engine local; parquet: --engine spark")
-    run.add_argument("--output-schema", help="Avro schema for avro output (default: the "
-                     "model's output_avro_schema)")
+    run.add_argument("--output-schema", help="Avro schema for avro output or parquet columns "
+                     "(default: the model's output_avro_schema)")
     run.add_argument("-o", "--output", help="output file (default: stdout)")
     run.add_argument("--rejects", help="where failed records go (default: OUTPUT.rejects.jsonl, "
                      "or rejects.jsonl when writing to stdout)")
