@@ -48,6 +48,11 @@ setup(
             "cloudcoil-models-keda>=2.16",
             "cloudcoil-models-prometheus-operator>=0.80",
         ],
+        # mlflow-preproc run --engine spark, mlflow_preproc.spark; Java 17+ comes from the
+        # system (Debian: openjdk-17-jre-headless).
+        "spark": [
+            "pyspark>=4.0,<5",
+        ],
     },
     entry_points={
         "console_scripts": [

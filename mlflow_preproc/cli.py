@@ -52,11 +52,13 @@ def _parser() -> argparse.ArgumentParser:
                          "with a preprocessing model; write JSON Lines or Avro.")
     run.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
     run.add_argument("inputs", nargs="*", metavar="FILE", help="input files; - or none: stdin")
-    run.add_argument("--input-format", choices=("json", "jsonl", "avro"),
-                     help="default: from the file name, else from its first bytes")
-    run.add_argument("--output-format", choices=("jsonl", "avro"), default="jsonl")
-    run.add_argument("--output-schema", help="Avro schema for avro output (default: the "
-                     "model's output_avro_schema)")
+    run.add_argument("--input-format", choices=("json", "jsonl", "avro", "parquet"),
+                     help="default: from the file name, else from its first bytes (parquet: "
+                     "--engine spark)")
+    run.add_argument("--output-format", choices=("jsonl", "avro", "parquet"), default="jsonl",
+                     help="avro: --engine local; parquet: --engine spark")
+    run.add_argument("--output-schema", help="Avro schema for avro output or parquet columns "
+                     "(default: the model's output_avro_schema)")
     run.add_argument("-o", "--output", help="output file (default: stdout)")
     run.add_argument("--rejects", help="where failed records go (default: OUTPUT.rejects.jsonl, "
                      "or rejects.jsonl when writing to stdout)")
@@ -67,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                      "[SKIP_CUTOUTS]")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: when stderr is a terminal)")
+    run.add_argument("--engine", choices=("local", "spark"), default="local",
+                     help="spark: on Apache Spark (pip install 'mlflow-preproc[spark]'); "
+                     "FILE may be a folder or a glob, -o a folder of part files")
+    run.add_argument("--master", help="Spark master (--engine spark; default local[*])")
+    run.add_argument("--partition-by", default="", metavar="FIELD[,FIELD]",
+                     help="write the output partitioned by these fields (--engine spark)")
     run.set_defaults(handler=_cmd_run)
 
     stream = sub.add_parser("stream", help="preprocess a Kafka topic into another",
@@ -129,10 +137,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     drop = settings.Config({
         "SKIP_CUTOUTS": args.skip_cutouts or env["SKIP_CUTOUTS"],
         "DROP_FIELDS": args.drop_fields or env["DROP_FIELDS"]}).drop_fields()
+    rejects = args.rejects or (f"{args.output}.rejects.jsonl" if args.output else "rejects.jsonl")
+    if args.engine == "spark":
+        from mlflow_preproc.spark import files
+
+        counts = files.run(args.model_uri, args.inputs, args.output,
+                           master=args.master or "local[*]", input_format=args.input_format,
+                           output_format=args.output_format, output_schema=args.output_schema,
+                           rejects_path=rejects, fields_to_drop=drop,
+                           partition_by=_split_list(args.partition_by), progress=args.progress)
+        print(f"mlflow-preproc run: {counts.summary()}", file=sys.stderr)
+        return EXIT_RECORDS_FAILED if counts.failed else EXIT_OK
+    for flag, value in (("--master", args.master), ("--partition-by", args.partition_by),
+                        ("--input-format parquet", args.input_format == "parquet"),
+                        ("--output-format parquet", args.output_format == "parquet")):
+        if value:
+            raise settings.ConfigError(f"{flag} needs --engine spark")
+
     loaded = load_preprocessing(args.model_uri)
     schema = load_avro_schema(args.output_schema) if args.output_schema \
         else loaded.output_avro_schema
-    rejects = args.rejects or (f"{args.output}.rejects.jsonl" if args.output else "rejects.jsonl")
     out = open(args.output, "wb") if args.output else sys.stdout.buffer
     try:
         counts = batch_run.run(loaded.preprocessor, args.inputs, out,
@@ -144,6 +168,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             out.close()
     print(f"mlflow-preproc run: {counts.summary()}", file=sys.stderr)
     return EXIT_RECORDS_FAILED if counts.failed else EXIT_OK
+
+
+def _split_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def _cmd_stream(args: argparse.Namespace) -> int:

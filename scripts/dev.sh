@@ -7,10 +7,11 @@
 #   bash scripts/dev.sh setup           only create .venv and install the package
 #
 # Everything it needs is installed here: a virtualenv in .venv (PYTHON picks the interpreter)
-# with the package, its test tools and its optional extras,
-# and for the tests a Docker engine plus the local base image (scripts/docker-engine.sh,
-# scripts/base-image.sh). MLFLOW_PREPROC_SKIP_DOCKER=1 skips the engine locally; the Docker
-# tests then skip, except under CI=true where a missing engine fails them.
+# with the package, its test tools and its optional extras (Kubernetes client, Spark), and for
+# the tests Java 17 for Spark (apt-get, when there is no java) and a Docker engine plus the
+# local base image (scripts/docker-engine.sh, scripts/base-image.sh).
+# MLFLOW_PREPROC_SKIP_DOCKER=1 skips the engine locally; the Docker tests then skip, except
+# under CI=true where a missing engine fails them.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,8 +26,15 @@ setup() {
     local stamp="$VENV/.mlflow-preproc-installed"
     if [[ ! -f "$stamp" || setup.py -nt "$stamp" ]]; then
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet -e ".[test,kubernetes]"
+        "$VENV/bin/python" -m pip install --quiet -e ".[test,kubernetes,spark]"
         touch "$stamp"
+    fi
+}
+
+# Spark (the spark extra) runs on the system's Java.
+install_java() {
+    if ! command -v java >/dev/null 2>&1 && [[ -z "${JAVA_HOME:-}" ]]; then
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y openjdk-17-jre-headless
     fi
 }
 
@@ -51,6 +59,7 @@ case "${1:-}" in
     test)
         shift
         setup
+        install_java
         start_docker
         export PATH="$VENV/bin:$PATH"
         # Every temporary file of the run (pytest's, MLflow's downloads, broker logs, build

@@ -309,3 +309,23 @@ def streams(tmp_path: Path):
             s.proc.wait(10)
 
 
+# ---- Spark: real pyspark on local[2] -------------------------------------------------------
+
+# No web UI (its port) in tests, and the JVM's JIT at C1: on 2 CPUs C2 compiling Spark at
+# start-up costs ~15 s of CPU per JVM (benchmarks/spark_batch.py, row d). Nothing else differs
+# from how users run it.
+SPARK_ENV = {"PYSPARK_SUBMIT_ARGS": "--conf spark.ui.enabled=false "
+                                    "--driver-java-options -XX:TieredStopAtLevel=1 pyspark-shell"}
+
+
+def require_spark() -> None:
+    """Skip without pyspark or Java; under CI=true fail instead (CI installs both)."""
+    from mlflow_preproc.spark.session import SparkUnavailable, check_java, require_pyspark
+
+    try:
+        require_pyspark()
+        check_java()
+    except SparkUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -493,12 +494,50 @@ class _PreprocessingPyfunc:
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> list[dict]:
         """Apply ``pre_processing`` to each record and return all outputs, in order.
 
+        Under ``mlflow.pyfunc.spark_udf`` every record must give exactly one output: a UDF
+        returns one value per row, so a drop or a fan-out is an error that names
+        ``mlflow_preproc.spark.transform``, which keeps them.
+
         Raises:
             RecordError: naming the failing record's index, with the original exception as
                 its cause.
         """
         outputs = self.loaded.preprocessor.process(as_records(data))
+        if _called_by_spark_udf():
+            _check_one_output_each(outputs)
         return [to_jsonable(record) for per_input in outputs for record in per_input]
+
+
+def _called_by_spark_udf() -> bool:
+    """Whether ``mlflow.pyfunc.spark_udf`` is calling ``predict``.
+
+    MLflow gives predict no sign of it: ``params`` need a params schema in the signature, and
+    ``model_config`` is not passed to models loaded on a cluster's executors. So the caller's
+    frames are looked at (once per batch): spark_udf predicts from ``_predict_row_batch`` in
+    ``mlflow.pyfunc``. Were MLflow to rename it, a drop would fail with Spark's own
+    RESULT_ROWS_MISMATCH error instead of this module's.
+    """
+    frame = sys._getframe(2)
+    for _ in range(16):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_predict_row_batch" and \
+                frame.f_globals.get("__name__") == "mlflow.pyfunc":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _check_one_output_each(outputs: list[list[dict]]) -> None:
+    for index, per_input in enumerate(outputs):
+        if len(per_input) != 1:
+            what = "dropped it (returned None)" if not per_input else \
+                f"fanned it out into {len(per_input)} outputs"
+            raise RecordError(
+                index,
+                f"pre_processing {what}, and a Spark UDF gives one value per row; run models "
+                "that drop or fan out records with mlflow_preproc.spark.transform (or "
+                "mlflow-preproc run --engine spark), which keeps them")
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _PreprocessingPyfunc:

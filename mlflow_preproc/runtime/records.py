@@ -203,7 +203,9 @@ def as_records(data: Any) -> list[Record]:
     ``{"instances": [...]}``; Python callers may also pass a single dict.
     """
     if _is_dataframe(data):
-        return data.to_dict(orient="records")
+        # Spark (spark_udf) hands array columns over as numpy arrays; records hold lists, as
+        # from every other source, so `x or []` and `x == [...]` work the same.
+        return [{k: _plain(v) for k, v in r.items()} for r in data.to_dict(orient="records")]
     if isinstance(data, Mapping):
         values = list(data.values())
         if values and all(type(v).__name__ == "ndarray" for v in values):

@@ -1,0 +1,191 @@
+"""Preprocessing models on Spark, in-process: spark_udf and transform on local[2]."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import fastavro
+import mlflow
+import pytest
+
+from conftest import DATA, SPARK_ENV, require_spark
+from mlflow_preproc.runtime.formats import ZTF_CUTOUTS
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark]
+
+ZTF_PACKETS = sorted(DATA.glob("*.avro"))
+FEATURES_SCHEMA = {"type": "record", "name": "Features", "fields": [
+    {"name": "objectId", "type": "string"},
+    {"name": "candid", "type": "long"},
+    {"name": "fid", "type": "int"},
+    {"name": "magpsf", "type": "float"},
+    {"name": "n_prv", "type": "int"},
+    {"name": "prv_mag_mean", "type": ["null", "double"]},
+    {"name": "stamp_head", "type": "bytes"},
+]}
+
+
+@pytest.fixture(scope="module")
+def spark():
+    require_spark()
+    from mlflow_preproc.spark import session
+
+    saved = {k: os.environ.get(k) for k in SPARK_ENV}
+    os.environ.update(SPARK_ENV)
+    spark = session.start("local[2]", "mlflow-preproc tests", progress=False)
+    spark.conf.set("spark.sql.shuffle.partitions", "2")
+    yield spark
+    spark.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def alerts() -> list[dict]:
+    out = []
+    for packet in ZTF_PACKETS:
+        with open(packet, "rb") as f:
+            out.append(next(fastavro.reader(f)))
+    return out
+
+
+def ztf_features(alert):
+    c = alert["candidate"]
+    prv = alert.get("prv_candidates") or []
+    mags = [p["magpsf"] for p in prv if p.get("magpsf") is not None]
+    return {"objectId": alert["objectId"], "candid": alert["candid"], "fid": c["fid"],
+            "magpsf": c["magpsf"], "n_prv": len(prv),
+            "prv_mag_mean": statistics.fmean(mags) if mags else None,
+            "stamp_head": alert["cutoutScience"]["stampData"][:8]}
+
+
+def ztf_features_batch(frame):
+    return [ztf_features(row) for row in frame.to_dict(orient="records")]
+
+
+def alerts_frame(spark):
+    import mlflow_preproc.spark as mps
+
+    return spark.createDataFrame(alerts(), mps.spark_schema(DATA / "alert.avsc"))
+
+
+@pytest.mark.parametrize("batch_format", [None, "pandas"])
+def test_spark_udf_output_equals_pyfunc_predict(spark, tracking_uri, batch_format):
+    from pyspark.sql.functions import struct
+
+    import mlflow_preproc.spark as mps
+
+    fn = ztf_features if batch_format is None else ztf_features_batch
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(fn, name="f", batch_format=batch_format,
+                                        output_avro_schema=FEATURES_SCHEMA)
+    result_type = mps.result_type(info.model_uri)
+    assert result_type.simpleString() == (
+        "struct<objectId:string,candid:bigint,fid:int,magpsf:float,n_prv:int,"
+        "prv_mag_mean:double,stamp_head:string>")  # bytes: base64, as predict gives them
+    udf = mlflow.pyfunc.spark_udf(spark, info.model_uri, result_type=result_type)
+    df = alerts_frame(spark)
+    got = [r.f.asDict(recursive=True)
+           for r in df.select(udf(struct(*df.columns)).alias("f")).orderBy("f.candid").collect()]
+    expected = sorted(mlflow.pyfunc.load_model(info.model_uri).predict(alerts()),
+                      key=lambda r: r["candid"])
+    assert got == expected
+    # the nested history came through as a list of records
+    assert [r["n_prv"] for r in got] == [11, 28] and got[1]["prv_mag_mean"] is not None
+
+
+def test_spark_udf_refuses_a_drop_and_names_transform(spark, tracking_uri):
+    from pyspark.sql.functions import struct
+
+    import mlflow_preproc.spark as mps
+
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(
+            lambda a: None if a["candidate"]["rb"] < 0.5 else ztf_features(a), name="d",
+            output_avro_schema=FEATURES_SCHEMA)
+    udf = mlflow.pyfunc.spark_udf(spark, info.model_uri, result_type=mps.result_type(info.model_uri))
+    df = alerts_frame(spark)
+    with pytest.raises(Exception) as err:
+        df.select(udf(struct(*df.columns))).collect()
+    message = str(err.value)
+    assert "pre_processing dropped it (returned None), and a Spark UDF gives one value per row" \
+        in message
+    assert "mlflow_preproc.spark.transform" in message
+
+
+def test_result_type_comes_from_the_signature_or_says_what_to_do(tracking_uri):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    import mlflow_preproc.spark as mps
+
+    signature = ModelSignature(inputs=Schema([ColSpec("double", "x")]),
+                               outputs=Schema([ColSpec("long", "id"), ColSpec("string", "band")]))
+    with mlflow.start_run():
+        signed = mlflow.preproc.log_model(lambda r: r, name="s", signature=signature)
+        bare = mlflow.preproc.log_model(lambda r: r, name="b")
+    assert mps.result_type(signed.model_uri).simpleString() == "struct<id:bigint,band:string>"
+    with pytest.raises(mps.OutputSchemaError, match="pass result_type= yourself"):
+        mps.result_type(bare.model_uri)
+
+
+def records_model(record):
+    if record.get("drop"):
+        return None
+    if record.get("fanout"):
+        return [{"id": record["id"], "double": float(p)} for p in range(record["fanout"])]
+    if record["id"] == 7:
+        return {"id": 7, "double": "not a number"}  # does not fit the output schema
+    return {"id": record["id"], "double": record["x"] * 2}
+
+
+def test_transform_keeps_drops_fanouts_and_sends_failures_to_rejects(spark, tracking_uri):
+    import mlflow_preproc.spark as mps
+
+    schema = {"type": "record", "name": "F", "fields": [
+        {"name": "id", "type": "long"}, {"name": "double", "type": "double"}]}
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(records_model, name="p", output_avro_schema=schema)
+    rows = [{"id": 1, "x": 1.5, "drop": False, "fanout": 0},
+            {"id": 2, "x": 2.0, "drop": True, "fanout": 0},
+            {"id": 3, "x": 3.0, "drop": False, "fanout": 3},
+            {"id": 4, "x": None, "drop": False, "fanout": 0},   # x * 2 raises
+            {"id": 7, "x": 7.0, "drop": False, "fanout": 0}]
+    df = spark.createDataFrame(rows, "id long, x double, drop boolean, fanout long") \
+        .repartition(2)
+    result = mps.transform(df, info.model_uri).persist()
+    try:
+        assert result.output.columns == ["id", "double"]
+        assert sorted(tuple(r) for r in result.output.collect()) == [
+            (1, 3.0), (3, 0.0), (3, 1.0), (3, 2.0)]
+        rejects = sorted((r.asDict() for r in result.rejects.collect()), key=lambda r: r["stage"])
+        assert [(r["stage"], json.loads(r["record"])["id"]) for r in rejects] == [
+            ("encode", 7), ("preprocess", 4)]
+        assert "does not match the output schema" in rejects[0]["error"]
+        assert "pre_processing raised TypeError" in rejects[1]["error"]
+        assert set(rejects[0]) == {"input", "index", "stage", "error", "record"}
+        assert all(r["input"].startswith("partition ") for r in rejects)
+        counts = result.counts()
+        assert (counts.read, counts.written, counts.dropped, counts.failed) == (5, 4, 1, 2)
+    finally:
+        result.unpersist()
+
+
+def test_transform_decodes_avro_files_in_the_tasks(spark, tracking_uri):
+    import mlflow_preproc.spark as mps
+
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(
+            lambda a: {"objectId": a["objectId"], "fields": sorted(a)}, name="z")
+    files = spark.read.format("binaryFile").load([str(p) for p in ZTF_PACKETS])
+    result = mps.transform(files, info.model_uri, input_format="avro", drop_fields=ZTF_CUTOUTS)
+    got = sorted(json.loads(r.value)["objectId"] for r in result.output.collect())
+    assert got == sorted(a["objectId"] for a in alerts())
+    fields = {tuple(json.loads(r.value)["fields"]) for r in result.output.collect()}
+    assert fields == {("candid", "candidate", "objectId", "prv_candidates", "publisher",
+                       "schemavsn")}
+    assert result.rejects.count() == 0
