@@ -328,3 +328,18 @@ def test_a_stop_requested_while_waiting_for_the_broker_ends_start_up_cleanly():
     consumer = Unreachable([])
     Echo(consumer, FakeProducer()).run()
     assert consumer.commits == []
+
+
+def test_a_dead_letter_refused_during_the_commits_flush_is_not_committed_past():
+    def fail(topic, value, attempt):
+        return KafkaError.INVALID_RECORD if topic == "out" else \
+            KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+    class ReportsOnlyOnFlush(FakeProducer):
+        def poll(self, timeout=0):
+            return 0  # the refusals arrive while the commit flushes
+
+    consumer = FakeConsumer([[msg(0, 0, b"a")]])
+    with pytest.raises(FatalError, match="cannot write to the dead-letter topic"):
+        Echo(consumer, ReportsOnlyOnFlush(fail)).run()
+    assert consumer.commits == []

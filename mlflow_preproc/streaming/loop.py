@@ -185,10 +185,14 @@ class KafkaLoop:
         headers = [*(source.headers() or []), source_header(source), *self.extra_headers]
         on_delivery = _Delivery(self, source, headers)
         key = source.key()
+        topic, produce = self.output_topic, self.producer.produce
         sent = 0
         try:
             for value in values:
-                self._send(self.output_topic, value, key, headers, on_delivery)
+                try:  # the common case inline: this runs for every output
+                    produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                except BufferError:
+                    self._send(topic, value, key, headers, on_delivery)
                 sent += 1
         except KafkaException as exc:
             self.dead_letter(source, "produce", f"cannot produce to {self.output_topic}: "
@@ -336,6 +340,8 @@ class KafkaLoop:
         if self._failed:
             return False
         left = self.producer.flush(flush_timeout)
+        if self._fatal is not None:
+            return False  # a dead letter could not be written: its input stays uncommitted
         if left or self._redeliveries or self._producer_broken:
             logger.warning("outputs not delivered yet; not committing", extra={
                 "event": "commit_deferred", "outputs": left,
