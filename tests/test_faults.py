@@ -16,7 +16,6 @@ import signal
 import struct
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import fastavro
@@ -24,11 +23,13 @@ import mlflow
 import pytest
 
 from conftest import (
+    JsonHandler,
     committed_offsets,
     consume,
     free_port,
     headers_of,
     produce,
+    serve_on_loopback,
     unique,
 )
 
@@ -111,6 +112,14 @@ def test_a_schema_that_cannot_be_used_dead_letters_its_records_and_the_stream_go
 
 # ---- 2. and 8. the bridge and a model server that refuses, then fails --------------------
 
+def scoring_records(body: dict) -> list[dict]:
+    """The records of an MLflow scoring request, in either of its column formats."""
+    if "dataframe_split" in body:
+        split = body["dataframe_split"]
+        return [dict(zip(split["columns"], row)) for row in split["data"]]
+    return body["dataframe_records"]
+
+
 class FakeFlakyModelServer:
     """An MLflow-scoring-protocol server on loopback whose faults the test chooses:
     ``refuse_batches`` answers 400 to requests of more than one record, ``down`` answers 503,
@@ -125,34 +134,22 @@ class FakeFlakyModelServer:
         self.requests: list[int] = []  # records per request, in order
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                records = body["dataframe_records"]
+                records = scoring_records(body)
                 outer.requests.append(len(records))
                 if outer.down_after is not None and outer.answered >= outer.down_after:
                     outer.down = True
                 if outer.down:
-                    return self._answer(503, {"message": "the model is reloading"})
+                    return self.answer(503, {"message": "the model is reloading"})
                 if outer.refuse_batches and len(records) > 1:
-                    return self._answer(400, {"message": "batch refused"})
+                    return self.answer(400, {"message": "batch refused"})
                 outer.answered += 1
-                self._answer(200, {"predictions": [r["x"] for r in records]})
+                self.answer(200, {"predictions": [r["x"] for r in records]})
 
-            def _answer(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = serve_on_loopback(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
         self.server.shutdown()
