@@ -44,6 +44,18 @@ def test_run_mode_reads_stdin_and_writes_stdout(model_dir):
         {"a": 1, "tagged": True}, {"a": 2, "tagged": True}]
 
 
+def test_outside_an_image_the_entrypoint_runs_the_model_uri(tracking_uri, tmp_path):
+    # No model folder baked in (a checkout, a benchmark): MODEL_URI is resolved instead.
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(tag, name="p")
+    proc = entrypoint(str(tmp_path / "no-model-here"),
+                      {"MLFLOW_PREPROC_MODE": "run", "MODEL_URI": info.model_uri},
+                      stdin=subprocess.PIPE)
+    out, err = proc.communicate(b'{"a": 1}\n', timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert [json.loads(line) for line in out.splitlines()] == [{"a": 1, "tagged": True}]
+
+
 def test_run_mode_reads_skip_cutouts_from_the_env_file_variables(tracking_uri):
     from conftest import DATA
 

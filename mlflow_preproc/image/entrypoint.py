@@ -39,22 +39,25 @@ def resolve_mode(cfg: settings.Config, environ=os.environ) -> str:
     return "serve"
 
 
-def child_commands(mode: str, cfg: settings.Config, model_path: str, run_args: list[str],
+def child_commands(mode: str, cfg: settings.Config, model: str, run_args: list[str],
                    metrics_port: int = 0) -> list[list[str]]:
-    """The processes a mode runs; consumer ``j`` serves ``/healthz`` on ``metrics_port + j``."""
+    """The processes a mode runs on ``model`` (a folder, or a model URI outside an image);
+    consumer ``j`` serves ``/healthz`` on ``metrics_port + j``."""
     py = sys.executable
-    serve = [py, "-m", "mlflow", "models", "serve", "-m", model_path, "--env-manager", "local",
+    serve = [py, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
              "-h", cfg["HOST"], "-p", str(cfg["PORT"])]
     if cfg["MLFLOW_MODELS_WORKERS"]:
         serve += ["-w", str(cfg["MLFLOW_MODELS_WORKERS"])]
-    stream = [py, "-m", "mlflow_preproc.cli", "stream", "--model-path", model_path]
+    # A folder is loaded as it is (MODEL_URI then only names it); a URI is resolved.
+    stream = [py, "-m", "mlflow_preproc.cli", "stream",
+              *(["--model-path", model] if os.path.isdir(model) else ["-m", model])]
     consumers = [stream + (["--metrics-port", str(metrics_port + j)] if metrics_port else [])
                  for j in range(cfg["KAFKA_CONSUMERS"])]
     return {
         "serve": [serve],
         "kafka": consumers,
         "both": [serve, *consumers],
-        "run": [[py, "-m", "mlflow_preproc.cli", "run", "-m", model_path, *run_args]],
+        "run": [[py, "-m", "mlflow_preproc.cli", "run", "-m", model, *run_args]],
         "bridge": [[py, "-m", "mlflow_preproc.cli", "bridge"]],
     }[mode]
 
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(stream_cfg["LOG_FORMAT"], stream_cfg["LOG_LEVEL"])
     mode = resolve_mode(cfg)
     model_path = os.environ.get("MLFLOW_PREPROC_MODEL_PATH", MODEL_PATH)
+    if not os.path.isdir(model_path) and os.environ.get("MODEL_URI"):
+        model_path = os.environ["MODEL_URI"]  # run outside an image, on a registered model
     env = {**os.environ, _SUPERVISED: "1"}
     # `mlflow models serve` starts `uvicorn` from PATH: make it the one beside this Python,
     # also when a virtualenv is used without being activated.
