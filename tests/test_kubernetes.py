@@ -14,17 +14,25 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import time
 import typing
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import mlflow
 import pytest
 
-from conftest import BIN, DATA, FAST_GROUP_ENV, consume, free_port, produce, unique
+from conftest import (
+    BIN,
+    DATA,
+    FAST_GROUP_ENV,
+    JsonHandler,
+    consume,
+    free_port,
+    produce,
+    serve_on_loopback,
+    unique,
+)
 
 pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test,kubernetes]'")
 
@@ -297,7 +305,7 @@ class FakeKubernetesApiServer:
         self.objects: dict[str, dict] = {}
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def _record(self):
                 url = urlparse(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
@@ -316,36 +324,24 @@ class FakeKubernetesApiServer:
                     replicas = body["spec"]["replicas"]
                     stored["status"] = {"replicas": replicas, "readyReplicas": replicas}
                 outer.objects[url.path] = stored
-                self._answer(200, stored)
+                self.answer(200, stored)
 
             def do_GET(self):  # noqa: N802
                 url, _ = self._record()
                 if url.path in outer.objects:
-                    return self._answer(200, outer.objects[url.path])
+                    return self.answer(200, outer.objects[url.path])
                 if url.path.endswith("/deployments"):
                     items = [o for p, o in outer.objects.items() if p.startswith(url.path)]
-                    return self._answer(200, {"kind": "DeploymentList", "items": items})
-                self._answer(404, {"kind": "Status", "message": "not found", "code": 404})
+                    return self.answer(200, {"kind": "DeploymentList", "items": items})
+                self.answer(404, {"kind": "Status", "message": "not found", "code": 404})
 
             def do_DELETE(self):  # noqa: N802
                 url, _ = self._record()
                 if outer.objects.pop(url.path, None) is None:
-                    return self._answer(404, {"kind": "Status", "message": "not found"})
-                self._answer(200, {"kind": "Status", "status": "Success"})
+                    return self.answer(404, {"kind": "Status", "message": "not found"})
+                self.answer(200, {"kind": "Status", "status": "Success"})
 
-            def _answer(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve_on_loopback(Handler)
 
     def kubeconfig(self, path) -> str:
         path.write_text(json.dumps({

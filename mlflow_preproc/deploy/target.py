@@ -130,7 +130,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
     def create_deployment(self, name: str, model_uri: str, flavor: str | None = None,
                           config: dict | None = None, endpoint: str | None = None) -> dict:
         if self._on_kubernetes(config):
-            return self._apply_on_kubernetes(name, model_uri, flavor, config or {}, create=True)
+            return self._kubernetes.create(name, model_uri, flavor, config or {})
         options = self._options(flavor, config)
         if self._backend.containers(name):
             raise DeploymentError(f"a deployment named {name} already exists; use mlflow "
@@ -139,23 +139,18 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         specs = self._check(deployment)
         self._build(deployment)
         _step(2, f"starting {_count(deployment.replicas, 'container')} ({deployment.mode})")
-        started: list = []
         try:
-            self._start(specs, deployment, started)
-        except BaseException as exc:
-            self._backend.remove(started)
-            if isinstance(exc, NotHealthy):
-                raise DeploymentError(f"{name} did not start, so nothing is left running: "
-                                      f"{exc}") from None
-            raise
+            self._start(specs, deployment)
+        except NotHealthy as exc:
+            raise DeploymentError(f"{name} did not start, so nothing is left running: "
+                                  f"{exc}") from None
         return self.get_deployment(name)
 
     def update_deployment(self, name: str, model_uri: str | None = None,
                           flavor: str | None = None, config: dict | None = None,
                           endpoint: str | None = None) -> dict:
         if self._on_kubernetes(config):
-            return self._apply_on_kubernetes(name, model_uri, flavor, config or {},
-                                             create=False)
+            return self._kubernetes.update(name, model_uri, flavor, config or {})
         old = self._backend.current(name)
         if not old:
             raise self._not_found(name)
@@ -176,11 +171,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
     def delete_deployment(self, name: str, config: dict | None = None,
                           endpoint: str | None = None) -> None:
         if self._on_kubernetes(config):
-            kube = self._kube(self._options(None, {"backend": "kubernetes",
-                                                   **self._kube_options(), **(config or {})}))
-            if not _k8s(kube.delete, name):
-                raise self._not_found(name)
-            return None
+            return self._kubernetes.delete(name, config or {})
         containers = self._backend.containers(name)  # every revision
         if not containers:
             raise self._not_found(name)
@@ -192,22 +183,13 @@ class PreprocDeploymentClient(BaseDeploymentClient):
 
     def list_deployments(self, endpoint: str | None = None) -> list[dict]:
         if self._kube_namespace is not None:
-            from mlflow_preproc.deploy.kubernetes_backend import summary
-
-            return [summary(o) for o in _k8s(self._kube(
-                self._options(None, {"backend": "kubernetes", **self._kube_options()})).list)]
+            return self._kubernetes.list()
         names = sorted({c.labels[f"{LABEL}.deployment"] for c in self._backend.containers()})
         return [self.get_deployment(n) for n in names]
 
     def get_deployment(self, name: str, endpoint: str | None = None) -> dict:
         if self._kube_namespace is not None:
-            from mlflow_preproc.deploy.kubernetes_backend import summary
-
-            found = _k8s(self._kube(self._options(
-                None, {"backend": "kubernetes", **self._kube_options()})).get, name)
-            if found is None:
-                raise self._not_found(name)
-            return summary(found)
+            return self._kubernetes.get(name)
         containers = self._backend.current(name)
         if not containers:
             raise self._not_found(name)
@@ -395,16 +377,24 @@ class PreprocDeploymentClient(BaseDeploymentClient):
 
     # ---- starting, swapping ------------------------------------------------------------------
 
-    def _start(self, specs: list[ContainerSpec], d: Deployment, started: list) -> None:
-        for spec in specs:
-            started.append(self._backend.run(spec, d.options["network_mode"]))
-        waited = time.monotonic()
-        what = "REST answers" if d.serving else ""
-        if d.consuming:
-            what += (" and " if what else "") + \
-                f"every consumer joined group {d.options['consumer_group_id']}"
-        _step(3, f"waiting until healthy ({what or 'running'})")
-        self._backend.wait_healthy(list(zip(started, specs)), float(d.options["health_timeout"]))
+    def _start(self, specs: list[ContainerSpec], d: Deployment) -> None:
+        """Start ``specs`` and wait until they are healthy; if they are not (or anything
+        interrupts), remove what was started and raise."""
+        started = []
+        try:
+            for spec in specs:
+                started.append(self._backend.run(spec, d.options["network_mode"]))
+            waited = time.monotonic()
+            what = "REST answers" if d.serving else ""
+            if d.consuming:
+                what += (" and " if what else "") + \
+                    f"every consumer joined group {d.options['consumer_group_id']}"
+            _step(3, f"waiting until healthy ({what or 'running'})")
+            self._backend.wait_healthy(list(zip(started, specs)),
+                                       float(d.options["health_timeout"]))
+        except BaseException:
+            self._backend.remove(started)
+            raise
         _done(f"{_count(len(started), 'container')} healthy", waited)
 
     def _swap(self, old: list, d: Deployment, specs: list[ContainerSpec]) -> None:
@@ -415,11 +405,9 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         for container in old:
             container.rename(f"{container.name}-r{previous}")
         _step(2, f"starting revision {d.revision}: {_count(d.replicas, 'container')}")
-        started: list = []
         try:
-            self._start(specs, d, started)
+            self._start(specs, d)
         except BaseException as exc:
-            self._backend.remove(started)
             for container in old:
                 container.rename(container.name.rsplit(f"-r{previous}", 1)[0])
                 container.start()
@@ -455,75 +443,13 @@ class PreprocDeploymentClient(BaseDeploymentClient):
 
     def manifests(self, name: str, model_uri: str, config: dict | None = None) -> list[dict]:
         """The Kubernetes objects ``create -C backend=kubernetes`` would apply."""
-        return self._kubernetes_objects(self._plan(name, model_uri, self._options(
-            None, {**(config or {}), "backend": "kubernetes"})))
+        return self._kubernetes.manifests(name, model_uri, config or {})
 
-    def _kubernetes_objects(self, d: Deployment) -> list[dict]:
-        from mlflow_preproc.deploy.manifests import kubernetes_spec, render
+    @property
+    def _kubernetes(self):
+        from mlflow_preproc.deploy.kubernetes_target import KubernetesDeployments
 
-        if d.mode == "run":
-            raise DeploymentError("mode=run reads stdin, which a Kubernetes Deployment has "
-                                  "none of; use serve, kafka, both or bridge")
-        try:
-            consumer = check_settings(kubernetes_spec(d))
-        except settings.ConfigError as exc:
-            raise DeploymentError(str(exc)) from None
-        partitions = int(d.options["partitions"]) if d.options.get("partitions") else None
-        autoscaled = d.mode in ("kafka", "both") and settings.parse_bool(
-            d.options["autoscaling"], "autoscaling")
-        if autoscaled and partitions is None:
-            partitions = _partitions_if_reachable(consumer)
-        try:
-            return render(d, partitions)
-        except ValueError as exc:
-            raise DeploymentError(str(exc)) from None
-
-    def _apply_on_kubernetes(self, name: str, model_uri: str | None, flavor: str | None,
-                             given: dict, create: bool) -> dict:
-        from mlflow_preproc.deploy.kubernetes_backend import summary
-
-        given = {**given, "backend": "kubernetes"}
-        if self._kube_namespace is not None:
-            given.setdefault("namespace", self._kube_namespace)
-        options = self._options(flavor, given)
-        kube = self._kube(options)
-        current = _k8s(kube.get, name)
-        if create and current is not None:
-            raise DeploymentError(f"a deployment named {name} already exists in namespace "
-                                  f"{options['namespace']}; use mlflow deployments update")
-        revision = 1
-        if not create:
-            if current is None:
-                raise self._not_found(name)
-            before = summary(current)  # what it runs now, kept unless given again
-            options = self._options(flavor, {**before["config"], **given})
-            model_uri = model_uri or before["model_uri"]
-            revision = before["revision"] + 1
-        d = self._plan(name, model_uri, options, revision)
-        objects = self._kubernetes_objects(d)  # checked before anything is built
-        self._build(d)
-        if d.options.get("registry") and settings.parse_bool(d.options["push"], "push"):
-            self._push(d.image)
-        _step(3, f"applying {len(objects)} objects to namespace {d.options['namespace']}")
-        _k8s(kube.apply, objects)
-        return summary(_k8s(kube.get, name))
-
-    def _push(self, image: str) -> None:
-        repository, _, tag = image.rpartition(":")
-        _step(2, f"pushing {image}")
-        for chunk in self._docker.images.push(repository, tag=tag, stream=True, decode=True):
-            if "error" in chunk:
-                raise DeploymentError(f"cannot push {image}: {chunk['error']}; check -C "
-                                      "registry=... and docker login")
-
-    def _kube(self, options: dict):
-        from mlflow_preproc.deploy.kubernetes_backend import KubernetesBackend, api_client
-
-        return KubernetesBackend(_k8s(api_client, options.get("kube_context")),
-                                 options["namespace"])
-
-    def _kube_options(self) -> dict:
-        return {"namespace": self._kube_namespace or "default"}
+        return KubernetesDeployments(self, self._kube_namespace)
 
     def _on_kubernetes(self, config: dict | None) -> bool:
         return self._kube_namespace is not None or (config or {}).get("backend") == "kubernetes"
@@ -556,33 +482,6 @@ class PreprocDeploymentClient(BaseDeploymentClient):
     def _not_found(name: str) -> DeploymentError:
         return DeploymentError(f"no deployment named {name}; mlflow deployments list -t "
                                "preproc shows the deployments")
-
-
-def _k8s(call, *args):
-    """A Kubernetes backend call, its errors as one ``Error:`` line."""
-    from mlflow_preproc.deploy.kubernetes_backend import KubernetesError
-
-    try:
-        return call(*args)
-    except KubernetesError as exc:
-        raise DeploymentError(str(exc)) from None
-
-
-def _partitions_if_reachable(cfg: settings.Config) -> int | None:
-    """The input topic's partition count, if this machine reaches the broker (a cluster's
-    broker often answers only inside the cluster: then the autoscaler is not capped here)."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
-    try:
-        admin = AdminClient({**cfg.kafka, "logger": _quiet_logger()})
-        topic = admin.list_topics(topic=cfg["INPUT_TOPIC"], timeout=5).topics.get(
-            cfg["INPUT_TOPIC"])
-    except KafkaException:
-        topic = None
-    if topic is None or topic.error is not None:
-        return None
-    return len(topic.partitions)
 
 
 def _identity_json(identity) -> dict:
