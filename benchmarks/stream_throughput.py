@@ -85,7 +85,8 @@ from confluent_kafka import Consumer, Producer
 
 import mlflow_preproc
 import mlflow_preproc.config
-from mlflow_preproc.runtime.formats import ZTF_CUTOUTS, MessageDecoder
+from mlflow_preproc.config import ZTF_CUTOUTS
+from mlflow_preproc.runtime.formats import MessageDecoder
 from mlflow_preproc.runtime.jsonable import dumps as jsonable_dumps
 from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mlflow_preproc import config
-from mlflow_preproc.runtime.formats import ZTF_CUTOUTS
+from mlflow_preproc.config import ZTF_CUTOUTS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -234,6 +234,14 @@ def fink(tracking_uri):
     return direct
 
 
+def fink_stream_env(broker, topic: str, out: str, **extra: str) -> dict[str, str]:
+    """The stream of the Fink pattern: ZTF Avro alerts in, cutouts dropped."""
+    return {"MODEL_URI": "models:/fink-features/1",
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "INPUT_TOPIC": topic,
+            "OUTPUT_TOPIC": out, "INPUT_FORMAT": "avro", "SKIP_CUTOUTS": "true",
+            "CONSUMER_GROUP_ID": unique("g"), **extra}
+
+
 @pytest.mark.slow
 @pytest.mark.kafka
 def test_fink_alerts_to_predictions_in_one_process(fink, broker, streams):
@@ -242,10 +250,7 @@ def test_fink_alerts_to_predictions_in_one_process(fink, broker, streams):
     broker.create_topics(topic)
     produce(broker.bootstrap_servers, topic, [as_container(a) for a in alerts],
             keys=[str(a["candid"]).encode() for a in alerts])
-    stream = streams({"MODEL_URI": "models:/fink-features/1",
-                      "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "INPUT_TOPIC": topic,
-                      "OUTPUT_TOPIC": out, "INPUT_FORMAT": "avro", "SKIP_CUTOUTS": "true",
-                      "KEEP_FIELDS": "objectId,candid", "CONSUMER_GROUP_ID": unique("g")},
+    stream = streams(fink_stream_env(broker, topic, out, KEEP_FIELDS="objectId,candid"),
                      args=("--model", "models:/fink-classifier/1"))
     predictions = consume(broker.bootstrap_servers, out, len(alerts))
     assert stream.stop() == 0, stream.text()[-3000:]
@@ -270,10 +275,7 @@ def test_fink_alerts_to_predictions_through_the_bridge(fink, broker, streams, se
     broker.create_topics(topic)
     produce(broker.bootstrap_servers, topic, [as_container(a) for a in alerts],
             keys=[str(a["candid"]).encode() for a in alerts])
-    stream = streams({"MODEL_URI": "models:/fink-features/1",
-                      "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "INPUT_TOPIC": topic,
-                      "OUTPUT_TOPIC": features, "INPUT_FORMAT": "avro", "SKIP_CUTOUTS": "true",
-                      "CONSUMER_GROUP_ID": unique("g")})
+    stream = streams(fink_stream_env(broker, topic, features))
     bridge = streams({"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
                       "INPUT_TOPIC": features, "OUTPUT_TOPIC": out, "BATCH_SIZE": "16",
                       "API_URL": serve_model("models:/fink-classifier/1"),

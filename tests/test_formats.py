@@ -12,9 +12,9 @@ import fastavro
 import pytest
 
 from conftest import DATA
+from mlflow_preproc.config import ZTF_CUTOUTS
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.formats import (
-    ZTF_CUTOUTS,
     DecodeError,
     EncodeError,
     FileWriter,

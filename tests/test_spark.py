@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from conftest import DATA, SPARK_ENV, require_spark
-from mlflow_preproc.runtime.formats import ZTF_CUTOUTS
+from mlflow_preproc.config import ZTF_CUTOUTS
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 

@@ -37,7 +37,6 @@ from typing import IO, Any
 import fastavro
 from orjson import loads  # strict and fast; its errors are ValueErrors
 
-from mlflow_preproc.config import ZTF_CUTOUTS  # noqa: F401 (re-exported)
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.jsonable import dumps
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from typing import Any
 
 from mlflow_preproc.config import ConfigError
 from mlflow_preproc.runtime.batch_run import RunCounts
