@@ -196,6 +196,13 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{next(_names)}"
 
 
+def stream_env(bootstrap: str, model_uri: str, input_topic: str, **extra: str) -> dict[str, str]:
+    """The environment of a ``stream`` of ``model_uri`` on ``input_topic``, in a group of its
+    own; ``extra`` adds settings or overrides these."""
+    return {"MODEL_URI": model_uri, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "INPUT_TOPIC": input_topic, "CONSUMER_GROUP_ID": unique("group"), **extra}
+
+
 @pytest.fixture(scope="session")
 def broker():
     from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker

@@ -30,6 +30,7 @@ from conftest import (
     headers_of,
     produce,
     serve_on_loopback,
+    stream_env,
     unique,
 )
 
@@ -58,8 +59,7 @@ def model(tracking_uri):
 
 
 def env_for(bootstrap, model_uri, topic, **extra) -> dict[str, str]:
-    return {"MODEL_URI": model_uri, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "INPUT_TOPIC": topic,
-            "CONSUMER_GROUP_ID": unique("group"), "OUTPUT_TOPIC": unique("out"), **extra}
+    return stream_env(bootstrap, model_uri, topic, **{"OUTPUT_TOPIC": unique("out"), **extra})
 
 
 def ids(messages) -> list[int]:

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import BIN, DATA, consume, headers_of, post_json, produce, unique
+from conftest import (BIN, DATA, consume, headers_of, post_json, produce, stream_env,
+                      unique)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fink_contract"
 
@@ -236,10 +237,9 @@ def fink(tracking_uri):
 
 def fink_stream_env(broker, topic: str, out: str, **extra: str) -> dict[str, str]:
     """The stream of the Fink pattern: ZTF Avro alerts in, cutouts dropped."""
-    return {"MODEL_URI": "models:/fink-features/1",
-            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "INPUT_TOPIC": topic,
-            "OUTPUT_TOPIC": out, "INPUT_FORMAT": "avro", "SKIP_CUTOUTS": "true",
-            "CONSUMER_GROUP_ID": unique("g"), **extra}
+    return stream_env(broker.bootstrap_servers, "models:/fink-features/1", topic,
+                      **{"OUTPUT_TOPIC": out, "INPUT_FORMAT": "avro", "SKIP_CUTOUTS": "true",
+                         **extra})
 
 
 @pytest.mark.slow

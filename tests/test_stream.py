@@ -13,7 +13,7 @@ import fastavro
 import mlflow
 import pytest
 
-from conftest import DATA, consume, free_port, headers_of, produce, unique
+from conftest import DATA, consume, free_port, headers_of, produce, stream_env, unique
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -42,11 +42,6 @@ def model(tracking_uri):
     return "models:/stream-prep/1"
 
 
-def base_env(broker, model_uri, input_topic, **extra) -> dict[str, str]:
-    return {"MODEL_URI": model_uri, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-            "INPUT_TOPIC": input_topic, "CONSUMER_GROUP_ID": unique("group"), **extra}
-
-
 def test_json_stream_keeps_keys_adds_provenance_and_dead_letters_poison(broker, model, streams):
     topic, out = unique("raw"), unique("clean")
     broker.create_topics(topic)
@@ -59,7 +54,7 @@ def test_json_stream_keeps_keys_adds_provenance_and_dead_letters_poison(broker, 
     produce(broker.bootstrap_servers, topic, values, keys=[b"k%d" % i for i in range(100)],
             headers=[[("trace", b"t%d" % i)] for i in range(100)])
 
-    stream = streams(base_env(broker, model, topic, OUTPUT_TOPIC=out))
+    stream = streams(stream_env(broker.bootstrap_servers, model, topic, OUTPUT_TOPIC=out))
     outputs = consume(broker.bootstrap_servers, out, 96)
     dead = consume(broker.bootstrap_servers, f"{topic}-dlq", 3)
     assert stream.stop() == 0, stream.text()
@@ -98,7 +93,7 @@ def test_restart_resumes_after_the_last_commit(broker, model, streams, stop):
     broker.create_topics(topic)
     produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": 1}).encode()
                                               for i in range(50)])
-    env = base_env(broker, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group,
+    env = stream_env(broker.bootstrap_servers, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group,
                    COMMIT_INTERVAL_MS="500", BATCH_TIMEOUT_MS="200")
     first = streams(env)
     assert len(consume(broker.bootstrap_servers, out, 50)) == 50
@@ -122,7 +117,7 @@ def test_sigkill_mid_stream_loses_no_record(broker, model, streams):
     n = 20000
     produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": i}).encode()
                                               for i in range(n)])
-    env = base_env(broker, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group,
+    env = stream_env(broker.bootstrap_servers, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group,
                    BATCH_SIZE="200")
     victim = streams(env)
     deadline = time.monotonic() + 60
@@ -143,7 +138,7 @@ def test_sigkill_mid_stream_loses_no_record(broker, model, streams):
 def test_two_instances_share_partitions_and_process_each_record_once(broker, model, streams):
     topic, out, group = unique("raw"), unique("clean"), unique("group")
     broker.create_topics(topic, partitions=4)
-    env = base_env(broker, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group)
+    env = stream_env(broker.bootstrap_servers, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group)
     a, b = streams(env), streams(env)
     # Let both join before data arrives, so the group's assignment splits the partitions.
     time.sleep(12)
@@ -166,7 +161,7 @@ def test_ztf_alert_packets_with_cutouts_dropped(broker, tracking_uri, streams):
     # Each Kafka message is one alert as an Avro container, as the ZTF/Fink streams send them.
     packets = [p.read_bytes() for p in sorted(DATA.glob("*.avro"))]
     produce(broker.bootstrap_servers, topic, packets)
-    stream = streams(base_env(broker, info.model_uri, topic, OUTPUT_TOPIC=out,
+    stream = streams(stream_env(broker.bootstrap_servers, info.model_uri, topic, OUTPUT_TOPIC=out,
                               INPUT_FORMAT="avro", SKIP_CUTOUTS="true"))
     outputs = sorted((json.loads(m.value()) for m in consume(broker.bootstrap_servers, out, 2)),
                      key=lambda r: r["candid"])
@@ -199,7 +194,7 @@ def test_schemaless_avro_in_and_out_with_the_models_schemas(broker, tracking_uri
         fastavro.schemaless_writer(buf, parsed, {"id": i, "x": i / 2})
         values.append(buf.getvalue())
     produce(broker.bootstrap_servers, topic, values)
-    stream = streams(base_env(broker, info.model_uri, topic, OUTPUT_TOPIC=out,
+    stream = streams(stream_env(broker.bootstrap_servers, info.model_uri, topic, OUTPUT_TOPIC=out,
                               INPUT_FORMAT="avro", OUTPUT_FORMAT="avro"))
     outputs = consume(broker.bootstrap_servers, out, 20)
     assert stream.stop() == 0
@@ -224,7 +219,7 @@ def test_confluent_wire_format_with_local_schemas_by_id(broker, model, streams, 
         values.append(buf.getvalue())
     values.append(struct.pack(">bI", 0, 7) + b"\x02\x02")  # an id nobody knows
     produce(broker.bootstrap_servers, topic, values)
-    stream = streams(base_env(broker, model, topic, OUTPUT_TOPIC=out,
+    stream = streams(stream_env(broker.bootstrap_servers, model, topic, OUTPUT_TOPIC=out,
                               INPUT_FORMAT="confluent-avro",
                               AVRO_SCHEMA_DIR=str(tmp_path / "schemas")))
     outputs = consume(broker.bootstrap_servers, out, 5)
@@ -238,7 +233,7 @@ def test_default_output_topic_follows_the_legacy_naming(broker, model, streams):
     topic = unique("raw")
     broker.create_topics(topic)
     produce(broker.bootstrap_servers, topic, [b'{"id": 1, "x": 2}'])
-    stream = streams(base_env(broker, model, topic, KAFKA_TOPIC_SUFFIX="cleaned"))
+    stream = streams(stream_env(broker.bootstrap_servers, model, topic, KAFKA_TOPIC_SUFFIX="cleaned"))
     outputs = consume(broker.bootstrap_servers, "stream-prep-1-cleaned", 1)
     assert stream.stop() == 0
     assert [json.loads(m.value()) for m in outputs] == [{"id": 1, "double": 4}]
@@ -248,7 +243,7 @@ def test_metrics_and_health_endpoints(broker, model, streams):
     topic, out, port = unique("raw"), unique("clean"), free_port()
     broker.create_topics(topic)
     produce(broker.bootstrap_servers, topic, [b'{"id": 1, "x": 2}', b'{"id": 2, "drop": 1}'])
-    stream = streams(base_env(broker, model, topic, OUTPUT_TOPIC=out, METRICS_PORT=str(port),
+    stream = streams(stream_env(broker.bootstrap_servers, model, topic, OUTPUT_TOPIC=out, METRICS_PORT=str(port),
                               METRICS_HOST="127.0.0.1"))
     consume(broker.bootstrap_servers, out, 1)
     deadline = time.monotonic() + 20
@@ -279,7 +274,7 @@ def test_metrics_and_health_endpoints(broker, model, streams):
 def test_fatal_errors_stop_with_one_clear_line(broker, model, streams, env, message):
     topic = unique("raw")
     broker.create_topics(topic)
-    stream = streams(base_env(broker, model, topic, **{"OUTPUT_TOPIC": unique("o"), **env}))
+    stream = streams(stream_env(broker.bootstrap_servers, model, topic, **{"OUTPUT_TOPIC": unique("o"), **env}))
     assert stream.proc.wait(60) == 2
     last = stream.text().strip().splitlines()[-1]
     assert last.startswith("mlflow-preproc stream: error: ") and message in last, stream.text()
