@@ -41,6 +41,10 @@ class Setting:
     choices: tuple[str, ...] | None = None
     modes: tuple[str, ...] = ("stream", "bridge")
     example: str = ""
+    # Numbers only: a value outside [minimum, maximum] is refused at start-up. A negative
+    # timeout once meant "block forever" to librdkafka, so every number has a range.
+    minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def flag(self) -> str:
@@ -95,11 +99,12 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
     Setting("DROP_FIELDS", "", "Comma-separated field paths dropped before preprocessing",
             modes=("stream", "run"), example="cutoutScience,candidate.pdiffimfilename"),
     Setting("BATCH_SIZE", 500, "Records per batch (stream: per consume; bridge: per "
-            "/invocations call)", kind=int, example="100"),
-    Setting("BATCH_TIMEOUT_MS", 1000, "Longest wait to fill a batch", kind=int, example="200"),
+            "/invocations call)", kind=int, example="100", minimum=1, maximum=1_000_000),
+    Setting("BATCH_TIMEOUT_MS", 1000, "Longest wait to fill a batch", kind=int, example="200",
+            minimum=0, maximum=3_600_000),
     Setting("COMMIT_INTERVAL_MS", 1000, "Commit input offsets at most this often, once every "
             "output so far is acknowledged (0: after every batch); a crash reprocesses at most "
-            "this much", kind=int, example="5000"),
+            "this much", kind=int, example="5000", minimum=0, maximum=3_600_000),
     Setting("AUTO_CREATE_TOPICS", True, "Create missing output and dead-letter topics "
             "(false: a missing topic is a fatal error)", kind=bool, example="false"),
     Setting("API_URL", None, "Model server base URL", modes=("bridge",),
@@ -110,16 +115,16 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             "records as dataframe_split, feature vectors as instances) or one of MLflow's "
             "scoring formats", choices=PAYLOAD_FORMATS, modes=("bridge",), example="inputs"),
     Setting("REQUEST_TIMEOUT_S", 30.0, "Timeout of one /invocations call", kind=float,
-            modes=("bridge",), example="10"),
+            modes=("bridge",), example="10", minimum=0.1, maximum=3600),
     Setting("METRICS_PORT", 0, "Port of the Prometheus /metrics and /healthz endpoint "
-            "(0: off)", kind=int, example="9100"),
+            "(0: off)", kind=int, example="9100", minimum=0, maximum=65535),
     Setting("METRICS_HOST", "0.0.0.0", "Interface of the metrics endpoint", example="127.0.0.1"),
     Setting("HEALTH_STALL_S", 120.0, "/healthz fails when the loop made no progress for this "
-            "long", kind=float, example="60"),
+            "long", kind=float, example="60", minimum=1, maximum=86400),
     Setting("STATS_INTERVAL_S", 30.0, "Seconds between stats log lines", kind=float,
-            example="10"),
+            example="10", minimum=0.1, maximum=86400),
     Setting("SHUTDOWN_TIMEOUT_S", 30.0, "On SIGTERM: longest wait for in-flight records to be "
-            "delivered and committed", kind=float, example="10"),
+            "delivered and committed", kind=float, example="10", minimum=0, maximum=3600),
     Setting("LOG_FORMAT", "json", "Log lines as json or text", choices=("json", "text"),
             example="text"),
     Setting("LOG_LEVEL", "INFO", "Log level", example="DEBUG"),
@@ -128,13 +133,14 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             "KAFKA_ENABLED=true means both", choices=("serve", "kafka", "both", "run", "bridge"),
             modes=("image",), example="both"),
     Setting("KAFKA_CONSUMERS", 1, "Consumer processes per container in kafka/both mode (never "
-            "multiplied by HTTP workers)", kind=int, modes=("image",), example="2"),
+            "multiplied by HTTP workers)", kind=int, modes=("image",), example="2",
+            minimum=1, maximum=64),
     Setting("PORT", 8080, "Port of the scoring server in an image", kind=int, modes=("image",),
-            example="5001"),
+            example="5001", minimum=1, maximum=65535),
     Setting("HOST", "0.0.0.0", "Interface of the scoring server in an image", modes=("image",),
             example="127.0.0.1"),
     Setting("MLFLOW_MODELS_WORKERS", None, "Scoring server workers (MLflow's default: CPU "
-            "count)", kind=int, modes=("image",), example="2"),
+            "count)", kind=int, modes=("image",), example="2", minimum=1, maximum=256),
 )}
 
 
@@ -225,6 +231,12 @@ def _convert(s: Setting, raw: Any) -> Any:
                           f"{s.env}={s.example}") from None
     if s.choices and value not in s.choices:
         raise ConfigError(f"{s.env}={raw!r} is not one of {', '.join(s.choices)}")
+    if s.minimum is not None and value < s.minimum:
+        raise ConfigError(f"{s.env}={raw} is below its minimum {s.minimum:g}; e.g. "
+                          f"{s.env}={s.example}")
+    if s.maximum is not None and value > s.maximum:
+        raise ConfigError(f"{s.env}={raw} is above its maximum {s.maximum:g}; e.g. "
+                          f"{s.env}={s.example}")
     return value
 
 

@@ -104,3 +104,28 @@ def test_topic_names_are_sanitised():
 
 def test_readme_shows_the_current_settings_table():
     assert config.settings_table_markdown() in README.read_text()
+
+
+@pytest.mark.parametrize("mode, env, message", [
+    # -1 made consume() block forever, so SIGTERM was never acted on
+    ("stream", {"BATCH_TIMEOUT_MS": "-1"}, "BATCH_TIMEOUT_MS=-1 is below its minimum 0"),
+    # a negative timeout made the shutdown flush unbounded
+    ("stream", {"SHUTDOWN_TIMEOUT_S": "-5"}, "SHUTDOWN_TIMEOUT_S=-5 is below its minimum 0"),
+    ("stream", {"BATCH_SIZE": "0"}, "BATCH_SIZE=0 is below its minimum 1"),
+    ("stream", {"COMMIT_INTERVAL_MS": "-1"}, "COMMIT_INTERVAL_MS=-1 is below its minimum 0"),
+    ("stream", {"METRICS_PORT": "70000"}, "METRICS_PORT=70000 is above its maximum 65535"),
+    ("stream", {"STATS_INTERVAL_S": "0"}, "STATS_INTERVAL_S=0 is below its minimum 0.1"),
+    ("stream", {"HEALTH_STALL_S": "-1"}, "HEALTH_STALL_S=-1 is below its minimum 1"),
+    ("bridge", {"REQUEST_TIMEOUT_S": "0"}, "REQUEST_TIMEOUT_S=0 is below its minimum 0.1"),
+    ("image", {"KAFKA_CONSUMERS": "0"}, "KAFKA_CONSUMERS=0 is below its minimum 1"),
+    ("image", {"PORT": "0"}, "PORT=0 is below its minimum 1"),
+])
+def test_numbers_out_of_range_name_the_variable_and_the_bound(mode, env, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(mode, environ=env)
+
+
+def test_every_numeric_setting_has_a_range():
+    unbounded = [s.env for s in config.SETTINGS.values()
+                 if s.kind in (int, float) and s.minimum is None]
+    assert unbounded == []
