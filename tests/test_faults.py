@@ -219,25 +219,35 @@ def test_the_bridge_keeps_its_group_membership_while_the_model_server_is_down(
 
 def test_outputs_that_time_out_while_the_broker_is_frozen_are_sent_again_not_dead_lettered(
         own_broker, model, streams, tmp_path):
+    # Frozen past message.timeout.ms (outputs time out) and session.timeout.ms (the group
+    # loses this member while its partitions are paused for the redelivery): once thawed, the
+    # partitions come back assigned and must be resumed, or the stream stalls for good (#18.1).
     broker = own_broker()
     topic = unique("raw")
     broker.create_topics(topic)
-    records = [{"id": i, "x": i} for i in range(20)]
-    records[5]["gate"] = True
+    records = [{"id": i, "x": i} for i in range(1500)]
+    records[150]["gate"] = True
     produce(broker.bootstrap_servers, topic, [json.dumps(r).encode() for r in records])
     gate = tmp_path / "gate"
     gate.mkdir()
     env = env_for(broker.bootstrap_servers, model, topic, TEST_GATE_DIR=str(gate),
-                  LIBRDKAFKA_MESSAGE_TIMEOUT_MS="2000")
+                  LIBRDKAFKA_MESSAGE_TIMEOUT_MS="2000", BATCH_SIZE="100")
     stream = streams(env)
     wait_for((gate / "reached").exists, 60, "pre_processing to reach the gated record")
     os.kill(broker.process.pid, signal.SIGSTOP)  # the broker stops answering
     (gate / "open").touch()
     time.sleep(7)  # every output of the batch times out (message.timeout.ms=2000)
     os.kill(broker.process.pid, signal.SIGCONT)
-    outputs = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 20, timeout=60)
+    outputs = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 1500, timeout=60)
+    assert set(ids(outputs)) == set(range(1500)), \
+        f"{len(set(ids(outputs)))} of 1500 delivered\n" + stream.text()[-3000:]
+    committed = lambda: committed_offsets(broker.bootstrap_servers,  # noqa: E731
+                                          env["CONSUMER_GROUP_ID"], topic)
+    deadline = time.monotonic() + 30
+    while committed() != [1500] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert committed() == [1500], stream.text()[-3000:]
     assert stream.stop() == 0, stream.text()[-3000:]
-    assert set(ids(outputs)) == set(range(20))
     assert consume(broker.bootstrap_servers, f"{topic}-dlq", 1, timeout=3) == []
     assert stream.events("redeliver"), "the timed-out outputs were not sent again"
 

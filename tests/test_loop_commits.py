@@ -343,3 +343,73 @@ def test_a_dead_letter_refused_during_the_commits_flush_is_not_committed_past():
     with pytest.raises(FatalError, match="cannot write to the dead-letter topic"):
         Echo(consumer, ReportsOnlyOnFlush(fail)).run()
     assert consumer.commits == []
+
+
+class StickyPauseConsumer(FakeConsumer):
+    """Pauses per partition and, like librdkafka, keeps a partition's pause when it is lost
+    and assigned again; consumes only from partitions not paused."""
+
+    def __init__(self, batches, **kwargs):
+        super().__init__(batches, **kwargs)
+        self.paused_set: set[int] = set()
+        self.on_assign = self.on_lost = None
+        self.idle = 0
+
+    def subscribe(self, topics, on_assign=None, on_revoke=None, on_lost=None):
+        self.on_assign, self.on_lost = on_assign, on_lost
+        super().subscribe(topics, on_assign, on_revoke, on_lost)
+
+    def lose_and_assign_again(self):
+        partitions = list(self.partitions)
+        self.on_lost(self, partitions)
+        self.partitions = []
+        self.on_assign(self, partitions)
+        self.partitions = partitions
+
+    def consume(self, num_messages=1, timeout=-1):
+        if self.batches and callable(self.batches[0]):
+            return self.batches.pop(0)(self)
+        if self.batches and {m.partition() for m in self.batches[0]} & self.paused_set:
+            self.idle += 1
+            if self.idle > 50:  # stalled: end the test instead of hanging it
+                self.loop.stop()
+            return []
+        return super().consume(num_messages, timeout)
+
+    def pause(self, partitions):
+        self.paused_set |= {tp.partition for tp in partitions}
+
+    def resume(self, partitions):
+        self.paused_set -= {tp.partition for tp in partitions}
+
+
+def test_partitions_lost_during_a_pause_and_assigned_after_it_are_resumed():
+    # The group drops this member while input is paused (a broker frozen past
+    # session.timeout.ms); the partitions come back only after the pause is over (#18.1).
+    consumer = StickyPauseConsumer([[msg(0, 0, b"a"), msg(1, 0, b"b")]])
+    producer = FakeProducer()
+    loop = Echo(consumer, producer)
+    consumer.subscribe([TOPIC], loop._on_assign, loop._on_revoke, loop._on_lost)
+    partitions = list(consumer.partitions)
+    with loop._input_paused():
+        consumer.on_lost(consumer, partitions)
+        consumer.partitions = []
+    assert consumer.paused_set == {0, 1}  # librdkafka remembers the pause of both
+    consumer.partitions = partitions
+    loop.run()  # assigned again as it joins
+    assert outputs(producer) == [b"a", b"b"]
+
+
+def test_partitions_assigned_during_a_pause_are_paused_until_it_ends():
+    consumer = StickyPauseConsumer([])
+    loop = Echo(consumer, FakeProducer())
+    loop._run = lambda: None
+    consumer.subscribe([TOPIC], loop._on_assign, loop._on_revoke, loop._on_lost)
+    loop._consume(1, 0)  # settles the first assignment: resumed
+    assert consumer.paused_set == set()
+    with loop._input_paused():
+        consumer.paused_set.clear()  # a partition new to this member is not paused yet
+        consumer.lose_and_assign_again()
+        loop._settle_assignment()
+        assert consumer.paused_set == {0, 1}
+    assert consumer.paused_set == set()

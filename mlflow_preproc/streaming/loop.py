@@ -36,7 +36,8 @@ import gc
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -122,6 +123,12 @@ class KafkaLoop:
         self.stats = LoopStats(self.command)
         self.checkpoint = Checkpoint()
         self._owned: set[tuple[str, int]] = set()
+        # Input is paused while a dependency is down (wait) or deliveries are retried
+        # (_redeliver). librdkafka keeps a partition's pause across a revoke or loss, so a
+        # partition assigned again would stay paused for good: each assignment is settled
+        # (paused or resumed, whichever the loop is in) right after it takes effect.
+        self._paused = False
+        self._unsettled: set[tuple[str, int]] = set()
         self._redeliveries: list[Redelivery] = []
         self._producer_broken = False
         self._fatal: FatalError | None = None
@@ -222,11 +229,31 @@ class KafkaLoop:
         """Let ``seconds`` pass taking no new input (a dependency is down): the assigned
         partitions are paused while the consumer is polled, so the group keeps this member
         past ``max.poll.interval.ms`` and rebalances are served. Returns early on shutdown."""
+        with self._input_paused():
+            self._poll_paused(seconds)
+
+    @contextmanager
+    def _input_paused(self) -> Iterator[None]:
+        """Pause every partition assigned now or while inside; resume all of them after."""
+        if self._paused:  # already paused by the caller
+            yield
+            return
+        self._paused = True
         self.consumer.pause(self.consumer.assignment())
         try:
-            self._poll_paused(seconds)
+            yield
         finally:
+            self._paused = False
+            self._unsettled.clear()
             self.consumer.resume(self.consumer.assignment())
+
+    def _settle_assignment(self) -> None:
+        """Pause or resume the partitions assigned since the last call, as the loop is."""
+        partitions = [TopicPartition(topic, partition)
+                      for topic, partition in self._unsettled if (topic, partition) in self._owned]
+        self._unsettled.clear()
+        if partitions:
+            (self.consumer.pause if self._paused else self.consumer.resume)(partitions)
 
     def _poll_paused(self, seconds: float) -> None:
         rewind: dict[tuple[str, int], int] = {}
@@ -235,6 +262,8 @@ class KafkaLoop:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            if self._unsettled:
+                self._settle_assignment()
             for msg in self.consumer.consume(100, min(left, 0.2)):
                 # Fetched before the pause took effect: read it again after the resume.
                 if msg.error() is None:
@@ -306,6 +335,8 @@ class KafkaLoop:
             self.stats.maybe_log(self.config["STATS_INTERVAL_S"], in_flight=len(self.producer))
 
     def _consume(self, batch_size: int, timeout: float) -> list[Message]:
+        if self._unsettled:
+            self._settle_assignment()
         messages = self.consumer.consume(batch_size, timeout)
         good = [msg for msg in messages if msg.error() is None]
         if len(good) < len(messages):
@@ -365,7 +396,9 @@ class KafkaLoop:
             self.checkpoint.commit_failed(partitions)  # retried by the next commit
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The assignment takes effect when this returns: it is settled on the next poll.
         self._owned.update((tp.topic, tp.partition) for tp in partitions)
+        self._unsettled.update((tp.topic, tp.partition) for tp in partitions)
         self.stats.assigned([(tp.topic, tp.partition) for tp in partitions], self._owned)
         logger.info("partitions assigned", extra={
             "event": "assign", "partitions": [p.partition for p in partitions]})
@@ -431,9 +464,8 @@ class KafkaLoop:
         logger.warning("deliveries failed with a retriable error; input paused while they are "
                        "sent again", extra={"event": "redeliver",
                                             "messages": len(self._redeliveries)})
-        self.consumer.pause(self.consumer.assignment())
         backoff = 0.5
-        try:
+        with self._input_paused():
             while (self._redeliveries or self._producer_broken) and not self.shutdown.requested:
                 if self._producer_broken:
                     self._replace_producer()
@@ -448,8 +480,6 @@ class KafkaLoop:
                 if self._redeliveries:
                     self._poll_paused(backoff)
                     backoff = min(backoff * 2, _MAX_RETRY_BACKOFF_S)
-        finally:
-            self.consumer.resume(self.consumer.assignment())
         if not self._redeliveries:
             logger.info("failed deliveries sent again", extra={"event": "redelivered"})
 
