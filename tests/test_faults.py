@@ -252,6 +252,36 @@ def test_outputs_that_time_out_while_the_broker_is_frozen_are_sent_again_not_dea
     assert stream.events("redeliver"), "the timed-out outputs were not sent again"
 
 
+def test_sigterm_while_the_producer_queue_is_full_and_the_broker_away_exits_in_time(
+        own_broker, model, streams, tmp_path):
+    # The local queue fills (50 messages) while the broker is frozen: the produce loop must
+    # still see the signal, or a pod is SIGKILLed at the end of its grace period (#18.8).
+    broker = own_broker()
+    topic = unique("raw")
+    broker.create_topics(topic)
+    records = [{"id": i, "x": i} for i in range(600)]
+    records[20]["gate"] = True
+    produce(broker.bootstrap_servers, topic, [json.dumps(r).encode() for r in records])
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = env_for(broker.bootstrap_servers, model, topic, TEST_GATE_DIR=str(gate),
+                  LIBRDKAFKA_QUEUE_BUFFERING_MAX_MESSAGES="50",
+                  LIBRDKAFKA_MESSAGE_TIMEOUT_MS="60000", SHUTDOWN_TIMEOUT_S="2")
+    stream = streams(env)
+    wait_for((gate / "reached").exists, 60, "pre_processing to reach the gated record")
+    os.kill(broker.process.pid, signal.SIGSTOP)
+    (gate / "open").touch()
+    time.sleep(1)  # the queue is full: produce() raises BufferError until the broker is back
+    started = time.monotonic()
+    assert stream.stop(timeout=30) == 0, stream.text()[-3000:]
+    assert time.monotonic() - started < 10, "SIGTERM took longer than SHUTDOWN_TIMEOUT_S"
+    os.kill(broker.process.pid, signal.SIGCONT)
+    [committed] = committed_offsets(broker.bootstrap_servers, env["CONSUMER_GROUP_ID"], topic)
+    delivered = set(ids(consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 600, timeout=5)))
+    assert set(range(max(committed, 0))) <= delivered  # nothing committed that was not sent
+    assert "Traceback" not in stream.text()
+
+
 # ---- 4. and 6. librdkafka settings come from where the user meant them to ----------------
 
 def test_kubernetes_service_variables_do_not_reach_librdkafka(broker, model, streams):

@@ -281,6 +281,8 @@ class KafkaLoop:
         self.shutdown.install()
         try:
             self._run()
+        except Abandon:
+            pass  # what was given up is not in the checkpoint: the group processes it again
         except BaseException:
             self._failed = True
             self._close(commit=False)
@@ -316,10 +318,7 @@ class KafkaLoop:
             messages = self._consume(batch_size, timeout)
             if messages:
                 started = time.monotonic()
-                try:
-                    self.handle_batch(messages)
-                except Abandon:
-                    break  # left out of the checkpoint: the group processes it again
+                self.handle_batch(messages)  # an Abandon leaves it out of the checkpoint
                 self.checkpoint.mark_handled(messages, self._owned)
                 self.stats.batch_done(time.monotonic() - started)
             else:
@@ -433,7 +432,10 @@ class KafkaLoop:
                 self.producer.produce(topic, value, key, headers=headers, on_delivery=callback)
                 return
             except BufferError:
-                # The local queue is full: let the broker catch up.
+                # The local queue is full: let the broker catch up, unless we are asked to
+                # stop (the broker may be away for longer than the shutdown grace period).
+                if self.shutdown.requested:
+                    raise Abandon("shutting down with the producer's queue full") from None
                 self.producer.poll(0.1)
 
     def _send_dead_letter(self, source: Message, value: bytes | None, headers: Headers) -> None:
