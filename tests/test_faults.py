@@ -123,13 +123,15 @@ def scoring_records(body: dict) -> list[dict]:
 class FakeFlakyModelServer:
     """An MLflow-scoring-protocol server on loopback whose faults the test chooses:
     ``refuse_batches`` answers 400 to requests of more than one record, ``down`` answers 503,
-    and so does every request after ``down_after`` answered ones. Otherwise each record's
+    and so does every request after ``down_after`` answered ones; ``statuses`` are answered
+    first, one per request. Otherwise each record's
     prediction is its ``x``."""
 
     def __init__(self):
         self.refuse_batches = False
         self.down = False
         self.down_after: int | None = None
+        self.statuses: list[int] = []  # answers to give first, one per request, then normal
         self.answered = 0
         self.requests: list[int] = []  # records per request, in order
         outer = self
@@ -141,6 +143,8 @@ class FakeFlakyModelServer:
                 outer.requests.append(len(records))
                 if outer.down_after is not None and outer.answered >= outer.down_after:
                     outer.down = True
+                if outer.statuses:
+                    return self.answer(outer.statuses.pop(0), {"message": "not now"})
                 if outer.down:
                     return self.answer(503, {"message": "the model is reloading"})
                 if outer.refuse_batches and len(records) > 1:
@@ -213,6 +217,42 @@ def test_the_bridge_keeps_its_group_membership_while_the_model_server_is_down(
     assert "maximum poll interval" not in bridge.text()
     assert bridge.stop() == 0
     assert sorted(json.loads(m.value()) for m in predictions) == list(range(20))  # once each
+
+
+def test_a_rate_limited_model_server_is_waited_for_not_dead_lettered(
+        broker, streams, model_server):
+    # 429 judges the server's load, not the records: every record is predicted once the
+    # storm is over, and none goes to the dead-letter topic (#18.2).
+    topic = unique("features")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [json.dumps({"x": i}).encode() for i in range(10)])
+    model_server.statuses = [429, 429, 408, 429]
+    env = bridge_env(broker.bootstrap_servers, topic, model_server.url)
+    bridge = streams(env, command="bridge")
+    predictions = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 10)
+    assert bridge.stop() == 0, bridge.text()[-2000:]
+    assert sorted(json.loads(m.value()) for m in predictions) == list(range(10))
+    assert consume(broker.bootstrap_servers, f"{topic}-dlq", 1, timeout=2) == []
+    assert len(bridge.events("model_unavailable")) == 4
+
+
+def test_a_wrong_api_endpoint_stops_the_bridge_and_commits_nothing(
+        broker, streams, model_server):
+    # 404 says API_ENDPOINT is wrong; dead-lettering would drain the topic (#18.2).
+    topic = unique("features")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [json.dumps({"x": i}).encode() for i in range(10)])
+    model_server.statuses = [404] * 20
+    env = bridge_env(broker.bootstrap_servers, topic, model_server.url,
+                     API_ENDPOINT="/invocatons")
+    bridge = streams(env, command="bridge")
+    assert bridge.proc.wait(60) == 2, bridge.text()[-2000:]
+    last = bridge.text().strip().splitlines()[-1]
+    assert "HTTP 404" in last and "API_ENDPOINT" in last, last
+    assert "Traceback" not in bridge.text()
+    assert committed_offsets(broker.bootstrap_servers, env["CONSUMER_GROUP_ID"], topic) == \
+        [-1001]
+    assert consume(broker.bootstrap_servers, f"{topic}-dlq", 1, timeout=2) == []
 
 
 # ---- 3. a broker outage longer than message.timeout.ms is not poison ----------------------

@@ -6,16 +6,24 @@ Named records go as ``dataframe_split`` (their keys are the columns), feature ve
 ``instances`` (``PAYLOAD_FORMAT`` picks another of MLflow's scoring formats, e.g. ``inputs``
 for a tensor signature).
 
-Each prediction is produced keyed like its input. A model server that is down or answers 5xx
-is retried with backoff (nothing is committed meanwhile); a batch refused with 4xx is retried
-record by record, and the records the model refuses go to the dead-letter topic with the
-server's message. Delivery, commits and shutdown are :class:`KafkaLoop`'s.
+Each prediction is produced keyed like its input. What the server answers decides what
+happens to the records (:func:`judge`):
+
+- 400, 413, 422 judge the input: a refused batch is retried record by record, and the records
+  the model refuses go to the dead-letter topic with the server's message;
+- a server that is down, times out, or answers 408, 425, 429 or 5xx is waited for, with
+  backoff (``Retry-After`` honoured), input paused and nothing committed;
+- any other 4xx (401, 403, 404...) says the bridge is misconfigured: it stops (exit 2) with
+  nothing committed, rather than dead-letter a whole topic.
+
+Delivery, commits and shutdown are :class:`KafkaLoop`'s.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from enum import Enum
 from typing import Any
 
 import requests
@@ -25,7 +33,7 @@ from mlflow_preproc.config import Config, ConfigError, sanitize_topic
 from mlflow_preproc.runtime.formats import MessageDecoder
 from mlflow_preproc.runtime.jsonable import dumps
 from mlflow_preproc.runtime.model_input import payload, per_record
-from mlflow_preproc.streaming.loop import Abandon, KafkaLoop
+from mlflow_preproc.streaming.loop import Abandon, FatalError, KafkaLoop
 from mlflow_preproc.streaming.shutdown import Shutdown
 
 logger = logging.getLogger("mlflow_preproc")
@@ -34,7 +42,31 @@ _MAX_BACKOFF_S = 10.0
 
 
 class ModelRejected(Exception):
-    """The model server refused the input (HTTP 4xx); the message is the server's."""
+    """The model server refused the input (HTTP 400/413/422); the message is the server's."""
+
+
+class Answer(Enum):
+    """What an HTTP status of the model server says."""
+
+    PREDICTED = "predicted"
+    REFUSED_INPUT = "refused the input"  # a verdict on the records: dead letters
+    UNAVAILABLE = "unavailable"  # the server's state, not the records': wait and retry
+    MISCONFIGURED = "misconfigured"  # wrong URL, endpoint or credentials: stop
+
+
+_REFUSED_INPUT = {400, 413, 422}
+_UNAVAILABLE = {408, 425, 429}
+
+
+def judge(status: int) -> Answer:
+    """Sort a model server's HTTP status: only answers about the input may dead-letter."""
+    if status < 400:
+        return Answer.PREDICTED
+    if status in _REFUSED_INPUT:
+        return Answer.REFUSED_INPUT
+    if status in _UNAVAILABLE or status >= 500:
+        return Answer.UNAVAILABLE
+    return Answer.MISCONFIGURED
 
 
 class Bridge(KafkaLoop):
@@ -94,12 +126,16 @@ class Bridge(KafkaLoop):
             except requests.RequestException as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             else:
-                if resp.status_code < 400:
+                answer = judge(resp.status_code)
+                if answer is Answer.PREDICTED:
                     return self._predictions(resp, len(records))
-                if resp.status_code < 500:
+                if answer is Answer.REFUSED_INPUT:
                     raise ModelRejected(f"the model server refused the input with HTTP "
                                         f"{resp.status_code}: {_message(resp)}")
+                if answer is Answer.MISCONFIGURED:
+                    raise FatalError(_misconfigured(self.url, resp))
                 problem = f"HTTP {resp.status_code}: {_message(resp)}"
+                delay = max(delay, min(_retry_after(resp), _MAX_BACKOFF_S))
             if self.shutdown.requested:
                 raise Abandon(problem)
             # The server is down or failing: keep the batch, wait (input paused, the consumer
@@ -123,6 +159,24 @@ class Bridge(KafkaLoop):
             return per_record(predictions, expected)
         except ValueError as exc:
             raise ModelRejected(f"{exc}; a bridge needs one per record") from None
+
+
+def _misconfigured(url: str, resp: requests.Response) -> str:
+    if resp.status_code in (401, 403):
+        fix = "give the bridge credentials the server accepts, or check API_URL"
+    else:
+        fix = "check API_URL and API_ENDPOINT (MLflow's scoring server serves /invocations)"
+    return (f"the model server at {url} answered HTTP {resp.status_code} "
+            f"({_message(resp)[:200]}): the bridge is misconfigured, not the records; {fix}. "
+            "Nothing was committed.")
+
+
+def _retry_after(resp: requests.Response) -> float:
+    """The seconds of a ``Retry-After: <seconds>`` header (0 without one)."""
+    try:
+        return max(0.0, float(resp.headers.get("Retry-After", 0)))
+    except ValueError:
+        return 0.0  # an HTTP date: keep our own backoff
 
 
 def _message(resp: requests.Response) -> str:
