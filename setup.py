@@ -23,7 +23,9 @@ setup(
         "mlflow>=3.1,<4",
         "cloudpickle>=2.1",
         "fastavro>=1.9",
-        "confluent-kafka>=2.3",
+        # the schemaregistry extra brings authlib and httpx, without which
+        # SchemaRegistryClient cannot be imported (confluent-avro input from a registry)
+        "confluent-kafka[schemaregistry]>=2.3",
         "docker>=7.0",
         "prometheus-client>=0.19",
         "tqdm>=4.60",

@@ -127,6 +127,62 @@ def serve_on_loopback(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPSer
     return server
 
 
+class FakeSchemaRegistry:
+    """A Confluent Schema Registry on loopback, speaking its REST API for what a consumer asks
+    (``GET /schemas/ids/{id}``, ``GET /subjects/{subject}/versions/{version}``). No real
+    registry installs here (FIELD-NOTES 8). ``down`` makes it answer 503, as a registry
+    losing its backing Kafka cluster does; ``requests`` counts what it was asked."""
+
+    def __init__(self):
+        self.by_id: dict[int, dict] = {}  # id -> {"schema": str, "references": [...]}
+        self.by_subject: dict[tuple[str, int], int] = {}  # (subject, version) -> id
+        self.down = False
+        self.requests = 0
+        outer = self
+
+        class Handler(JsonHandler):
+            def do_GET(self):  # noqa: N802
+                outer.requests += 1
+                if outer.down:
+                    return self.answer(503, {"error_code": 50003,
+                                             "message": "Error while forwarding the request"})
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:2] == ["schemas", "ids"] and int(parts[2]) in outer.by_id:
+                    return self.answer(200, {"schemaType": "AVRO",
+                                             **outer.by_id[int(parts[2])]})
+                if parts[0] == "subjects" and len(parts) == 4:
+                    key = (parts[1], int(parts[3]))
+                    if key in outer.by_subject:
+                        found = outer.by_subject[key]
+                        return self.answer(200, {"subject": key[0], "version": key[1],
+                                                 "id": found, "schemaType": "AVRO",
+                                                 **outer.by_id[found]})
+                    return self.answer(404, {"error_code": 40401,
+                                             "message": f"Subject '{parts[1]}' not found."})
+                self.answer(404, {"error_code": 40403, "message": "Schema not found"})
+
+        self.server = serve_on_loopback(Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def register(self, schema_id: int, schema: dict, subject: str | None = None,
+                 references: list[dict] | None = None) -> None:
+        """Hold ``schema`` under ``schema_id`` (and as version 1 of ``subject``);
+        ``references`` as the registry lists them: ``{"name", "subject", "version"}``."""
+        self.by_id[schema_id] = {"schema": json.dumps(schema), "references": references or []}
+        if subject:
+            self.by_subject[(subject, 1)] = schema_id
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def schema_registry() -> Iterator[FakeSchemaRegistry]:
+    registry = FakeSchemaRegistry()
+    yield registry
+    registry.close()
+
+
 # ---- Docker --------------------------------------------------------------------------------
 
 # Images the tests build: the target's (labelled), stock build-docker ones (by name), and

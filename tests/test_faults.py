@@ -110,6 +110,49 @@ def test_a_schema_that_cannot_be_used_dead_letters_its_records_and_the_stream_go
     assert "Traceback" not in stream.text()
 
 
+def test_a_schema_registry_outage_is_waited_for_and_only_unknown_ids_are_dead_lettered(
+        broker, model, streams, schema_registry):
+    # The writer schema uses a type registered under another subject (a schema reference).
+    # While the registry answers 503 the stream waits; once it is back, every record is
+    # decoded, and only the id it does not know goes to the dead-letter topic (#18.3).
+    point = {"type": "record", "name": "Point", "namespace": "geo",
+             "fields": [{"name": "x", "type": "long"}]}
+    obs = {"type": "record", "name": "Obs", "fields": [{"name": "id", "type": "long"},
+                                                        {"name": "at", "type": "geo.Point"}]}
+    schema_registry.register(7, point, subject="point")
+    schema_registry.register(8, obs, references=[{"name": "geo.Point", "subject": "point",
+                                                  "version": 1}])
+    named: dict = {}
+    fastavro.parse_schema(point, named_schemas=named)
+    writer = fastavro.parse_schema(obs, named_schemas=named)
+
+    def framed(schema_id, i):
+        buf = io.BytesIO(struct.pack(">bI", 0, schema_id))
+        buf.seek(5)
+        fastavro.schemaless_writer(buf, writer, {"id": i, "at": {"x": i}})
+        return buf.getvalue()
+
+    topic = unique("registry")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic,
+            [framed(8, i) for i in range(5)] + [framed(99, 5)] + [framed(8, 6)])
+    schema_registry.down = True
+    env = env_for(broker.bootstrap_servers, model, topic, INPUT_FORMAT="confluent-avro",
+                  SCHEMA_REGISTRY_URL=schema_registry.url)
+    stream = streams(env)
+    wait_for(lambda: stream.events("dependency_unavailable"), 60, "the wait for the registry")
+    assert consume(broker.bootstrap_servers, f"{topic}-dlq", 1, timeout=2) == []
+    schema_registry.down = False
+    outputs = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 6)
+    dead = consume(broker.bootstrap_servers, f"{topic}-dlq", 1)
+    assert stream.stop() == 0, stream.text()[-2000:]
+    assert ids(outputs) == [0, 1, 2, 3, 4, 6]
+    assert [headers_of(m)["x-preproc-source"] for m in dead] == [f"{topic}/0/5".encode()]
+    assert b"schema id 99 not found" in headers_of(dead[0])["x-preproc-error"]
+    assert committed_offsets(broker.bootstrap_servers, env["CONSUMER_GROUP_ID"], topic) == [7]
+    assert "Traceback" not in stream.text()
+
+
 # ---- 2. and 8. the bridge and a model server that refuses, then fails --------------------
 
 def scoring_records(body: dict) -> list[dict]:
@@ -233,7 +276,7 @@ def test_a_rate_limited_model_server_is_waited_for_not_dead_lettered(
     assert bridge.stop() == 0, bridge.text()[-2000:]
     assert sorted(json.loads(m.value()) for m in predictions) == list(range(10))
     assert consume(broker.bootstrap_servers, f"{topic}-dlq", 1, timeout=2) == []
-    assert len(bridge.events("model_unavailable")) == 4
+    assert len(bridge.events("dependency_unavailable")) == 4
 
 
 def test_a_wrong_api_endpoint_stops_the_bridge_and_commits_nothing(

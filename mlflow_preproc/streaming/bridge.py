@@ -21,7 +21,6 @@ Delivery, commits and shutdown are :class:`KafkaLoop`'s.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from enum import Enum
 from typing import Any
@@ -30,16 +29,12 @@ import requests
 from confluent_kafka import Message
 
 from mlflow_preproc.config import Config, ConfigError, sanitize_topic
+from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.formats import MessageDecoder
 from mlflow_preproc.runtime.jsonable import dumps
 from mlflow_preproc.runtime.model_input import payload, per_record
-from mlflow_preproc.streaming.loop import Abandon, FatalError, KafkaLoop
+from mlflow_preproc.streaming.loop import KafkaLoop
 from mlflow_preproc.streaming.shutdown import Shutdown
-
-logger = logging.getLogger("mlflow_preproc")
-
-_MAX_BACKOFF_S = 10.0
-
 
 class ModelRejected(Exception):
     """The model server refused the input (HTTP 400/413/422); the message is the server's."""
@@ -117,36 +112,27 @@ class Bridge(KafkaLoop):
             self.produce(msg, [dumps(prediction)])
 
     def _predict(self, records: list[Any]) -> list[Any]:
-        body = dumps(payload(records, self.payload_format))
-        delay = 0.5
-        while True:
-            try:
-                resp = self.session.post(self.url, data=body, timeout=self.timeout,
-                                         headers={"Content-Type": "application/json"})
-            except requests.RequestException as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            else:
-                answer = judge(resp.status_code)
-                if answer is Answer.PREDICTED:
-                    return self._predictions(resp, len(records))
-                if answer is Answer.REFUSED_INPUT:
-                    raise ModelRejected(f"the model server refused the input with HTTP "
-                                        f"{resp.status_code}: {_message(resp)}")
-                if answer is Answer.MISCONFIGURED:
-                    raise FatalError(_misconfigured(self.url, resp))
-                problem = f"HTTP {resp.status_code}: {_message(resp)}"
-                delay = max(delay, min(_retry_after(resp), _MAX_BACKOFF_S))
-            if self.shutdown.requested:
-                raise Abandon(problem)
-            # The server is down or failing: keep the batch, wait (input paused, the consumer
-            # polled so the group keeps us) and retry; the loop is healthy, its dependency is
-            # not, so don't let /healthz restart us for it.
-            logger.warning("model server unavailable; retrying", extra={
-                "event": "model_unavailable", "url": self.url, "error": problem,
-                "retry_in_s": delay})
-            self.stats.alive()
-            self.wait(delay)
-            delay = min(delay * 2, _MAX_BACKOFF_S)
+        # A server that is down or failing is waited for (input paused, the consumer polled
+        # so the group keeps us); a shutdown meanwhile leaves the batch uncommitted.
+        return self.when_available(self._post, dumps(payload(records, self.payload_format)),
+                                   len(records))
+
+    def _post(self, body: bytes, expected: int) -> list[Any]:
+        try:
+            resp = self.session.post(self.url, data=body, timeout=self.timeout,
+                                     headers={"Content-Type": "application/json"})
+        except requests.RequestException as exc:
+            raise Unavailable("model server", f"{type(exc).__name__}: {exc}") from None
+        answer = judge(resp.status_code)
+        if answer is Answer.PREDICTED:
+            return self._predictions(resp, expected)
+        if answer is Answer.REFUSED_INPUT:
+            raise ModelRejected(f"the model server refused the input with HTTP "
+                                f"{resp.status_code}: {_message(resp)}")
+        if answer is Answer.MISCONFIGURED:
+            raise Misconfigured(_misconfigured(self.url, resp))
+        raise Unavailable("model server", f"HTTP {resp.status_code}: {_message(resp)}",
+                          _retry_after(resp))
 
     @staticmethod
     def _predictions(resp: requests.Response, expected: int) -> list[Any]:

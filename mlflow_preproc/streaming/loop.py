@@ -43,6 +43,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from mlflow_preproc.config import Config, client_config_error
+from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.formats import MessageDecoder, drop_fields
 from mlflow_preproc.runtime.model_identity import HEADER
 from mlflow_preproc.streaming.checkpoint import Checkpoint
@@ -175,7 +176,9 @@ class KafkaLoop:
         decode = decoder.decode
         for msg in messages:
             try:
-                decoded = decode(msg.value())
+                decoded = self.when_available(decode, msg.value())
+            except (Abandon, FatalError):
+                raise
             except Exception as exc:  # noqa: BLE001 -- whatever the bytes do to a decoder,
                 # it is this record's problem, not the partition's
                 self.dead_letter(msg, "decode", exc)
@@ -224,6 +227,31 @@ class KafkaLoop:
         if value is not None and self._too_large(value, source.key(), headers):
             value, headers = self._truncated(value, source.key(), headers)
         self._send_dead_letter(source, value, headers)
+
+    def when_available(self, call: Callable, *args):
+        """``call(*args)``, waited for while a dependency it needs is
+        :class:`~mlflow_preproc.runtime.dependencies.Unavailable`: the one rule by which an
+        environment failure never becomes a dead letter. Input is paused while waiting, with
+        backoff, so nothing is committed past the record; a shutdown meanwhile raises
+        :class:`Abandon`, a :class:`~mlflow_preproc.runtime.dependencies.Misconfigured`
+        dependency :class:`FatalError`."""
+        delay = 0.5
+        while True:
+            try:
+                return call(*args)
+            except Unavailable as exc:
+                if self.shutdown.requested:
+                    raise Abandon(str(exc)) from None
+                delay = max(delay, min(exc.retry_after, _MAX_RETRY_BACKOFF_S))
+                # The loop is healthy, its dependency is not: /healthz must not restart us.
+                self.stats.alive()
+                logger.warning(f"{exc.dependency} unavailable; retrying", extra={
+                    "event": "dependency_unavailable", "dependency": exc.dependency,
+                    "error": exc.problem, "retry_in_s": delay})
+                self.wait(delay)
+                delay = min(delay * 2, _MAX_RETRY_BACKOFF_S)
+            except Misconfigured as exc:
+                raise FatalError(str(exc)) from None
 
     def wait(self, seconds: float) -> None:
         """Let ``seconds`` pass taking no new input (a dependency is down): the assigned
