@@ -456,6 +456,8 @@ class _SchemaById:
         self._registry_config = {"max.retries": 1, "timeout": 10, **(registry_config or {})}
         self._client = None
         self._cache: dict[int, dict] = {}
+        if registry_url:
+            _registry_client_class()  # a missing extra is a start-up error, not a dead letter
 
     def get(self, schema_id: int) -> dict:
         if schema_id not in self._cache:
@@ -521,11 +523,20 @@ class _SchemaById:
 
     def _registry(self):
         if self._client is None:
-            from confluent_kafka.schema_registry import SchemaRegistryClient
-
-            self._client = SchemaRegistryClient({"url": self._registry_url,
-                                                 **self._registry_config})
+            self._client = _registry_client_class()({"url": self._registry_url,
+                                                     **self._registry_config})
         return self._client
+
+
+def _registry_client_class() -> type:
+    try:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+    except ImportError as exc:  # authlib, httpx: confluent-kafka's schemaregistry extra
+        raise ValueError(f"SCHEMA_REGISTRY_URL needs confluent-kafka's schemaregistry extra "
+                         f"({exc}); pip install 'confluent-kafka[schemaregistry]', or log "
+                         "the model with pip_requirements=['confluent-kafka[schemaregistry]'] "
+                         "for an image") from None
+    return SchemaRegistryClient
 
 
 # The registry's own error codes for "no such schema / subject / version".
@@ -568,9 +579,9 @@ class MessageEncoder:
         self._schema = fastavro.parse_schema(schema) if schema else None
         self._prefix = b""
         if fmt == "confluent-avro":
-            from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+            client = _registry_client_class()({"url": registry_url, **(registry_config or {})})
+            from confluent_kafka.schema_registry import Schema
 
-            client = SchemaRegistryClient({"url": registry_url, **(registry_config or {})})
             schema_id = client.register_schema(f"{topic}-value", Schema(json.dumps(schema), "AVRO"))
             self._prefix = struct.pack(">bI", _CONFLUENT_MAGIC, schema_id)
 
