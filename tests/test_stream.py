@@ -204,6 +204,51 @@ def test_schemaless_avro_in_and_out_with_the_models_schemas(broker, tracking_uri
     assert decoded == [{"id": i, "double": float(i)} for i in range(20)]
 
 
+def refuse_negative(record):
+    if record["x"] < 0:
+        raise ValueError(f"x of {record['id']} is negative")
+    return {"id": record["id"]}
+
+
+def test_a_container_message_with_failing_records_is_one_dead_letter_naming_them(
+        broker, tracking_uri, streams):
+    # One Avro container of 50 records, 3 of them failing, and a record of its own before
+    # it: the container's good records are produced and it is dead-lettered once, with the
+    # indexes in the message of its failing records (#18.6).
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(refuse_negative, name="p")
+    schema = fastavro.parse_schema({"type": "record", "name": "Obs", "fields": [
+        {"name": "id", "type": "long"}, {"name": "x", "type": "long"}]})
+
+    def container(records):
+        buf = io.BytesIO()
+        fastavro.writer(buf, schema, records)
+        return buf.getvalue()
+
+    topic, out = unique("containers"), unique("containers-out")
+    broker.create_topics(topic)
+    records = [{"id": i, "x": -1 if i in (3, 7, 11) else 1} for i in range(50)]
+    produce(broker.bootstrap_servers, topic, [container([{"id": 1000, "x": 1}]),
+                                              container(records)])
+    stream = streams(stream_env(broker.bootstrap_servers, info.model_uri, topic,
+                                OUTPUT_TOPIC=out, INPUT_FORMAT="avro", BATCH_SIZE="10"))
+    outputs = consume(broker.bootstrap_servers, out, 48)
+    dead = consume(broker.bootstrap_servers, f"{topic}-dlq", 2, timeout=5)
+    assert stream.stop() == 0, stream.text()[-2000:]
+    assert sorted(json.loads(m.value())["id"] for m in outputs) == \
+        [i for i in range(50) if i not in (3, 7, 11)] + [1000]
+    [letter] = dead
+    h = headers_of(letter)
+    assert h["x-preproc-source"] == f"{topic}/0/1".encode()
+    assert h["x-preproc-failed-records"] == b"3,7,11"
+    assert h["x-preproc-error"].startswith(b"3 of the message's 50 records failed; record 3: "
+                                           b"pre_processing raised ValueError: x of 3 is")
+    assert h["x-preproc-stage"] == b"preprocess"
+    assert list(fastavro.reader(io.BytesIO(letter.value()))) == records  # the whole message
+    stopped = [e for e in stream.logs() if e.get("event") == "stop"][-1]
+    assert stopped["failed"] == 1
+
+
 def test_confluent_wire_format_with_local_schemas_by_id(broker, model, streams, tmp_path):
     schema = {"type": "record", "name": "Obs", "fields": [
         {"name": "id", "type": "long"}, {"name": "x", "type": "long"}]}

@@ -210,7 +210,8 @@ class KafkaLoop:
         self.stats.counts["out"] += sent
 
     def dead_letter(self, source: Message, stage: str, error: BaseException | str,
-                    error_type: str | None = None) -> None:
+                    error_type: str | None = None,
+                    extra_headers: Headers = ()) -> None:
         """Send ``source``'s original bytes to the dead-letter topic with the reason."""
         reason = str(error)[:_MAX_ERROR_HEADER]
         self.stats.counts["failed"] += 1
@@ -220,8 +221,8 @@ class KafkaLoop:
             "dlq_topic": self.dlq_topic})
         headers = [*(source.headers() or []),
                    (HEADER + "error", reason.encode()),
-                   (HEADER + "error-type", (error_type or _error_type(error)).encode()),
-                   (HEADER + "stage", stage.encode()),
+                   (HEADER + "error-type", (error_type or error_type_of(error)).encode()),
+                   (HEADER + "stage", stage.encode()), *extra_headers,
                    source_header(source), *self.extra_headers]
         value = source.value()
         if value is not None and self._too_large(value, source.key(), headers):
@@ -679,7 +680,8 @@ def _overhead(key: bytes | None, headers: Headers) -> int:
     return len(key or b"") + sum(len(k) + len(v) for k, v in headers) + _FRAMING_BYTES
 
 
-def _error_type(error: BaseException | str) -> str:
+def error_type_of(error: BaseException | str) -> str:
+    """The ``x-preproc-error-type`` of ``error``: the name of the exception behind it."""
     if isinstance(error, BaseException):
         cause = error.__cause__ or error
         return type(cause).__name__

@@ -22,7 +22,7 @@ from confluent_kafka import Message
 from mlflow_preproc.config import Config, ConfigError, sanitize_topic
 from mlflow_preproc.runtime.flavor import LoadedPreprocessing, load_preprocessing
 from mlflow_preproc.runtime.formats import EncodeError, MessageDecoder, MessageEncoder
-from mlflow_preproc.streaming.loop import KafkaLoop
+from mlflow_preproc.streaming.loop import KafkaLoop, error_type_of
 from mlflow_preproc.streaming.shutdown import Shutdown
 from mlflow_preproc.runtime.model_identity import (
     HEADER,
@@ -93,27 +93,49 @@ class Stream(KafkaLoop):
         if self.predictor is not None:
             results = self._predict(records, results)
 
-        # encode and produce
+        # encode and produce, message by message (an Avro container may hold many records)
         encode = self.encoder.encode
         dropped = 0
-        for msg, result in zip(owners, results):
-            if isinstance(result, RecordError):
-                self.dead_letter(msg, "preprocess", result)
-                continue
-            if isinstance(result, PredictionError):
-                self.dead_letter(msg, "predict", result)
-                continue
-            if not result:
-                dropped += 1
-                continue
-            try:
-                values = [encode(out) for out in result]
-            except EncodeError as exc:
-                self.dead_letter(msg, "encode", exc)
-                continue
-            self.produce(msg, values)
+        for msg, first, last in _spans(owners):
+            failures: list[tuple[int, str, BaseException]] = []
+            for index, result in enumerate(results[first:last]):
+                if isinstance(result, RecordError):
+                    failures.append((index, "preprocess", result))
+                    continue
+                if isinstance(result, PredictionError):
+                    failures.append((index, "predict", result))
+                    continue
+                if not result:
+                    dropped += 1
+                    continue
+                try:
+                    values = [encode(out) for out in result]
+                except EncodeError as exc:
+                    failures.append((index, "encode", exc))
+                    continue
+                self.produce(msg, values)
+            if failures:
+                self._dead_letter_records(msg, last - first, failures)
         self.stats.counts["dropped"] += dropped
 
+    def _dead_letter_records(self, msg: Message, count: int,
+                             failures: list[tuple[int, str, BaseException]]) -> None:
+        """One dead letter per input message, however many of its records failed: the
+        whole message, the stage and error of its first failure, and, for a message of
+        several records, the indexes in the message of those that failed."""
+        index, stage, error = failures[0]
+        reason = error.reason if isinstance(error, RecordError) else str(error)
+        if count == 1:
+            self.dead_letter(msg, stage, reason, error_type_of(error))
+            return
+        listed = "; ".join(
+            f"record {i}: {e.reason if isinstance(e, RecordError) else e}"
+            for i, _, e in failures[:5])
+        self.dead_letter(
+            msg, stage, f"{len(failures)} of the message's {count} records failed; {listed}",
+            error_type_of(error),
+            extra_headers=[(HEADER + "failed-records",
+                            ",".join(str(i) for i, _, _ in failures).encode())])
 
     def _predict(self, records: list, results: list) -> list:
         features = [out for result in results if not isinstance(result, RecordError)
@@ -129,6 +151,18 @@ class Stream(KafkaLoop):
             predicted.append(failed or [self.predictor.output(record, features_, prediction)
                                         for features_, prediction in zip(result, mine)])
         return predicted
+
+
+def _spans(owners: Sequence[Message]) -> list[tuple[Message, int, int]]:
+    """``(message, first, last)``: the records ``owners[first:last]`` came from ``message``
+    (a message's records are consecutive)."""
+    spans: list[tuple[Message, int, int]] = []
+    first = 0
+    for i in range(1, len(owners) + 1):
+        if i == len(owners) or owners[i] is not owners[first]:
+            spans.append((owners[first], first, i))
+            first = i
+    return spans
 
 
 def default_group(identity: ModelIdentity) -> str:
