@@ -54,7 +54,7 @@ def test_containers_restart_for_as_long_as_it_takes_until_they_are_stopped(mode)
 
 # ---- finding 13: secrets never land in labels, annotations or `get` -------------------------
 
-SECRETS = {"env.LIBRDKAFKA_SASL_PASSWORD": "hunter2", "env.LIBRDKAFKA_SASL_USERNAME": "fink",
+SECRETS = {"env.LIBRDKAFKA_SASL_PASSWORD": "hunter2", "env.LIBRDKAFKA_SASL_USERNAME": "alice",
            "env.AWS_SECRET_ACCESS_KEY": "s3cr3t", "env.MLFLOW_TRACKING_TOKEN": "t0ken",
            "env.LIBRDKAFKA_SSL_KEY_PASSWORD": "keypass"}
 
