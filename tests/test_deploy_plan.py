@@ -99,6 +99,11 @@ def test_a_label_may_not_overwrite_the_targets_own(label):
         opts.resolve({f"label.{label}": "other"})
 
 
+def test_other_labels_are_the_users():
+    assert opts.resolve({"label.org.mlflow-preprocessing-team": "a"})[
+        "label.org.mlflow-preprocessing-team"] == "a"
+
+
 # ---- finding 15: the Dockerfile's inputs, and keys the Docker backend cannot honour ---------
 
 def test_secret_env_is_refused_on_docker_and_says_what_to_use():

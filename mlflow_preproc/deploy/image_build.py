@@ -74,6 +74,7 @@ def base_image(options: dict[str, str], model_python: str | None) -> str:
         return options["base_image"]
     version = options.get("python_version") or model_python
     if not version or not PYTHON_VERSION.fullmatch(str(version)):
+        # -C python_version was checked with the options: this is the model's MLmodel.
         raise BuildError(f"the model's python_version {version!r} is not a Python version "
                          "(its MLmodel file was edited, or written by another tool); pass "
                          "-C python_version=3.11 or -C base_image=IMAGE")

@@ -148,7 +148,7 @@ def resolve(given: dict) -> dict[str, str]:
                           f"version; e.g. -C python_version={OPTIONS['python_version'].example}")
     for key in resolved:
         name = key[len("label."):]
-        if key.startswith("label.") and (name.startswith(LABEL) or name in _OWN_LABELS):
+        if key.startswith("label.") and (name.startswith(f"{LABEL}.") or name in _OWN_LABELS):
             raise OptionError(f"label.{name}: {LABEL}.* and {', '.join(_OWN_LABELS)} are the "
                               "target's own labels (they say which deployment and revision a "
                               "container is); choose another name, e.g. -C label.team=alerts")

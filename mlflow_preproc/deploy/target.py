@@ -157,6 +157,11 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             raise self._not_found(name)
         # Secret values are not in the stored options: the running container has them.
         previous = opts.restore_secrets(options_of(old[0]), spec_of(old[0]).env)
+        ignored = sorted(k for k in previous if k.startswith("secret_env."))
+        if ignored:  # accepted (and never set) before Docker refused them: not kept
+            print(f"dropping {', '.join(ignored)}: secret_env is for Kubernetes only and was "
+                  "never set in these containers; use -C env.NAME=VALUE", file=sys.stderr)
+            previous = {k: v for k, v in previous.items() if k not in ignored}
         options = self._options(flavor, {**previous, **(config or {})})
         model_uri = model_uri or old[0].labels[f"{LABEL}.model-uri"]
         deployment = self._plan(name, model_uri, options, revision_of(old[0]) + 1)
