@@ -45,8 +45,10 @@ def test_deploy_serve_predict_stream_update_delete(tracking_uri, broker, deploym
                  "-C", f"kafka_bootstrap_servers={broker.bootstrap_servers}",
                  "-C", f"input_topic={topic}", "-C", f"consumer_group_id={unique('g')}",
                  "-C", "env.LIBRDKAFKA_SESSION_TIMEOUT_MS=6000",
-                 "-C", "env.LIBRDKAFKA_HEARTBEAT_INTERVAL_MS=1000")
+                 "-C", "env.LIBRDKAFKA_HEARTBEAT_INTERVAL_MS=1000",
+                 "-C", "env.FEATURE_STORE_TOKEN=t0ken-42")
     assert create.returncode == 0, create.stderr[-3000:]
+    assert "t0ken-42" not in create.stdout
     assert f"preprocessing deployment {name} is created" in create.stdout
     # One line per step, not the build's log or MLflow's download bars.
     steps = [line for line in create.stderr.splitlines() if line.startswith("[")]
@@ -85,6 +87,8 @@ def test_deploy_serve_predict_stream_update_delete(tracking_uri, broker, deploym
     assert shown["endpoint"] == f"http://127.0.0.1:{port}"
     assert shown["image"] == "preprocessing-dock-prep-1:latest"
     assert shown["model_uri"] == "models:/dock-prep/1"
+    assert "t0ken-42" not in get.stdout + json.dumps(docker_client.containers.get(
+        f"{name}-0").labels)  # a secret's value is in the container only
     listed = cli("deployments", "list", "-t", "preproc")
     assert name in listed.stdout
 
@@ -97,6 +101,8 @@ def test_deploy_serve_predict_stream_update_delete(tracking_uri, broker, deploym
     status, body = post_json(f"http://127.0.0.1:{port}/invocations",
                              {"inputs": [{"id": 9, "x": 2}]})
     assert (status, body) == (200, {"predictions": [{"id": 9, "version": 2, "x2": 4}]})
+    env = docker_client.containers.get(f"{name}-0").attrs["Config"]["Env"]
+    assert "FEATURE_STORE_TOKEN=t0ken-42" in env  # kept by the update, though not stored
 
     # delete leaves no container (and the image with remove_image=true)
     delete = cli("deployments", "delete", "-t", "preproc", "--name", name,

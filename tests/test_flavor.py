@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -138,6 +139,70 @@ def test_a_requirements_pin_beside_the_code_wins_over_the_installed_version(trac
     assert [r for r in requirements if r.startswith("numpy")] == [f"numpy=={pinned}"]
     assert {"cloudpickle", "fastavro", "confluent-kafka"} <= {r.split("==")[0]
                                                               for r in requirements}
+
+
+@pytest.mark.parametrize("form", ["file", "folder"])
+def test_only_python_is_captured_and_never_a_symlink_out_of_the_folder(tracking_uri, tmp_path,
+                                                                       form, caplog):
+    home = tmp_path / "home"
+    write(home / ".ssh" / "id_rsa", "-----BEGIN PRIVATE KEY-----\n")
+    write(home / "elsewhere" / "shared.py", "WHO = 'outside'\n")
+    code = tmp_path / "code"
+    write(code / "preprocessing.py", """
+        from features import colour
+        def pre_processing(record):
+            return {"colour": colour(record)}
+    """)
+    write(code / "features" / "__init__.py", "def colour(r):\n    return r['g'] - r['r']\n")
+    write(code / "features" / "training_set.csv", "g,r\n19.5,19.0\n")  # a package's data
+    write(code / "notes.txt", "todo\n")
+    write(code / "alerts" / "one.avro", "not code\n")
+    (code / "features" / "id_rsa").symlink_to(home / ".ssh" / "id_rsa")
+    (code / "id_rsa").symlink_to(home / ".ssh" / "id_rsa")
+    (code / "shared.py").symlink_to(home / "elsewhere" / "shared.py")
+    (code / "features" / "same.py").symlink_to(code / "features" / "__init__.py")  # inside
+
+    info = log(str(code / "preprocessing.py") if form == "file" else str(code))
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "preprocessing"
+    captured = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
+                      if p.is_file() and "__pycache__" not in p.parts)
+    assert captured == ["features/__init__.py", "features/same.py", "preprocessing.py"]
+    warned = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"features/id_rsa -> {home / '.ssh' / 'id_rsa'}" in warned
+    assert f"shared.py -> {home / 'elsewhere' / 'shared.py'}" in warned
+    assert "features/training_set.csv" in warned and "extra_files" in warned
+    if form == "folder":  # beside a lone module file, the folder was never the model's
+        assert "notes.txt" in warned and "alerts/" in warned
+    assert mlflow.pyfunc.load_model(info.model_uri).predict([{"g": 19.5, "r": 19.0}]) == [
+        {"colour": 0.5}]
+
+
+def test_files_the_code_reads_are_captured_when_named(tracking_uri, tmp_path):
+    code = tmp_path / "code"
+    write(code / "preprocessing.py", """
+        import json
+        import pathlib
+        ZERO_POINTS = json.loads((pathlib.Path(__file__).parent / "tables" / "zp.json")
+                                 .read_text())
+        def pre_processing(record):
+            return {"mag": ZERO_POINTS[str(record["fid"])] - record["flux"]}
+    """)
+    write(code / "tables" / "zp.json", '{"1": 25.0}')
+    write(tmp_path / "outside.json", "{}")
+    info = log(str(code / "preprocessing.py"), extra_files=["tables/zp.json"])
+    code.rename(tmp_path / "gone")  # the model runs from its own copy
+    assert mlflow.pyfunc.load_model(info.model_uri).predict([{"fid": 1, "flux": 6.0}]) == [
+        {"mag": 19.0}]
+    write(code / "preprocessing.py", "def pre_processing(r):\n    return r\n")
+    for given, message in ((str(tmp_path / "outside.json"), "is outside the code's folder"),
+                           ("../outside.json", "is outside the code's folder"),
+                           ("tables/nope.json", "does not exist in")):
+        with pytest.raises(MlflowException, match=f"extra_files: '{re.escape(given)}' "
+                                                  f"{message}"):
+            log(str(code / "preprocessing.py"), extra_files=[given])
+    with pytest.raises(MlflowException, match="extra_files needs pre_processing as a module "
+                                              "file or folder"):
+        log(band, extra_files=["tables/zp.json"])
 
 
 def test_module_file_in_a_package_keeps_relative_imports(tracking_uri, tmp_path):

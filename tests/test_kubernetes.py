@@ -184,6 +184,21 @@ def test_what_the_manifests_say(registered):
         "org.mlflow-preproc.model-uri"] == registered
 
 
+def test_secret_values_are_in_the_container_only_never_in_labels_or_annotations(registered):
+    objects = render(registered, **CASES["kafka, autoscaled"], **{
+        "env.LIBRDKAFKA_SASL_PASSWORD": "hunter2", "label.team": "alerts"})
+    for obj in objects:
+        meta = json.dumps([obj["metadata"], obj["spec"].get("template", {}).get("metadata")])
+        assert "hunter2" not in meta, obj["kind"]
+    deployment = objects[0]
+    stored = json.loads(deployment["metadata"]["annotations"]["org.mlflow-preproc.config"])
+    assert stored["env.LIBRDKAFKA_SASL_PASSWORD"] == "<redacted>"
+    env = {e["name"]: e.get("value") for e in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LIBRDKAFKA_SASL_PASSWORD"] == "hunter2"
+    assert deployment["metadata"]["labels"]["team"] == "alerts"
+
+
 @pytest.mark.kafka
 def test_the_partition_count_is_read_from_the_broker_when_it_answers(registered, broker):
     topic = unique("alerts")
@@ -362,8 +377,9 @@ def test_the_kubernetes_backend_applies_reads_and_deletes_these_objects(
         registered, docker_client, tmp_path):
     api = FakeKubernetesApiServer()
     env = {**os.environ, "KUBECONFIG": api.kubeconfig(tmp_path / "kubeconfig")}
+    secret = {"env.LIBRDKAFKA_SASL_PASSWORD": "hunter2"}
     keys = ["-C", "backend=kubernetes", "-C", "namespace=alerts", "-C", "mode=kafka",
-            *[a for k, v in KAFKA.items() for a in ("-C", f"{k}={v}")]]
+            *[a for k, v in {**KAFKA, **secret}.items() for a in ("-C", f"{k}={v}")]]
 
     def cli(*args):
         return subprocess.run([str(BIN / "mlflow"), "deployments", *args], env=env,
@@ -371,7 +387,7 @@ def test_the_kubernetes_backend_applies_reads_and_deletes_these_objects(
 
     created = cli("create", "-t", "preproc", "--name", "fink", "-m", registered, *keys)
     assert created.returncode == 0, created.stderr[-3000:]
-    expected = render(registered, mode="kafka", namespace="alerts", **KAFKA)
+    expected = render(registered, mode="kafka", namespace="alerts", **KAFKA, **secret)
     applied = api.sent("PATCH")
     assert [r["body"] for r in applied] == expected  # exactly the rendered objects
     assert [r["path"] for r in applied] == [
@@ -387,6 +403,7 @@ def test_the_kubernetes_backend_applies_reads_and_deletes_these_objects(
     shown = dict(line.split(": ", 1) for line in got.stdout.splitlines() if ": " in line)
     assert (shown["status"], shown["ready_replicas"], shown["revision"]) == ("running", "1",
                                                                               "1")
+    assert "hunter2" not in got.stdout and "<redacted>" in got.stdout
     listed = cli("list", "-t", "preproc:/kubernetes/alerts")
     assert listed.returncode == 0 and "fink" in listed.stdout, listed.stderr[-2000:]
 
@@ -405,6 +422,7 @@ def test_the_kubernetes_backend_applies_reads_and_deletes_these_objects(
               deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env_of["OUTPUT_TOPIC"] == "kube-prep-1-preprocessed"  # kept by the update
     assert env_of["INPUT_TOPIC"] == "fink-alert"  # the stored settings, not given again
+    assert env_of["LIBRDKAFKA_SASL_PASSWORD"] == "hunter2"  # not stored: read back
 
     api.requests.clear()
     deleted = cli("delete", "-t", "preproc", "--name", "fink", "-C", "backend=kubernetes",

@@ -18,8 +18,12 @@ import urllib.request
 from mlflow_preproc.deploy.image_build import LABEL
 from mlflow_preproc.deploy.spec import DEPLOYMENT_LABEL, REVISION_LABEL, ContainerSpec
 
-# The entrypoint exits non-zero when a child dies; Docker restarts it this many times.
-_RESTARTS = {"Name": "on-failure", "MaximumRetryCount": 5}
+# The entrypoint exits when a child dies (a stream without its broker for a minute exits 2).
+# Docker restarts it, with its own growing delay, for as long as it takes: a retry limit would
+# leave a deployment exited for good after a broker outage of a few minutes. "unless-stopped",
+# not "always": a container that `delete` or `update` stopped stays stopped, also when the
+# engine restarts. A restart while new containers start still fails them (wait_healthy).
+_RESTARTS = {"Name": "unless-stopped"}
 _LOG_LINES = 20
 
 
@@ -50,7 +54,7 @@ class DockerBackend:
         return [c for c in found if revision_of(c) == newest]
 
     def run(self, spec: ContainerSpec, network_mode: str):
-        """Start ``spec`` (detached); a container that exits non-zero is restarted."""
+        """Start ``spec`` (detached); a container that exits is restarted until it is stopped."""
         return self.client.containers.run(
             spec.image, name=spec.name, detach=True, network_mode=network_mode,
             environment=spec.env, labels=spec.labels, restart_policy=_RESTARTS,

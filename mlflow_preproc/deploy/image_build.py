@@ -26,6 +26,16 @@ LABEL = "org.mlflow-preproc"
 
 PREDICTION_MODEL_PATH = "/opt/ml/prediction_model"
 
+# Docker's reference grammar (distribution/reference): [host[:port]/]path[:tag][@digest].
+_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST = rf"{_NAME}(?:\.{_NAME})*"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = re.compile(rf"(?:{_HOST}(?::[0-9]+)?/)?{_PATH}(?:/{_PATH})*"
+                             r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+                             r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:"
+                             r"[0-9a-fA-F]{32,})?")
+PYTHON_VERSION = re.compile(r"[0-9]+(?:\.[0-9]+){0,2}")
+
 # The requirements layers come before the models: a new model version with the same
 # requirements rebuilds from the cache in seconds.
 DOCKERFILE = """\
@@ -50,10 +60,25 @@ def docker_reference(text: str) -> str:
     return name[:128] or "preprocessing"
 
 
-def model_python_version(model_dir: Path) -> str:
+def model_python_version(model_dir: Path) -> str | None:
     """The Python version the model was logged with (MLmodel, python_function flavor)."""
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    return mlmodel["flavors"]["python_function"]["python_version"]
+    return mlmodel["flavors"].get("python_function", {}).get("python_version")
+
+
+def base_image(options: dict[str, str], model_python: str | None) -> str:
+    """The image to build on: ``base_image``, else ``python:<version>-slim`` with
+    ``python_version`` or the model's. Raises :class:`BuildError` for a version that is not
+    one: it is written into the Dockerfile, where a newline would add build steps."""
+    if options.get("base_image"):
+        return options["base_image"]
+    version = options.get("python_version") or model_python
+    if not version or not PYTHON_VERSION.fullmatch(str(version)):
+        # -C python_version was checked with the options: this is the model's MLmodel.
+        raise BuildError(f"the model's python_version {version!r} is not a Python version "
+                         "(its MLmodel file was edited, or written by another tool); pass "
+                         "-C python_version=3.11 or -C base_image=IMAGE")
+    return f"python:{version}-slim"
 
 
 def prepare_context(model_dir: Path, base_image: str, registered: dict | None,
@@ -62,6 +87,9 @@ def prepare_context(model_dir: Path, base_image: str, registered: dict | None,
     ``prediction_model`` (its folder and identity), that model too, for one-hop predictions.
     Both models' requirements are installed in one environment: if they conflict, the build
     fails at its pip step, and the bridge (two images) is the way."""
+    if not IMAGE_REFERENCE.fullmatch(base_image):
+        raise BuildError(f"base image {base_image!r} is not a Docker image reference; no "
+                         "Dockerfile is written from it")
     context = Path(tempfile.mkdtemp(prefix="mlflow-preproc-build-"))
     shutil.copytree(model_dir, context / "model", ignore=shutil.ignore_patterns("__pycache__"))
     if registered:

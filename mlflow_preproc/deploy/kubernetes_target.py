@@ -10,6 +10,7 @@ containers started on an engine.
 from __future__ import annotations
 
 from mlflow_preproc import config as settings
+from mlflow_preproc.deploy import options as opts
 from mlflow_preproc.deploy.spec import Deployment, check_settings
 from mlflow_preproc.deploy.target import (
     DeploymentError,
@@ -46,7 +47,12 @@ class KubernetesDeployments:
         if current is None:
             raise self.target._not_found(name)
         before = summary(current)  # what it runs now, kept unless given again
-        options = self._options(flavor, {**before["config"], **given})
+        # Secret values are not in the stored options: the Deployment's container has them.
+        env = {e["name"]: e["value"] for e in
+               current["spec"]["template"]["spec"]["containers"][0].get("env", [])
+               if "value" in e}
+        stored = opts.restore_secrets(before["config"], env)
+        options = self._options(flavor, {**stored, **given})
         return self._apply(kube, self.target._plan(name, model_uri or before["model_uri"],
                                                    options, before["revision"] + 1))
 

@@ -6,14 +6,20 @@ Options are the keys below, every setting of the settings table by its lowercase
 in the container). :func:`resolve` refuses unknown keys and malformed values; the settings
 themselves are checked by the settings table when the container environment is made
 (:mod:`mlflow_preproc.deploy.spec`), before anything is built or stopped.
+
+The options are stored with a deployment (a Docker label, a Kubernetes annotation) and shown
+by ``get``; the values of secret ones (:func:`is_secret`) are stored as :data:`REDACTED`, and
+an update takes them back from the running container (:func:`restore_secrets`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from mlflow_preproc import config as settings
+from mlflow_preproc.deploy.image_build import IMAGE_REFERENCE, LABEL, PYTHON_VERSION
 
 MODES = ("serve", "kafka", "both", "run", "bridge")
 CONSUMING_MODES = ("kafka", "both", "bridge")
@@ -89,6 +95,14 @@ _DERIVED = ("image", "base_image", "python_version", "docker_host", "workers", "
 _WHOLE_NUMBERS = ("port", "replicas", "consumers", "health_timeout", "lag_threshold")
 _OPTIONAL_NUMBERS = ("max_replicas", "partitions")
 BACKENDS = ("docker", "kubernetes")
+# Labels the target sets itself: a user's label.* must not replace them (list, get, update
+# and the Kubernetes selector find a deployment's containers by them).
+_OWN_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/managed-by")
+# A variable whose name has one of these words holds a credential (LIBRDKAFKA_SASL_PASSWORD,
+# AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN, LIBRDKAFKA_SASL_JAAS_CONFIG...).
+_SECRET_WORD = re.compile(r"(?:^|_)(?:PASSWORD|PASSWD|PWD|SECRET|TOKEN|KEY|APIKEY|CREDENTIALS?|"
+                          r"SASL)(?:_|$)")
+REDACTED = "<redacted>"
 
 
 class OptionError(ValueError):
@@ -125,6 +139,19 @@ def resolve(given: dict) -> dict[str, str]:
                               f"e.g. -C {key}={OPTIONS[key].example}")
     if not resolved["min_replicas"].isdigit():
         raise OptionError(f"min_replicas={resolved['min_replicas']!r} is not a whole number")
+    # Both are written into the Dockerfile's FROM line: a newline would add build steps.
+    if "base_image" in resolved and not IMAGE_REFERENCE.fullmatch(resolved["base_image"]):
+        raise OptionError(f"base_image={resolved['base_image']!r} is not a Docker image "
+                          f"reference; e.g. -C base_image={OPTIONS['base_image'].example}")
+    if "python_version" in resolved and not PYTHON_VERSION.fullmatch(resolved["python_version"]):
+        raise OptionError(f"python_version={resolved['python_version']!r} is not a Python "
+                          f"version; e.g. -C python_version={OPTIONS['python_version'].example}")
+    for key in resolved:
+        name = key[len("label."):]
+        if key.startswith("label.") and (name.startswith(f"{LABEL}.") or name in _OWN_LABELS):
+            raise OptionError(f"label.{name}: {LABEL}.* and {', '.join(_OWN_LABELS)} are the "
+                              "target's own labels (they say which deployment and revision a "
+                              "container is); choose another name, e.g. -C label.team=alerts")
     kubernetes = resolved["backend"] == "kubernetes"
     for target, source in mounts(resolved).items():
         if not os.path.isabs(target):
@@ -137,6 +164,10 @@ def resolve(given: dict) -> dict[str, str]:
         if not kubernetes and not os.path.exists(source):
             raise OptionError(f"mount.{target}={source}: {source} does not exist on this host")
     for name, ref in secret_env(resolved).items():
+        if not kubernetes:
+            raise OptionError(f"secret_env.{name} is for Kubernetes only (a variable from a "
+                              f"Secret); on Docker use -C env.{name}=VALUE, or mount a file "
+                              f"with -C mount.PATH=HOST_FILE")
         if ref.count("/") != 1 or not all(ref.split("/")):
             raise OptionError(f"secret_env.{name}={ref}: name a Secret and its key, e.g. "
                               f"-C secret_env.{name}=kafka-user/password")
@@ -156,6 +187,40 @@ def secret_env(options: dict[str, str]) -> dict[str, str]:
     """Variable -> ``secret/key``, from the ``secret_env.`` options."""
     return {k[len("secret_env."):]: v for k, v in options.items()
             if k.startswith("secret_env.")}
+
+
+def env_name(key: str) -> str | None:
+    """The container variable option ``key`` sets: ``env.NAME`` sets NAME, a setting its
+    upper-case name; None for any other key."""
+    if key.startswith("env."):
+        return key[len("env."):]
+    return key.upper() if key.upper() in settings.SETTINGS else None
+
+
+def is_secret(key: str) -> bool:
+    """Whether option ``key`` sets a variable whose name says it holds a credential; its
+    value is not stored with the deployment. (``secret_env.*`` values are only references
+    to a Secret's key, and are stored.)"""
+    name = env_name(key)
+    return name is not None and _SECRET_WORD.search(name.upper()) is not None
+
+
+def redacted(options: dict[str, str]) -> dict[str, str]:
+    """``options`` as stored and shown: secret values replaced by :data:`REDACTED`."""
+    return {k: REDACTED if is_secret(k) else v for k, v in options.items()}
+
+
+def restore_secrets(stored: dict[str, str], env: dict[str, str]) -> dict[str, str]:
+    """Stored options with the redacted values taken back from ``env``, the running
+    container's environment (which is where they are needed); one that is not there is
+    left out, so the update runs without it rather than with the marker."""
+    restored = {}
+    for key, value in stored.items():
+        if value != REDACTED:
+            restored[key] = value
+        elif env.get(env_name(key) or "") not in (None, REDACTED):
+            restored[key] = env[env_name(key)]
+    return restored
 
 
 def help_text() -> str:

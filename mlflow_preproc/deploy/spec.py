@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from mlflow_preproc import config as settings
 from mlflow_preproc.deploy.image_build import LABEL, PREDICTION_MODEL_PATH
-from mlflow_preproc.deploy.options import CONSUMING_MODES, SERVING_MODES, mounts
+from mlflow_preproc.deploy.options import CONSUMING_MODES, SERVING_MODES, mounts, redacted
 from mlflow_preproc.runtime.model_identity import ModelIdentity
 
 DEPLOYMENT_LABEL = f"{LABEL}.deployment"
@@ -118,12 +118,14 @@ def container_spec(d: Deployment, replica: int, rest_port: int,
         env["METRICS_PORT"] = str(metrics_port)
     if d.options.get("prediction_model_uri"):
         env["PREDICTION_MODEL_URI"] = PREDICTION_MODEL_PATH  # baked into the image
-    labels = {DEPLOYMENT_LABEL: d.name, REVISION_LABEL: str(d.revision),
-              f"{LABEL}.model-uri": d.model_uri, f"{LABEL}.image": d.image,
-              f"{LABEL}.mode": d.mode, f"{LABEL}.port": str(rest_port),
-              f"{LABEL}.config": json.dumps({k: v for k, v in d.options.items()
-                                             if k not in _NOT_STORED})}
-    labels.update({k[len("label."):]: v for k, v in d.options.items() if k.startswith("label.")})
+    # The user's labels first: the target's own always win (options.resolve refuses them).
+    labels = {k[len("label."):]: v for k, v in d.options.items() if k.startswith("label.")}
+    labels.update({DEPLOYMENT_LABEL: d.name, REVISION_LABEL: str(d.revision),
+                   f"{LABEL}.model-uri": d.model_uri, f"{LABEL}.image": d.image,
+                   f"{LABEL}.mode": d.mode, f"{LABEL}.port": str(rest_port),
+                   # Labels are readable by anyone who can list containers: no secret values.
+                   f"{LABEL}.config": json.dumps(redacted({k: v for k, v in d.options.items()
+                                                           if k not in _NOT_STORED}))})
     return ContainerSpec(
         name=f"{d.name}-{replica}", image=d.image, env=env, labels=labels,
         rest_port=rest_port if d.serving else None,

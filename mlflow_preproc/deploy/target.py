@@ -53,6 +53,7 @@ from mlflow_preproc.deploy.docker_backend import (
 from mlflow_preproc.deploy.image_build import (
     LABEL,
     BuildError,
+    base_image,
     build_image,
     docker_reference,
     model_python_version,
@@ -154,7 +155,13 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         old = self._backend.current(name)
         if not old:
             raise self._not_found(name)
-        previous = options_of(old[0])
+        # Secret values are not in the stored options: the running container has them.
+        previous = opts.restore_secrets(options_of(old[0]), spec_of(old[0]).env)
+        ignored = sorted(k for k in previous if k.startswith("secret_env."))
+        if ignored:  # accepted (and never set) before Docker refused them: not kept
+            print(f"dropping {', '.join(ignored)}: secret_env is for Kubernetes only and was "
+                  "never set in these containers; use -C env.NAME=VALUE", file=sys.stderr)
+            previous = {k: v for k, v in previous.items() if k not in ignored}
         options = self._options(flavor, {**previous, **(config or {})})
         model_uri = model_uri or old[0].labels[f"{LABEL}.model-uri"]
         deployment = self._plan(name, model_uri, options, revision_of(old[0]) + 1)
@@ -265,10 +272,12 @@ class PreprocDeploymentClient(BaseDeploymentClient):
                     prediction_model = (Path(mlflow.artifacts.download_artifacts(
                         d.prediction_identity.download_uri, dst_path=str(workdir / "predict"))),
                         _identity_json(d.prediction_identity))
-            base = d.options.get("base_image") or \
-                f"python:{d.options.get('python_version') or model_python_version(model_dir)}-slim"
-            context = prepare_context(model_dir, base, _identity_json(d.identity),
-                                      prediction_model)
+            try:
+                base = base_image(d.options, model_python_version(model_dir))
+                context = prepare_context(model_dir, base, _identity_json(d.identity),
+                                          prediction_model)
+            except BuildError as exc:
+                raise DeploymentError(str(exc)) from None
             try:
                 build_image(self._docker, context, d.image, {f"{LABEL}.model-uri": d.identity.uri},
                             network_mode=d.options["network_mode"],
@@ -304,7 +313,11 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             identity = resolve_model(model_uri)
         except ModelNotFound as exc:
             raise DeploymentError(str(exc)) from None
-        self._require_preprocessing(model_uri, identity.download_uri)
+        flavors = self._require_preprocessing(model_uri, identity.download_uri)
+        try:  # the Dockerfile is written from it: refused now, before anything is touched
+            base_image(options, flavors.get("python_function", {}).get("python_version"))
+        except BuildError as exc:
+            raise DeploymentError(str(exc)) from None
         options = with_stream_defaults(name, identity, options)
         prediction_identity = None
         if options.get("prediction_model_uri"):
@@ -360,7 +373,8 @@ class PreprocDeploymentClient(BaseDeploymentClient):
                   f"{new_default}; -C output_topic=... changes it)", file=sys.stderr)
 
     @staticmethod
-    def _require_preprocessing(model_uri: str, download_uri: str) -> None:
+    def _require_preprocessing(model_uri: str, download_uri: str) -> dict:
+        """The model's flavors; raises unless it is a preprocessing model."""
         from mlflow.models import get_model_info
 
         with _no_download_bars():
@@ -374,6 +388,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
                 f"{model_uri} is not a preprocessing model (its flavors: "
                 f"{', '.join(flavors) or 'none'}); the preproc target deploys models logged "
                 "with mlflow.preproc.log_model; use mlflow models build-docker for others")
+        return flavors
 
     # ---- starting, swapping ------------------------------------------------------------------
 

@@ -9,6 +9,12 @@ Three forms are accepted, matching what users of the legacy runner already have:
 * a folder: its modules are copied and the entry module is ``preprocessing.py`` or, for a
   package, its ``__init__.py``.
 
+What is copied is what Python imports: ``.py`` files and packages (folders with an
+``__init__.py``), plus the ``extra_files`` the user names (a table the code reads from its own
+folder). Nothing else of the folder goes into the model, and so into its image; a symlink is
+followed only when it points inside the code's folder. What was copied, and what was left out,
+is logged.
+
 The captured code lives in ``<model>/preprocessing/``; the flavor configuration records how to
 load it (``"pickle"`` or ``"module"`` with an entry module name).
 """
@@ -17,11 +23,12 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +39,8 @@ ENTRY_FUNCTION = "pre_processing"
 CODE_SUBDIR = "preprocessing"
 PICKLE_FILE = "pre_processing.pkl"
 DEFAULT_ENTRY_MODULE = "preprocessing"
-_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".*", "*.egg-info")
+_SHOWN = 8  # names listed in the capture summary
+_logger = logging.getLogger(__name__)
 
 
 def _invalid(message: str) -> MlflowException:
@@ -54,10 +62,29 @@ class CapturedCode:
         return conf
 
 
-def capture(pre_processing: Callable | str | os.PathLike, model_dir: str) -> CapturedCode:
-    """Copy or pickle ``pre_processing`` into ``model_dir/preprocessing``."""
+@dataclass
+class _Copy:
+    """What one capture copied, left out and refused; nothing outside ``root`` is copied."""
+
+    root: Path  # the code's folder, resolved
+    copied: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+    outside: list[str] = field(default_factory=list)  # symlinks out of root: "name -> target"
+
+    def inside(self, path: Path) -> bool:
+        real = path.resolve()
+        return real == self.root or self.root in real.parents
+
+
+def capture(pre_processing: Callable | str | os.PathLike, model_dir: str,
+            extra_files: Sequence[str | os.PathLike] | None = None) -> CapturedCode:
+    """Copy or pickle ``pre_processing`` into ``model_dir/preprocessing``; ``extra_files``
+    (paths in the code's folder, or relative to it) are copied to the same place beside it."""
     dest = Path(model_dir, CODE_SUBDIR)
     if callable(pre_processing):
+        if extra_files:
+            raise _invalid("extra_files needs pre_processing as a module file or folder: a "
+                           "pickled function has no folder to put them beside")
         dest.mkdir(parents=True)
         _pickle_function(pre_processing, dest / PICKLE_FILE)
         return CapturedCode("pickle")
@@ -74,8 +101,90 @@ def capture(pre_processing: Callable | str | os.PathLike, model_dir: str) -> Cap
             "defines pre_processing(data), or of a folder containing preprocessing.py"
         )
     if src.is_file():
-        return _capture_module_file(src, dest)
-    return _capture_folder(src, dest)
+        captured, folder, code_dest = _capture_module_file(src, dest)
+    else:
+        captured, folder, code_dest = _capture_folder(src, dest)
+    copy = _Copy(folder.resolve())
+    _copy(copy, folder, code_dest, "", python_only=True, report=code_dest != dest or src.is_dir())
+    entry = src.name if src.is_file() else \
+        "__init__.py" if code_dest != dest else f"{DEFAULT_ENTRY_MODULE}.py"
+    if not (code_dest / entry).is_file():
+        raise _invalid(f"'{folder / entry}' points to {os.path.realpath(folder / entry)}, "
+                       f"outside the code's folder {copy.root}, and symlinks out of it are "
+                       "never followed; copy the file itself into the folder")
+    _copy_extra_files(copy, folder, code_dest, extra_files or ())
+    _report(copy)
+    return captured
+
+
+def _copy(copy: _Copy, src: Path, dest: Path, rel: str, python_only: bool, report: bool,
+          ancestors: frozenset[Path] = frozenset()) -> None:
+    """The modules and packages of folder ``src`` (every file, unless ``python_only``)
+    into ``dest``; ``report`` records what is left out (not for the folder beside a lone
+    module file, which was never the model's)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in sorted(src.iterdir()):
+        name = f"{rel}{item.name}"
+        if item.name.startswith(".") or item.name == "__pycache__" or \
+                item.name.endswith((".egg-info", ".pyc")) or name == "requirements.txt":
+            continue  # the requirements are read where they are, into the model's own
+        folder = item.is_dir()
+        wanted = not python_only or (
+            (item / "__init__.py").is_file() if folder else item.suffix == ".py")
+        if not copy.inside(item):
+            # An id_rsa or a sibling's tree behind a symlink: never followed out of the folder.
+            if wanted or report:
+                copy.outside.append(f"{name} -> {os.path.realpath(item)}")
+        elif not wanted:
+            if report:
+                copy.left_out.append(name + ("/" if folder else ""))
+        elif folder:
+            real = item.resolve()
+            if real not in ancestors:  # a link to a parent folder would never end
+                _copy(copy, item, dest / item.name, f"{name}/", python_only, True,
+                      ancestors | {real})
+        elif item.is_file():
+            shutil.copy2(item, dest / item.name)
+            copy.copied.append(name)
+
+
+def _copy_extra_files(copy: _Copy, folder: Path, dest: Path,
+                      extra_files: Sequence[str | os.PathLike]) -> None:
+    for given in extra_files:
+        path = Path(folder, given)  # an absolute path stays itself
+        rel = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder)))
+        if rel.parts[:1] == ("..",) or not copy.inside(path):
+            raise _invalid(f"extra_files: '{given}' is outside the code's folder {folder}; "
+                           "only files of that folder are captured with the code: copy it in "
+                           "there and name it relative to the folder")
+        if not path.exists():
+            raise _invalid(f"extra_files: '{given}' does not exist in {folder}; name files "
+                           "of the code's folder, relative to it (e.g. extra_files=['table.csv'])")
+        if path.is_dir():
+            _copy(copy, path, dest / rel, f"{rel.as_posix()}/", python_only=False, report=True)
+        else:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest / rel)
+            copy.copied.append(rel.as_posix())
+        named = rel.as_posix()
+        copy.left_out = [n for n in copy.left_out
+                         if n.rstrip("/") != named and not n.startswith(named + "/")]
+
+
+def _report(copy: _Copy) -> None:
+    _logger.info("captured %d file(s) of %s: %s", len(copy.copied), copy.root,
+                 _names(copy.copied))
+    if copy.outside:
+        _logger.warning("not captured: %s (symlinks out of %s are never followed); copy what "
+                        "the code needs into its folder", _names(copy.outside), copy.root)
+    if copy.left_out:
+        _logger.warning("not captured, not Python: %s; if the code reads them, pass "
+                        "extra_files=[...] (paths in %s)", _names(copy.left_out), copy.root)
+
+
+def _names(names: list[str]) -> str:
+    more = len(names) - _SHOWN
+    return ", ".join(names[:_SHOWN]) + (f" and {more} more" if more > 0 else "")
 
 
 def _pickle_function(fn: Callable, target: Path) -> None:
@@ -99,7 +208,9 @@ def _pickle_function(fn: Callable, target: Path) -> None:
             cloudpickle.unregister_pickle_by_value(module)
 
 
-def _capture_module_file(src: Path, dest: Path) -> CapturedCode:
+# The two forms below say what to load and where the code's folder goes; capture copies it.
+
+def _capture_module_file(src: Path, dest: Path) -> tuple[CapturedCode, Path, Path]:
     if src.suffix != ".py":
         raise _invalid(
             f"pre_processing file '{src}' is not a Python module; pass a .py file that "
@@ -109,30 +220,22 @@ def _capture_module_file(src: Path, dest: Path) -> CapturedCode:
     folder = src.parent
     if (folder / "__init__.py").exists():
         # The file lives in a package: keep the package so relative imports work.
-        shutil.copytree(folder, dest / folder.resolve().name, ignore=_SKIP)
-        entry = f"{folder.resolve().name}.{src.stem}"
-    else:
-        dest.mkdir(parents=True)
-        for item in folder.iterdir():
-            if item.suffix == ".py" and item.is_file():
-                shutil.copy2(item, dest / item.name)
-            elif item.is_dir() and (item / "__init__.py").exists():
-                shutil.copytree(item, dest / item.name, ignore=_SKIP)
-        entry = src.stem
-    return CapturedCode("module", entry, _requirements_beside(folder))
+        package = folder.resolve().name
+        return (CapturedCode("module", f"{package}.{src.stem}", _requirements_beside(folder)),
+                folder, dest / package)
+    return CapturedCode("module", src.stem, _requirements_beside(folder)), folder, dest
 
 
-def _capture_folder(src: Path, dest: Path) -> CapturedCode:
+def _capture_folder(src: Path, dest: Path) -> tuple[CapturedCode, Path, Path]:
     entry_file = src / f"{DEFAULT_ENTRY_MODULE}.py"
     if entry_file.exists():
         _require_entry_function(entry_file)
-        shutil.copytree(src, dest, ignore=_SKIP)
-        return CapturedCode("module", DEFAULT_ENTRY_MODULE, _requirements_beside(src))
+        return (CapturedCode("module", DEFAULT_ENTRY_MODULE, _requirements_beside(src)), src,
+                dest)
     init_file = src / "__init__.py"
     if init_file.exists() and _defines_entry_function(init_file):
         package = src.resolve().name
-        shutil.copytree(src, dest / package, ignore=_SKIP)
-        return CapturedCode("module", package, _requirements_beside(src))
+        return CapturedCode("module", package, _requirements_beside(src)), src, dest / package
     raise _invalid(
         f"folder '{src}' has no entry module: add a preprocessing.py that defines "
         "pre_processing(data) (or define it in the folder's __init__.py), or pass the module "

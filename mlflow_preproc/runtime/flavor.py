@@ -106,13 +106,15 @@ def save_model(
     pip_requirements: list[str] | str | None = None,
     extra_pip_requirements: list[str] | str | None = None,
     metadata: dict[str, Any] | None = None,
+    extra_files: list[str | os.PathLike] | None = None,
 ) -> None:
     """Save preprocessing code as an MLflow model at a local ``path``.
 
     Args:
         pre_processing: The preprocessing: a function ``pre_processing(data)``, the path of a
             module file that defines it (the modules beside it are captured too), or a folder
-            whose ``preprocessing.py`` (or ``__init__.py``) defines it.
+            whose ``preprocessing.py`` (or ``__init__.py``) defines it. Only Python is
+            captured (``.py`` files and packages), never a symlink out of the folder.
         path: Local path where the model is to be saved; must not exist or be empty.
         batch_format: ``None`` (default) calls ``pre_processing`` once per record (a dict);
             ``"records"`` passes a list of records, ``"pandas"`` a DataFrame (see README.md).
@@ -136,6 +138,9 @@ def save_model(
             module file or in a folder, when there is one, on top of the inferred ones.
         extra_pip_requirements: Added to the default or inferred requirements.
         metadata: Custom metadata stored in the MLmodel file.
+        extra_files: Files or folders of the code's folder (paths relative to it) that the
+            code reads, e.g. ``["tables/calibration.csv"]``: captured at the same place
+            beside the modules.
     """
     if batch_format not in BATCH_FORMATS:
         raise MlflowException(
@@ -153,7 +158,7 @@ def save_model(
     _validate_and_prepare_target_save_path(path)
     example_outputs = None
     try:
-        captured = code_capture.capture(pre_processing, path)
+        captured = code_capture.capture(pre_processing, path, extra_files)
         with code_capture.caller_imports_kept():
             # A function's module is where FEATURE_NAMES lives; its pickled copy keeps only
             # the globals the function uses. The example runs on what was captured.
@@ -377,6 +382,7 @@ def log_model(
     extra_pip_requirements: list[str] | str | None = None,
     metadata: dict[str, Any] | None = None,
     name: str | None = None,
+    extra_files: list[str | os.PathLike] | None = None,
     **kwargs: Any,
 ):
     """Log preprocessing code as an MLflow model in the current run.
@@ -428,6 +434,7 @@ def log_model(
             pip_requirements=pip_requirements,
             extra_pip_requirements=extra_pip_requirements,
             metadata=metadata,
+            extra_files=extra_files,
             **kwargs,
         )
 

