@@ -116,6 +116,11 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             "scoring formats", choices=PAYLOAD_FORMATS, modes=("bridge",), example="inputs"),
     Setting("REQUEST_TIMEOUT_S", 30.0, "Timeout of one /invocations call", kind=float,
             modes=("bridge",), example="10", minimum=0.1, maximum=3600),
+    Setting("DLQ_BRAKE_RATIO", 0.5, "Dead-letter brake: when more than this share of the last "
+            "DLQ_BRAKE_WINDOW records went to the dead-letter topic, stop committing, pause and "
+            "fail /healthz (1: never)", kind=float, example="0.9", minimum=0, maximum=1),
+    Setting("DLQ_BRAKE_WINDOW", 200, "Records the dead-letter brake looks back over",
+            kind=int, example="1000", minimum=10, maximum=10_000_000),
     Setting("METRICS_PORT", 0, "Port of the Prometheus /metrics and /healthz endpoint "
             "(0: off)", kind=int, example="9100", minimum=0, maximum=65535),
     Setting("METRICS_HOST", "0.0.0.0", "Interface of the metrics endpoint", example="127.0.0.1"),

@@ -81,3 +81,47 @@ def test_registry_answers_are_sorted_by_whose_fault_they_are(status, code, kind)
     failure = _registry_failure(SchemaRegistryError(status, code, "msg"), "schema id 1",
                                 "http://registry:8081")
     assert type(failure).__name__ == kind
+
+
+# ---- the dead-letter brake and /healthz -----------------------------------------------------
+
+def test_the_brake_engages_once_most_of_a_full_window_is_dead_lettered():
+    from mlflow_preproc.streaming.brake import DeadLetterBrake
+
+    brake = DeadLetterBrake(ratio=0.5, window=200)
+    assert brake.observe(100, 100) is None  # the window is not full yet
+    assert brake.observe(100, 0) is None  # 100 of 200: not more than half
+    assert brake.observe(100, 100) is None  # the last 200 records: 100 failed
+    assert brake.observe(100, 100).startswith("200 of the last 200 records went to the dead")
+    brake = DeadLetterBrake(ratio=0.5, window=200)
+    for _ in range(20):  # a steady trickle of poison is what dead letters are for
+        assert brake.observe(100, 5) is None
+    assert "DLQ_BRAKE_RATIO=0.5" in brake.observe(300, 290)
+
+
+def test_a_brake_ratio_of_one_never_engages():
+    from mlflow_preproc.streaming.brake import DeadLetterBrake
+
+    brake = DeadLetterBrake(ratio=1.0, window=10)
+    assert all(brake.observe(50, 50) is None for _ in range(5))
+
+
+def test_healthz_fails_for_a_consumer_with_lag_that_fetches_nothing():
+    # The stall of #18.1: alive (the loop spins on empty polls), assigned, lagging, paused.
+    from mlflow_preproc.streaming.metrics import LoopStats
+
+    stats = LoopStats("stream")
+    stats.assigned([("in", 0)], {("in", 0)})
+    stats.on_librdkafka_stats('{"topics": {"in": {"partitions": {"0": {"consumer_lag": 1200}'
+                              ', "-1": {"consumer_lag": 5}}}}}')
+    now = stats.last_fetch + 150
+    stats.last_progress = now  # empty polls keep the loop itself alive
+    ok, reason = stats.health(now, stall_s=120)
+    assert not ok and "1200 records wait on partitions [0]" in reason
+    stats.waiting_for = "model server"  # a dependency down: restarting would not help
+    assert stats.health(now, stall_s=120) == (True, "waiting for the model server")
+    stats.waiting_for = None
+    stats.lag = {("in", 0): 0}  # caught up: nothing to fetch is fine
+    assert stats.health(now, stall_s=120) == (True, "ok")
+    stats.brake = "300 of the last 300 records..."
+    assert stats.health(now, stall_s=120)[0] is False

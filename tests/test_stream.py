@@ -249,6 +249,40 @@ def test_a_container_message_with_failing_records_is_one_dead_letter_naming_them
     assert stopped["failed"] == 1
 
 
+def test_a_version_that_fails_every_record_trips_the_brake_instead_of_draining_the_topic(
+        broker, model, streams):
+    topic = unique("raw")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic,
+            [json.dumps({"id": i, "x": 1, "boom": True}).encode() for i in range(1000)])
+    port = free_port()
+    env = stream_env(broker.bootstrap_servers, model, topic, OUTPUT_TOPIC=unique("out"),
+                     METRICS_PORT=str(port), METRICS_HOST="127.0.0.1", BATCH_SIZE="100",
+                     DLQ_BRAKE_WINDOW="200",
+                     # no periodic commit before the window is full: what is checked is that
+                     # none follows once the brake is engaged
+                     COMMIT_INTERVAL_MS="600000")
+    stream = streams(env)
+    deadline = time.monotonic() + 60
+    health = None
+    while time.monotonic() < deadline and not stream.events("dead_letter_brake"):
+        time.sleep(0.2)
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    except urllib.error.HTTPError as err:
+        health = (err.code, json.loads(err.read()))
+    dead = consume(broker.bootstrap_servers, f"{topic}-dlq", 1000, timeout=3)
+    assert stream.stop() == 0, stream.text()[-2000:]
+    assert health is not None and health[0] == 503, stream.text()[-2000:]
+    reason = health[1]["reason"]
+    assert reason.startswith("dead-letter brake engaged: ") and "DLQ_BRAKE_RATIO" in reason
+    assert 200 <= len(dead) < 300  # the window (in whole batches), not the topic
+    from conftest import committed_offsets
+
+    assert committed_offsets(broker.bootstrap_servers, env["CONSUMER_GROUP_ID"], topic) == \
+        [-1001]  # nothing: fixed, the next version processes them all again
+
+
 def test_confluent_wire_format_with_local_schemas_by_id(broker, model, streams, tmp_path):
     schema = {"type": "record", "name": "Obs", "fields": [
         {"name": "id", "type": "long"}, {"name": "x", "type": "long"}]}

@@ -46,6 +46,7 @@ from mlflow_preproc.config import Config, client_config_error
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.formats import MessageDecoder, drop_fields
 from mlflow_preproc.runtime.model_identity import HEADER
+from mlflow_preproc.streaming.brake import DeadLetterBrake
 from mlflow_preproc.streaming.checkpoint import Checkpoint
 from mlflow_preproc.streaming.client_logs import client_logger
 from mlflow_preproc.streaming.delivery import Failure, Redelivery, classify, is_size_error
@@ -123,6 +124,7 @@ class KafkaLoop:
         self.shutdown = shutdown or Shutdown()
         self.stats = LoopStats(self.command)
         self.checkpoint = Checkpoint()
+        self.brake = DeadLetterBrake(config["DLQ_BRAKE_RATIO"], config["DLQ_BRAKE_WINDOW"])
         self._owned: set[tuple[str, int]] = set()
         # Input is paused while a dependency is down (wait) or deliveries are retried
         # (_redeliver). librdkafka keeps a partition's pause across a revoke or loss, so a
@@ -246,6 +248,7 @@ class KafkaLoop:
                 delay = max(delay, min(exc.retry_after, _MAX_RETRY_BACKOFF_S))
                 # The loop is healthy, its dependency is not: /healthz must not restart us.
                 self.stats.alive()
+                self.stats.waiting_for = exc.dependency
                 logger.warning(f"{exc.dependency} unavailable; retrying", extra={
                     "event": "dependency_unavailable", "dependency": exc.dependency,
                     "error": exc.problem, "retry_in_s": delay})
@@ -253,6 +256,8 @@ class KafkaLoop:
                 delay = min(delay * 2, _MAX_RETRY_BACKOFF_S)
             except Misconfigured as exc:
                 raise FatalError(str(exc)) from None
+            finally:
+                self.stats.waiting_for = None
 
     def wait(self, seconds: float) -> None:
         """Let ``seconds`` pass taking no new input (a dependency is down): the assigned
@@ -347,7 +352,13 @@ class KafkaLoop:
             messages = self._consume(batch_size, timeout)
             if messages:
                 started = time.monotonic()
+                failed_before = self.stats.counts["failed"]
                 self.handle_batch(messages)  # an Abandon leaves it out of the checkpoint
+                braking = self.brake.observe(len(messages),
+                                             self.stats.counts["failed"] - failed_before)
+                if braking:
+                    self._hold(braking)  # this batch stays out of the checkpoint
+                    break
                 self.checkpoint.mark_handled(messages, self._owned)
                 self.stats.batch_done(time.monotonic() - started)
             else:
@@ -362,6 +373,17 @@ class KafkaLoop:
                 next_commit = time.monotonic() + commit_interval
             self.stats.maybe_log(self.config["STATS_INTERVAL_S"], in_flight=len(self.producer))
 
+    def _hold(self, reason: str) -> None:
+        """The dead-letter brake engaged: commit nothing from now on, take no input, say why
+        on /healthz, until stopped."""
+        self._failed = True  # no commit: not on a rebalance, not at shutdown
+        self.stats.brake = reason
+        logger.error("dead-letter brake engaged; input paused, nothing committed", extra={
+            "event": "dead_letter_brake", "reason": reason})
+        with self._input_paused():
+            while not self.shutdown.requested:
+                self._poll_paused(1.0)
+
     def _consume(self, batch_size: int, timeout: float) -> list[Message]:
         if self._unsettled:
             self._settle_assignment()
@@ -371,6 +393,7 @@ class KafkaLoop:
             self._consume_errors(messages)
         self.stats.counts["in"] += len(good)
         if good:
+            self.stats.last_fetch = time.monotonic()
             self._backoff = 0.0
         elif self._backoff:
             self.shutdown.sleep(self._backoff)
@@ -608,7 +631,7 @@ class KafkaLoop:
     def _close(self, commit: bool) -> None:
         done = commit and self._commit(asynchronous=False,
                                        flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"])
-        if commit and not done:
+        if commit and not done and self.stats.brake is None:
             logger.warning("outputs not delivered at shutdown; their inputs stay uncommitted "
                            "and will be processed again", extra={
                                "event": "shutdown_undelivered", "outputs": len(self.producer),

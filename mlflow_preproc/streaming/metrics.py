@@ -1,9 +1,15 @@
 """Observability of the stream and bridge loops: counters, a stats log line, /metrics, /healthz.
 
 Counters are kept in plain integers (cheap on the hot path) and mirrored into Prometheus
-collectors once per batch. ``/healthz`` answers 503 when the loop has not completed an
-iteration for ``HEALTH_STALL_S`` seconds (a ``pre_processing`` call that hangs, a wedged
-client), so an orchestrator can restart the container; its body says whether the consumer has
+collectors once per batch. ``/healthz`` answers 503 (:meth:`LoopStats.health`) when
+
+- the loop has not completed an iteration for ``HEALTH_STALL_S`` seconds (a
+  ``pre_processing`` call that hangs, a wedged client);
+- it owns partitions with lag but fetched nothing for ``HEALTH_STALL_S`` seconds, and is not
+  waiting for a dependency (a consumer paused for good looks alive but makes no progress);
+- the dead-letter brake is engaged;
+
+so an orchestrator can restart the container. Its body says why, whether the consumer has
 joined its group and which partitions it owns, which is what a rollout waits for.
 """
 
@@ -34,6 +40,10 @@ class LoopStats:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     joined: bool = False
     partitions: list[int] = field(default_factory=list)
+    last_fetch: float = field(default_factory=time.monotonic)
+    lag: dict[tuple[str, int], int] = field(default_factory=dict)  # owned partitions only
+    waiting_for: str | None = None  # a dependency the loop waits for
+    brake: str | None = None  # why the dead-letter brake engaged
 
     def __post_init__(self) -> None:
         self._records = Counter("mlflow_preproc_records", "Records by outcome",
@@ -65,14 +75,36 @@ class LoopStats:
         """The group gave this member ``added`` (an empty assignment is a join too)."""
         self.joined = True
         self.partitions = sorted(p for _, p in owned)
+        self.lag = {key: lag for key, lag in self.lag.items() if key in owned}
+        if added:
+            self.last_fetch = time.monotonic()  # new partitions: give them time to fetch
+
+    def health(self, now: float, stall_s: float) -> tuple[bool, str]:
+        """Whether the loop is healthy, and why not."""
+        if self.brake:
+            return False, f"dead-letter brake engaged: {self.brake}"
+        idle = now - self.last_progress
+        if idle >= stall_s:
+            return False, f"the loop made no progress for {idle:.0f} s"
+        lagging = sum(lag for lag in self.lag.values() if lag > 0)
+        starved = now - self.last_fetch
+        if lagging and starved >= stall_s and self.waiting_for is None:
+            return False, (f"{lagging} records wait on partitions {self.partitions} but "
+                           f"nothing was fetched for {starved:.0f} s")
+        if self.waiting_for:
+            return True, f"waiting for the {self.waiting_for}"
+        return True, "ok"
 
     def on_librdkafka_stats(self, stats_json: str) -> None:
         """``stats_cb`` of the consumer: per-partition lag as librdkafka computes it."""
         stats = json.loads(stats_json)
+        owned = set(self.partitions)
         for topic, t in stats.get("topics", {}).items():
             for pid, p in t.get("partitions", {}).items():
                 if pid != "-1" and p.get("consumer_lag", -1) >= 0:
                     self._lag.labels(topic, pid).set(p["consumer_lag"])
+                    if int(pid) in owned:
+                        self.lag[(topic, int(pid))] = p["consumer_lag"]
 
     def maybe_log(self, interval: float, **extra: object) -> None:
         """Log one stats line every ``interval`` seconds."""
@@ -94,9 +126,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/metrics"):
             self._send(200, generate_latest(self.stats.registry), CONTENT_TYPE_LATEST)
         elif self.path.startswith("/healthz"):
-            idle = time.monotonic() - self.stats.last_progress
-            ok = idle < self.stall_s
-            body = json.dumps({"status": "ok" if ok else "stalled",
+            now = time.monotonic()
+            ok, reason = self.stats.health(now, self.stall_s)
+            idle = now - self.stats.last_progress
+            body = json.dumps({"status": "ok" if ok else "stalled", "reason": reason,
                                "seconds_since_progress": round(idle, 1),
                                "joined": self.stats.joined,
                                "partitions": self.stats.partitions, **self.stats.counts})
