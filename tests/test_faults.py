@@ -539,7 +539,9 @@ def test_random_kills_and_signals_with_poison_and_a_late_broker_lose_no_record(
     with mlflow.start_run():
         model_uri = mlflow.preproc.log_model(chaos_features, name="chaos").model_uri
 
-    n = 20_000
+    # CI's size proves the property in about a third of the time; CHAOS_RECORDS=20000
+    # CHAOS_KILLS=20 CHAOS_SIGTERMS=5 is the larger run (README, Contributing).
+    n = int(os.environ.get("CHAOS_RECORDS", 8000))
     keys = [str(i).encode() for i in range(n)]
     values: list[bytes | None] = [json.dumps({"id": i, "x": i}).encode() for i in range(n)]
     poison_at = rng.sample(range(n), len(POISON_VALUES) + len(POISON_RECORDS) + 1)
@@ -574,7 +576,8 @@ def test_random_kills_and_signals_with_poison_and_a_late_broker_lose_no_record(
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
-    events = ["SIGKILL"] * 20 + ["SIGTERM"] * 5
+    events = ["SIGKILL"] * int(os.environ.get("CHAOS_KILLS", 10)) + \
+        ["SIGTERM"] * int(os.environ.get("CHAOS_SIGTERMS", 3))
     rng.shuffle(events)
     sigterm_exits, own_exits = [], []
     for event in events:
