@@ -125,11 +125,17 @@ def test_cutout_bytes_are_base64_in_json_output(tracking_uri, tmp_path):
 
 
 def test_avro_output_file(model, tmp_path):
+    # Record 1 fails the output schema half way ("id" fits, "double" does not): a reject,
+    # and no partial bytes left in the file to shift the records after it.
     proc = run_cli("-m", model, "--output-format", "avro", "-o", "out.avro",
-                   stdin=b'{"id": 1, "x": 1.5}\n{"id": 2, "x": 2}\n', cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr.decode()
+                   stdin=b'{"id": 1, "x": 1.5}\n{"id": 9, "x": "ab"}\n{"id": 2, "x": 2}\n'
+                         b'{"id": 3, "x": 3}\n', cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr.decode()
     with open(tmp_path / "out.avro", "rb") as f:
-        assert list(fastavro.reader(f)) == [{"id": 1, "double": 3.0}, {"id": 2, "double": 4.0}]
+        assert list(fastavro.reader(f)) == [{"id": 1, "double": 3.0}, {"id": 2, "double": 4.0},
+                                            {"id": 3, "double": 6.0}]
+    [reject] = jsonl((tmp_path / "out.avro.rejects.jsonl").read_bytes())
+    assert (reject["index"], reject["stage"]) == (1, "encode")
 
 
 def test_a_missing_input_file_is_one_clear_line(model, tmp_path):

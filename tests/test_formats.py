@@ -304,3 +304,22 @@ def test_bad_schema_file_names_the_problem(tmp_path):
         load_avro_schema(tmp_path / "s.avsc")
     with pytest.raises(SchemaError, match="does not exist"):
         load_avro_schema(tmp_path / "missing.avsc")
+
+
+def test_a_record_rejected_by_the_avro_file_writer_leaves_no_bytes_behind():
+    # "b" fails after "a" is written: its partial bytes must not stay in the block, where
+    # the next record would read back shifted and the one after would be lost.
+    schema = {"type": "record", "name": "A", "fields": [{"name": "a", "type": "long"},
+                                                        {"name": "b", "type": "string"}]}
+    buf = io.BytesIO()
+    writer = FileWriter(buf, "avro", schema)
+    writer.write({"a": 1, "b": "one"})
+    with pytest.raises(EncodeError, match="does not match the output Avro schema"):
+        writer.write({"a": 99, "b": 5})
+    writer.write({"a": 2, "b": "two"})
+    writer.write({"a": 3, "b": "three"})
+    writer.close()
+    buf.seek(0)
+    assert list(fastavro.reader(buf)) == [{"a": 1, "b": "one"}, {"a": 2, "b": "two"},
+                                          {"a": 3, "b": "three"}]
+

@@ -677,10 +677,13 @@ class FileWriter:
             self._stream.write(line + b"\n")
             return
         try:
-            self._avro.write(record)
+            # Encoded on its own first: a record that fails half way would otherwise leave
+            # its first fields in the container's block, shifting every record after it.
+            fastavro.schemaless_writer(io.BytesIO(), self._avro.schema, record)
         except Exception as exc:
             raise EncodeError(f"the output record does not match the output Avro schema "
                               f"({type(exc).__name__}: {exc})") from None
+        self._avro.write(record)
 
     def close(self) -> None:
         if self._avro is not None:
