@@ -83,6 +83,7 @@ def test_failed_records_go_to_the_rejects_file_and_set_the_exit_code(model, tmp_
     assert rejects[0]["error"] == "record 1: pre_processing raised KeyError: 'x'"
     assert rejects[0]["record"] == {"id": 2}
     assert "line 3 is not valid JSON" in rejects[1]["error"]
+    assert rejects[1]["record"] == "not json\n"  # what was rejected, as it was
 
 
 def test_ztf_avro_files_with_cutouts_dropped(tracking_uri, tmp_path):
@@ -164,7 +165,8 @@ def test_a_truncated_line_does_not_take_the_next_good_one_with_it(model, tmp_pat
     assert proc.returncode == 1, proc.stderr.decode()
     assert [r["id"] for r in jsonl(proc.stdout)] == [1, 3, 4]  # 4 is spread over four lines
     [reject] = jsonl((tmp_path / "rejects.jsonl").read_bytes())
-    assert "line 2 hold a JSON value that never ends" in reject["error"]
+    assert "line 2 is not valid JSON (a JSON value that never ends)" in reject["error"]
+    assert reject["record"] == '{"id": 2, "x"\n'
 
 
 def alerts_container(codec: str, count: int = 6) -> bytes:

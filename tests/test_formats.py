@@ -323,3 +323,26 @@ def test_a_record_rejected_by_the_avro_file_writer_leaves_no_bytes_behind():
     assert list(fastavro.reader(buf)) == [{"a": 1, "b": "one"}, {"a": 2, "b": "two"},
                                           {"a": 3, "b": "three"}]
 
+
+def _read_jsonl(data: bytes, fmt: str):
+    return list(read_records(io.BufferedReader(io.BytesIO(data)), fmt, "in"))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_a_line_cut_mid_object_is_one_reject_with_its_text_and_the_next_line_is_read(fmt):
+    cut = b'{"id": "broken", "candidate": {"ra": 1.5, "x": '
+    data = b'{"id": 1}\n' + cut + b'\n{"id": 3, "x": 3}\n{"id": 4}\n'
+    good, bad, *rest = _read_jsonl(data, fmt)
+    assert good == {"id": 1}
+    assert isinstance(bad, DecodeError)
+    assert str(bad) == "in line 2 is not valid JSON (a JSON value that never ends)"
+    assert bad.raw == cut + b"\n"
+    assert rest == [{"id": 3, "x": 3}, {"id": 4}]
+
+
+def test_json_lines_are_one_value_per_line_and_pretty_printed_json_still_reads_whole():
+    [bad, good] = _read_jsonl(b'{\n"a": 1}\n', "jsonl")
+    assert str(bad) == "in line 1 is not valid JSON (a JSON value that never ends)"
+    assert str(good).startswith("in line 2 is not valid JSON")
+    pretty = b'{\n  "items": [\n    {"b": 1},\n    {"b": 2}\n  ]\n}\n{"c": 3}\n'
+    assert _read_jsonl(pretty, "json") == [{"items": [{"b": 1}, {"b": 2}]}, {"c": 3}]

@@ -5,7 +5,8 @@ Records stream through in batches, so memory stays flat whatever the input size:
     file in -> decode -> drop fields -> pre_processing -> encode -> file out
 
 A record that fails at any stage is written to the rejects file (JSON Lines: input, index,
-stage, error, record) and the run goes on; the exit status says whether any failed.
+stage, error, record; the record of a bad JSON line is its text) and the run goes on; the exit
+status says whether any failed.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _process_batch(preprocessor, batch, where, writer, rejects, counts, fields_t
     for index, item in batch:
         counts.read += 1
         if isinstance(item, DecodeError):
-            _reject(rejects, counts, where, index, "decode", item, None)
+            _reject(rejects, counts, where, index, "decode", item, item.raw_text())
             continue
         result = next(results)
         if isinstance(result, RecordError):

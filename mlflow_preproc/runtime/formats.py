@@ -50,7 +50,19 @@ _CONFLUENT_MAGIC = 0
 
 
 class DecodeError(ValueError):
-    """Bytes that cannot be read as records in the configured format."""
+    """Bytes that cannot be read as records in the configured format.
+
+    ``raw`` holds the rejected bytes where they are one record's (a JSON line), so a rejects
+    file can keep what it rejected.
+    """
+
+    def __init__(self, message: str, raw: bytes | None = None):
+        super().__init__(message)
+        self.raw = raw
+
+    def raw_text(self) -> str | None:
+        """The rejected bytes as text (bytes that are not UTF-8 escaped), else None."""
+        return None if self.raw is None else self.raw.decode("utf-8", "backslashreplace")
 
 
 class EncodeError(ValueError):
@@ -553,7 +565,7 @@ def read_records(stream: IO[bytes], fmt: str, where: str) -> Iterator[Record | D
     if fmt == "json" and _peek_nonspace(stream) == b"[":
         yield from _json_array(stream, where)
         return
-    yield from _json_lines(stream, where)
+    yield from _json_lines(stream, where, one_per_line=fmt == "jsonl")
 
 
 def _avro_file(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]:
@@ -577,13 +589,16 @@ def _avro_file(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]:
 _MAX_SPREAD_BYTES = 64 * 1024 * 1024
 
 
-def _json_lines(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]:
+def _json_lines(stream: IO[bytes], where: str, one_per_line: bool
+                ) -> Iterator[Record | DecodeError]:
     """JSON Lines, where a line that is not valid JSON is one bad record, whatever its place.
 
-    A line that is the unfinished start of a JSON value (``{`` of a pretty-printed object)
-    is joined with the next ones until the value is complete. When a later line cannot
-    continue it, the unfinished lines are one bad record and that line is read on its own,
-    so a truncated line never takes a good one with it.
+    With ``one_per_line`` (``jsonl``) every line is one value. Otherwise (``json``) a line
+    that is the unfinished start of a JSON value (``{`` of a pretty-printed object) is joined
+    with the next ones until the value is complete. When a later line cannot continue it, or
+    is a whole object on its own at the start of the line (the next record of a JSON Lines
+    file after a truncated one), the unfinished lines are one bad record and that line is
+    read on its own, so a truncated line never takes a good one with it.
     """
     pending, first = b"", 0
     for line_no, line in enumerate(stream, 1):
@@ -592,28 +607,46 @@ def _json_lines(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]
                 continue
             first = line_no
         value, error = _parse(pending + line)
-        if error is _UNFINISHED and len(pending) + len(line) < _MAX_SPREAD_BYTES:
+        if pending and error is _UNFINISHED and _is_object_line(line):
+            error = "the next line starts a new object"
+        if error is _UNFINISHED and not one_per_line and \
+                len(pending) + len(line) < _MAX_SPREAD_BYTES:
             pending += line
             continue
         if error is not None and pending:
-            yield DecodeError(f"{where} {_lines(first, line_no - 1)} hold a JSON value that "
-                              "never ends")
+            yield _never_ends(where, first, line_no - 1, pending)
             pending, first = b"", line_no
             value, error = _parse(line)
-            if error is _UNFINISHED:
+            if error is _UNFINISHED and not one_per_line:
                 pending = line
                 continue
-        pending = b""
+        text, pending = pending + line, b""
         if error is not None:
-            reason = "a JSON value that never ends" if error is _UNFINISHED else error
-            yield DecodeError(f"{where} {_lines(first, line_no)} is not valid JSON ({reason})")
+            if error is _UNFINISHED:
+                yield _never_ends(where, first, line_no, text)
+            else:
+                yield DecodeError(f"{where} {_lines(first, line_no)} is not valid JSON ({error})",
+                                  text)
         elif isinstance(value, dict):
             yield value
         else:
             yield DecodeError(f"{where} {_lines(first, line_no)} is a JSON "
-                              f"{type(value).__name__}, not an object")
+                              f"{type(value).__name__}, not an object", text)
     if pending:
-        yield DecodeError(f"{where} ends inside a JSON value started on line {first}")
+        yield DecodeError(f"{where} ends inside a JSON value started on line {first}", pending)
+
+
+def _never_ends(where: str, first: int, last: int, text: bytes) -> DecodeError:
+    return DecodeError(f"{where} {_lines(first, last)} is not valid JSON (a JSON value that "
+                       "never ends)", text)
+
+
+def _is_object_line(line: bytes) -> bool:
+    """A line that is a whole JSON object and starts with its ``{``: a JSON Lines record.
+
+    A pretty-printed object's inner lines are indented, or are not whole objects.
+    """
+    return line[:1] == b"{" and _parse(line)[1] is None
 
 
 _UNFINISHED = "unfinished"
