@@ -210,3 +210,28 @@ def test_an_avro_file_damaged_after_its_header_gives_what_came_before_and_one_re
     assert 1 <= before < 6
     assert len(jsonl((tmp_path / "out.jsonl").read_bytes())) == before
     assert f"in={before + 1} out={before} dropped=0 failed=1" in summary
+
+
+def test_an_avro_block_over_max_decoded_bytes_is_one_reject_and_the_next_blocks_are_read(
+        tracking_uri, tmp_path):
+    import io
+
+    with mlflow.start_run():
+        model = mlflow.preproc.log_model(ztf_features, name="ztf").model_uri
+    with open(ZTF_PACKETS[0], "rb") as f:
+        reader = fastavro.reader(f)
+        schema, alert = reader.writer_schema, next(reader)
+    # 4 MiB of zeros in a stamp: a block of a few kB that inflates past the 1 MiB bound.
+    bomb = dict(alert, cutoutScience=dict(alert["cutoutScience"], stampData=bytes(4 << 20)))
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [alert, bomb, alert], codec="xz", sync_interval=1)
+    (tmp_path / "alerts.avro").write_bytes(buf.getvalue())
+    proc = run_cli("-m", model, "alerts.avro", "-o", "out.jsonl", cwd=tmp_path,
+                   env={"MAX_DECODED_BYTES": str(1 << 20)})
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert b"in=3 out=2 dropped=0 failed=1" in proc.stderr
+    assert len(jsonl((tmp_path / "out.jsonl").read_bytes())) == 2
+    [reject] = jsonl((tmp_path / "out.jsonl.rejects.jsonl").read_bytes())
+    assert (reject["index"], reject["stage"]) == (1, "decode")
+    assert reject["error"].startswith("alerts.avro: after record 1, 1 Avro record(s) decode to "
+                                      "more than MAX_DECODED_BYTES=1048576 bytes; raise")

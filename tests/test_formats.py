@@ -13,6 +13,7 @@ import pytest
 
 from conftest import DATA
 from mlflow_preproc.config import ZTF_CUTOUTS
+from mlflow_preproc.runtime import formats
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.formats import (
     DecodeError,
@@ -20,7 +21,6 @@ from mlflow_preproc.runtime.formats import (
     FileWriter,
     MessageDecoder,
     MessageEncoder,
-    _ContainerReader,
     drop_fields,
     read_records,
 )
@@ -123,7 +123,7 @@ def test_skipping_any_top_level_fields_equals_decode_then_drop(skip):
 def test_codecs_outside_the_standard_library_fall_back_to_fastavro_and_still_drop(monkeypatch):
     raw = _container(PACKET, "deflate", n=2)
     # As if deflate were snappy: a codec the fast path does not know.
-    monkeypatch.delitem(_ContainerReader._DECOMPRESS, b"deflate")
+    monkeypatch.setattr(formats, "_CODECS", (b"null",))
     decoder = MessageDecoder("avro", skip=ZTF_CUTOUTS)
     assert decoder.decode(raw) == _decoded_then_dropped(raw, ZTF_CUTOUTS)
 
@@ -346,3 +346,56 @@ def test_json_lines_are_one_value_per_line_and_pretty_printed_json_still_reads_w
     assert str(good).startswith("in line 2 is not valid JSON")
     pretty = b'{\n  "items": [\n    {"b": 1},\n    {"b": 2}\n  ]\n}\n{"c": 3}\n'
     assert _read_jsonl(pretty, "json") == [{"items": [{"b": 1}, {"b": 2}]}, {"c": 3}]
+
+
+def _bomb(codec: str, stamp_bytes: int, good_around: bool = False) -> bytes:
+    """A container of ZTF alerts whose middle one carries ``stamp_bytes`` zero bytes: a small
+    compressed block that inflates past any small bound (one alert per block)."""
+    with open(PACKET, "rb") as f:
+        reader = fastavro.reader(f)
+        schema, alert = reader.writer_schema, next(reader)
+    big = dict(alert, candid=1, cutoutScience=dict(alert["cutoutScience"],
+                                                   stampData=bytes(stamp_bytes)))
+    alerts = [dict(alert, candid=0), big, dict(alert, candid=2)] if good_around else [big]
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, alerts, codec=codec, sync_interval=1)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("codec", ["deflate", "bzip2", "xz", "null"])
+def test_a_block_decoding_past_max_decoded_bytes_is_a_decode_error(codec):
+    limit = 1024 * 1024
+    message = _bomb(codec, 4 * limit)
+    if codec != "null":
+        assert len(message) < limit // 8  # the bound is on what the block inflates to
+    with pytest.raises(DecodeError, match=r"more than MAX_DECODED_BYTES=1048576 bytes; raise"):
+        MessageDecoder("avro", max_decoded_bytes=limit).decode(message)
+    # Under the bound, the same message decodes.
+    [alert] = MessageDecoder("avro", max_decoded_bytes=8 * limit).decode(message)
+    assert alert["cutoutScience"]["stampData"] == bytes(4 * limit)
+
+
+@pytest.mark.parametrize("codec", ["deflate", "xz"])
+def test_the_decoded_size_bound_holds_before_the_block_is_inflated(codec):
+    import tracemalloc
+
+    limit, inflated = 1024 * 1024, 64 * 1024 * 1024
+    message, decoder = _bomb(codec, inflated), MessageDecoder("avro", max_decoded_bytes=limit)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError, match="MAX_DECODED_BYTES"):
+            decoder.decode(message)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The bound, and the decompressor's state (xz: its 8 MiB dictionary), not the block
+    assert peak < limit + 12 * 1024 * 1024, f"{peak} bytes allocated to refuse the block"
+
+
+def test_a_file_block_past_max_decoded_bytes_is_one_reject_and_the_next_blocks_are_read():
+    data = _bomb("deflate", 4 * 1024 * 1024, good_around=True)
+    items = list(read_records(io.BufferedReader(io.BytesIO(data)), "avro", "in.avro",
+                              max_decoded_bytes=1024 * 1024))
+    assert [i["candid"] if isinstance(i, dict) else "reject" for i in items] == [0, "reject", 2]
+    assert str(items[1]).startswith("in.avro: after record 1, 1 Avro record(s) decode to "
+                                    "more than MAX_DECODED_BYTES=1048576 bytes; raise")

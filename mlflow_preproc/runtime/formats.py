@@ -37,6 +37,7 @@ from typing import IO, Any
 import fastavro
 from orjson import loads  # strict and fast; its errors are ValueErrors
 
+from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.jsonable import dumps
 
@@ -63,6 +64,17 @@ class DecodeError(ValueError):
     def raw_text(self) -> str | None:
         """The rejected bytes as text (bytes that are not UTF-8 escaped), else None."""
         return None if self.raw is None else self.raw.decode("utf-8", "backslashreplace")
+
+
+class BlockTooLarge(DecodeError):
+    """An Avro container block over MAX_DECODED_BYTES, stepped over: the blocks after it
+    can still be read. ``place`` starts the message (``alerts.avro: after record 5, ``)."""
+
+    def __init__(self, count: int, limit: int, place: str = ""):
+        super().__init__(f"{place}{count} Avro record(s) decode to more than "
+                         f"MAX_DECODED_BYTES={limit} bytes; raise MAX_DECODED_BYTES if records "
+                         "this large are expected and the memory limit allows")
+        self.count, self.limit = count, limit
 
 
 class EncodeError(ValueError):
@@ -105,10 +117,12 @@ class MessageDecoder:
         registry_config: dict | None = None,
         skip: Collection[str] = (),
         any_json: bool = False,
+        max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT,
     ):
         """``skip``: top-level fields left out of the records (not decoded, for Avro);
         ``any_json``: a JSON message may hold any value (a feature vector for a model), not
-        only an object (a record to preprocess)."""
+        only an object (a record to preprocess); ``max_decoded_bytes``: what the blocks of
+        an Avro container message may decode to (MAX_DECODED_BYTES)."""
         if fmt not in ("json", "avro", "confluent-avro"):
             raise ValueError(f"input format {fmt!r} is not supported for Kafka messages; use "
                              "json, avro or confluent-avro")
@@ -121,7 +135,7 @@ class MessageDecoder:
         self._reader = _RecordReader(schema, self._skip) if schema else None
         self._by_id = _SchemaById(schema_dir, registry_url, registry_config)
         self._readers_by_id: dict[int, _RecordReader] = {}
-        self._containers = _ContainerReader(self._skip)
+        self._containers = _ContainerReader(self._skip, max_decoded_bytes)
 
     def decode(self, value: bytes | None) -> list[Record]:
         if value is None:
@@ -375,15 +389,13 @@ class _ContainerReader:
             {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
             {"name": "meta", "type": {"type": "map", "values": "bytes"}},
             {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
-    _LONG = fastavro.parse_schema("long")
     _MAX_SCHEMAS = 64
     _RECENT_HEADERS = 4
-    # Raw deflate, as the Avro spec says; bzip2 and xz are whole streams.
-    _DECOMPRESS = {b"null": None, b"deflate": lambda data: zlib.decompress(data, -15),
-                   b"bzip2": bz2.decompress, b"xz": lzma.decompress}
 
-    def __init__(self, skip: Collection[str] = ()) -> None:
+    def __init__(self, skip: Collection[str] = (),
+                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT) -> None:
         self._skip = frozenset(skip)
+        self._limit = max_decoded_bytes
         self._readers: dict[bytes, _RecordReader] = {}
         # The header bytes before the sync marker of the last few containers read, with their
         # codec and reader: a stream's containers share them, so a message starting with the
@@ -410,26 +422,20 @@ class _ContainerReader:
         else:
             header = fastavro.schemaless_reader(buf, self._HEADER, None)
             codec = header["meta"].get("avro.codec", b"null")
-            if codec not in self._DECOMPRESS:
+            if codec not in _CODECS:
                 records = list(fastavro.reader(io.BytesIO(value)))
                 return [_without(record, self._skip) for record in records]
             reader = self._reader(header["meta"]["avro.schema"])
             sync = header["sync"]
             self._recent = [(value[:buf.tell() - len(sync)], codec, reader),
                             *self._recent[:self._RECENT_HEADERS - 1]]
-        decompress = self._DECOMPRESS[codec]
         records: list[Record] = []
-        while buf.tell() < len(value):
-            count = fastavro.schemaless_reader(buf, self._LONG, None)
-            size = fastavro.schemaless_reader(buf, self._LONG, None)
-            data = buf.read(size)
-            if decompress is not None:
-                data = decompress(data)
-            block = io.BytesIO(data)
-            records.extend(reader.read(data, block) for _ in range(count))
-            if buf.read(16) != sync:
-                raise DecodeError("corrupt Avro container (a block does not end with the "
-                                  "file's sync marker)")
+        decoded = 0  # the bound is on the whole message: its blocks together
+        while (block := _next_block(buf, codec, sync, self._limit, decoded)) is not None:
+            count, data = block
+            decoded += len(data)
+            block_buf = io.BytesIO(data)
+            records.extend(reader.read(data, block_buf) for _ in range(count))
         return records
 
     def _reader(self, text: bytes) -> _RecordReader:
@@ -439,6 +445,87 @@ class _ContainerReader:
                 self._readers.clear()
             reader = self._readers[text] = _RecordReader(json.loads(text), self._skip)
         return reader
+
+
+# Raw deflate, as the Avro spec says; bzip2 and xz are whole streams. Each is decompressed
+# incrementally, so that a block over the bound is refused before more than the bound of it
+# is inflated.
+_DECOMPRESSORS: dict[bytes, Callable[[], Any]] = {
+    b"deflate": lambda: zlib.decompressobj(-15), b"bzip2": bz2.BZ2Decompressor,
+    b"xz": lzma.LZMADecompressor}
+_CODECS = (b"null", *_DECOMPRESSORS)
+
+
+def _next_block(buf: IO[bytes], codec: bytes, sync: bytes, limit: int, decoded: int = 0
+                ) -> tuple[int, bytes] | None:
+    """The record count and decoded bytes of the container block at ``buf``; None at the end.
+
+    A block whose bytes, compressed or decoded, would take the ``decoded`` bytes so far past
+    ``limit`` raises :class:`BlockTooLarge`, ``buf`` then after the block. Truncated or
+    corrupt framing raises EOFError or :class:`DecodeError`.
+    """
+    first = buf.read(1)
+    if not first:
+        return None
+    count, size = _read_long(buf, first), _read_long(buf)
+    if count < 0 or size < 0:
+        raise DecodeError("corrupt Avro container (a block with a negative record count or "
+                          "size)")
+    budget = limit - decoded
+    data = None
+    if size <= budget:
+        data = buf.read(size)
+        if len(data) < size:
+            raise EOFError(f"Expected {size} bytes, read {len(data)}")
+        if codec != b"null":
+            data = _inflate(codec, data, budget)
+    else:
+        _step_over(buf, size)  # not even read into memory
+    if buf.read(16) != sync:
+        raise DecodeError("corrupt Avro container (a block does not end with the file's sync "
+                          "marker)")
+    if data is None:
+        raise BlockTooLarge(count, limit)
+    return count, data
+
+
+def _inflate(codec: bytes, data: bytes, limit: int) -> bytes | None:
+    """A block decompressed, or None if it decodes to more than ``limit`` bytes.
+
+    Inflated in pieces of 1 MiB, so refusing a block holds no more than the bound.
+    """
+    decompressor = _DECOMPRESSORS[codec]()
+    pieces: list[bytes] = []
+    size = 0
+    while not decompressor.eof:
+        piece = decompressor.decompress(data, 1 << 20)
+        # zlib hands back the input it did not take yet; bzip2 and xz keep it themselves
+        data = getattr(decompressor, "unconsumed_tail", b"")
+        if not piece and not data:
+            raise DecodeError(f"corrupt Avro container (a {codec.decode()} block is cut "
+                              "short)")
+        size += len(piece)
+        if size > limit:
+            return None
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _read_long(buf: IO[bytes], first: bytes = b"") -> int:
+    """An Avro long (zigzag varint) read from ``buf``, whose first byte may be read already."""
+    data = first or buf.read(1)
+    while data[-1:] >= b"\x80" and len(data) < 10:
+        data += buf.read(1)
+    return _zigzag(data, 0)[0]  # an EOFError if the bytes end inside it
+
+
+def _step_over(buf: IO[bytes], size: int) -> None:
+    """Move ``buf`` on by ``size`` bytes, holding at most 1 MiB of them at a time."""
+    while size > 0:
+        chunk = len(buf.read(min(size, 1 << 20)))
+        if not chunk:
+            raise EOFError(f"Expected {size} bytes, read 0")
+        size -= chunk
 
 
 def _without(record: Record, names: Collection[str]) -> Record:
@@ -549,15 +636,19 @@ def sniff_file_format(path: str | None, head: bytes) -> str:
     return "json"  # reads an object, an array, or JSON Lines alike
 
 
-def read_records(stream: IO[bytes], fmt: str, where: str) -> Iterator[Record | DecodeError]:
+def read_records(stream: IO[bytes], fmt: str, where: str,
+                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT
+                 ) -> Iterator[Record | DecodeError]:
     """Stream records from a binary file; a bad record yields a :class:`DecodeError`.
 
     Memory stays constant: JSON is read line by line (an object spread over several lines
     is gathered first), arrays are parsed incrementally (ijson), Avro containers block by
-    block. Damage ends a file with one error, after the records read before it.
+    block, none decoding to more than ``max_decoded_bytes`` (a block over it is one error,
+    and the next blocks are read). Damage ends a file with one error, after the records read
+    before it.
     """
     if fmt == "avro":
-        yield from _avro_file(stream, where)
+        yield from _avro_file(stream, where, max_decoded_bytes)
         return
     if fmt not in ("json", "jsonl"):
         raise ValueError(f"input format {fmt!r} is not supported for files; use json, jsonl "
@@ -568,21 +659,52 @@ def read_records(stream: IO[bytes], fmt: str, where: str) -> Iterator[Record | D
     yield from _json_lines(stream, where, one_per_line=fmt == "jsonl")
 
 
-def _avro_file(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]:
+def _avro_file(stream: IO[bytes], where: str, limit: int) -> Iterator[Record | DecodeError]:
     try:
-        reader = fastavro.reader(stream)
+        container = fastavro.reader(stream)  # reads the header only
+        codec = container.codec.encode()
+        reader = _RecordReader(json.loads(container.metadata["avro.schema"])) \
+            if codec in _CODECS else None
     except Exception as exc:  # noqa: BLE001 -- fastavro raises many types on a bad header
         yield DecodeError(f"{where} is not an Avro object container file ({exc})")
         return
+    if reader is None:  # a codec outside the standard library: fastavro's own blocks
+        yield from _fastavro_records(container, where)
+        return
+    sync = container._header["sync"]  # fastavro keeps the header's sync marker only here
+    count = 0
+    while True:
+        try:
+            block = _next_block(stream, codec, sync, limit)
+            if block is None:
+                return
+            n, data = block
+            buf = io.BytesIO(data)
+            for _ in range(n):
+                record = reader.read(data, buf)
+                yield record
+                count += 1
+        except BlockTooLarge as exc:
+            yield BlockTooLarge(exc.count, exc.limit, f"{where}: after record {count}, ")
+        except Exception as exc:  # noqa: BLE001 -- truncated/corrupt blocks: EOFError,
+            # IndexError, ValueError... whatever the bytes make fastavro do
+            yield _damaged(where, count, exc)
+            return
+
+
+def _fastavro_records(container: Iterator[Record], where: str) -> Iterator[Record | DecodeError]:
     count = 0
     try:
-        for record in reader:
+        for record in container:
             yield record
             count += 1
-    except Exception as exc:  # noqa: BLE001 -- truncated/corrupt blocks: EOFError, IndexError,
-        # zlib.error, ValueError... whatever the bytes make fastavro do
-        yield DecodeError(f"{where} is damaged after record {count} ({type(exc).__name__}: "
-                          f"{exc}); the rest of the file is skipped")
+    except Exception as exc:  # noqa: BLE001 -- as in _avro_file
+        yield _damaged(where, count, exc)
+
+
+def _damaged(where: str, count: int, exc: Exception) -> DecodeError:
+    return DecodeError(f"{where} is damaged after record {count} ({type(exc).__name__}: "
+                       f"{exc}); the rest of the file is skipped")
 
 
 # A JSON value spread over lines is gathered up to this size; past it, it is a bad record.
