@@ -794,19 +794,73 @@ def _peek_nonspace(stream: IO[bytes]) -> bytes:
 
 
 def _json_array(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]:
+    """A JSON array, parsed incrementally.
+
+    If it fails before its first object, it may be no array but JSON Lines whose first line
+    is damaged into starting with ``[`` (a ``{`` with one bit flipped): the bytes read so far
+    are replayed and the input is read as lines, so one bad line does not take the file.
+    """
     import ijson
 
+    head = _Recording(stream)
+    held: list[DecodeError] = []  # rejects of items before the first object, while undecided
     index = -1
     try:
-        for index, item in enumerate(ijson.items(stream, "item", use_float=True)):
+        for index, item in enumerate(ijson.items(head, "item", use_float=True)):
+            if isinstance(item, dict):
+                head.recorded = None  # an array of records: damage from here on is its own
+            else:
+                held.append(DecodeError(f"{where} item {index} is a JSON "
+                                        f"{type(item).__name__}, not an object"))
+            if head.recorded is None:
+                yield from held
+                held.clear()
             if isinstance(item, dict):
                 yield item
-            else:
-                yield DecodeError(f"{where} item {index} is a JSON {type(item).__name__}, "
-                                  "not an object")
+        yield from held
     except ijson.JSONError as exc:
+        if head.recorded is not None:
+            replayed = io.BufferedReader(_Replayed(bytes(head.recorded), stream))
+            yield from _json_lines(replayed, where, one_per_line=False)
+            return
         yield DecodeError(f"{where} is not valid JSON after item {index} ({exc}); the rest of "
                           "the file is skipped")
+
+
+class _Recording:
+    """A binary stream that keeps what is read from it, up to ``_MAX_SPREAD_BYTES``."""
+
+    def __init__(self, stream: IO[bytes]):
+        self._stream = stream
+        self.recorded: bytearray | None = bytearray()  # None: no longer recording
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        if self.recorded is not None:
+            self.recorded += data
+            if len(self.recorded) > _MAX_SPREAD_BYTES:
+                self.recorded = None
+        return data
+
+
+class _Replayed(io.RawIOBase):
+    """``head``, then the rest of ``stream``: a stream read again from its start."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]):
+        self._head = memoryview(head)
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        data = self._stream.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 class FileWriter:
