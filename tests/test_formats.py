@@ -399,3 +399,19 @@ def test_a_file_block_past_max_decoded_bytes_is_one_reject_and_the_next_blocks_a
     assert [i["candid"] if isinstance(i, dict) else "reject" for i in items] == [0, "reject", 2]
     assert str(items[1]).startswith("in.avro: after record 1, 1 Avro record(s) decode to "
                                     "more than MAX_DECODED_BYTES=1048576 bytes; raise")
+
+
+def test_corrupt_records_in_a_well_framed_file_block_are_one_reject_and_the_next_blocks_read():
+    schema = {"type": "record", "name": "A", "fields": [{"name": "kind", "type": {
+        "type": "enum", "name": "K", "symbols": ["a", "b"]}}]}
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [{"kind": "a"}, {"kind": "b"}, {"kind": "a"}], sync_interval=1)
+    data = bytearray(buf.getvalue())
+    # Each block: count 1 (0x02), size 1 (0x02), the enum index, the sync marker. The second
+    # record's index (b = 1, zigzag 0x02) becomes 7, past the enum's symbols.
+    second = data.index(b"\x02\x02\x02") + 2
+    data[second] = 0x0E
+    items = list(read_records(io.BufferedReader(io.BytesIO(bytes(data))), "avro", "in.avro"))
+    assert items[0] == {"kind": "a"} and items[2] == {"kind": "a"}
+    assert str(items[1]).startswith("in.avro: after record 1, 1 Avro record(s) of a block are "
+                                    "corrupt (IndexError"), str(items[1])

@@ -676,20 +676,28 @@ def _avro_file(stream: IO[bytes], where: str, limit: int) -> Iterator[Record | D
     while True:
         try:
             block = _next_block(stream, codec, sync, limit)
-            if block is None:
-                return
-            n, data = block
-            buf = io.BytesIO(data)
-            for _ in range(n):
-                record = reader.read(data, buf)
-                yield record
-                count += 1
         except BlockTooLarge as exc:
             yield BlockTooLarge(exc.count, exc.limit, f"{where}: after record {count}, ")
-        except Exception as exc:  # noqa: BLE001 -- truncated/corrupt blocks: EOFError,
-            # IndexError, ValueError... whatever the bytes make fastavro do
+            continue
+        except Exception as exc:  # noqa: BLE001 -- truncated/corrupt framing: EOFError,
+            # zlib.error, LZMAError... whatever the bytes make the codec do
             yield _damaged(where, count, exc)
             return
+        if block is None:
+            return
+        n, data = block
+        buf = io.BytesIO(data)
+        for done in range(n):
+            try:
+                record = reader.read(data, buf)
+            except Exception as exc:  # noqa: BLE001 -- IndexError, ValueError, EOFError...
+                # The block ended with its sync marker, so the next one can still be read.
+                yield DecodeError(f"{where}: after record {count}, {n - done} Avro record(s) "
+                                  f"of a block are corrupt ({type(exc).__name__}: {exc}); the "
+                                  "next blocks are read")
+                break
+            yield record
+            count += 1
 
 
 def _fastavro_records(container: Iterator[Record], where: str) -> Iterator[Record | DecodeError]:
