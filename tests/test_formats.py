@@ -415,3 +415,20 @@ def test_corrupt_records_in_a_well_framed_file_block_are_one_reject_and_the_next
     assert items[0] == {"kind": "a"} and items[2] == {"kind": "a"}
     assert str(items[1]).startswith("in.avro: after record 1, 1 Avro record(s) of a block are "
                                     "corrupt (IndexError"), str(items[1])
+
+
+def test_a_block_claiming_more_records_than_bytes_is_a_decode_error_not_a_loop():
+    # Records of nulls take no bytes: a damaged count of 10**9 would decode 10**9 of them.
+    schema = {"type": "record", "name": "E", "fields": [{"name": "n", "type": "null"}]}
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [{"n": None}])
+    good = buf.getvalue()
+    sync = good[-16:]
+    block = _long(1) + _long(0) + sync
+    assert good.endswith(block)
+    bad = good[:-len(block)] + _long(10**9) + _long(0) + sync
+    assert MessageDecoder("avro").decode(good) == [{"n": None}]
+    with pytest.raises(DecodeError, match="a block of 0 bytes cannot hold 1000000000 records"):
+        MessageDecoder("avro").decode(bad)
+    [reject] = read_records(io.BufferedReader(io.BytesIO(bad)), "avro", "in.avro")
+    assert "cannot hold 1000000000 records" in str(reject)

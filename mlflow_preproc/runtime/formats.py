@@ -486,6 +486,12 @@ def _next_block(buf: IO[bytes], codec: bytes, sync: bytes, limit: int, decoded: 
                           "marker)")
     if data is None:
         raise BlockTooLarge(count, limit)
+    if count > max(len(data), 1):
+        # Only a schema that encodes to no bytes at all (a record of nulls) fits more records
+        # than bytes; a count past that is damage, and decoding it would loop on empty
+        # records until memory ran out.
+        raise DecodeError(f"corrupt Avro container (a block of {len(data)} bytes cannot hold "
+                          f"{count} records)")
     return count, data
 
 
