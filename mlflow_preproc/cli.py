@@ -162,7 +162,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         counts = batch_run.run(loaded.preprocessor, args.inputs, out,
                                input_format=args.input_format, output_format=args.output_format,
                                output_schema=schema, rejects_path=rejects, fields_to_drop=drop,
-                               progress=args.progress)
+                               progress=args.progress,
+                               max_decoded_bytes=env["MAX_DECODED_BYTES"])
     finally:
         if args.output:
             out.close()

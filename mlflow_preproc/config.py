@@ -28,6 +28,12 @@ MESSAGE_FORMATS = ("json", "avro", "confluent-avro")
 ZTF_CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 
 
+# What one Avro container block (a Kafka message: all its blocks) may decode to. A compressed
+# block of 30 kB can inflate to hundreds of MB; in a memory-limited container that would be
+# an OOM kill at the same offset forever, so past this the record is refused instead.
+MAX_DECODED_BYTES_DEFAULT = 64 * 1024 * 1024
+
+
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message names the variable and the fix."""
 
@@ -98,6 +104,10 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             ") before preprocessing", kind=bool, modes=("stream", "run"), example="true"),
     Setting("DROP_FIELDS", "", "Comma-separated field paths dropped before preprocessing",
             modes=("stream", "run"), example="cutoutScience,candidate.pdiffimfilename"),
+    Setting("MAX_DECODED_BYTES", MAX_DECODED_BYTES_DEFAULT, "Largest decoded size of an Avro "
+            "container block (of a whole message in stream and bridge); a block over it is a "
+            "dead letter or a reject, never an out-of-memory kill. Keep it well under the "
+            "memory limit", kind=int, modes=("stream", "bridge", "run"), example="268435456"),
     Setting("BATCH_SIZE", 500, "Records per batch (stream: per consume; bridge: per "
             "/invocations call)", kind=int, example="100", minimum=1, maximum=1_000_000),
     Setting("BATCH_TIMEOUT_MS", 1000, "Longest wait to fill a batch", kind=int, example="200",

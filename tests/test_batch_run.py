@@ -83,6 +83,7 @@ def test_failed_records_go_to_the_rejects_file_and_set_the_exit_code(model, tmp_
     assert rejects[0]["error"] == "record 1: pre_processing raised KeyError: 'x'"
     assert rejects[0]["record"] == {"id": 2}
     assert "line 3 is not valid JSON" in rejects[1]["error"]
+    assert rejects[1]["record"] == "not json\n"  # what was rejected, as it was
 
 
 def test_ztf_avro_files_with_cutouts_dropped(tracking_uri, tmp_path):
@@ -125,11 +126,17 @@ def test_cutout_bytes_are_base64_in_json_output(tracking_uri, tmp_path):
 
 
 def test_avro_output_file(model, tmp_path):
+    # Record 1 fails the output schema half way ("id" fits, "double" does not): a reject,
+    # and no partial bytes left in the file to shift the records after it.
     proc = run_cli("-m", model, "--output-format", "avro", "-o", "out.avro",
-                   stdin=b'{"id": 1, "x": 1.5}\n{"id": 2, "x": 2}\n', cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr.decode()
+                   stdin=b'{"id": 1, "x": 1.5}\n{"id": 9, "x": "ab"}\n{"id": 2, "x": 2}\n'
+                         b'{"id": 3, "x": 3}\n', cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr.decode()
     with open(tmp_path / "out.avro", "rb") as f:
-        assert list(fastavro.reader(f)) == [{"id": 1, "double": 3.0}, {"id": 2, "double": 4.0}]
+        assert list(fastavro.reader(f)) == [{"id": 1, "double": 3.0}, {"id": 2, "double": 4.0},
+                                            {"id": 3, "double": 6.0}]
+    [reject] = jsonl((tmp_path / "out.avro.rejects.jsonl").read_bytes())
+    assert (reject["index"], reject["stage"]) == (1, "encode")
 
 
 def test_a_missing_input_file_is_one_clear_line(model, tmp_path):
@@ -158,7 +165,8 @@ def test_a_truncated_line_does_not_take_the_next_good_one_with_it(model, tmp_pat
     assert proc.returncode == 1, proc.stderr.decode()
     assert [r["id"] for r in jsonl(proc.stdout)] == [1, 3, 4]  # 4 is spread over four lines
     [reject] = jsonl((tmp_path / "rejects.jsonl").read_bytes())
-    assert "line 2 hold a JSON value that never ends" in reject["error"]
+    assert "line 2 is not valid JSON (a JSON value that never ends)" in reject["error"]
+    assert reject["record"] == '{"id": 2, "x"\n'
 
 
 def alerts_container(codec: str, count: int = 6) -> bytes:
@@ -202,3 +210,28 @@ def test_an_avro_file_damaged_after_its_header_gives_what_came_before_and_one_re
     assert 1 <= before < 6
     assert len(jsonl((tmp_path / "out.jsonl").read_bytes())) == before
     assert f"in={before + 1} out={before} dropped=0 failed=1" in summary
+
+
+def test_an_avro_block_over_max_decoded_bytes_is_one_reject_and_the_next_blocks_are_read(
+        tracking_uri, tmp_path):
+    import io
+
+    with mlflow.start_run():
+        model = mlflow.preproc.log_model(ztf_features, name="ztf").model_uri
+    with open(ZTF_PACKETS[0], "rb") as f:
+        reader = fastavro.reader(f)
+        schema, alert = reader.writer_schema, next(reader)
+    # 4 MiB of zeros in a stamp: a block of a few kB that inflates past the 1 MiB bound.
+    bomb = dict(alert, cutoutScience=dict(alert["cutoutScience"], stampData=bytes(4 << 20)))
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [alert, bomb, alert], codec="xz", sync_interval=1)
+    (tmp_path / "alerts.avro").write_bytes(buf.getvalue())
+    proc = run_cli("-m", model, "alerts.avro", "-o", "out.jsonl", cwd=tmp_path,
+                   env={"MAX_DECODED_BYTES": str(1 << 20)})
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert b"in=3 out=2 dropped=0 failed=1" in proc.stderr
+    assert len(jsonl((tmp_path / "out.jsonl").read_bytes())) == 2
+    [reject] = jsonl((tmp_path / "out.jsonl.rejects.jsonl").read_bytes())
+    assert (reject["index"], reject["stage"]) == (1, "decode")
+    assert reject["error"].startswith("alerts.avro: after record 1, 1 Avro record(s) decode to "
+                                      "more than MAX_DECODED_BYTES=1048576 bytes; raise")

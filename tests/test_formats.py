@@ -13,6 +13,7 @@ import pytest
 
 from conftest import DATA
 from mlflow_preproc.config import ZTF_CUTOUTS
+from mlflow_preproc.runtime import formats
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.formats import (
     DecodeError,
@@ -20,7 +21,6 @@ from mlflow_preproc.runtime.formats import (
     FileWriter,
     MessageDecoder,
     MessageEncoder,
-    _ContainerReader,
     drop_fields,
     read_records,
 )
@@ -123,7 +123,7 @@ def test_skipping_any_top_level_fields_equals_decode_then_drop(skip):
 def test_codecs_outside_the_standard_library_fall_back_to_fastavro_and_still_drop(monkeypatch):
     raw = _container(PACKET, "deflate", n=2)
     # As if deflate were snappy: a codec the fast path does not know.
-    monkeypatch.delitem(_ContainerReader._DECOMPRESS, b"deflate")
+    monkeypatch.setattr(formats, "_CODECS", (b"null",))
     decoder = MessageDecoder("avro", skip=ZTF_CUTOUTS)
     assert decoder.decode(raw) == _decoded_then_dropped(raw, ZTF_CUTOUTS)
 
@@ -304,3 +304,131 @@ def test_bad_schema_file_names_the_problem(tmp_path):
         load_avro_schema(tmp_path / "s.avsc")
     with pytest.raises(SchemaError, match="does not exist"):
         load_avro_schema(tmp_path / "missing.avsc")
+
+
+def test_a_record_rejected_by_the_avro_file_writer_leaves_no_bytes_behind():
+    # "b" fails after "a" is written: its partial bytes must not stay in the block, where
+    # the next record would read back shifted and the one after would be lost.
+    schema = {"type": "record", "name": "A", "fields": [{"name": "a", "type": "long"},
+                                                        {"name": "b", "type": "string"}]}
+    buf = io.BytesIO()
+    writer = FileWriter(buf, "avro", schema)
+    writer.write({"a": 1, "b": "one"})
+    with pytest.raises(EncodeError, match="does not match the output Avro schema"):
+        writer.write({"a": 99, "b": 5})
+    writer.write({"a": 2, "b": "two"})
+    writer.write({"a": 3, "b": "three"})
+    writer.close()
+    buf.seek(0)
+    assert list(fastavro.reader(buf)) == [{"a": 1, "b": "one"}, {"a": 2, "b": "two"},
+                                          {"a": 3, "b": "three"}]
+
+
+def _read_jsonl(data: bytes, fmt: str):
+    return list(read_records(io.BufferedReader(io.BytesIO(data)), fmt, "in"))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_a_line_cut_mid_object_is_one_reject_with_its_text_and_the_next_line_is_read(fmt):
+    cut = b'{"id": "broken", "candidate": {"ra": 1.5, "x": '
+    data = b'{"id": 1}\n' + cut + b'\n{"id": 3, "x": 3}\n{"id": 4}\n'
+    good, bad, *rest = _read_jsonl(data, fmt)
+    assert good == {"id": 1}
+    assert isinstance(bad, DecodeError)
+    assert str(bad) == "in line 2 is not valid JSON (a JSON value that never ends)"
+    assert bad.raw == cut + b"\n"
+    assert rest == [{"id": 3, "x": 3}, {"id": 4}]
+
+
+def test_json_lines_are_one_value_per_line_and_pretty_printed_json_still_reads_whole():
+    [bad, good] = _read_jsonl(b'{\n"a": 1}\n', "jsonl")
+    assert str(bad) == "in line 1 is not valid JSON (a JSON value that never ends)"
+    assert str(good).startswith("in line 2 is not valid JSON")
+    pretty = b'{\n  "items": [\n    {"b": 1},\n    {"b": 2}\n  ]\n}\n{"c": 3}\n'
+    assert _read_jsonl(pretty, "json") == [{"items": [{"b": 1}, {"b": 2}]}, {"c": 3}]
+
+
+def _bomb(codec: str, stamp_bytes: int, good_around: bool = False) -> bytes:
+    """A container of ZTF alerts whose middle one carries ``stamp_bytes`` zero bytes: a small
+    compressed block that inflates past any small bound (one alert per block)."""
+    with open(PACKET, "rb") as f:
+        reader = fastavro.reader(f)
+        schema, alert = reader.writer_schema, next(reader)
+    big = dict(alert, candid=1, cutoutScience=dict(alert["cutoutScience"],
+                                                   stampData=bytes(stamp_bytes)))
+    alerts = [dict(alert, candid=0), big, dict(alert, candid=2)] if good_around else [big]
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, alerts, codec=codec, sync_interval=1)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("codec", ["deflate", "bzip2", "xz", "null"])
+def test_a_block_decoding_past_max_decoded_bytes_is_a_decode_error(codec):
+    limit = 1024 * 1024
+    message = _bomb(codec, 4 * limit)
+    if codec != "null":
+        assert len(message) < limit // 8  # the bound is on what the block inflates to
+    with pytest.raises(DecodeError, match=r"more than MAX_DECODED_BYTES=1048576 bytes; raise"):
+        MessageDecoder("avro", max_decoded_bytes=limit).decode(message)
+    # Under the bound, the same message decodes.
+    [alert] = MessageDecoder("avro", max_decoded_bytes=8 * limit).decode(message)
+    assert alert["cutoutScience"]["stampData"] == bytes(4 * limit)
+
+
+@pytest.mark.parametrize("codec", ["deflate", "xz"])
+def test_the_decoded_size_bound_holds_before_the_block_is_inflated(codec):
+    import tracemalloc
+
+    limit, inflated = 1024 * 1024, 64 * 1024 * 1024
+    message, decoder = _bomb(codec, inflated), MessageDecoder("avro", max_decoded_bytes=limit)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError, match="MAX_DECODED_BYTES"):
+            decoder.decode(message)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The bound, and the decompressor's state (xz: its 8 MiB dictionary), not the block
+    assert peak < limit + 12 * 1024 * 1024, f"{peak} bytes allocated to refuse the block"
+
+
+def test_a_file_block_past_max_decoded_bytes_is_one_reject_and_the_next_blocks_are_read():
+    data = _bomb("deflate", 4 * 1024 * 1024, good_around=True)
+    items = list(read_records(io.BufferedReader(io.BytesIO(data)), "avro", "in.avro",
+                              max_decoded_bytes=1024 * 1024))
+    assert [i["candid"] if isinstance(i, dict) else "reject" for i in items] == [0, "reject", 2]
+    assert str(items[1]).startswith("in.avro: after record 1, 1 Avro record(s) decode to "
+                                    "more than MAX_DECODED_BYTES=1048576 bytes; raise")
+
+
+def test_corrupt_records_in_a_well_framed_file_block_are_one_reject_and_the_next_blocks_read():
+    schema = {"type": "record", "name": "A", "fields": [{"name": "kind", "type": {
+        "type": "enum", "name": "K", "symbols": ["a", "b"]}}]}
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [{"kind": "a"}, {"kind": "b"}, {"kind": "a"}], sync_interval=1)
+    data = bytearray(buf.getvalue())
+    # Each block: count 1 (0x02), size 1 (0x02), the enum index, the sync marker. The second
+    # record's index (b = 1, zigzag 0x02) becomes 7, past the enum's symbols.
+    second = data.index(b"\x02\x02\x02") + 2
+    data[second] = 0x0E
+    items = list(read_records(io.BufferedReader(io.BytesIO(bytes(data))), "avro", "in.avro"))
+    assert items[0] == {"kind": "a"} and items[2] == {"kind": "a"}
+    assert str(items[1]).startswith("in.avro: after record 1, 1 Avro record(s) of a block are "
+                                    "corrupt (IndexError"), str(items[1])
+
+
+def test_a_block_claiming_more_records_than_bytes_is_a_decode_error_not_a_loop():
+    # Records of nulls take no bytes: a damaged count of 10**9 would decode 10**9 of them.
+    schema = {"type": "record", "name": "E", "fields": [{"name": "n", "type": "null"}]}
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [{"n": None}])
+    good = buf.getvalue()
+    sync = good[-16:]
+    block = _long(1) + _long(0) + sync
+    assert good.endswith(block)
+    bad = good[:-len(block)] + _long(10**9) + _long(0) + sync
+    assert MessageDecoder("avro").decode(good) == [{"n": None}]
+    with pytest.raises(DecodeError, match="a block of 0 bytes cannot hold 1000000000 records"):
+        MessageDecoder("avro").decode(bad)
+    [reject] = read_records(io.BufferedReader(io.BytesIO(bad)), "avro", "in.avro")
+    assert "cannot hold 1000000000 records" in str(reject)

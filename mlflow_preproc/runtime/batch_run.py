@@ -5,7 +5,8 @@ Records stream through in batches, so memory stays flat whatever the input size:
     file in -> decode -> drop fields -> pre_processing -> encode -> file out
 
 A record that fails at any stage is written to the rejects file (JSON Lines: input, index,
-stage, error, record) and the run goes on; the exit status says whether any failed.
+stage, error, record; the record of a bad JSON line is its text) and the run goes on; the exit
+status says whether any failed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT
 from mlflow_preproc.runtime.formats import (
     DecodeError,
     EncodeError,
@@ -73,8 +75,12 @@ class _Rejects:
 def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
         input_format: str | None = None, output_format: str = "jsonl",
         output_schema: dict | None = None, rejects_path: str = "rejects.jsonl",
-        fields_to_drop: list[str] | None = None, progress: bool | None = None) -> RunCounts:
-    """Preprocess every record of ``inputs`` (paths, ``-`` for stdin) into ``output``."""
+        fields_to_drop: list[str] | None = None, progress: bool | None = None,
+        max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT) -> RunCounts:
+    """Preprocess every record of ``inputs`` (paths, ``-`` for stdin) into ``output``.
+
+    An Avro block decoding to more than ``max_decoded_bytes`` is one reject.
+    """
     counts = RunCounts(rejects_path=rejects_path)
     writer = FileWriter(output, output_format, output_schema)
     rejects = _Rejects(rejects_path)
@@ -84,7 +90,7 @@ def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
                 fmt = input_format or sniff_file_format(None if where == "-" else where,
                                                         _peek(stream))
                 with _progress_bar(stream, where, progress) as advance:
-                    records = read_records(stream, fmt, where)
+                    records = read_records(stream, fmt, where, max_decoded_bytes)
                     for batch in _batches(records, BATCH_SIZE):
                         _process_batch(preprocessor, batch, where, writer, rejects, counts,
                                        fields_to_drop or [])
@@ -104,7 +110,7 @@ def _process_batch(preprocessor, batch, where, writer, rejects, counts, fields_t
     for index, item in batch:
         counts.read += 1
         if isinstance(item, DecodeError):
-            _reject(rejects, counts, where, index, "decode", item, None)
+            _reject(rejects, counts, where, index, "decode", item, item.raw_text())
             continue
         result = next(results)
         if isinstance(result, RecordError):

@@ -37,6 +37,7 @@ from typing import IO, Any
 import fastavro
 from orjson import loads  # strict and fast; its errors are ValueErrors
 
+from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.jsonable import dumps
@@ -51,7 +52,30 @@ _CONFLUENT_MAGIC = 0
 
 
 class DecodeError(ValueError):
-    """Bytes that cannot be read as records in the configured format."""
+    """Bytes that cannot be read as records in the configured format.
+
+    ``raw`` holds the rejected bytes where they are one record's (a JSON line), so a rejects
+    file can keep what it rejected.
+    """
+
+    def __init__(self, message: str, raw: bytes | None = None):
+        super().__init__(message)
+        self.raw = raw
+
+    def raw_text(self) -> str | None:
+        """The rejected bytes as text (bytes that are not UTF-8 escaped), else None."""
+        return None if self.raw is None else self.raw.decode("utf-8", "backslashreplace")
+
+
+class BlockTooLarge(DecodeError):
+    """An Avro container block over MAX_DECODED_BYTES, stepped over: the blocks after it
+    can still be read. ``place`` starts the message (``alerts.avro: after record 5, ``)."""
+
+    def __init__(self, count: int, limit: int, place: str = ""):
+        super().__init__(f"{place}{count} Avro record(s) decode to more than "
+                         f"MAX_DECODED_BYTES={limit} bytes; raise MAX_DECODED_BYTES if records "
+                         "this large are expected and the memory limit allows")
+        self.count, self.limit = count, limit
 
 
 class EncodeError(ValueError):
@@ -94,10 +118,12 @@ class MessageDecoder:
         registry_config: dict | None = None,
         skip: Collection[str] = (),
         any_json: bool = False,
+        max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT,
     ):
         """``skip``: top-level fields left out of the records (not decoded, for Avro);
         ``any_json``: a JSON message may hold any value (a feature vector for a model), not
-        only an object (a record to preprocess)."""
+        only an object (a record to preprocess); ``max_decoded_bytes``: what the blocks of
+        an Avro container message may decode to (MAX_DECODED_BYTES)."""
         if fmt not in ("json", "avro", "confluent-avro"):
             raise ValueError(f"input format {fmt!r} is not supported for Kafka messages; use "
                              "json, avro or confluent-avro")
@@ -110,7 +136,7 @@ class MessageDecoder:
         self._reader = _RecordReader(schema, self._skip) if schema else None
         self._by_id = _SchemaById(schema_dir, registry_url, registry_config)
         self._readers_by_id: dict[int, _RecordReader] = {}
-        self._containers = _ContainerReader(self._skip)
+        self._containers = _ContainerReader(self._skip, max_decoded_bytes)
 
     def decode(self, value: bytes | None) -> list[Record]:
         if value is None:
@@ -364,15 +390,13 @@ class _ContainerReader:
             {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
             {"name": "meta", "type": {"type": "map", "values": "bytes"}},
             {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
-    _LONG = fastavro.parse_schema("long")
     _MAX_SCHEMAS = 64
     _RECENT_HEADERS = 4
-    # Raw deflate, as the Avro spec says; bzip2 and xz are whole streams.
-    _DECOMPRESS = {b"null": None, b"deflate": lambda data: zlib.decompress(data, -15),
-                   b"bzip2": bz2.decompress, b"xz": lzma.decompress}
 
-    def __init__(self, skip: Collection[str] = ()) -> None:
+    def __init__(self, skip: Collection[str] = (),
+                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT) -> None:
         self._skip = frozenset(skip)
+        self._limit = max_decoded_bytes
         self._readers: dict[bytes, _RecordReader] = {}
         # The header bytes before the sync marker of the last few containers read, with their
         # codec and reader: a stream's containers share them, so a message starting with the
@@ -399,26 +423,20 @@ class _ContainerReader:
         else:
             header = fastavro.schemaless_reader(buf, self._HEADER, None)
             codec = header["meta"].get("avro.codec", b"null")
-            if codec not in self._DECOMPRESS:
+            if codec not in _CODECS:
                 records = list(fastavro.reader(io.BytesIO(value)))
                 return [_without(record, self._skip) for record in records]
             reader = self._reader(header["meta"]["avro.schema"])
             sync = header["sync"]
             self._recent = [(value[:buf.tell() - len(sync)], codec, reader),
                             *self._recent[:self._RECENT_HEADERS - 1]]
-        decompress = self._DECOMPRESS[codec]
         records: list[Record] = []
-        while buf.tell() < len(value):
-            count = fastavro.schemaless_reader(buf, self._LONG, None)
-            size = fastavro.schemaless_reader(buf, self._LONG, None)
-            data = buf.read(size)
-            if decompress is not None:
-                data = decompress(data)
-            block = io.BytesIO(data)
-            records.extend(reader.read(data, block) for _ in range(count))
-            if buf.read(16) != sync:
-                raise DecodeError("corrupt Avro container (a block does not end with the "
-                                  "file's sync marker)")
+        decoded = 0  # the bound is on the whole message: its blocks together
+        while (block := _next_block(buf, codec, sync, self._limit, decoded)) is not None:
+            count, data = block
+            decoded += len(data)
+            block_buf = io.BytesIO(data)
+            records.extend(reader.read(data, block_buf) for _ in range(count))
         return records
 
     def _reader(self, text: bytes) -> _RecordReader:
@@ -428,6 +446,93 @@ class _ContainerReader:
                 self._readers.clear()
             reader = self._readers[text] = _RecordReader(json.loads(text), self._skip)
         return reader
+
+
+# Raw deflate, as the Avro spec says; bzip2 and xz are whole streams. Each is decompressed
+# incrementally, so that a block over the bound is refused before more than the bound of it
+# is inflated.
+_DECOMPRESSORS: dict[bytes, Callable[[], Any]] = {
+    b"deflate": lambda: zlib.decompressobj(-15), b"bzip2": bz2.BZ2Decompressor,
+    b"xz": lzma.LZMADecompressor}
+_CODECS = (b"null", *_DECOMPRESSORS)
+
+
+def _next_block(buf: IO[bytes], codec: bytes, sync: bytes, limit: int, decoded: int = 0
+                ) -> tuple[int, bytes] | None:
+    """The record count and decoded bytes of the container block at ``buf``; None at the end.
+
+    A block whose bytes, compressed or decoded, would take the ``decoded`` bytes so far past
+    ``limit`` raises :class:`BlockTooLarge`, ``buf`` then after the block. Truncated or
+    corrupt framing raises EOFError or :class:`DecodeError`.
+    """
+    first = buf.read(1)
+    if not first:
+        return None
+    count, size = _read_long(buf, first), _read_long(buf)
+    if count < 0 or size < 0:
+        raise DecodeError("corrupt Avro container (a block with a negative record count or "
+                          "size)")
+    budget = limit - decoded
+    data = None
+    if size <= budget:
+        data = buf.read(size)
+        if len(data) < size:
+            raise EOFError(f"Expected {size} bytes, read {len(data)}")
+        if codec != b"null":
+            data = _inflate(codec, data, budget)
+    else:
+        _step_over(buf, size)  # not even read into memory
+    if buf.read(16) != sync:
+        raise DecodeError("corrupt Avro container (a block does not end with the file's sync "
+                          "marker)")
+    if data is None:
+        raise BlockTooLarge(count, limit)
+    if count > max(len(data), 1):
+        # Only a schema that encodes to no bytes at all (a record of nulls) fits more records
+        # than bytes; a count past that is damage, and decoding it would loop on empty
+        # records until memory ran out.
+        raise DecodeError(f"corrupt Avro container (a block of {len(data)} bytes cannot hold "
+                          f"{count} records)")
+    return count, data
+
+
+def _inflate(codec: bytes, data: bytes, limit: int) -> bytes | None:
+    """A block decompressed, or None if it decodes to more than ``limit`` bytes.
+
+    Inflated in pieces of 1 MiB, so refusing a block holds no more than the bound.
+    """
+    decompressor = _DECOMPRESSORS[codec]()
+    pieces: list[bytes] = []
+    size = 0
+    while not decompressor.eof:
+        piece = decompressor.decompress(data, 1 << 20)
+        # zlib hands back the input it did not take yet; bzip2 and xz keep it themselves
+        data = getattr(decompressor, "unconsumed_tail", b"")
+        if not piece and not data:
+            raise DecodeError(f"corrupt Avro container (a {codec.decode()} block is cut "
+                              "short)")
+        size += len(piece)
+        if size > limit:
+            return None
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _read_long(buf: IO[bytes], first: bytes = b"") -> int:
+    """An Avro long (zigzag varint) read from ``buf``, whose first byte may be read already."""
+    data = first or buf.read(1)
+    while data[-1:] >= b"\x80" and len(data) < 10:
+        data += buf.read(1)
+    return _zigzag(data, 0)[0]  # an EOFError if the bytes end inside it
+
+
+def _step_over(buf: IO[bytes], size: int) -> None:
+    """Move ``buf`` on by ``size`` bytes, holding at most 1 MiB of them at a time."""
+    while size > 0:
+        chunk = len(buf.read(min(size, 1 << 20)))
+        if not chunk:
+            raise EOFError(f"Expected {size} bytes, read 0")
+        size -= chunk
 
 
 def _without(record: Record, names: Collection[str]) -> Record:
@@ -614,15 +719,19 @@ def sniff_file_format(path: str | None, head: bytes) -> str:
     return "json"  # reads an object, an array, or JSON Lines alike
 
 
-def read_records(stream: IO[bytes], fmt: str, where: str) -> Iterator[Record | DecodeError]:
+def read_records(stream: IO[bytes], fmt: str, where: str,
+                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT
+                 ) -> Iterator[Record | DecodeError]:
     """Stream records from a binary file; a bad record yields a :class:`DecodeError`.
 
     Memory stays constant: JSON is read line by line (an object spread over several lines
     is gathered first), arrays are parsed incrementally (ijson), Avro containers block by
-    block. Damage ends a file with one error, after the records read before it.
+    block, none decoding to more than ``max_decoded_bytes`` (a block over it is one error,
+    and the next blocks are read). Damage ends a file with one error, after the records read
+    before it.
     """
     if fmt == "avro":
-        yield from _avro_file(stream, where)
+        yield from _avro_file(stream, where, max_decoded_bytes)
         return
     if fmt not in ("json", "jsonl"):
         raise ValueError(f"input format {fmt!r} is not supported for files; use json, jsonl "
@@ -630,37 +739,79 @@ def read_records(stream: IO[bytes], fmt: str, where: str) -> Iterator[Record | D
     if fmt == "json" and _peek_nonspace(stream) == b"[":
         yield from _json_array(stream, where)
         return
-    yield from _json_lines(stream, where)
+    yield from _json_lines(stream, where, one_per_line=fmt == "jsonl")
 
 
-def _avro_file(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]:
+def _avro_file(stream: IO[bytes], where: str, limit: int) -> Iterator[Record | DecodeError]:
     try:
-        reader = fastavro.reader(stream)
+        container = fastavro.reader(stream)  # reads the header only
+        codec = container.codec.encode()
+        reader = _RecordReader(json.loads(container.metadata["avro.schema"])) \
+            if codec in _CODECS else None
     except Exception as exc:  # noqa: BLE001 -- fastavro raises many types on a bad header
         yield DecodeError(f"{where} is not an Avro object container file ({exc})")
         return
+    if reader is None:  # a codec outside the standard library: fastavro's own blocks
+        yield from _fastavro_records(container, where)
+        return
+    sync = container._header["sync"]  # fastavro keeps the header's sync marker only here
     count = 0
-    try:
-        for record in reader:
+    while True:
+        try:
+            block = _next_block(stream, codec, sync, limit)
+        except BlockTooLarge as exc:
+            yield BlockTooLarge(exc.count, exc.limit, f"{where}: after record {count}, ")
+            continue
+        except Exception as exc:  # noqa: BLE001 -- truncated/corrupt framing: EOFError,
+            # zlib.error, LZMAError... whatever the bytes make the codec do
+            yield _damaged(where, count, exc)
+            return
+        if block is None:
+            return
+        n, data = block
+        buf = io.BytesIO(data)
+        for done in range(n):
+            try:
+                record = reader.read(data, buf)
+            except Exception as exc:  # noqa: BLE001 -- IndexError, ValueError, EOFError...
+                # The block ended with its sync marker, so the next one can still be read.
+                yield DecodeError(f"{where}: after record {count}, {n - done} Avro record(s) "
+                                  f"of a block are corrupt ({type(exc).__name__}: {exc}); the "
+                                  "next blocks are read")
+                break
             yield record
             count += 1
-    except Exception as exc:  # noqa: BLE001 -- truncated/corrupt blocks: EOFError, IndexError,
-        # zlib.error, ValueError... whatever the bytes make fastavro do
-        yield DecodeError(f"{where} is damaged after record {count} ({type(exc).__name__}: "
-                          f"{exc}); the rest of the file is skipped")
+
+
+def _fastavro_records(container: Iterator[Record], where: str) -> Iterator[Record | DecodeError]:
+    count = 0
+    try:
+        for record in container:
+            yield record
+            count += 1
+    except Exception as exc:  # noqa: BLE001 -- as in _avro_file
+        yield _damaged(where, count, exc)
+
+
+def _damaged(where: str, count: int, exc: Exception) -> DecodeError:
+    return DecodeError(f"{where} is damaged after record {count} ({type(exc).__name__}: "
+                       f"{exc}); the rest of the file is skipped")
 
 
 # A JSON value spread over lines is gathered up to this size; past it, it is a bad record.
 _MAX_SPREAD_BYTES = 64 * 1024 * 1024
 
 
-def _json_lines(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]:
+def _json_lines(stream: IO[bytes], where: str, one_per_line: bool
+                ) -> Iterator[Record | DecodeError]:
     """JSON Lines, where a line that is not valid JSON is one bad record, whatever its place.
 
-    A line that is the unfinished start of a JSON value (``{`` of a pretty-printed object)
-    is joined with the next ones until the value is complete. When a later line cannot
-    continue it, the unfinished lines are one bad record and that line is read on its own,
-    so a truncated line never takes a good one with it.
+    With ``one_per_line`` (``jsonl``) every line is one value. Otherwise (``json``) a line
+    that is the unfinished start of a JSON value (``{`` of a pretty-printed object) is joined
+    with the next ones until the value is complete. When a later line cannot continue it, or
+    is a whole object on its own at the start of the line (the next record of a JSON Lines
+    file after a truncated one), the unfinished lines are one bad record and that line is
+    read on its own, so a truncated line never takes a good one with it.
     """
     pending, first = b"", 0
     for line_no, line in enumerate(stream, 1):
@@ -669,28 +820,46 @@ def _json_lines(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]
                 continue
             first = line_no
         value, error = _parse(pending + line)
-        if error is _UNFINISHED and len(pending) + len(line) < _MAX_SPREAD_BYTES:
+        if pending and error is _UNFINISHED and _is_object_line(line):
+            error = "the next line starts a new object"
+        if error is _UNFINISHED and not one_per_line and \
+                len(pending) + len(line) < _MAX_SPREAD_BYTES:
             pending += line
             continue
         if error is not None and pending:
-            yield DecodeError(f"{where} {_lines(first, line_no - 1)} hold a JSON value that "
-                              "never ends")
+            yield _never_ends(where, first, line_no - 1, pending)
             pending, first = b"", line_no
             value, error = _parse(line)
-            if error is _UNFINISHED:
+            if error is _UNFINISHED and not one_per_line:
                 pending = line
                 continue
-        pending = b""
+        text, pending = pending + line, b""
         if error is not None:
-            reason = "a JSON value that never ends" if error is _UNFINISHED else error
-            yield DecodeError(f"{where} {_lines(first, line_no)} is not valid JSON ({reason})")
+            if error is _UNFINISHED:
+                yield _never_ends(where, first, line_no, text)
+            else:
+                yield DecodeError(f"{where} {_lines(first, line_no)} is not valid JSON ({error})",
+                                  text)
         elif isinstance(value, dict):
             yield value
         else:
             yield DecodeError(f"{where} {_lines(first, line_no)} is a JSON "
-                              f"{type(value).__name__}, not an object")
+                              f"{type(value).__name__}, not an object", text)
     if pending:
-        yield DecodeError(f"{where} ends inside a JSON value started on line {first}")
+        yield DecodeError(f"{where} ends inside a JSON value started on line {first}", pending)
+
+
+def _never_ends(where: str, first: int, last: int, text: bytes) -> DecodeError:
+    return DecodeError(f"{where} {_lines(first, last)} is not valid JSON (a JSON value that "
+                       "never ends)", text)
+
+
+def _is_object_line(line: bytes) -> bool:
+    """A line that is a whole JSON object and starts with its ``{``: a JSON Lines record.
+
+    A pretty-printed object's inner lines are indented, or are not whole objects.
+    """
+    return line[:1] == b"{" and _parse(line)[1] is None
 
 
 _UNFINISHED = "unfinished"
@@ -716,19 +885,73 @@ def _peek_nonspace(stream: IO[bytes]) -> bytes:
 
 
 def _json_array(stream: IO[bytes], where: str) -> Iterator[Record | DecodeError]:
+    """A JSON array, parsed incrementally.
+
+    If it fails before its first object, it may be no array but JSON Lines whose first line
+    is damaged into starting with ``[`` (a ``{`` with one bit flipped): the bytes read so far
+    are replayed and the input is read as lines, so one bad line does not take the file.
+    """
     import ijson
 
+    head = _Recording(stream)
+    held: list[DecodeError] = []  # rejects of items before the first object, while undecided
     index = -1
     try:
-        for index, item in enumerate(ijson.items(stream, "item", use_float=True)):
+        for index, item in enumerate(ijson.items(head, "item", use_float=True)):
+            if isinstance(item, dict):
+                head.recorded = None  # an array of records: damage from here on is its own
+            else:
+                held.append(DecodeError(f"{where} item {index} is a JSON "
+                                        f"{type(item).__name__}, not an object"))
+            if head.recorded is None:
+                yield from held
+                held.clear()
             if isinstance(item, dict):
                 yield item
-            else:
-                yield DecodeError(f"{where} item {index} is a JSON {type(item).__name__}, "
-                                  "not an object")
+        yield from held
     except ijson.JSONError as exc:
+        if head.recorded is not None:
+            replayed = io.BufferedReader(_Replayed(bytes(head.recorded), stream))
+            yield from _json_lines(replayed, where, one_per_line=False)
+            return
         yield DecodeError(f"{where} is not valid JSON after item {index} ({exc}); the rest of "
                           "the file is skipped")
+
+
+class _Recording:
+    """A binary stream that keeps what is read from it, up to ``_MAX_SPREAD_BYTES``."""
+
+    def __init__(self, stream: IO[bytes]):
+        self._stream = stream
+        self.recorded: bytearray | None = bytearray()  # None: no longer recording
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        if self.recorded is not None:
+            self.recorded += data
+            if len(self.recorded) > _MAX_SPREAD_BYTES:
+                self.recorded = None
+        return data
+
+
+class _Replayed(io.RawIOBase):
+    """``head``, then the rest of ``stream``: a stream read again from its start."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]):
+        self._head = memoryview(head)
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        data = self._stream.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 class FileWriter:
@@ -754,10 +977,13 @@ class FileWriter:
             self._stream.write(line + b"\n")
             return
         try:
-            self._avro.write(record)
+            # Encoded on its own first: a record that fails half way would otherwise leave
+            # its first fields in the container's block, shifting every record after it.
+            fastavro.schemaless_writer(io.BytesIO(), self._avro.schema, record)
         except Exception as exc:
             raise EncodeError(f"the output record does not match the output Avro schema "
                               f"({type(exc).__name__}: {exc})") from None
+        self._avro.write(record)
 
     def close(self) -> None:
         if self._avro is not None:

@@ -140,7 +140,7 @@ class PartitionJob:
         for where, index, item in chunk:
             sink.counts["read"] += 1
             if isinstance(item, DecodeError):
-                sink.reject(where, index, "decode", item, None)
+                sink.reject(where, index, "decode", item, item.raw_text())
                 continue
             result = next(results)
             if isinstance(result, RecordError):

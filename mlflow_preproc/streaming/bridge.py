@@ -79,7 +79,8 @@ class Bridge(KafkaLoop):
         self.url = config.require("API_URL").rstrip("/") + config["API_ENDPOINT"]
         self.timeout = config["REQUEST_TIMEOUT_S"]
         self.payload_format = config["PAYLOAD_FORMAT"]
-        self.decoder = MessageDecoder(config["INPUT_FORMAT"], any_json=True)
+        self.decoder = MessageDecoder(config["INPUT_FORMAT"], any_json=True,
+                                      max_decoded_bytes=config["MAX_DECODED_BYTES"])
         self.session = requests.Session()
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"API_URL={config['API_URL']!r} is not an http(s) URL; e.g. "

@@ -59,7 +59,8 @@ class Stream(KafkaLoop):
             self.decoder = MessageDecoder(config["INPUT_FORMAT"], schema,
                                           config["AVRO_SCHEMA_DIR"],
                                           config["SCHEMA_REGISTRY_URL"],
-                                          skip=self.fields_to_drop)
+                                          skip=self.fields_to_drop,
+                                          max_decoded_bytes=config["MAX_DECODED_BYTES"])
             self.encoder = MessageEncoder(config["OUTPUT_FORMAT"], out_schema,
                                           config["SCHEMA_REGISTRY_URL"], topic=output_topic)
         except ValueError as exc:
