@@ -107,7 +107,8 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
     Setting("MAX_DECODED_BYTES", MAX_DECODED_BYTES_DEFAULT, "Largest decoded size of an Avro "
             "container block (of a whole message in stream and bridge); a block over it is a "
             "dead letter or a reject, never an out-of-memory kill. Keep it well under the "
-            "memory limit", kind=int, modes=("stream", "bridge", "run"), example="268435456"),
+            "memory limit", kind=int, modes=("stream", "bridge", "run"), example="268435456",
+            minimum=1024, maximum=2**40),
     Setting("BATCH_SIZE", 500, "Records per batch (stream: per consume; bridge: per "
             "/invocations call)", kind=int, example="100", minimum=1, maximum=1_000_000),
     Setting("BATCH_TIMEOUT_MS", 1000, "Longest wait to fill a batch", kind=int, example="200",
