@@ -529,8 +529,21 @@ POISON_VALUES = {"not-json": b"{not json", "array": b"[1, 2]", "tombstone": None
 POISON_RECORDS = ("raise", "unencodable", "oversized")
 
 
-def test_random_kills_and_signals_with_poison_and_a_late_broker_lose_no_record(
-        own_broker, tracking_uri, streams):
+CHAOS_SCHEMA = {"type": "record", "name": "Obs", "fields": [
+    {"name": "id", "type": "long"}, {"name": "x", "type": "long"},
+    {"name": "poison", "type": ["null", "string"], "default": None}]}
+
+
+def confluent(record: dict) -> bytes:
+    """``record`` in the Confluent wire format, schema id 1 (CHAOS_SCHEMA)."""
+    buf = io.BytesIO(struct.pack(">bI", 0, 1))
+    buf.seek(5)
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(CHAOS_SCHEMA), record)
+    return buf.getvalue()
+
+
+def test_random_kills_and_signals_with_poison_a_late_broker_and_registry_outages_lose_no_record(
+        own_broker, tracking_uri, streams, schema_registry):
     import random
 
     seed = int(os.environ.get("CHAOS_SEED", time.time()))
@@ -543,11 +556,12 @@ def test_random_kills_and_signals_with_poison_and_a_late_broker_lose_no_record(
     # CHAOS_KILLS=20 CHAOS_SIGTERMS=5 is the larger run (README, Contributing).
     n = int(os.environ.get("CHAOS_RECORDS", 8000))
     keys = [str(i).encode() for i in range(n)]
-    values: list[bytes | None] = [json.dumps({"id": i, "x": i}).encode() for i in range(n)]
+    values: list[bytes | None] = [confluent({"id": i, "x": i, "poison": None})
+                                  for i in range(n)]
     poison_at = rng.sample(range(n), len(POISON_VALUES) + len(POISON_RECORDS) + 1)
     for i, kind in zip(poison_at, [*POISON_VALUES, *POISON_RECORDS, "drop"]):
         values[i] = POISON_VALUES[kind] if kind in POISON_VALUES else \
-            json.dumps({"id": i, "x": i, "poison": kind}).encode()
+            confluent({"id": i, "x": i, "poison": kind})
     dropped = {keys[poison_at[-1]]}
 
     broker = own_broker(free_port(), start=False)
@@ -555,8 +569,11 @@ def test_random_kills_and_signals_with_poison_and_a_late_broker_lose_no_record(
     env = {"MODEL_URI": model_uri, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
            "INPUT_TOPIC": topic, "OUTPUT_TOPIC": unique("chaos-out"),
            "CONSUMER_GROUP_ID": unique("chaos-group"), "COMMIT_INTERVAL_MS": "500",
-           "BATCH_SIZE": "200"}
+           "BATCH_SIZE": "200", "INPUT_FORMAT": "confluent-avro",
+           "SCHEMA_REGISTRY_URL": schema_registry.url}
+    schema_registry.register(1, CHAOS_SCHEMA)
     live = [streams(env), streams(env)]  # before the broker is up: they wait for it
+    everyone = list(live)
     time.sleep(4)
     broker.start()
     broker.create_topics(topic, partitions=4)
@@ -576,6 +593,16 @@ def test_random_kills_and_signals_with_poison_and_a_late_broker_lose_no_record(
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
+    outages = threading.Event()
+
+    def registry_outages():  # each instance asks for the schema when it starts
+        while not outages.is_set():
+            outages.wait(rng.uniform(1, 5))
+            schema_registry.down = True
+            outages.wait(rng.uniform(1, 4))
+            schema_registry.down = False
+
+    threading.Thread(target=registry_outages, daemon=True).start()
     events = ["SIGKILL"] * int(os.environ.get("CHAOS_KILLS", 10)) + \
         ["SIGTERM"] * int(os.environ.get("CHAOS_SIGTERMS", 3))
     rng.shuffle(events)
@@ -593,6 +620,7 @@ def test_random_kills_and_signals_with_poison_and_a_late_broker_lose_no_record(
             own_exits.append((s.proc.returncode, s.text().strip().splitlines()[-1]))
             live.remove(s)
             live.append(streams(env))
+            everyone.append(live[-1])
         victim = rng.choice(live)
         if event == "SIGKILL":
             victim.stop(signal.SIGKILL)
@@ -600,7 +628,9 @@ def test_random_kills_and_signals_with_poison_and_a_late_broker_lose_no_record(
             sigterm_exits.append(victim.stop(signal.SIGTERM))
         live.remove(victim)
         live.append(streams(env))
+        everyone.append(live[-1])
     feeder.join(120)
+    outages.set()
 
     expected = set(keys) - dropped
     seen_out: list = []
@@ -614,13 +644,16 @@ def test_random_kills_and_signals_with_poison_and_a_late_broker_lose_no_record(
     for s in live:
         sigterm_exits.append(s.stop(signal.SIGTERM))
 
+    waits = sum(len(s.events("dependency_unavailable")) for s in everyone)
     missing = expected - {m.key() for m in seen_out} - {m.key() for m in seen_dlq}
     unique_count = len({m.key() for m in seen_out} | {m.key() for m in seen_dlq})
     duplicates = len(seen_out) + len(seen_dlq) - unique_count
     print(f"chaos: {n} inputs, {len(seen_out)} outputs, {len(seen_dlq)} dead letters, "
           f"{duplicates} duplicates ({100 * duplicates / max(unique_count, 1):.1f}%), "
-          f"{len(missing)} missing; instances that stopped by themselves: {own_exits}")
+          f"{len(missing)} missing; instances that stopped by themselves: {own_exits}; "
+          f"{waits} waits for the registry")
     assert not missing, f"lost {len(missing)} records, e.g. {sorted(missing)[:10]}"
+    assert waits, "no instance met a registry outage: the test did not test it"
     assert sigterm_exits == [0] * len(sigterm_exits)
     assert all(code == 2 and "does not exist" in line for code, line in own_exits), own_exits
     stages = {}
