@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.request
@@ -19,6 +20,7 @@ from mlflow_preproc.builds.webhooks import sign
 
 pytestmark = pytest.mark.slow
 SECRET = "s3cret-for-tests"
+TOKEN = "t0ken-for-tests"
 
 
 def features(record):
@@ -50,12 +52,16 @@ def mlflow_server(tmp_path, monkeypatch):
 
 
 class BuildService:
-    def __init__(self, tmp_path, tracking_uri: str, *args: str, token: str | None = None):
+    """`mlflow-preproc builds serve` in a subprocess; ``api`` sends its token."""
+
+    def __init__(self, tmp_path, tracking_uri: str, *args: str, token: str | None = TOKEN,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp_path / f"builds-{self.port}.log", "w")
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-               "MLFLOW_PREPROC_WEBHOOK_SECRET": SECRET}
+               "MLFLOW_PREPROC_WEBHOOK_SECRET": SECRET, **(env or {})}
+        env.pop("MLFLOW_PREPROC_API_TOKEN", None)
         if token:
             env["MLFLOW_PREPROC_API_TOKEN"] = token
         self.proc = subprocess.Popen(
@@ -63,11 +69,13 @@ class BuildService:
              "--db", str(tmp_path / "builds.db"), *args],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_http(f"{self.url}/health", self.proc, timeout=60)
+        self.api = requests.Session()
+        self.api.headers["Authorization"] = f"Bearer {token}"
 
     def wait_for(self, count: int, timeout: float = 300) -> list[dict]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            builds = requests.get(f"{self.url}/builds", timeout=10).json()
+            builds = self.api.get(f"{self.url}/builds", timeout=10).json()
             if len(builds) >= count and all(b["status"] in ("succeeded", "failed")
                                             for b in builds):
                 return builds
@@ -86,8 +94,8 @@ class BuildService:
 def services(tmp_path):
     started = []
 
-    def start(tracking_uri: str, *args: str, token: str | None = None) -> BuildService:
-        started.append(BuildService(tmp_path, tracking_uri, *args, token=token))
+    def start(tracking_uri: str, *args: str, **options) -> BuildService:
+        started.append(BuildService(tmp_path, tracking_uri, *args, **options))
         return started[-1]
 
     yield start
@@ -158,7 +166,7 @@ def test_forged_unsigned_and_replayed_deliveries_are_refused(mlflow_server, serv
     body, headers = signed_delivery("x", "1", timestamp=int(time.time()) - 3600)
     replayed = requests.post(url, data=body, headers=headers, timeout=10)
     assert replayed.status_code == 401 and "outside the 300 s window" in replayed.json()["detail"]
-    assert requests.get(f"{service.url}/builds", timeout=10).json() == []
+    assert service.api.get(f"{service.url}/builds", timeout=10).json() == []
     assert "webhook delivery refused" in service.text()
 
 
@@ -179,12 +187,12 @@ def test_duplicate_deliveries_build_once_and_unknown_models_fail_with_a_reason(m
 
 def test_api_validation_history_across_restarts_and_delete(mlflow_server, services, tmp_path):
     service = services(mlflow_server)
-    bad = requests.post(f"{service.url}/build", json={"kind": "preprocessing"}, timeout=10)
+    bad = service.api.post(f"{service.url}/build", json={"kind": "preprocessing"}, timeout=10)
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "model_uri"]
-    wrong_kind = requests.post(f"{service.url}/build", json={"model_uri": "m", "kind": "x"},
-                               timeout=10)
+    wrong_kind = service.api.post(f"{service.url}/build",
+                                  json={"model_uri": "m", "kind": "x"}, timeout=10)
     assert wrong_kind.status_code == 422 and wrong_kind.json()["detail"][0]["loc"][-1] == "kind"
-    done = requests.post(f"{service.url}/build/sync", json={"model_uri": "models:/nope/1"},
+    done = service.api.post(f"{service.url}/build/sync", json={"model_uri": "models:/nope/1"},
                          timeout=120).json()
     assert done["status"] == "failed" and "models:/nope/1 was not found" in done["error"]
     service.stop()
@@ -196,14 +204,15 @@ def test_api_validation_history_across_restarts_and_delete(mlflow_server, servic
     store.close()
 
     restarted = services(mlflow_server)
-    builds = {b["id"]: b for b in requests.get(f"{restarted.url}/builds", timeout=10).json()}
+    api, url = restarted.api, restarted.url
+    builds = {b["id"]: b for b in api.get(f"{url}/builds", timeout=10).json()}
     assert builds[done["id"]]["status"] == "failed"  # history survived the restart
     assert builds[crashed.id]["status"] == "failed"
     assert "stopped while this build ran" in builds[crashed.id]["error"]
-    failed = requests.get(f"{restarted.url}/builds", params={"status": "failed"}, timeout=10)
+    failed = api.get(f"{url}/builds", params={"status": "failed"}, timeout=10)
     assert len(failed.json()) == 2
-    assert requests.delete(f"{restarted.url}/builds/{done['id']}", timeout=10).status_code == 204
-    assert requests.get(f"{restarted.url}/builds/{done['id']}", timeout=10).status_code == 404
+    assert api.delete(f"{url}/builds/{done['id']}", timeout=10).status_code == 204
+    assert api.get(f"{url}/builds/{done['id']}", timeout=10).status_code == 404
     docs = urllib.request.urlopen(f"{restarted.url}/openapi.json").read()
     assert b"/webhooks/mlflow" in docs
 
@@ -215,7 +224,7 @@ def test_a_successful_build_can_deploy_it(mlflow_server, services, docker_client
     service = services(mlflow_server)
     port, name = free_port(), f"bs{os.getpid()}"
     try:
-        build = requests.post(f"{service.url}/build/sync", timeout=300, json={
+        build = service.api.post(f"{service.url}/build/sync", timeout=300, json={
             "model_uri": "models:/deploy-prep/1",
             "deploy": {"name": name, "port": str(port)}}).json()
         assert build["status"] == "succeeded" and build["deployment"] == name, build
@@ -245,7 +254,7 @@ def test_malformed_signed_deliveries_and_non_ascii_timestamps_are_refused_with_4
     headers["X-MLflow-Timestamp"] = "\u00b2"  # '²'.isdigit() is True; int('²') raises
     answer = requests.post(url, data=body, headers=headers, timeout=10)
     assert answer.status_code == 401 and "not Unix seconds" in answer.json()["detail"]
-    assert requests.get(f"{service.url}/builds", timeout=10).json() == []
+    assert service.api.get(f"{service.url}/builds", timeout=10).json() == []
 
 
 def test_the_api_needs_the_token_and_webhooks_their_signature(tracking_uri, services):
@@ -273,13 +282,27 @@ def test_the_api_needs_the_token_and_webhooks_their_signature(tracking_uri, serv
                          timeout=30).status_code == 202
 
 
-def test_listening_beyond_loopback_without_a_token_is_refused(tracking_uri, tmp_path):
+def test_without_a_token_setting_the_service_generates_one_and_logs_it(tracking_uri,
+                                                                       services):
+    # Loopback is no trust boundary: model code in a network_mode=host container reaches it.
+    service = services(tracking_uri, token=None)
+    refused = requests.get(f"{service.url}/builds", timeout=10)
+    assert refused.status_code == 401, refused.text
+    [line] = [line for line in service.text().splitlines() if "listening on" in line]
+    assert service.url in line
+    token = re.search(r"API token (\S+) \(generated", line).group(1)
+    assert service.text().count(token) == 1
+    assert requests.get(f"{service.url}/builds", timeout=10,
+                        headers={"Authorization": f"Bearer {token}"}).json() == []
+    assert requests.get(f"{service.url}/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_unsigned_webhooks_beyond_loopback_are_refused_at_start(tracking_uri, tmp_path):
     proc = subprocess.run(
-        [str(BIN / "mlflow-preproc"), "builds", "serve", "--host", "0.0.0.0",
+        [str(BIN / "mlflow-preproc"), "builds", "serve", "--host", "0.0.0.0", "--allow-unsigned",
          "--port", str(free_port()), "--db", str(tmp_path / "b.db")],
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, capture_output=True,
-        text=True, timeout=60)
-    assert proc.returncode == 2
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_PREPROC_API_TOKEN": TOKEN},
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
-        "mlflow-preproc builds: error: refusing to listen on 0.0.0.0 without "
-        "MLFLOW_PREPROC_API_TOKEN")
+        "mlflow-preproc builds: error: refusing --allow-unsigned on 0.0.0.0")

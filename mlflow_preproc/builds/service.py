@@ -8,7 +8,8 @@
   model whose run also logged a preprocessing model (the legacy pairing by ``run_id``) queues
   both images: ``preprocessing-{name}-{version}`` and ``model-{name}-{version}``.
 - ``POST /build`` (queued, returns an id), ``POST /build/sync``, ``GET /builds``,
-  ``GET /builds/{id}``, ``DELETE /builds/{id}``, ``GET /health``.
+  ``GET /builds/{id}``, ``DELETE /builds/{id}`` (these need the token, see
+  :mod:`mlflow_preproc.builds.auth`), ``GET /health`` (liveness, open).
 
 Builds live in SQLite (:mod:`mlflow_preproc.builds.store`) and run ``--max-builds`` at a time.
 """
@@ -26,13 +27,12 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from mlflow_preproc.builds import webhooks
-from mlflow_preproc.builds.auth import TOKEN_ENV, check_listen_address, require_token
+from mlflow_preproc.builds.auth import (SECRET_ENV, TOKEN_ENV, api_token,
+                                        check_unsigned_webhooks, require_token)
 from mlflow_preproc.builds.store import STATUSES, Build, BuildStore
 from mlflow_preproc.deploy.image_build import docker_reference
 
 logger = logging.getLogger("mlflow_preproc")
-
-SECRET_ENV = "MLFLOW_PREPROC_WEBHOOK_SECRET"
 
 
 class BuildRequest(BaseModel):
@@ -144,9 +144,8 @@ class Builder:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def create_app(db_path: str, secret: str | None, allow_unsigned: bool = False,
-               max_builds: int = 1, deploy: dict[str, str] | None = None,
-               token: str | None = None) -> FastAPI:
+def create_app(db_path: str, secret: str | None, token: str, allow_unsigned: bool = False,
+               max_builds: int = 1, deploy: dict[str, str] | None = None) -> FastAPI:
     """The build service as an ASGI app (``uvicorn`` runs it); ``token`` guards the API."""
     store = BuildStore(db_path)
     for lost in store.recover():
@@ -208,9 +207,10 @@ def create_app(db_path: str, secret: str | None, allow_unsigned: bool = False,
         store.delete(build_id)
         return Response(status_code=204)
 
-    @app.get("/health", summary="Liveness and queue sizes")
+    @app.get("/health", summary="Liveness (no token: for probes)")
     def health() -> dict:
-        return {"status": "ok", **{s: len(store.list(s)) for s in ("queued", "running")}}
+        return {"status": "ok"}
+
 
     @app.post("/webhooks/mlflow", status_code=202, summary="MLflow model-registry webhook")
     async def mlflow_webhook(request: Request) -> dict:
@@ -254,14 +254,20 @@ def serve(host: str, port: int, db_path: str, allow_unsigned: bool, max_builds: 
     """Run the build service until interrupted."""
     import uvicorn
 
-    token = os.environ.get(TOKEN_ENV) or None
-    check_listen_address(host, token)
-    secret = os.environ.get(SECRET_ENV)
-    if not secret and not allow_unsigned:
-        logger.warning(f"{SECRET_ENV} is not set: every webhook delivery will be refused "
-                       "(start with --allow-unsigned to accept unsigned ones)")
-    if token is None:
-        logger.warning(f"{TOKEN_ENV} is not set: the API is open to this machine only "
-                       f"(listening on {host})")
-    app = create_app(db_path, secret, allow_unsigned, max_builds, deploy, token)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    secret = os.environ.get(SECRET_ENV) or None
+    if allow_unsigned:
+        check_unsigned_webhooks(host, secret, deploy)
+    elif not secret:
+        logger.warning(f"{SECRET_ENV} is not set: every webhook delivery will be refused")
+    token, generated = api_token(os.environ)
+    app = create_app(db_path, secret, token, allow_unsigned, max_builds, deploy)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+    sock = config.bind_socket()  # bound first, so that the line below tells the truth
+    where = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+    # The one place a generated token is shown, like Jupyter's: whoever reads this log may
+    # call the API.
+    how = (f"API token {token} (generated at start; set {TOKEN_ENV} to choose one)"
+           if generated else f"API token from {TOKEN_ENV}")
+    logger.info(f"build service listening on {where}, {how}",
+                extra={"event": "build_service_started", "url": where})
+    uvicorn.Server(config).run(sockets=[sock])
