@@ -6,8 +6,11 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
 import pytest
@@ -146,11 +149,12 @@ def test_a_model_paired_with_a_preprocessing_run_builds_both_images(mlflow_serve
 
 
 def signed_delivery(name: str, version: str, delivery_id: str = "d-1",
-                    timestamp: int | None = None, secret: str = SECRET) -> tuple[bytes, dict]:
+                    timestamp: int | None = None, secret: str = SECRET,
+                    run_id: str | None = None) -> tuple[bytes, dict]:
     body = json.dumps({"entity": "model_version", "action": "created",
                        "timestamp": "2026-11-23T00:00:00+00:00",
                        "data": {"name": name, "version": version, "source": "models:/m-x",
-                                "run_id": None, "tags": {}, "description": None}}).encode()
+                                "run_id": run_id, "tags": {}, "description": None}}).encode()
     return body, sign(body, secret, delivery_id, timestamp or int(time.time()))
 
 
@@ -170,19 +174,21 @@ def test_forged_unsigned_and_replayed_deliveries_are_refused(mlflow_server, serv
     assert "webhook delivery refused" in service.text()
 
 
-def test_duplicate_deliveries_build_once_and_unknown_models_fail_with_a_reason(mlflow_server,
-                                                                               services):
-    service = services(mlflow_server)
+def test_duplicate_deliveries_build_once(tracking_uri, services):
+    with mlflow.start_run():
+        mlflow.preproc.log_model(features, name="p", registered_model_name="dup")
+    # No Docker engine at this address: the one build fails fast, with the reason.
+    service = services(tracking_uri, env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
     url = f"{service.url}/webhooks/mlflow"
-    first = requests.post(url, data=(d := signed_delivery("ghost", "4"))[0], headers=d[1],
+    first = requests.post(url, data=(d := signed_delivery("dup", "1"))[0], headers=d[1],
                           timeout=30)
-    again = requests.post(url, data=(d := signed_delivery("ghost", "4", "d-2"))[0],
+    again = requests.post(url, data=(d := signed_delivery("dup", "1", "d-2"))[0],
                           headers=d[1], timeout=30)
     assert first.status_code == again.status_code == 202
+    assert [q["duplicate"] for q in first.json()["queued"]] == [False]
     assert [q["duplicate"] for q in again.json()["queued"]] == [True]
     [build] = service.wait_for(1)
-    assert build["status"] == "failed"
-    assert "models:/ghost/4 was not found" in build["error"]
+    assert build["status"] == "failed" and build["error"], build
 
 
 def test_api_validation_history_across_restarts_and_delete(mlflow_server, services, tmp_path):
@@ -306,3 +312,92 @@ def test_unsigned_webhooks_beyond_loopback_are_refused_at_start(tracking_uri, tm
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "mlflow-preproc builds: error: refusing --allow-unsigned on 0.0.0.0")
+
+
+class FakeSlowTrackingServer:
+    """A tracking server that holds every request until ``release`` is set, then answers as
+    MLflow does for an unknown model (the real server cannot be made slow on demand)."""
+
+    def __init__(self):
+        self.holding, self.release = threading.Event(), threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 -- the http.server API
+                fake.holding.set()
+                fake.release.wait(60)
+                body = json.dumps({"error_code": "RESOURCE_DOES_NOT_EXIST",
+                                   "message": "Registered Model with name=slow not found"})
+                self.send_response(404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_slow_tracking_server_does_not_stall_the_service(services):
+    with FakeSlowTrackingServer() as tracking, ThreadPoolExecutor(1) as pool:
+        service = services(tracking.url, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        body, headers = signed_delivery("slow", "1")
+        delivery = pool.submit(requests.post, f"{service.url}/webhooks/mlflow", data=body,
+                               headers=headers, timeout=60)
+        assert tracking.holding.wait(30), "the webhook never asked the tracking server"
+        # While the tracking server still holds the webhook's request, the service answers.
+        health = requests.get(f"{service.url}/health", timeout=20)
+        assert health.status_code == 200 and not delivery.done()
+        tracking.release.set()
+        answer = delivery.result()
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["detail"] == "ignored: models:/slow/1 not found"
+
+
+def test_events_for_what_no_longer_exists_are_acknowledged_a_down_tracking_server_is_503(
+        tracking_uri, services, tmp_path):
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    with mlflow.start_run() as run:
+        mlflow.pyfunc.log_model(name="clf", python_model=Identity(), pip_requirements=[],
+                                registered_model_name="orphan")
+    _get_store()._hard_delete_run(run.info.run_id)  # what `mlflow gc` does to a deleted run
+    service = services(tracking_uri)
+    url = f"{service.url}/webhooks/mlflow"
+    for (name, version, run_id), detail in (
+            (("ghost", "4", None), "ignored: models:/ghost/4 not found"),
+            (("orphan", "1", run.info.run_id),
+             f"ignored: run {run.info.run_id} of models:/orphan/1 not found")):
+        body, headers = signed_delivery(name, version, run_id=run_id)
+        answer = requests.post(url, data=body, headers=headers, timeout=30)
+        assert answer.status_code == 202, answer.text  # acknowledged: MLflow does not resend
+        assert answer.json() == {"queued": [], "detail": detail}
+    assert service.api.get(f"{service.url}/builds", timeout=10).json() == []
+    assert "webhook delivery ignored" in service.text()
+
+    down = services(f"http://127.0.0.1:{free_port()}",
+                    env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    body, headers = signed_delivery("ghost", "4")
+    answer = requests.post(f"{down.url}/webhooks/mlflow", data=body, headers=headers, timeout=30)
+    assert answer.status_code == 503, answer.text  # MLflow delivers it again later
+    assert "tracking server" in answer.json()["detail"]
+    assert down.api.get(f"{down.url}/builds", timeout=10).json() == []
+
+
+class Identity(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return model_input

@@ -6,7 +6,9 @@
   verified (HMAC signature and timestamp, secret from ``MLFLOW_PREPROC_WEBHOOK_SECRET``);
   a new version of a preprocessing model queues its image build, and a new version of another
   model whose run also logged a preprocessing model (the legacy pairing by ``run_id``) queues
-  both images: ``preprocessing-{name}-{version}`` and ``model-{name}-{version}``.
+  both images: ``preprocessing-{name}-{version}`` and ``model-{name}-{version}``. An event
+  for a version or run that no longer exists is acknowledged and ignored; a tracking server
+  that does not answer is a 503, so that MLflow delivers the event again.
 - ``POST /build`` (queued, returns an id), ``POST /build/sync``, ``GET /builds``,
   ``GET /builds/{id}``, ``DELETE /builds/{id}`` (these need the token, see
   :mod:`mlflow_preproc.builds.auth`), ``GET /health`` (liveness, open).
@@ -25,6 +27,7 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from mlflow_preproc.builds import webhooks
 from mlflow_preproc.builds.auth import (SECRET_ENV, TOKEN_ENV, api_token,
@@ -85,10 +88,11 @@ class Builder:
             if deploy:
                 self.store.update(build.id, deployment=self._deploy(build, deploy))
         except Exception as exc:  # a failed build is a record, not a crash of the service
+            reason = failure_reason(exc)
             logger.warning("build failed", extra={"event": "build_failed", "build": build.id,
-                                                  "error": str(exc)})
+                                                  "error": reason})
             self.store.update(build.id, status="failed", finished_at=time.time(),
-                              error=str(exc).splitlines()[0][:2000], log_tail="".join(tail))
+                              error=reason, log_tail="".join(tail))
 
     def _build_preprocessing(self, build: Build, tail: deque) -> str:
         from mlflow_preproc.deploy.target import PreprocDeploymentClient
@@ -142,6 +146,12 @@ class Builder:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failed build's reason: the error's first line, or its type when it has no message."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:2000] if lines else type(exc).__name__
 
 
 def create_app(db_path: str, secret: str | None, token: str, allow_unsigned: bool = False,
@@ -211,6 +221,33 @@ def create_app(db_path: str, secret: str | None, token: str, allow_unsigned: boo
     def health() -> dict:
         return {"status": "ok"}
 
+    def accept(event: webhooks.VersionCreated) -> dict:
+        """Plan and queue the builds of a verified event (asks the tracking server)."""
+        try:
+            plan = webhooks.plan_builds(event)
+        except webhooks.Gone as exc:
+            logger.info("webhook delivery ignored", extra={
+                "event": "webhook_ignored", "model": f"{event.name}/{event.version}",
+                "reason": str(exc)})
+            return {"queued": [], "detail": f"ignored: {exc}"}
+        except Exception as exc:  # noqa: BLE001 -- the environment failed, not the event
+            logger.warning("webhook delivery failed", extra={
+                "event": "webhook_failed", "model": f"{event.name}/{event.version}",
+                "error": failure_reason(exc)})
+            # 503: MLflow delivers the event again, once the tracking server answers
+            raise HTTPException(503, "could not ask the tracking server about "
+                                f"models:/{event.name}/{event.version}: "
+                                f"{failure_reason(exc)}") from None
+        logger.info("webhook delivery accepted", extra={
+            "event": "webhook_accepted", "model": f"{event.name}/{event.version}",
+            "builds": [kind for kind, _, _ in plan]})
+        queued = []
+        for kind, model_uri, image in plan:
+            build, created = queue(kind, model_uri, {"image": image},
+                                   f"{event.name}/{event.version}/{kind}")
+            queued.append({"id": build.id, "kind": kind, "duplicate": not created})
+        detail = "" if plan else "this version has no preprocessing model; nothing to build"
+        return {"queued": queued, "detail": detail}
 
     @app.post("/webhooks/mlflow", status_code=202, summary="MLflow model-registry webhook")
     async def mlflow_webhook(request: Request) -> dict:
@@ -230,17 +267,9 @@ def create_app(db_path: str, secret: str | None, token: str, allow_unsigned: boo
             raise HTTPException(400, str(exc)) from None
         if event is None:
             return {"queued": [], "detail": "not a model version creation; nothing to build"}
-        plan = webhooks.plan_builds(event)
-        logger.info("webhook delivery accepted", extra={
-            "event": "webhook_accepted", "model": f"{event.name}/{event.version}",
-            "builds": [kind for kind, _, _ in plan]})
-        queued = []
-        for kind, model_uri, image in plan:
-            build, created = queue(kind, model_uri, {"image": image},
-                                   f"{event.name}/{event.version}/{kind}")
-            queued.append({"id": build.id, "kind": kind, "duplicate": not created})
-        detail = "" if plan else "this version has no preprocessing model; nothing to build"
-        return {"queued": queued, "detail": detail}
+        # The MLflow client is synchronous: on the event loop, a slow tracking server would
+        # stall every request (/health too) until it answered.
+        return await run_in_threadpool(accept, event)
 
     @app.on_event("shutdown")
     def close() -> None:
