@@ -111,14 +111,19 @@ def _parser() -> argparse.ArgumentParser:
     serve = builds_sub.add_parser(
         "serve", help="run the build service", description="Receive MLflow model-registry "
         "webhooks and build requests; build images on the local Docker engine. Webhook "
-        "deliveries are verified with the secret in MLFLOW_PREPROC_WEBHOOK_SECRET.")
+        "deliveries are verified with the secret in MLFLOW_PREPROC_WEBHOOK_SECRET. Every "
+        "other endpoint but /health needs 'Authorization: Bearer <MLFLOW_PREPROC_API_TOKEN>'; "
+        "without that variable a random token is made at start and logged once, on the line "
+        "saying where the service listens.")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--db", default="mlflow-preproc-builds.db",
                        help="SQLite file holding the build history")
     serve.add_argument("--max-builds", type=int, default=1, help="builds run at once")
     serve.add_argument("--allow-unsigned", action="store_true",
-                       help="accept webhook deliveries without a signature (trusted networks)")
+                       help="accept webhook deliveries without a signature: local "
+                       "development only, so refused with a --host beyond loopback, with -C "
+                       "and with MLFLOW_PREPROC_WEBHOOK_SECRET set")
     serve.add_argument("-C", "--deploy-config", action="append", default=[], metavar="KEY=VALUE",
                        help="after each successful preprocessing build, create or update its "
                        "deployment with these preproc target keys (name=... names it)")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
 import pytest
@@ -19,6 +23,7 @@ from mlflow_preproc.builds.webhooks import sign
 
 pytestmark = pytest.mark.slow
 SECRET = "s3cret-for-tests"
+TOKEN = "t0ken-for-tests"
 
 
 def features(record):
@@ -50,12 +55,16 @@ def mlflow_server(tmp_path, monkeypatch):
 
 
 class BuildService:
-    def __init__(self, tmp_path, tracking_uri: str, *args: str, token: str | None = None):
+    """`mlflow-preproc builds serve` in a subprocess; ``api`` sends its token."""
+
+    def __init__(self, tmp_path, tracking_uri: str, *args: str, token: str | None = TOKEN,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp_path / f"builds-{self.port}.log", "w")
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-               "MLFLOW_PREPROC_WEBHOOK_SECRET": SECRET}
+               "MLFLOW_PREPROC_WEBHOOK_SECRET": SECRET, **(env or {})}
+        env.pop("MLFLOW_PREPROC_API_TOKEN", None)
         if token:
             env["MLFLOW_PREPROC_API_TOKEN"] = token
         self.proc = subprocess.Popen(
@@ -63,11 +72,13 @@ class BuildService:
              "--db", str(tmp_path / "builds.db"), *args],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_http(f"{self.url}/health", self.proc, timeout=60)
+        self.api = requests.Session()
+        self.api.headers["Authorization"] = f"Bearer {token}"
 
     def wait_for(self, count: int, timeout: float = 300) -> list[dict]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            builds = requests.get(f"{self.url}/builds", timeout=10).json()
+            builds = self.api.get(f"{self.url}/builds", timeout=10).json()
             if len(builds) >= count and all(b["status"] in ("succeeded", "failed")
                                             for b in builds):
                 return builds
@@ -86,8 +97,8 @@ class BuildService:
 def services(tmp_path):
     started = []
 
-    def start(tracking_uri: str, *args: str, token: str | None = None) -> BuildService:
-        started.append(BuildService(tmp_path, tracking_uri, *args, token=token))
+    def start(tracking_uri: str, *args: str, **options) -> BuildService:
+        started.append(BuildService(tmp_path, tracking_uri, *args, **options))
         return started[-1]
 
     yield start
@@ -138,11 +149,12 @@ def test_a_model_paired_with_a_preprocessing_run_builds_both_images(mlflow_serve
 
 
 def signed_delivery(name: str, version: str, delivery_id: str = "d-1",
-                    timestamp: int | None = None, secret: str = SECRET) -> tuple[bytes, dict]:
+                    timestamp: int | None = None, secret: str = SECRET,
+                    run_id: str | None = None) -> tuple[bytes, dict]:
     body = json.dumps({"entity": "model_version", "action": "created",
                        "timestamp": "2026-11-23T00:00:00+00:00",
                        "data": {"name": name, "version": version, "source": "models:/m-x",
-                                "run_id": None, "tags": {}, "description": None}}).encode()
+                                "run_id": run_id, "tags": {}, "description": None}}).encode()
     return body, sign(body, secret, delivery_id, timestamp or int(time.time()))
 
 
@@ -158,33 +170,35 @@ def test_forged_unsigned_and_replayed_deliveries_are_refused(mlflow_server, serv
     body, headers = signed_delivery("x", "1", timestamp=int(time.time()) - 3600)
     replayed = requests.post(url, data=body, headers=headers, timeout=10)
     assert replayed.status_code == 401 and "outside the 300 s window" in replayed.json()["detail"]
-    assert requests.get(f"{service.url}/builds", timeout=10).json() == []
+    assert service.api.get(f"{service.url}/builds", timeout=10).json() == []
     assert "webhook delivery refused" in service.text()
 
 
-def test_duplicate_deliveries_build_once_and_unknown_models_fail_with_a_reason(mlflow_server,
-                                                                               services):
-    service = services(mlflow_server)
+def test_duplicate_deliveries_build_once(tracking_uri, services):
+    with mlflow.start_run():
+        mlflow.preproc.log_model(features, name="p", registered_model_name="dup")
+    # No Docker engine at this address: the one build fails fast, with the reason.
+    service = services(tracking_uri, env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
     url = f"{service.url}/webhooks/mlflow"
-    first = requests.post(url, data=(d := signed_delivery("ghost", "4"))[0], headers=d[1],
+    first = requests.post(url, data=(d := signed_delivery("dup", "1"))[0], headers=d[1],
                           timeout=30)
-    again = requests.post(url, data=(d := signed_delivery("ghost", "4", "d-2"))[0],
+    again = requests.post(url, data=(d := signed_delivery("dup", "1", "d-2"))[0],
                           headers=d[1], timeout=30)
     assert first.status_code == again.status_code == 202
+    assert [q["duplicate"] for q in first.json()["queued"]] == [False]
     assert [q["duplicate"] for q in again.json()["queued"]] == [True]
     [build] = service.wait_for(1)
-    assert build["status"] == "failed"
-    assert "models:/ghost/4 was not found" in build["error"]
+    assert build["status"] == "failed" and build["error"], build
 
 
 def test_api_validation_history_across_restarts_and_delete(mlflow_server, services, tmp_path):
     service = services(mlflow_server)
-    bad = requests.post(f"{service.url}/build", json={"kind": "preprocessing"}, timeout=10)
+    bad = service.api.post(f"{service.url}/build", json={"kind": "preprocessing"}, timeout=10)
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "model_uri"]
-    wrong_kind = requests.post(f"{service.url}/build", json={"model_uri": "m", "kind": "x"},
-                               timeout=10)
+    wrong_kind = service.api.post(f"{service.url}/build",
+                                  json={"model_uri": "m", "kind": "x"}, timeout=10)
     assert wrong_kind.status_code == 422 and wrong_kind.json()["detail"][0]["loc"][-1] == "kind"
-    done = requests.post(f"{service.url}/build/sync", json={"model_uri": "models:/nope/1"},
+    done = service.api.post(f"{service.url}/build/sync", json={"model_uri": "models:/nope/1"},
                          timeout=120).json()
     assert done["status"] == "failed" and "models:/nope/1 was not found" in done["error"]
     service.stop()
@@ -196,14 +210,15 @@ def test_api_validation_history_across_restarts_and_delete(mlflow_server, servic
     store.close()
 
     restarted = services(mlflow_server)
-    builds = {b["id"]: b for b in requests.get(f"{restarted.url}/builds", timeout=10).json()}
+    api, url = restarted.api, restarted.url
+    builds = {b["id"]: b for b in api.get(f"{url}/builds", timeout=10).json()}
     assert builds[done["id"]]["status"] == "failed"  # history survived the restart
     assert builds[crashed.id]["status"] == "failed"
     assert "stopped while this build ran" in builds[crashed.id]["error"]
-    failed = requests.get(f"{restarted.url}/builds", params={"status": "failed"}, timeout=10)
+    failed = api.get(f"{url}/builds", params={"status": "failed"}, timeout=10)
     assert len(failed.json()) == 2
-    assert requests.delete(f"{restarted.url}/builds/{done['id']}", timeout=10).status_code == 204
-    assert requests.get(f"{restarted.url}/builds/{done['id']}", timeout=10).status_code == 404
+    assert api.delete(f"{url}/builds/{done['id']}", timeout=10).status_code == 204
+    assert api.get(f"{url}/builds/{done['id']}", timeout=10).status_code == 404
     docs = urllib.request.urlopen(f"{restarted.url}/openapi.json").read()
     assert b"/webhooks/mlflow" in docs
 
@@ -215,7 +230,7 @@ def test_a_successful_build_can_deploy_it(mlflow_server, services, docker_client
     service = services(mlflow_server)
     port, name = free_port(), f"bs{os.getpid()}"
     try:
-        build = requests.post(f"{service.url}/build/sync", timeout=300, json={
+        build = service.api.post(f"{service.url}/build/sync", timeout=300, json={
             "model_uri": "models:/deploy-prep/1",
             "deploy": {"name": name, "port": str(port)}}).json()
         assert build["status"] == "succeeded" and build["deployment"] == name, build
@@ -245,7 +260,7 @@ def test_malformed_signed_deliveries_and_non_ascii_timestamps_are_refused_with_4
     headers["X-MLflow-Timestamp"] = "\u00b2"  # '²'.isdigit() is True; int('²') raises
     answer = requests.post(url, data=body, headers=headers, timeout=10)
     assert answer.status_code == 401 and "not Unix seconds" in answer.json()["detail"]
-    assert requests.get(f"{service.url}/builds", timeout=10).json() == []
+    assert service.api.get(f"{service.url}/builds", timeout=10).json() == []
 
 
 def test_the_api_needs_the_token_and_webhooks_their_signature(tracking_uri, services):
@@ -273,13 +288,116 @@ def test_the_api_needs_the_token_and_webhooks_their_signature(tracking_uri, serv
                          timeout=30).status_code == 202
 
 
-def test_listening_beyond_loopback_without_a_token_is_refused(tracking_uri, tmp_path):
+def test_without_a_token_setting_the_service_generates_one_and_logs_it(tracking_uri,
+                                                                       services):
+    # Loopback is no trust boundary: model code in a network_mode=host container reaches it.
+    service = services(tracking_uri, token=None)
+    refused = requests.get(f"{service.url}/builds", timeout=10)
+    assert refused.status_code == 401, refused.text
+    [line] = [line for line in service.text().splitlines() if "listening on" in line]
+    assert service.url in line
+    token = re.search(r"API token (\S+) \(generated", line).group(1)
+    assert service.text().count(token) == 1
+    assert requests.get(f"{service.url}/builds", timeout=10,
+                        headers={"Authorization": f"Bearer {token}"}).json() == []
+    assert requests.get(f"{service.url}/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_unsigned_webhooks_beyond_loopback_are_refused_at_start(tracking_uri, tmp_path):
     proc = subprocess.run(
-        [str(BIN / "mlflow-preproc"), "builds", "serve", "--host", "0.0.0.0",
+        [str(BIN / "mlflow-preproc"), "builds", "serve", "--host", "0.0.0.0", "--allow-unsigned",
          "--port", str(free_port()), "--db", str(tmp_path / "b.db")],
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, capture_output=True,
-        text=True, timeout=60)
-    assert proc.returncode == 2
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_PREPROC_API_TOKEN": TOKEN},
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
-        "mlflow-preproc builds: error: refusing to listen on 0.0.0.0 without "
-        "MLFLOW_PREPROC_API_TOKEN")
+        "mlflow-preproc builds: error: refusing --allow-unsigned on 0.0.0.0")
+
+
+class FakeSlowTrackingServer:
+    """A tracking server that holds every request until ``release`` is set, then answers as
+    MLflow does for an unknown model (the real server cannot be made slow on demand)."""
+
+    def __init__(self):
+        self.holding, self.release = threading.Event(), threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 -- the http.server API
+                fake.holding.set()
+                fake.release.wait(60)
+                body = json.dumps({"error_code": "RESOURCE_DOES_NOT_EXIST",
+                                   "message": "Registered Model with name=slow not found"})
+                self.send_response(404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_slow_tracking_server_does_not_stall_the_service(services):
+    with FakeSlowTrackingServer() as tracking, ThreadPoolExecutor(1) as pool:
+        service = services(tracking.url, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        body, headers = signed_delivery("slow", "1")
+        delivery = pool.submit(requests.post, f"{service.url}/webhooks/mlflow", data=body,
+                               headers=headers, timeout=60)
+        assert tracking.holding.wait(30), "the webhook never asked the tracking server"
+        # While the tracking server still holds the webhook's request, the service answers.
+        health = requests.get(f"{service.url}/health", timeout=20)
+        assert health.status_code == 200 and not delivery.done()
+        tracking.release.set()
+        answer = delivery.result()
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["detail"] == "ignored: models:/slow/1 not found"
+
+
+def test_events_for_what_no_longer_exists_are_acknowledged_a_down_tracking_server_is_503(
+        tracking_uri, services, tmp_path):
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    with mlflow.start_run() as run:
+        mlflow.pyfunc.log_model(name="clf", python_model=Identity(), pip_requirements=[],
+                                registered_model_name="orphan")
+    _get_store()._hard_delete_run(run.info.run_id)  # what `mlflow gc` does to a deleted run
+    service = services(tracking_uri)
+    url = f"{service.url}/webhooks/mlflow"
+    for (name, version, run_id), detail in (
+            (("ghost", "4", None), "ignored: models:/ghost/4 not found"),
+            (("orphan", "1", run.info.run_id),
+             f"ignored: run {run.info.run_id} of models:/orphan/1 not found")):
+        body, headers = signed_delivery(name, version, run_id=run_id)
+        answer = requests.post(url, data=body, headers=headers, timeout=30)
+        assert answer.status_code == 202, answer.text  # acknowledged: MLflow does not resend
+        assert answer.json() == {"queued": [], "detail": detail}
+    assert service.api.get(f"{service.url}/builds", timeout=10).json() == []
+    assert "webhook delivery ignored" in service.text()
+
+    down = services(f"http://127.0.0.1:{free_port()}",
+                    env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    body, headers = signed_delivery("ghost", "4")
+    answer = requests.post(f"{down.url}/webhooks/mlflow", data=body, headers=headers, timeout=30)
+    assert answer.status_code == 503, answer.text  # MLflow delivers it again later
+    assert "tracking server" in answer.json()["detail"]
+    assert down.api.get(f"{down.url}/builds", timeout=10).json() == []
+
+
+class Identity(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return model_input

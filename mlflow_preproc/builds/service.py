@@ -6,9 +6,12 @@
   verified (HMAC signature and timestamp, secret from ``MLFLOW_PREPROC_WEBHOOK_SECRET``);
   a new version of a preprocessing model queues its image build, and a new version of another
   model whose run also logged a preprocessing model (the legacy pairing by ``run_id``) queues
-  both images: ``preprocessing-{name}-{version}`` and ``model-{name}-{version}``.
+  both images: ``preprocessing-{name}-{version}`` and ``model-{name}-{version}``. An event
+  for a version or run that no longer exists is acknowledged and ignored; a tracking server
+  that does not answer is a 503, so that MLflow delivers the event again.
 - ``POST /build`` (queued, returns an id), ``POST /build/sync``, ``GET /builds``,
-  ``GET /builds/{id}``, ``DELETE /builds/{id}``, ``GET /health``.
+  ``GET /builds/{id}``, ``DELETE /builds/{id}`` (these need the token, see
+  :mod:`mlflow_preproc.builds.auth`), ``GET /health`` (liveness, open).
 
 Builds live in SQLite (:mod:`mlflow_preproc.builds.store`) and run ``--max-builds`` at a time.
 """
@@ -24,15 +27,15 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from mlflow_preproc.builds import webhooks
-from mlflow_preproc.builds.auth import TOKEN_ENV, check_listen_address, require_token
+from mlflow_preproc.builds.auth import (SECRET_ENV, TOKEN_ENV, api_token,
+                                        check_unsigned_webhooks, require_token)
 from mlflow_preproc.builds.store import STATUSES, Build, BuildStore
 from mlflow_preproc.deploy.image_build import docker_reference
 
 logger = logging.getLogger("mlflow_preproc")
-
-SECRET_ENV = "MLFLOW_PREPROC_WEBHOOK_SECRET"
 
 
 class BuildRequest(BaseModel):
@@ -85,10 +88,11 @@ class Builder:
             if deploy:
                 self.store.update(build.id, deployment=self._deploy(build, deploy))
         except Exception as exc:  # a failed build is a record, not a crash of the service
+            reason = failure_reason(exc)
             logger.warning("build failed", extra={"event": "build_failed", "build": build.id,
-                                                  "error": str(exc)})
+                                                  "error": reason})
             self.store.update(build.id, status="failed", finished_at=time.time(),
-                              error=str(exc).splitlines()[0][:2000], log_tail="".join(tail))
+                              error=reason, log_tail="".join(tail))
 
     def _build_preprocessing(self, build: Build, tail: deque) -> str:
         from mlflow_preproc.deploy.target import PreprocDeploymentClient
@@ -144,9 +148,14 @@ class Builder:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def create_app(db_path: str, secret: str | None, allow_unsigned: bool = False,
-               max_builds: int = 1, deploy: dict[str, str] | None = None,
-               token: str | None = None) -> FastAPI:
+def failure_reason(exc: BaseException) -> str:
+    """A failed build's reason: the error's first line, or its type when it has no message."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:2000] if lines else type(exc).__name__
+
+
+def create_app(db_path: str, secret: str | None, token: str, allow_unsigned: bool = False,
+               max_builds: int = 1, deploy: dict[str, str] | None = None) -> FastAPI:
     """The build service as an ASGI app (``uvicorn`` runs it); ``token`` guards the API."""
     store = BuildStore(db_path)
     for lost in store.recover():
@@ -208,9 +217,37 @@ def create_app(db_path: str, secret: str | None, allow_unsigned: bool = False,
         store.delete(build_id)
         return Response(status_code=204)
 
-    @app.get("/health", summary="Liveness and queue sizes")
+    @app.get("/health", summary="Liveness (no token: for probes)")
     def health() -> dict:
-        return {"status": "ok", **{s: len(store.list(s)) for s in ("queued", "running")}}
+        return {"status": "ok"}
+
+    def accept(event: webhooks.VersionCreated) -> dict:
+        """Plan and queue the builds of a verified event (asks the tracking server)."""
+        try:
+            plan = webhooks.plan_builds(event)
+        except webhooks.Gone as exc:
+            logger.info("webhook delivery ignored", extra={
+                "event": "webhook_ignored", "model": f"{event.name}/{event.version}",
+                "reason": str(exc)})
+            return {"queued": [], "detail": f"ignored: {exc}"}
+        except Exception as exc:  # noqa: BLE001 -- the environment failed, not the event
+            logger.warning("webhook delivery failed", extra={
+                "event": "webhook_failed", "model": f"{event.name}/{event.version}",
+                "error": failure_reason(exc)})
+            # 503: MLflow delivers the event again, once the tracking server answers
+            raise HTTPException(503, "could not ask the tracking server about "
+                                f"models:/{event.name}/{event.version}: "
+                                f"{failure_reason(exc)}") from None
+        logger.info("webhook delivery accepted", extra={
+            "event": "webhook_accepted", "model": f"{event.name}/{event.version}",
+            "builds": [kind for kind, _, _ in plan]})
+        queued = []
+        for kind, model_uri, image in plan:
+            build, created = queue(kind, model_uri, {"image": image},
+                                   f"{event.name}/{event.version}/{kind}")
+            queued.append({"id": build.id, "kind": kind, "duplicate": not created})
+        detail = "" if plan else "this version has no preprocessing model; nothing to build"
+        return {"queued": queued, "detail": detail}
 
     @app.post("/webhooks/mlflow", status_code=202, summary="MLflow model-registry webhook")
     async def mlflow_webhook(request: Request) -> dict:
@@ -230,17 +267,9 @@ def create_app(db_path: str, secret: str | None, allow_unsigned: bool = False,
             raise HTTPException(400, str(exc)) from None
         if event is None:
             return {"queued": [], "detail": "not a model version creation; nothing to build"}
-        plan = webhooks.plan_builds(event)
-        logger.info("webhook delivery accepted", extra={
-            "event": "webhook_accepted", "model": f"{event.name}/{event.version}",
-            "builds": [kind for kind, _, _ in plan]})
-        queued = []
-        for kind, model_uri, image in plan:
-            build, created = queue(kind, model_uri, {"image": image},
-                                   f"{event.name}/{event.version}/{kind}")
-            queued.append({"id": build.id, "kind": kind, "duplicate": not created})
-        detail = "" if plan else "this version has no preprocessing model; nothing to build"
-        return {"queued": queued, "detail": detail}
+        # The MLflow client is synchronous: on the event loop, a slow tracking server would
+        # stall every request (/health too) until it answered.
+        return await run_in_threadpool(accept, event)
 
     @app.on_event("shutdown")
     def close() -> None:
@@ -254,14 +283,20 @@ def serve(host: str, port: int, db_path: str, allow_unsigned: bool, max_builds: 
     """Run the build service until interrupted."""
     import uvicorn
 
-    token = os.environ.get(TOKEN_ENV) or None
-    check_listen_address(host, token)
-    secret = os.environ.get(SECRET_ENV)
-    if not secret and not allow_unsigned:
-        logger.warning(f"{SECRET_ENV} is not set: every webhook delivery will be refused "
-                       "(start with --allow-unsigned to accept unsigned ones)")
-    if token is None:
-        logger.warning(f"{TOKEN_ENV} is not set: the API is open to this machine only "
-                       f"(listening on {host})")
-    app = create_app(db_path, secret, allow_unsigned, max_builds, deploy, token)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    secret = os.environ.get(SECRET_ENV) or None
+    if allow_unsigned:
+        check_unsigned_webhooks(host, secret, deploy)
+    elif not secret:
+        logger.warning(f"{SECRET_ENV} is not set: every webhook delivery will be refused")
+    token, generated = api_token(os.environ)
+    app = create_app(db_path, secret, token, allow_unsigned, max_builds, deploy)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+    sock = config.bind_socket()  # bound first, so that the line below tells the truth
+    where = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+    # The one place a generated token is shown, like Jupyter's: whoever reads this log may
+    # call the API.
+    how = (f"API token {token} (generated at start; set {TOKEN_ENV} to choose one)"
+           if generated else f"API token from {TOKEN_ENV}")
+    logger.info(f"build service listening on {where}, {how}",
+                extra={"event": "build_service_started", "url": where})
+    uvicorn.Server(config).run(sockets=[sock])

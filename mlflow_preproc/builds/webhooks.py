@@ -13,7 +13,8 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 MAX_AGE_S = 300
@@ -97,30 +98,48 @@ def parse(body: bytes) -> VersionCreated | None:
                           str(run_id) if run_id else None)
 
 
+class Gone(Exception):
+    """The event names a model version or run that no longer exists: a verdict on the event,
+    acknowledged (2xx) so that MLflow does not deliver it again."""
+
+
 def plan_builds(event: VersionCreated) -> list[tuple[str, str, str | None]]:
     """``(kind, model_uri, image)`` to build for a new version.
 
     A preprocessing model builds its image. Another model builds nothing, unless its run also
     logged a preprocessing model (the legacy pairing by run): then both images are built,
-    named after this registered version.
+    named after this registered version. Raises :class:`Gone` when the version or its run no
+    longer exists; any other error (the tracking server down or failing) propagates.
     """
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     uri = f"models:/{event.name}/{event.version}"
-    try:
+    with _gone_if_not_found(uri):
         flavors = _flavors(uri)
-    except MlflowException:
-        # Unknown model or version: the build records the reason as a failure.
-        return [("preprocessing", uri, None)]
-    if "preprocessing" in flavors:
-        return [("preprocessing", uri, None)]
-    run_id = event.run_id or MlflowClient().get_model_version(event.name, event.version).run_id
-    partner = _preprocessing_model_of_run(run_id) if run_id else None
+        if "preprocessing" in flavors:
+            return [("preprocessing", uri, None)]
+        run_id = event.run_id or MlflowClient().get_model_version(event.name,
+                                                                  event.version).run_id
+    if not run_id:
+        return []
+    with _gone_if_not_found(f"run {run_id} of {uri}"):
+        partner = _preprocessing_model_of_run(run_id)
     if partner is None:
         return []
     return [("preprocessing", partner, f"preprocessing-{event.name}-{event.version}"),
             ("model", uri, None)]
+
+
+@contextmanager
+def _gone_if_not_found(what: str) -> Iterator[None]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise Gone(f"{what} not found") from exc
+        raise
 
 
 def _flavors(artifact_uri: str) -> dict:
