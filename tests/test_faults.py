@@ -596,6 +596,9 @@ def test_random_kills_and_signals_with_poison_a_late_broker_and_registry_outages
     outages = threading.Event()
 
     def registry_outages():  # each instance asks for the schema when it starts
+        schema_registry.down = True  # the first members meet an outage as they join
+        outages.wait(rng.uniform(6, 9))
+        schema_registry.down = False
         while not outages.is_set():
             outages.wait(rng.uniform(1, 5))
             schema_registry.down = True
