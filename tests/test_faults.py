@@ -167,7 +167,7 @@ class FakeFlakyModelServer:
     """An MLflow-scoring-protocol server on loopback whose faults the test chooses:
     ``refuse_batches`` answers 400 to requests of more than one record, ``down`` answers 503,
     and so does every request after ``down_after`` answered ones; ``statuses`` are answered
-    first, one per request. Otherwise each record's
+    first, one per request. Otherwise each record's prediction is its ``field`` (``x``). Otherwise each record's
     prediction is its ``x``."""
 
     def __init__(self):
@@ -175,6 +175,7 @@ class FakeFlakyModelServer:
         self.down = False
         self.down_after: int | None = None
         self.statuses: list[int] = []  # answers to give first, one per request, then normal
+        self.field = "x"  # each record's prediction is this field of it
         self.answered = 0
         self.requests: list[int] = []  # records per request, in order
         outer = self
@@ -193,7 +194,7 @@ class FakeFlakyModelServer:
                 if outer.refuse_batches and len(records) > 1:
                     return self.answer(400, {"message": "batch refused"})
                 outer.answered += 1
-                self.answer(200, {"predictions": [r["x"] for r in records]})
+                self.answer(200, {"predictions": [r[outer.field] for r in records]})
 
         self.server = serve_on_loopback(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
@@ -542,8 +543,11 @@ def confluent(record: dict) -> bytes:
     return buf.getvalue()
 
 
-def test_random_kills_and_signals_with_poison_a_late_broker_and_registry_outages_lose_no_record(
-        own_broker, tracking_uri, streams, schema_registry):
+def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_no_record(
+        own_broker, tracking_uri, streams, schema_registry, model_server):
+    # input -> stream (killed and signalled at random; its schema registry goes down at
+    # random) -> bridge -> a model server with outages and 429 storms -> predictions. Every
+    # input ends as a prediction or a dead letter, and only poison is dead-lettered.
     import random
 
     seed = int(os.environ.get("CHAOS_SEED", time.time()))
@@ -577,6 +581,11 @@ def test_random_kills_and_signals_with_poison_a_late_broker_and_registry_outages
     time.sleep(4)
     broker.start()
     broker.create_topics(topic, partitions=4)
+    broker.create_topics(env["OUTPUT_TOPIC"], partitions=4)
+    model_server.field = "id"
+    benv = bridge_env(broker.bootstrap_servers, env["OUTPUT_TOPIC"], model_server.url,
+                      BATCH_SIZE="100")
+    bridge = streams(benv, command="bridge")
 
     from confluent_kafka import Producer
 
@@ -605,7 +614,18 @@ def test_random_kills_and_signals_with_poison_a_late_broker_and_registry_outages
             outages.wait(rng.uniform(1, 4))
             schema_registry.down = False
 
+    def model_server_outages():
+        while not outages.is_set():
+            outages.wait(rng.uniform(2, 6))
+            if rng.random() < 0.5:
+                model_server.statuses = [429] * rng.randint(3, 10)  # a storm
+            else:
+                model_server.down = True
+                outages.wait(rng.uniform(1, 4))
+                model_server.down = False
+
     threading.Thread(target=registry_outages, daemon=True).start()
+    threading.Thread(target=model_server_outages, daemon=True).start()
     events = ["SIGKILL"] * int(os.environ.get("CHAOS_KILLS", 10)) + \
         ["SIGTERM"] * int(os.environ.get("CHAOS_SIGTERMS", 3))
     rng.shuffle(events)
@@ -636,22 +656,27 @@ def test_random_kills_and_signals_with_poison_a_late_broker_and_registry_outages
     outages.set()
 
     expected = set(keys) - dropped
-    seen_out: list = []
+    seen_out: list = []  # the bridge's predictions
     seen_dlq: list = []
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        seen_out = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 10**9, timeout=3)
+        seen_out = consume(broker.bootstrap_servers, benv["OUTPUT_TOPIC"], 10**9, timeout=3)
         seen_dlq = consume(broker.bootstrap_servers, f"{topic}-dlq", 10**9, timeout=1)
         if expected <= {m.key() for m in seen_out} | {m.key() for m in seen_dlq}:
             break
     for s in live:
         sigterm_exits.append(s.stop(signal.SIGTERM))
+    assert bridge.stop() == 0, bridge.text()[-2000:]
+    # the model server's outages and storms were waited for: no dead letter of the bridge
+    assert consume(broker.bootstrap_servers, f"{env['OUTPUT_TOPIC']}-dlq", 1, timeout=2) == []
+    assert bridge.events("dependency_unavailable"), "the model server never failed"
+    assert all(json.loads(m.value()) == int(m.key()) for m in seen_out)
 
     waits = sum(len(s.events("dependency_unavailable")) for s in everyone)
     missing = expected - {m.key() for m in seen_out} - {m.key() for m in seen_dlq}
     unique_count = len({m.key() for m in seen_out} | {m.key() for m in seen_dlq})
     duplicates = len(seen_out) + len(seen_dlq) - unique_count
-    print(f"chaos: {n} inputs, {len(seen_out)} outputs, {len(seen_dlq)} dead letters, "
+    print(f"chaos: {n} inputs, {len(seen_out)} predictions, {len(seen_dlq)} dead letters, "
           f"{duplicates} duplicates ({100 * duplicates / max(unique_count, 1):.1f}%), "
           f"{len(missing)} missing; instances that stopped by themselves: {own_exits}; "
           f"{waits} waits for the registry")
