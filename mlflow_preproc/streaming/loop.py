@@ -125,6 +125,7 @@ class KafkaLoop:
         self.stats = LoopStats(self.command)
         self.checkpoint = Checkpoint()
         self.brake = DeadLetterBrake(config["DLQ_BRAKE_RATIO"], config["DLQ_BRAKE_WINDOW"])
+        self.stats.verdict_after = config["DLQ_BRAKE_WINDOW"]
         self._owned: set[tuple[str, int]] = set()
         # Input is paused while a dependency is down (wait) or deliveries are retried
         # (_redeliver). librdkafka keeps a partition's pause across a revoke or loss, so a
@@ -360,6 +361,7 @@ class KafkaLoop:
                     self._hold(braking)  # this batch stays out of the checkpoint
                     break
                 self.checkpoint.mark_handled(messages, self._owned)
+                self.stats.handled += len(messages)
                 self.stats.batch_done(time.monotonic() - started)
             else:
                 self.stats.alive()
@@ -392,6 +394,7 @@ class KafkaLoop:
         if len(good) < len(messages):
             self._consume_errors(messages)
         self.stats.counts["in"] += len(good)
+        self.stats.caught_up = not messages
         if good:
             self.stats.last_fetch = time.monotonic()
             self._backoff = 0.0

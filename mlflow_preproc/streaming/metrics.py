@@ -44,6 +44,11 @@ class LoopStats:
     lag: dict[tuple[str, int], int] = field(default_factory=dict)  # owned partitions only
     waiting_for: str | None = None  # a dependency the loop waits for
     brake: str | None = None  # why the dead-letter brake engaged
+    # A rollout waits for a verdict on the new version: it has caught up (a poll found
+    # nothing) or handled a full dead-letter brake window, which the brake has judged.
+    handled: int = 0
+    caught_up: bool = False
+    verdict_after: int = 200
 
     def __post_init__(self) -> None:
         self._records = Counter("mlflow_preproc_records", "Records by outcome",
@@ -132,6 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.dumps({"status": "ok" if ok else "stalled", "reason": reason,
                                "seconds_since_progress": round(idle, 1),
                                "joined": self.stats.joined,
+                               "settled": self.stats.caught_up or
+                               self.stats.handled >= self.stats.verdict_after,
                                "partitions": self.stats.partitions, **self.stats.counts})
             self._send(200 if ok else 503, body.encode(), "application/json")
         else:
