@@ -389,12 +389,15 @@ class KafkaLoop:
     def _consume(self, batch_size: int, timeout: float) -> list[Message]:
         if self._unsettled:
             self._settle_assignment()
+        owned_before = bool(self._owned)
         messages = self.consumer.consume(batch_size, timeout)
+        # Caught up: an empty poll of partitions owned before it (one that brought the
+        # assignment has not fetched yet), or nothing owned at all.
+        self.stats.caught_up = not messages and (owned_before or not self._owned)
         good = [msg for msg in messages if msg.error() is None]
         if len(good) < len(messages):
             self._consume_errors(messages)
         self.stats.counts["in"] += len(good)
-        self.stats.caught_up = not messages
         if good:
             self.stats.last_fetch = time.monotonic()
             self._backoff = 0.0
