@@ -17,6 +17,12 @@ Guarantees, whatever the handler does with a batch:
   ``message.timeout.ms``) are sent again while the input partitions are paused and the
   consumer keeps polling, so the group keeps this member; a producer whose idempotence state
   broke is replaced.
+- **a dependency that fails is waited for, never dead-lettered** (:meth:`KafkaLoop.when_available`):
+  a schema registry or model server that is
+  :class:`~mlflow_preproc.runtime.dependencies.Unavailable` is retried with backoff, input
+  paused and nothing committed; one that is ``Misconfigured`` stops the loop (exit 2).
+- **the dead-letter brake** (:mod:`~mlflow_preproc.streaming.brake`): when most of a window
+  of records is dead-lettered, the loop stops committing, pauses and fails ``/healthz``.
 - **signals.** SIGTERM/SIGINT, at any moment from start-up on, finish the batch in flight,
   flush, commit and close within ``SHUTDOWN_TIMEOUT_S`` (exit 0).
 - **fatal conditions** (unreachable broker at start, a missing topic, a dead-letter topic this
