@@ -125,3 +125,18 @@ def test_healthz_fails_for_a_consumer_with_lag_that_fetches_nothing():
     assert stats.health(now, stall_s=120) == (True, "ok")
     stats.brake = "300 of the last 300 records..."
     assert stats.health(now, stall_s=120)[0] is False
+
+
+def test_a_rollout_gets_its_verdict_once_the_version_caught_up_or_handled_a_window():
+    from mlflow_preproc.streaming.metrics import LoopStats
+
+    stats = LoopStats("stream", verdict_after=200)
+    assert not stats.settled()  # joined, about to fetch a backlog
+    stats.handled = 199
+    assert not stats.settled()
+    stats.handled = 200  # the brake has judged a full window
+    assert stats.settled()
+    stats.handled, stats.caught_up = 0, True  # nothing (more) to read
+    assert stats.settled()
+    stats.caught_up, stats.waiting_for = False, "model server"  # no verdict can come yet
+    assert stats.settled()

@@ -84,6 +84,13 @@ class LoopStats:
         if added:
             self.last_fetch = time.monotonic()  # new partitions: give them time to fetch
 
+    def settled(self) -> bool:
+        """Whether a rollout can stop watching this version: it caught up, handled a full
+        dead-letter brake window (which the brake judged), or waits for a dependency (no
+        verdict can come until that is back)."""
+        return self.caught_up or self.handled >= self.verdict_after or \
+            self.waiting_for is not None
+
     def health(self, now: float, stall_s: float) -> tuple[bool, str]:
         """Whether the loop is healthy, and why not."""
         if self.brake:
@@ -137,8 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.dumps({"status": "ok" if ok else "stalled", "reason": reason,
                                "seconds_since_progress": round(idle, 1),
                                "joined": self.stats.joined,
-                               "settled": self.stats.caught_up or
-                               self.stats.handled >= self.stats.verdict_after,
+                               "settled": self.stats.settled(),
                                "partitions": self.stats.partitions, **self.stats.counts})
             self._send(200 if ok else 503, body.encode(), "application/json")
         else:
