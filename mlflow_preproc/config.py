@@ -247,6 +247,12 @@ def load(mode: str, args: argparse.Namespace | None = None,
     return Config(values, kafka, sources)
 
 
+def parse_value(env: str, raw: str) -> Any:
+    """``raw`` as setting ``env`` reads it (``"5"`` -> 5); raises :class:`ConfigError` naming
+    the variable for a value it refuses, as :func:`load` would."""
+    return _convert(SETTINGS[env], raw)
+
+
 def _convert(s: Setting, raw: Any) -> Any:
     if not isinstance(raw, str):
         return raw

@@ -182,3 +182,78 @@ def test_a_consumer_is_healthy_once_joined_and_settled_and_a_tripped_brake_fails
         _is_healthy(spec)
     answer["body"]["reason"] = "the loop made no progress for 130 s"
     assert _is_healthy(spec) is False  # unhealthy for now: waited for until health_timeout
+
+
+# ---- #19 finding 5: every pure check before the engine, the cluster or the broker ----------
+
+# A loopback port nothing listens on: a Docker engine that cannot be reached, for real.
+NO_ENGINE = "preproc:/tcp://127.0.0.1:1"
+
+
+def refusal(call, *args, **kwargs) -> str:
+    from mlflow_preproc.deploy.target import DeploymentError
+
+    with pytest.raises(DeploymentError) as refused:
+        call(*args, **kwargs)
+    message = str(refused.value)
+    assert "\n" not in message  # one Error: line
+    return message
+
+
+def no_engine():
+    from mlflow_preproc.deploy.target import PreprocDeploymentClient
+
+    return PreprocDeploymentClient(NO_ENGINE)
+
+
+@pytest.mark.parametrize("name, fix", [("my deploy", "my-deploy"), ("-fink", "fink"),
+                                       ("fink/1", "fink-1"), ("fink:1", "fink-1"), ("", "fink")])
+def test_a_docker_name_docker_would_refuse_is_refused_first(name, fix):
+    message = refusal(no_engine().create_deployment, name, "models:/fink-prep/1")
+    assert f"deployment name {name!r} is not a Docker container name" in message
+    assert message.endswith(f"use --name {fix}")
+
+
+@pytest.mark.parametrize("name, fix", [("UX_Orders", "ux-orders"), ("fink.prep", "fink-prep"),
+                                       ("my deploy", "my-deploy"), ("a" * 64, "a" * 63)])
+def test_a_kubernetes_name_must_be_a_dns_label_and_is_never_rewritten(name, fix):
+    message = refusal(no_engine().create_deployment, name, "models:/fink-prep/1",
+                      config={"backend": "kubernetes"})
+    assert f"deployment name {name!r} is not a Kubernetes name" in message
+    assert f"use --name {fix}" in message
+
+
+@pytest.mark.parametrize("name, backend", [("fink", "docker"), ("UX_Orders.v2", "docker"),
+                                           ("fink-prep-2", "kubernetes")])
+def test_good_names_pass(name, backend):
+    opts.check_name(name, backend)
+
+
+@pytest.mark.parametrize("tag", ["v 1", ".v1", "-v1", "v1:2", "a" * 129])
+def test_a_tag_docker_would_refuse_is_refused_first(tag):
+    message = refusal(no_engine().create_deployment, "fink", "models:/fink-prep/1",
+                      config={"tag": tag})
+    assert f"tag={tag!r} is not a Docker tag" in message and "-C tag=v1" in message
+    assert opts.resolve({"tag": "v1.2_rc-3"})["tag"] == "v1.2_rc-3"
+
+
+def test_a_bad_setting_is_reported_as_itself_not_as_a_missing_engine():
+    message = refusal(no_engine().create_deployment, "fink", "models:/fink-prep/1",
+                      config={"mode": "kafka", "input_topic": "t", "input_format": "xml"})
+    assert "INPUT_FORMAT='xml' is not one of json, avro, confluent-avro" in message
+    # an update needs the engine for what runs, but what it is given is checked before that
+    message = refusal(no_engine().update_deployment, "fink", config={"input_format": "xml"})
+    assert "INPUT_FORMAT='xml' is not one of" in message
+
+
+def test_the_whole_configuration_is_checked_before_the_engine_is_contacted(tracking_uri):
+    import mlflow
+
+    with mlflow.start_run():
+        uri = mlflow.preproc.log_model(lambda r: r, name="p").model_uri
+    # A missing input topic is known from the options and the model alone.
+    message = refusal(no_engine().create_deployment, "fink", uri, config={"mode": "kafka"})
+    assert message.startswith("INPUT_TOPIC is not set"), message
+    # Only a configuration that passes every check meets the engine (unreachable here).
+    message = refusal(no_engine().create_deployment, "fink", uri)
+    assert message.startswith("cannot reach a Docker engine at tcp://127.0.0.1:1"), message

@@ -103,6 +103,11 @@ _OWN_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/managed-by")
 _SECRET_WORD = re.compile(r"(?:^|_)(?:PASSWORD|PASSWD|PWD|SECRET|TOKEN|KEY|APIKEY|CREDENTIALS?|"
                           r"SASL)(?:_|$)")
 REDACTED = "<redacted>"
+# Names Docker and Kubernetes accept; refused here, before anything is built (Docker's own
+# refusal would come as an APIError after the build, a Kubernetes API server's at apply).
+_DOCKER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+_KUBERNETES_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123 label
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 class OptionError(ValueError):
@@ -114,9 +119,29 @@ def setting_keys() -> set[str]:
     return {s.env.lower() for s in settings.SETTINGS.values() if s.modes != ("image",)}
 
 
-def resolve(given: dict) -> dict[str, str]:
+def check_name(name: str, backend: str) -> None:
+    """Raise :class:`OptionError` unless ``name`` can name a deployment on ``backend``: a
+    Docker container name, or on Kubernetes an RFC 1123 label. Never rewritten: the name is
+    how the user finds the deployment again, so the message gives the name to use."""
+    if backend == "kubernetes":
+        if not _KUBERNETES_NAME.fullmatch(name):
+            fix = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:63].rstrip("-")
+            raise OptionError(f"deployment name {name!r} is not a Kubernetes name (at most 63 "
+                              "lowercase letters, digits and '-', starting and ending with a "
+                              f"letter or digit); use --name {fix or 'fink'}")
+    elif not _DOCKER_NAME.fullmatch(name):
+        fix = re.sub(r"[^a-zA-Z0-9_.-]+", "-", name).lstrip("_.-")
+        raise OptionError(f"deployment name {name!r} is not a Docker container name (letters, "
+                          "digits, '_', '.' and '-', starting with a letter or digit); use "
+                          f"--name {fix or 'fink'}")
+
+
+def resolve(given: dict, name: str | None = None) -> dict[str, str]:
     """``given`` with the defaults filled in; raises :class:`OptionError` for an unknown key,
-    a mode that does not exist, a number that is not one or a mount of a missing host path."""
+    a mode that does not exist, a number that is not one, a mount of a missing host path, a
+    bad ``tag`` or deployment ``name`` (when given), and
+    :class:`~mlflow_preproc.config.ConfigError` for a setting's value the settings table
+    refuses. Pure: nothing is contacted, so all of this is known before anything is."""
     given = {str(k): str(v) for k, v in (given or {}).items()}
     known = setting_keys()
     unknown = [k for k in given if k not in OPTIONS and k.lower() not in known
@@ -133,12 +158,23 @@ def resolve(given: dict) -> dict[str, str]:
         raise OptionError(f"mode={resolved['mode']!r} is not one of {', '.join(MODES)}")
     if resolved["backend"] not in BACKENDS:
         raise OptionError(f"backend={resolved['backend']!r} is not one of {', '.join(BACKENDS)}")
+    if name is not None:
+        check_name(name, resolved["backend"])
+    # Each setting as the container will read it (INPUT_FORMAT=xml...); the whole container
+    # environment is checked again with the plan (spec.check_settings).
+    for key, value in resolved.items():
+        if key in known and value != "":
+            settings.parse_value(key.upper(), value)
     for key in (*_WHOLE_NUMBERS, *(k for k in _OPTIONAL_NUMBERS if k in resolved)):
         if not (resolved[key].isascii() and resolved[key].isdigit()) or int(resolved[key]) < 1:
             raise OptionError(f"{key}={resolved[key]!r} is not a whole number of at least 1; "
                               f"e.g. -C {key}={OPTIONS[key].example}")
     if not resolved["min_replicas"].isdigit():
         raise OptionError(f"min_replicas={resolved['min_replicas']!r} is not a whole number")
+    if resolved["tag"] and not _TAG.fullmatch(resolved["tag"]):  # empty: the default
+        raise OptionError(f"tag={resolved['tag']!r} is not a Docker tag (at most 128 letters, "
+                          "digits, '_', '.' and '-', not starting with '.' or '-'); e.g. "
+                          f"-C tag={OPTIONS['tag'].example}")
     # Both are written into the Dockerfile's FROM line: a newline would add build steps.
     if "base_image" in resolved and not IMAGE_REFERENCE.fullmatch(resolved["base_image"]):
         raise OptionError(f"base_image={resolved['base_image']!r} is not a Docker image "
