@@ -257,3 +257,84 @@ def test_the_whole_configuration_is_checked_before_the_engine_is_contacted(track
     # Only a configuration that passes every check meets the engine (unreachable here).
     message = refusal(no_engine().create_deployment, "fink", uri)
     assert message.startswith("cannot reach a Docker engine at tcp://127.0.0.1:1"), message
+
+
+# ---- #19 finding 7: get shows the deployment's own keys, list one short item each ----------
+
+class FakeContainer:
+    """What ``get``/``list`` read of a Docker container: its name, status and labels (the
+    labels the real container is started with: container_spec's)."""
+
+    def __init__(self, spec, status: str = "running"):
+        self.name, self.labels, self.status = spec.name, spec.labels, status
+        self.short_id = "0123456789ab"
+
+
+class FakeDockerEngine:
+    """``containers.list`` with label filters, as the Docker SDK answers it (the engine itself
+    is in test_docker.py, busy here)."""
+
+    def __init__(self, containers: list[FakeContainer]):
+        self.found = containers
+        self.containers = self
+
+    def list(self, filters: dict, **_):
+        def matches(labels: dict, wanted: str) -> bool:  # "key" or "key=value"
+            key, sep, value = wanted.partition("=")
+            return key in labels and (not sep or labels[key] == value)
+
+        return [c for c in self.found if all(matches(c.labels, w) for w in filters["label"])]
+
+
+def on_engine(*deployments: Deployment):
+    from mlflow_preproc.deploy.target import PreprocDeploymentClient
+
+    client = PreprocDeploymentClient("preproc")
+    client._client = FakeDockerEngine([FakeContainer(spec_of(d)) for d in deployments])
+    return client
+
+
+def on_kubernetes() -> Deployment:
+    from mlflow_preproc.deploy.spec import with_stream_defaults
+
+    options = with_stream_defaults("fink", MODEL, opts.resolve({**STREAM,
+                                                                "backend": "kubernetes"}))
+    return Deployment("fink", MODEL.uri, MODEL, "preprocessing-fink-prep-1:latest", options)
+
+
+KUBERNETES_ONLY = ("namespace", "autoscaling", "lag_threshold", "min_replicas", "push",
+                   "service_monitor", "cpu_request", "memory_limit")
+
+
+def test_get_of_a_docker_deployment_shows_no_kubernetes_keys():
+    got = on_engine(plan(input_format="avro")).get_deployment("fink")
+    assert not set(KUBERNETES_ONLY) & set(got["config"]), got["config"]
+    assert got["config"]["input_format"] == "avro" and got["config"]["mode"] == "kafka"
+    assert got["config"]["health_timeout"] == "120"
+    assert got["backend"] == "docker"
+
+
+def test_get_of_a_kubernetes_deployment_shows_no_docker_keys():
+    from mlflow_preproc.deploy.kubernetes_backend import summary
+    from mlflow_preproc.deploy.manifests import render
+
+    got = summary(render(on_kubernetes(), partitions=4)[0])
+    assert got["config"]["namespace"] == "default" and got["config"]["autoscaling"] == "true"
+    assert "health_timeout" not in got["config"]
+
+
+def test_list_prints_one_short_item_per_deployment():
+    other = Deployment("other", "runs:/abc/model", MODEL, "preprocessing-other:latest",
+                       opts.resolve({"mode": "serve"}), revision=3)
+    assert on_engine(plan(), other).list_deployments() == [
+        {"name": "fink", "flavor": "preprocessing", "backend": "docker",
+         "model": "models:/fink-prep/1", "revision": 1, "status": "running"},
+        {"name": "other", "flavor": "preprocessing", "backend": "docker",
+         "model": "runs:/abc/model", "revision": 3, "status": "running"}]
+    from mlflow_preproc.deploy.kubernetes_backend import summary
+    from mlflow_preproc.deploy.manifests import render
+    from mlflow_preproc.deploy.target import listed
+
+    assert listed(summary(render(on_kubernetes(), partitions=4)[0])) == {
+        "name": "fink", "flavor": "preprocessing", "backend": "kubernetes",
+        "model": "models:/fink-prep/1", "revision": 1, "status": "0/1 ready"}

@@ -17,6 +17,7 @@ from mlflow_preproc.deploy.target import (
     PreprocDeploymentClient,
     _quiet_logger,
     _step,
+    listed,
 )
 
 
@@ -75,7 +76,7 @@ class KubernetesDeployments:
     def list(self) -> list[dict]:
         from mlflow_preproc.deploy.kubernetes_backend import summary
 
-        return [summary(o) for o in _call(self._backend(self._options(None, {})).list)]
+        return [listed(summary(o)) for o in _call(self._backend(self._options(None, {})).list)]
 
     def _apply(self, kube, d: Deployment, objects: list[dict]) -> dict:
         """Build, push and apply ``objects``, ``d``'s (checked: :meth:`_objects`)."""

@@ -26,11 +26,16 @@ CONSUMING_MODES = ("kafka", "both", "bridge")
 SERVING_MODES = ("serve", "both")
 
 
+BACKENDS = ("docker", "kubernetes")
+DOCKER, KUBERNETES = ("docker",), ("kubernetes",)
+
+
 @dataclass(frozen=True)
 class Option:
     default: str
     help: str
     example: str
+    backends: tuple[str, ...] = BACKENDS  # where the option means something (get shows it)
 
 
 OPTIONS: dict[str, Option] = {
@@ -53,32 +58,32 @@ OPTIONS: dict[str, Option] = {
     "no_cache": Option("false", "build without Docker's layer cache", "true"),
     "health_timeout": Option("120", "seconds to wait for new containers to be healthy (REST "
                              "answers, every consumer joined its group) before a create is "
-                             "undone or an update rolled back", "300"),
-    "remove_image": Option("false", "delete only: also remove the image", "true"),
+                             "undone or an update rolled back", "300", DOCKER),
+    "remove_image": Option("false", "delete only: also remove the image", "true", DOCKER),
     # Kubernetes (-C backend=kubernetes, or mlflow-preproc manifests)
     "backend": Option("docker", "docker (containers on a Docker engine) or kubernetes "
                       "(manifests applied with your kubeconfig)", "kubernetes"),
-    "namespace": Option("default", "Kubernetes namespace", "alerts"),
+    "namespace": Option("default", "Kubernetes namespace", "alerts", KUBERNETES),
     "kube_context": Option("the kubeconfig's current context", "kubeconfig context to use",
-                           "prod"),
+                           "prod", KUBERNETES),
     "registry": Option("", "image registry to push to and pull from (Kubernetes)",
                        "registry.example.org/fink"),
     "push": Option("true", "Kubernetes: push the image to the registry after building it",
-                   "false"),
+                   "false", KUBERNETES),
     "autoscaling": Option("true", "kafka/both on Kubernetes: a KEDA ScaledObject scales on the "
-                          "consumer group's lag", "false"),
-    "lag_threshold": Option("100", "KEDA: target lag per replica", "500"),
-    "min_replicas": Option("1", "KEDA: fewest replicas", "0"),
+                          "consumer group's lag", "false", KUBERNETES),
+    "lag_threshold": Option("100", "KEDA: target lag per replica", "500", KUBERNETES),
+    "min_replicas": Option("1", "KEDA: fewest replicas", "0", KUBERNETES),
     "max_replicas": Option("the input topic's partitions", "KEDA: most replicas (never more "
-                           "than the partitions)", "8"),
+                           "than the partitions)", "8", KUBERNETES),
     "partitions": Option("read from the broker", "the input topic's partition count, when the "
-                         "broker cannot be reached from here", "12"),
-    "cpu_request": Option("", "Kubernetes resources.requests.cpu", "250m"),
-    "memory_request": Option("", "Kubernetes resources.requests.memory", "512Mi"),
-    "cpu_limit": Option("", "Kubernetes resources.limits.cpu", "1"),
-    "memory_limit": Option("", "Kubernetes resources.limits.memory", "1Gi"),
+                         "broker cannot be reached from here", "12", KUBERNETES),
+    "cpu_request": Option("", "Kubernetes resources.requests.cpu", "250m", KUBERNETES),
+    "memory_request": Option("", "Kubernetes resources.requests.memory", "512Mi", KUBERNETES),
+    "cpu_limit": Option("", "Kubernetes resources.limits.cpu", "1", KUBERNETES),
+    "memory_limit": Option("", "Kubernetes resources.limits.memory", "1Gi", KUBERNETES),
     "service_monitor": Option("false", "Kubernetes: also a Prometheus Operator ServiceMonitor "
-                              "on /metrics", "true"),
+                              "on /metrics", "true", KUBERNETES),
 }
 PREFIXES = {
     "env.": "set a container environment variable; e.g. -C env.LOG_LEVEL=DEBUG",
@@ -94,7 +99,6 @@ _DERIVED = ("image", "base_image", "python_version", "docker_host", "workers", "
             "max_replicas", "partitions")
 _WHOLE_NUMBERS = ("port", "replicas", "consumers", "health_timeout", "lag_threshold")
 _OPTIONAL_NUMBERS = ("max_replicas", "partitions")
-BACKENDS = ("docker", "kubernetes")
 # Labels the target sets itself: a user's label.* must not replace them (list, get, update
 # and the Kubernetes selector find a deployment's containers by them).
 _OWN_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/managed-by")
@@ -239,6 +243,13 @@ def is_secret(key: str) -> bool:
     to a Secret's key, and are stored.)"""
     name = env_name(key)
     return name is not None and _SECRET_WORD.search(name.upper()) is not None
+
+
+def shown(options: dict[str, str], backend: str) -> dict[str, str]:
+    """``options`` as ``get`` shows them for a deployment on ``backend``: without the other
+    backend's keys, whose defaults are stored with every deployment but mean nothing there."""
+    return {k: v for k, v in options.items()
+            if k not in OPTIONS or backend in OPTIONS[k].backends}
 
 
 def redacted(options: dict[str, str]) -> dict[str, str]:

@@ -197,7 +197,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         if self._kube_namespace is not None:
             return self._kubernetes.list()
         names = sorted({c.labels[f"{LABEL}.deployment"] for c in self._backend.containers()})
-        return [self.get_deployment(n) for n in names]
+        return [listed(self.get_deployment(n)) for n in names]
 
     def get_deployment(self, name: str, endpoint: str | None = None) -> dict:
         if self._kube_namespace is not None:
@@ -213,6 +213,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         return {
             "name": name,
             "flavor": FLAVOR,
+            "backend": "docker",
             "status": "running" if set(statuses) == {"running"} else "/".join(sorted(statuses)),
             "mode": mode,
             "revision": revision_of(containers[0]),
@@ -223,7 +224,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             "output_topic": options.get("output_topic"),
             "containers": [{"name": c.name, "id": c.short_id, "status": c.status}
                            for c in containers],
-            "config": options,
+            "config": opts.shown(options, "docker"),
         }
 
     def predict(self, deployment_name: str | None = None, inputs: Any = None,
@@ -510,6 +511,14 @@ class PreprocDeploymentClient(BaseDeploymentClient):
     def _not_found(name: str) -> DeploymentError:
         return DeploymentError(f"no deployment named {name}; mlflow deployments list -t "
                                "preproc shows the deployments")
+
+
+def listed(deployment: dict) -> dict:
+    """What ``list`` gives of a deployment ``get`` describes: ``mlflow deployments list``
+    prints the whole list as one Python value, so each item is kept to a line."""
+    return {"name": deployment["name"], "flavor": deployment["flavor"],
+            "backend": deployment["backend"], "model": deployment["model_uri"],
+            "revision": deployment["revision"], "status": deployment["status"]}
 
 
 def _identity_json(identity) -> dict:
