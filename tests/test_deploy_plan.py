@@ -338,3 +338,14 @@ def test_list_prints_one_short_item_per_deployment():
     assert listed(summary(render(on_kubernetes(), partitions=4)[0])) == {
         "name": "fink", "flavor": "preprocessing", "backend": "kubernetes",
         "model": "models:/fink-prep/1", "revision": 1, "status": "0/1 ready"}
+
+
+def test_the_target_help_is_plain_text_and_says_which_keys_are_one_backends():
+    from mlflow_preproc.deploy.target import target_help
+
+    text = target_help()  # mlflow deployments help -t preproc
+    assert "``" not in text
+    lines = text.splitlines()
+    assert any(line.split()[:1] == ["namespace"] and "(Kubernetes only)" in line for line in lines)
+    assert any(line.split()[:1] == ["health_timeout"] and "(Docker only)" in line
+               for line in lines)

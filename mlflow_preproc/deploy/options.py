@@ -274,7 +274,8 @@ def help_text() -> str:
     """The options part of ``mlflow deployments help -t preproc``."""
     lines = ["Config keys (-C key=value):", ""]
     for key, o in OPTIONS.items():
-        lines.append(f"  {key:<16} {o.help}\n  {'':<16} default: {o.default}; e.g. "
+        only = "" if len(o.backends) > 1 else f" ({o.backends[0].capitalize()} only)"
+        lines.append(f"  {key:<16} {o.help}{only}\n  {'':<16} default: {o.default}; e.g. "
                      f"-C {key}={o.example}")
     for prefix, meaning in PREFIXES.items():
         lines.append(f"  {prefix + 'NAME':<16} {meaning}")

@@ -86,8 +86,8 @@ class DeploymentError(MlflowException, click.ClickException):
 
 
 def target_help() -> str:
-    """``mlflow deployments help -t preproc``."""
-    return f"{__doc__.strip()}\n\n{opts.help_text()}"
+    """``mlflow deployments help -t preproc``: plain text, the docstring without its markup."""
+    return f"{__doc__.strip().replace('``', '')}\n\n{opts.help_text()}"
 
 
 def run_local(name: str, model_uri: str, flavor: str | None = None,
