@@ -244,6 +244,9 @@ def test_a_bad_setting_is_reported_as_itself_not_as_a_missing_engine():
     # an update needs the engine for what runs, but what it is given is checked before that
     message = refusal(no_engine().update_deployment, "fink", config={"input_format": "xml"})
     assert "INPUT_FORMAT='xml' is not one of" in message
+    # and a delete's options before it stops anything (it used to remove the containers first)
+    message = refusal(no_engine().delete_deployment, "fink", config={"remove_image": "maybe"})
+    assert message == "remove_image='maybe' is not a boolean; use true or false"
 
 
 def test_the_whole_configuration_is_checked_before_the_engine_is_contacted(tracking_uri):

@@ -211,7 +211,7 @@ def resolve(given: dict, name: str | None = None) -> dict[str, str]:
         if ref.count("/") != 1 or not all(ref.split("/")):
             raise OptionError(f"secret_env.{name}={ref}: name a Secret and its key, e.g. "
                               f"-C secret_env.{name}=kafka-user/password")
-    for key in ("no_cache", "push", "autoscaling", "service_monitor"):
+    for key in ("no_cache", "push", "autoscaling", "service_monitor", "remove_image"):
         settings.parse_bool(resolved[key], key)
     return resolved
 

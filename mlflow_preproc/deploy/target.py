@@ -184,13 +184,14 @@ class PreprocDeploymentClient(BaseDeploymentClient):
                           endpoint: str | None = None) -> None:
         if self._on_kubernetes(config):
             return self._kubernetes.delete(name, config or {})
+        options = self._options(None, config)  # remove_image=maybe: refused before the stop
         containers = self._backend.containers(name)  # every revision
         if not containers:
             raise self._not_found(name)
         image = self._backend.current(name)[0].labels.get(f"{LABEL}.image")
         self._backend.stop(containers, _stop_timeout(options_of(containers[0])))
         self._backend.remove(containers)
-        if settings.parse_bool(str((config or {}).get("remove_image", "false")), "remove_image"):
+        if settings.parse_bool(options["remove_image"], "remove_image"):
             self._docker.images.remove(image)
 
     def list_deployments(self, endpoint: str | None = None) -> list[dict]:
