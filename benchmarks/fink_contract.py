@@ -13,7 +13,8 @@ The user function is ``examples/fink_contract/preprocessing.py`` (``FEATURE_NAME
                   (the same command on one alert) is subtracted.
 (4) stream        ``mlflow-preproc stream``, one alert per Kafka message (an Avro container,
                   as ZTF/Fink publish them), embedded broker on loopback.
-(5) stream --model  the same with a scikit-learn classifier trained on the named features,
+(5) stream --prediction-model-uri
+                  the same with a scikit-learn classifier trained on the named features,
                   in the stream's process: predictions/s.
 
 Rates of (4) and (5) are taken between the arrival of the first and the last output, read by
@@ -177,7 +178,7 @@ def stream_rate(env: dict, bootstrap: str, model_uri: str, values: list[bytes],
     producer.flush(60)
     command = [str(BIN / "mlflow-preproc"), "stream", "-m", model_uri]
     if prediction_model:
-        command += ["--model", prediction_model, "--keep-fields", "objectId,candid"]
+        command += ["--prediction-model-uri", prediction_model, "--keep-fields", "objectId,candid"]
     proc = subprocess.Popen(command, env={
         **env, **FAST_GROUP, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "INPUT_TOPIC": topic,
         "OUTPUT_TOPIC": out, "INPUT_FORMAT": "avro", "SKIP_CUTOUTS": "true",
@@ -231,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         with EmbeddedBroker() as broker:
             rows.append(("(4) mlflow-preproc stream", 1 / stream_rate(
                 env, broker.bootstrap_servers, features, values, None, "stream"), "alerts/s"))
-            rows.append(("(5) mlflow-preproc stream --model (sklearn)", 1 / stream_rate(
-                env, broker.bootstrap_servers, features, values, classifier, "model"),
-                "predictions/s"))
+            rows.append(("(5) mlflow-preproc stream --prediction-model-uri (sklearn)",
+                         1 / stream_rate(env, broker.bootstrap_servers, features, values,
+                                         classifier, "model"), "predictions/s"))
     base = rows[0][1]
     print(f"\nFink contract on {n:,} ZTF alerts ({platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()})\n")

@@ -1,8 +1,9 @@
-"""The ``mlflow-preproc`` command: ``run`` (files, stdin), ``stream`` (Kafka), ``bridge``,
-``manifests`` (Kubernetes YAML) and ``builds serve`` (the build service).
+"""The mlflow-preproc command: run (files, stdin), stream (Kafka), bridge (Kafka to a model
+server), manifests (Kubernetes YAML) and builds serve (the build service).
 
-Exit status: 0 success; 1 some records failed (``run``: see the rejects file); 2 a fatal error
+Exit status: 0 success; 1 some records failed (run: see the rejects file); 2 a fatal error
 (bad configuration, unknown model, unreachable broker), printed as one line naming the fix.
+Each command's --help shows its flags and examples.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 
 from mlflow_preproc import config as settings
 
@@ -42,14 +44,59 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FATAL
 
 
+# The epilogs: each command's --help ends with commands to copy (RawDescriptionHelpFormatter
+# keeps their lines as written).
+_RUN_EXAMPLES = """\
+examples:
+  mlflow-preproc run -m models:/fink-preproc/1 alerts/*.avro --skip-cutouts -o features.jsonl
+  cat records.jsonl | mlflow-preproc run -m models:/fink-preproc/1 > out.jsonl
+  mlflow-preproc run -m models:/fink-preproc/1 batch.json --output-format avro -o out.avro
+  mlflow-preproc run --engine spark -m models:/fink-preproc/1 archive/ -o features
+"""
+_STREAM_EXAMPLES = """\
+examples:
+  mlflow-preproc stream -m models:/fink-preproc/1 --input-topic fink-alert \\
+      --input-format avro --skip-cutouts
+  INPUT_TOPIC=fink-alert KAFKA_BOOTSTRAP_SERVERS=broker:9092 \\
+      mlflow-preproc stream -m models:/fink-preproc/1
+  mlflow-preproc stream -m models:/fink-features/1 --input-topic fink-alert \\
+      --prediction-model-uri models:/fink-classifier/1 --keep-fields objectId,candid
+"""
+_BRIDGE_EXAMPLES = """\
+examples:
+  mlflow-preproc bridge --input-topic fink-preproc-1-preprocessed \\
+      --output-topic fink-predictions --api-url http://127.0.0.1:5002
+"""
+_MANIFESTS_EXAMPLES = """\
+examples:
+  mlflow-preproc manifests -m models:/fink-preproc/1 --name fink -C mode=kafka \\
+      -C input_topic=fink-alert -C kafka_bootstrap_servers=kafka.alerts:9092 > fink.yaml
+  mlflow-preproc manifests -m models:/fink-preproc/1 --name fink -C namespace=alerts \\
+      -o manifests/
+"""
+_SERVE_EXAMPLES = """\
+examples:
+  export MLFLOW_PREPROC_WEBHOOK_SECRET=... MLFLOW_PREPROC_API_TOKEN=...
+  mlflow-preproc builds serve --host 0.0.0.0 --port 8765 --db builds.db
+  mlflow-preproc builds serve --db builds.db -C mode=serve -C port=5001
+"""
+
+
+def _wrap(text: str) -> str:
+    """A description wrapped as the default formatter would (the raw one keeps lines as given)."""
+    return textwrap.fill(text, 88)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlflow-preproc", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False everywhere: --skip-cutout must be an error, not --skip-cutouts.
+    plain = {"formatter_class": argparse.RawDescriptionHelpFormatter, "allow_abbrev": False}
+    parser = argparse.ArgumentParser(prog="mlflow-preproc", description=__doc__, **plain)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="preprocess files or stdin",
-                         description="Preprocess JSON, JSON Lines or Avro files (or stdin) "
-                         "with a preprocessing model; write JSON Lines or Avro.")
+    run = sub.add_parser("run", help="preprocess files or stdin", epilog=_RUN_EXAMPLES,
+                         description=_wrap("Preprocess JSON, JSON Lines or Avro files (or "
+                                           "stdin) with a preprocessing model; write JSON "
+                                           "Lines or Avro."), **plain)
     run.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
     run.add_argument("inputs", nargs="*", metavar="FILE", help="input files; - or none: stdin")
     run.add_argument("--input-format", choices=("json", "jsonl", "avro", "parquet"),
@@ -62,11 +109,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output", help="output file (default: stdout)")
     run.add_argument("--rejects", help="where failed records go (default: OUTPUT.rejects.jsonl, "
                      "or rejects.jsonl when writing to stdout)")
-    run.add_argument("--drop-fields", default="", help="comma-separated field paths to drop "
-                     "before preprocessing [DROP_FIELDS]")
-    run.add_argument("--skip-cutouts", action="store_true",
-                     help="drop the ZTF cutoutScience/cutoutTemplate/cutoutDifference stamps "
-                     "[SKIP_CUTOUTS]")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: when stderr is a terminal)")
     run.add_argument("--engine", choices=("local", "spark"), default="local",
@@ -75,30 +117,39 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--master", help="Spark master (--engine spark; default local[*])")
     run.add_argument("--partition-by", default="", metavar="FIELD[,FIELD]",
                      help="write the output partitioned by these fields (--engine spark)")
+    # --skip-cutouts, --drop-fields, --max-decoded-bytes: the settings table's, as on stream
+    # (the env file of `docker run -i --env-file ... IMAGE < alerts` sets them too).
+    settings.add_arguments(run, "run")
     run.set_defaults(handler=_cmd_run)
 
-    stream = sub.add_parser("stream", help="preprocess a Kafka topic into another",
-                            description="Consume INPUT_TOPIC in a consumer group, run the "
-                            "model's preprocessing, produce to OUTPUT_TOPIC (at least once).")
-    stream.add_argument("-m", dest="MODEL_URI", help="same as --model-uri")
-    stream.add_argument("--model", dest="PREDICTION_MODEL_URI",
-                        help="same as --prediction-model-uri: predict in the same process")
+    stream = sub.add_parser(
+        "stream", help="preprocess a Kafka topic into another", epilog=_STREAM_EXAMPLES,
+        usage="%(prog)s [-h] -m MODEL_URI --input-topic TOPIC [--output-topic TOPIC]\n"
+              "       [--prediction-model-uri URI] [SETTINGS...]",
+        description=_wrap("Consume INPUT_TOPIC in a consumer group, run the model's "
+                          "preprocessing, produce to OUTPUT_TOPIC (at least once). Every "
+                          "setting is a flag or its environment variable."), **plain)
     # The serving image's own: the model baked into it (MODEL_URI then only names it).
     stream.add_argument("--model-path", help=argparse.SUPPRESS)
-    settings.add_arguments(stream, "stream")
+    settings.add_arguments(stream, "stream", short={"MODEL_URI": "-m"})
     stream.set_defaults(handler=_cmd_stream)
 
-    bridge = sub.add_parser("bridge", help="feed a topic to a model server's /invocations",
-                            description="Consume INPUT_TOPIC, call API_URL + API_ENDPOINT in "
-                            "batches, produce each prediction to OUTPUT_TOPIC.")
+    bridge = sub.add_parser(
+        "bridge", help="feed a topic to a model server's /invocations", epilog=_BRIDGE_EXAMPLES,
+        usage="%(prog)s [-h] --input-topic TOPIC --output-topic TOPIC --api-url URL\n"
+              "       [SETTINGS...]",
+        description=_wrap("Consume INPUT_TOPIC, call API_URL + API_ENDPOINT in batches, "
+                          "produce each prediction to OUTPUT_TOPIC. Every setting is a flag "
+                          "or its environment variable."), **plain)
     settings.add_arguments(bridge, "bridge")
     bridge.set_defaults(handler=_cmd_bridge)
 
     manifests = sub.add_parser(
-        "manifests", help="Kubernetes YAML for a deployment",
-        description="Print (or write to a folder) the Kubernetes objects of a preprocessing "
-        "deployment: the same -C keys and checks as mlflow deployments create -t preproc "
-        "-C backend=kubernetes, which applies them.")
+        "manifests", help="Kubernetes YAML for a deployment", epilog=_MANIFESTS_EXAMPLES,
+        description=_wrap("Print (or write to a folder) the Kubernetes objects of a "
+                          "preprocessing deployment: the same -C keys and checks as mlflow "
+                          "deployments create -t preproc -C backend=kubernetes, which applies "
+                          "them."), **plain)
     manifests.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
     manifests.add_argument("--name", required=True, help="deployment name")
     manifests.add_argument("-C", "--config", action="append", default=[], metavar="KEY=VALUE",
@@ -106,15 +157,18 @@ def _parser() -> argparse.ArgumentParser:
     manifests.add_argument("-o", "--output", help="folder: one YAML file per object")
     manifests.set_defaults(handler=_cmd_manifests)
 
-    builds = sub.add_parser("builds", help="the build service (MLflow webhooks -> images)")
+    builds = sub.add_parser("builds", help="the build service (MLflow webhooks -> images)",
+                            **plain)
     builds_sub = builds.add_subparsers(dest="builds_command", required=True)
     serve = builds_sub.add_parser(
-        "serve", help="run the build service", description="Receive MLflow model-registry "
-        "webhooks and build requests; build images on the local Docker engine. Webhook "
-        "deliveries are verified with the secret in MLFLOW_PREPROC_WEBHOOK_SECRET. Every "
-        "other endpoint but /health needs 'Authorization: Bearer <MLFLOW_PREPROC_API_TOKEN>'; "
-        "without that variable a random token is made at start and logged once, on the line "
-        "saying where the service listens.")
+        "serve", help="run the build service", epilog=_SERVE_EXAMPLES,
+        description=_wrap("Receive MLflow model-registry webhooks and build requests; build "
+                          "images on the local Docker engine. Webhook deliveries are verified "
+                          "with the secret in MLFLOW_PREPROC_WEBHOOK_SECRET. Every other "
+                          "endpoint but /health needs 'Authorization: Bearer "
+                          "<MLFLOW_PREPROC_API_TOKEN>'; without that variable a random token "
+                          "is made at start and logged once, on the line saying where the "
+                          "service listens."), **plain)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--db", default="mlflow-preproc-builds.db",
@@ -136,12 +190,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mlflow_preproc.runtime.avro_schemas import load_avro_schema
     from mlflow_preproc.runtime.flavor import load_preprocessing
 
-    # --skip-cutouts / --drop-fields, else SKIP_CUTOUTS / DROP_FIELDS from the environment
-    # (the env file of `docker run -i --env-file ... IMAGE < alerts`).
-    env = settings.load("run")
-    drop = settings.Config({
-        "SKIP_CUTOUTS": args.skip_cutouts or env["SKIP_CUTOUTS"],
-        "DROP_FIELDS": args.drop_fields or env["DROP_FIELDS"]}).drop_fields()
+    env = settings.load("run", args)
+    drop = env.drop_fields()
     rejects = args.rejects or (f"{args.output}.rejects.jsonl" if args.output else "rejects.jsonl")
     if args.engine == "spark":
         from mlflow_preproc.spark import files

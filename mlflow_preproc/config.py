@@ -195,14 +195,28 @@ class Config:
         return paths + (list(ZTF_CUTOUTS) if self.values["SKIP_CUTOUTS"] else [])
 
 
-def add_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
-    """Add a ``--flag`` for every setting of ``mode``; unset flags fall back to the env."""
+def add_arguments(parser: argparse.ArgumentParser, mode: str,
+                  short: Mapping[str, str] | None = None) -> None:
+    """Add a ``--flag`` for every setting of ``mode``; unset flags fall back to the env.
+
+    A boolean setting is a flag (``--skip-cutouts``, ``--no-skip-cutouts``), the same in
+    every command. ``short`` gives some settings a short flag too (``{"MODEL_URI": "-m"}``).
+    """
     group = parser.add_argument_group("settings (flag, or environment variable)")
     for s in SETTINGS.values():
-        if mode in s.modes:
-            group.add_argument(s.flag, dest=s.env, default=None, metavar=s.env,
-                               choices=s.choices if s.kind is str else None,
-                               help=f"{s.help} [{s.env}, default {s.default!r}]")
+        if mode not in s.modes:
+            continue
+        flags = [short[s.env]] if short and s.env in short else []
+        flags.append(s.flag)
+        if s.kind is bool:
+            # default None, not False: an absent flag leaves the environment variable in force
+            group.add_argument(*flags, dest=s.env, default=None,
+                               action=argparse.BooleanOptionalAction,
+                               help=f"{s.help} [{s.env}, default {str(s.default).lower()}]")
+            continue
+        group.add_argument(*flags, dest=s.env, default=None, metavar=s.env,
+                           choices=s.choices if s.kind is str else None,
+                           help=f"{s.help} [{s.env}, default {s.default!r}]")
 
 
 def load(mode: str, args: argparse.Namespace | None = None,
@@ -231,6 +245,12 @@ def load(mode: str, args: argparse.Namespace | None = None,
         kafka["security.protocol"] = values["KAFKA_SECURITY_PROTOCOL"]
         sources["security.protocol"] = "KAFKA_SECURITY_PROTOCOL"
     return Config(values, kafka, sources)
+
+
+def parse_value(env: str, raw: str) -> Any:
+    """``raw`` as setting ``env`` reads it (``"5"`` -> 5); raises :class:`ConfigError` naming
+    the variable for a value it refuses, as :func:`load` would."""
+    return _convert(SETTINGS[env], raw)
 
 
 def _convert(s: Setting, raw: Any) -> Any:

@@ -182,3 +182,173 @@ def test_a_consumer_is_healthy_once_joined_and_settled_and_a_tripped_brake_fails
         _is_healthy(spec)
     answer["body"]["reason"] = "the loop made no progress for 130 s"
     assert _is_healthy(spec) is False  # unhealthy for now: waited for until health_timeout
+
+
+# ---- #19 finding 5: every pure check before the engine, the cluster or the broker ----------
+
+# A loopback port nothing listens on: a Docker engine that cannot be reached, for real.
+NO_ENGINE = "preproc:/tcp://127.0.0.1:1"
+
+
+def refusal(call, *args, **kwargs) -> str:
+    from mlflow_preproc.deploy.target import DeploymentError
+
+    with pytest.raises(DeploymentError) as refused:
+        call(*args, **kwargs)
+    message = str(refused.value)
+    assert "\n" not in message  # one Error: line
+    return message
+
+
+def no_engine():
+    from mlflow_preproc.deploy.target import PreprocDeploymentClient
+
+    return PreprocDeploymentClient(NO_ENGINE)
+
+
+@pytest.mark.parametrize("name, fix", [("my deploy", "my-deploy"), ("-fink", "fink"),
+                                       ("fink/1", "fink-1"), ("fink:1", "fink-1"), ("", "fink")])
+def test_a_docker_name_docker_would_refuse_is_refused_first(name, fix):
+    message = refusal(no_engine().create_deployment, name, "models:/fink-prep/1")
+    assert f"deployment name {name!r} is not a Docker container name" in message
+    assert message.endswith(f"use --name {fix}")
+
+
+@pytest.mark.parametrize("name, fix", [("UX_Orders", "ux-orders"), ("fink.prep", "fink-prep"),
+                                       ("my deploy", "my-deploy"), ("a" * 64, "a" * 63)])
+def test_a_kubernetes_name_must_be_a_dns_label_and_is_never_rewritten(name, fix):
+    message = refusal(no_engine().create_deployment, name, "models:/fink-prep/1",
+                      config={"backend": "kubernetes"})
+    assert f"deployment name {name!r} is not a Kubernetes name" in message
+    assert f"use --name {fix}" in message
+
+
+@pytest.mark.parametrize("name, backend", [("fink", "docker"), ("UX_Orders.v2", "docker"),
+                                           ("fink-prep-2", "kubernetes")])
+def test_good_names_pass(name, backend):
+    opts.check_name(name, backend)
+
+
+@pytest.mark.parametrize("tag", ["v 1", ".v1", "-v1", "v1:2", "a" * 129])
+def test_a_tag_docker_would_refuse_is_refused_first(tag):
+    message = refusal(no_engine().create_deployment, "fink", "models:/fink-prep/1",
+                      config={"tag": tag})
+    assert f"tag={tag!r} is not a Docker tag" in message and "-C tag=v1" in message
+    assert opts.resolve({"tag": "v1.2_rc-3"})["tag"] == "v1.2_rc-3"
+
+
+def test_a_bad_setting_is_reported_as_itself_not_as_a_missing_engine():
+    message = refusal(no_engine().create_deployment, "fink", "models:/fink-prep/1",
+                      config={"mode": "kafka", "input_topic": "t", "input_format": "xml"})
+    assert "INPUT_FORMAT='xml' is not one of json, avro, confluent-avro" in message
+    # an update needs the engine for what runs, but what it is given is checked before that
+    message = refusal(no_engine().update_deployment, "fink", config={"input_format": "xml"})
+    assert "INPUT_FORMAT='xml' is not one of" in message
+    # and a delete's options before it stops anything (it used to remove the containers first)
+    message = refusal(no_engine().delete_deployment, "fink", config={"remove_image": "maybe"})
+    assert message == "remove_image='maybe' is not a boolean; use true or false"
+
+
+def test_the_whole_configuration_is_checked_before_the_engine_is_contacted(tracking_uri):
+    import mlflow
+
+    with mlflow.start_run():
+        uri = mlflow.preproc.log_model(lambda r: r, name="p").model_uri
+    # A missing input topic is known from the options and the model alone.
+    message = refusal(no_engine().create_deployment, "fink", uri, config={"mode": "kafka"})
+    assert message.startswith("INPUT_TOPIC is not set"), message
+    # Only a configuration that passes every check meets the engine (unreachable here).
+    message = refusal(no_engine().create_deployment, "fink", uri)
+    assert message.startswith("cannot reach a Docker engine at tcp://127.0.0.1:1"), message
+
+
+# ---- #19 finding 7: get shows the deployment's own keys, list one short item each ----------
+
+class FakeContainer:
+    """What ``get``/``list`` read of a Docker container: its name, status and labels (the
+    labels the real container is started with: container_spec's)."""
+
+    def __init__(self, spec, status: str = "running"):
+        self.name, self.labels, self.status = spec.name, spec.labels, status
+        self.short_id = "0123456789ab"
+
+
+class FakeDockerEngine:
+    """``containers.list`` with label filters, as the Docker SDK answers it (the engine itself
+    is in test_docker.py, busy here)."""
+
+    def __init__(self, containers: list[FakeContainer]):
+        self.found = containers
+        self.containers = self
+
+    def list(self, filters: dict, **_):
+        def matches(labels: dict, wanted: str) -> bool:  # "key" or "key=value"
+            key, sep, value = wanted.partition("=")
+            return key in labels and (not sep or labels[key] == value)
+
+        return [c for c in self.found if all(matches(c.labels, w) for w in filters["label"])]
+
+
+def on_engine(*deployments: Deployment):
+    from mlflow_preproc.deploy.target import PreprocDeploymentClient
+
+    client = PreprocDeploymentClient("preproc")
+    client._client = FakeDockerEngine([FakeContainer(spec_of(d)) for d in deployments])
+    return client
+
+
+def on_kubernetes() -> Deployment:
+    from mlflow_preproc.deploy.spec import with_stream_defaults
+
+    options = with_stream_defaults("fink", MODEL, opts.resolve({**STREAM,
+                                                                "backend": "kubernetes"}))
+    return Deployment("fink", MODEL.uri, MODEL, "preprocessing-fink-prep-1:latest", options)
+
+
+KUBERNETES_ONLY = ("namespace", "autoscaling", "lag_threshold", "min_replicas", "push",
+                   "service_monitor", "cpu_request", "memory_limit")
+
+
+def test_get_of_a_docker_deployment_shows_no_kubernetes_keys():
+    got = on_engine(plan(input_format="avro")).get_deployment("fink")
+    assert not set(KUBERNETES_ONLY) & set(got["config"]), got["config"]
+    assert got["config"]["input_format"] == "avro" and got["config"]["mode"] == "kafka"
+    assert got["config"]["health_timeout"] == "120"
+    assert got["backend"] == "docker"
+
+
+def test_get_of_a_kubernetes_deployment_shows_no_docker_keys():
+    from mlflow_preproc.deploy.kubernetes_backend import summary
+    from mlflow_preproc.deploy.manifests import render
+
+    got = summary(render(on_kubernetes(), partitions=4)[0])
+    assert got["config"]["namespace"] == "default" and got["config"]["autoscaling"] == "true"
+    assert "health_timeout" not in got["config"]
+
+
+def test_list_prints_one_short_item_per_deployment():
+    other = Deployment("other", "runs:/abc/model", MODEL, "preprocessing-other:latest",
+                       opts.resolve({"mode": "serve"}), revision=3)
+    assert on_engine(plan(), other).list_deployments() == [
+        {"name": "fink", "flavor": "preprocessing", "backend": "docker",
+         "model": "models:/fink-prep/1", "revision": 1, "status": "running"},
+        {"name": "other", "flavor": "preprocessing", "backend": "docker",
+         "model": "runs:/abc/model", "revision": 3, "status": "running"}]
+    from mlflow_preproc.deploy.kubernetes_backend import summary
+    from mlflow_preproc.deploy.manifests import render
+    from mlflow_preproc.deploy.target import listed
+
+    assert listed(summary(render(on_kubernetes(), partitions=4)[0])) == {
+        "name": "fink", "flavor": "preprocessing", "backend": "kubernetes",
+        "model": "models:/fink-prep/1", "revision": 1, "status": "0/1 ready"}
+
+
+def test_the_target_help_is_plain_text_and_says_which_keys_are_one_backends():
+    from mlflow_preproc.deploy.target import target_help
+
+    text = target_help()  # mlflow deployments help -t preproc
+    assert "``" not in text
+    lines = text.splitlines()
+    assert any(line.split()[:1] == ["namespace"] and "(Kubernetes only)" in line for line in lines)
+    assert any(line.split()[:1] == ["health_timeout"] and "(Docker only)" in line
+               for line in lines)

@@ -1,5 +1,5 @@
 """The field's contract: pre_processing returns a feature vector, named by FEATURE_NAMES, fed
-to a model over REST (bridge) or in the same process (stream --model).
+to a model over REST (bridge) or in the same process (stream --prediction-model-uri).
 
 The rule for what pre_processing may return is tested row by row through every way a model
 runs: pyfunc/REST, `mlflow-preproc run`, `stream` and `bridge`. The Fink pattern
@@ -251,7 +251,7 @@ def test_fink_alerts_to_predictions_in_one_process(fink, broker, streams):
     produce(broker.bootstrap_servers, topic, [as_container(a) for a in alerts],
             keys=[str(a["candid"]).encode() for a in alerts])
     stream = streams(fink_stream_env(broker, topic, out, KEEP_FIELDS="objectId,candid"),
-                     args=("--model", "models:/fink-classifier/1"))
+                     args=("--prediction-model-uri", "models:/fink-classifier/1"))
     predictions = consume(broker.bootstrap_servers, out, len(alerts))
     assert stream.stop() == 0, stream.text()[-3000:]
     assert len(predictions) == len(alerts)

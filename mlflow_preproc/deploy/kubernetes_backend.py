@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mlflow_preproc.deploy.options import shown
 from mlflow_preproc.deploy.spec import DEPLOYMENT_LABEL
 
 FIELD_MANAGER = "mlflow-preproc"
@@ -147,5 +148,5 @@ def summary(obj: dict) -> dict:
         "model_uri": annotations.get("org.mlflow-preproc.model-uri"),
         "image": container["image"], "replicas": want, "ready_replicas": ready,
         "consumer_group": config.get("consumer_group_id"),
-        "output_topic": config.get("output_topic"), "config": config,
+        "output_topic": config.get("output_topic"), "config": shown(config, "kubernetes"),
     }

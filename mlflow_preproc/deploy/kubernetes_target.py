@@ -17,6 +17,7 @@ from mlflow_preproc.deploy.target import (
     PreprocDeploymentClient,
     _quiet_logger,
     _step,
+    listed,
 )
 
 
@@ -29,20 +30,23 @@ class KubernetesDeployments:
 
     def manifests(self, name: str, model_uri: str, given: dict) -> list[dict]:
         """The objects ``create`` would apply."""
-        return self._objects(self.target._plan(name, model_uri, self._options(None, given)))
+        return self._objects(self.target._plan(name, model_uri,
+                                               self._options(None, given, name)))
 
     def create(self, name: str, model_uri: str, flavor: str | None, given: dict) -> dict:
-        options = self._options(flavor, given)
+        options = self._options(flavor, given, name)
+        d = self.target._plan(name, model_uri, options)
+        objects = self._objects(d)  # every check of the options before the cluster is asked
         kube = self._backend(options)
         if _call(kube.get, name) is not None:
             raise DeploymentError(f"a deployment named {name} already exists in namespace "
                                   f"{options['namespace']}; use mlflow deployments update")
-        return self._apply(kube, self.target._plan(name, model_uri, options))
+        return self._apply(kube, d, objects)
 
     def update(self, name: str, model_uri: str | None, flavor: str | None, given: dict) -> dict:
         from mlflow_preproc.deploy.kubernetes_backend import summary
 
-        kube = self._backend(self._options(flavor, given))
+        kube = self._backend(self._options(flavor, given, name))
         current = _call(kube.get, name)
         if current is None:
             raise self.target._not_found(name)
@@ -53,8 +57,9 @@ class KubernetesDeployments:
                if "value" in e}
         stored = opts.restore_secrets(before["config"], env)
         options = self._options(flavor, {**stored, **given})
-        return self._apply(kube, self.target._plan(name, model_uri or before["model_uri"],
-                                                   options, before["revision"] + 1))
+        d = self.target._plan(name, model_uri or before["model_uri"], options,
+                              before["revision"] + 1)
+        return self._apply(kube, d, self._objects(d))
 
     def delete(self, name: str, given: dict) -> None:
         if not _call(self._backend(self._options(None, given)).delete, name):
@@ -71,12 +76,12 @@ class KubernetesDeployments:
     def list(self) -> list[dict]:
         from mlflow_preproc.deploy.kubernetes_backend import summary
 
-        return [summary(o) for o in _call(self._backend(self._options(None, {})).list)]
+        return [listed(summary(o)) for o in _call(self._backend(self._options(None, {})).list)]
 
-    def _apply(self, kube, d: Deployment) -> dict:
+    def _apply(self, kube, d: Deployment, objects: list[dict]) -> dict:
+        """Build, push and apply ``objects``, ``d``'s (checked: :meth:`_objects`)."""
         from mlflow_preproc.deploy.kubernetes_backend import summary
 
-        objects = self._objects(d)  # checked before anything is built
         self.target._build(d)
         if d.options.get("registry") and settings.parse_bool(d.options["push"], "push"):
             self._push(d.image)
@@ -104,11 +109,12 @@ class KubernetesDeployments:
         except ValueError as exc:
             raise DeploymentError(str(exc)) from None
 
-    def _options(self, flavor: str | None, given: dict) -> dict[str, str]:
+    def _options(self, flavor: str | None, given: dict,
+                 name: str | None = None) -> dict[str, str]:
         given = {**given, "backend": "kubernetes"}
         if self.namespace is not None:
             given.setdefault("namespace", self.namespace)
-        return self.target._options(flavor, given)
+        return self.target._options(flavor, given, name)
 
     @staticmethod
     def _backend(options: dict):

@@ -26,11 +26,16 @@ CONSUMING_MODES = ("kafka", "both", "bridge")
 SERVING_MODES = ("serve", "both")
 
 
+BACKENDS = ("docker", "kubernetes")
+DOCKER, KUBERNETES = ("docker",), ("kubernetes",)
+
+
 @dataclass(frozen=True)
 class Option:
     default: str
     help: str
     example: str
+    backends: tuple[str, ...] = BACKENDS  # where the option means something (get shows it)
 
 
 OPTIONS: dict[str, Option] = {
@@ -53,32 +58,32 @@ OPTIONS: dict[str, Option] = {
     "no_cache": Option("false", "build without Docker's layer cache", "true"),
     "health_timeout": Option("120", "seconds to wait for new containers to be healthy (REST "
                              "answers, every consumer joined its group) before a create is "
-                             "undone or an update rolled back", "300"),
-    "remove_image": Option("false", "delete only: also remove the image", "true"),
+                             "undone or an update rolled back", "300", DOCKER),
+    "remove_image": Option("false", "delete only: also remove the image", "true", DOCKER),
     # Kubernetes (-C backend=kubernetes, or mlflow-preproc manifests)
     "backend": Option("docker", "docker (containers on a Docker engine) or kubernetes "
                       "(manifests applied with your kubeconfig)", "kubernetes"),
-    "namespace": Option("default", "Kubernetes namespace", "alerts"),
+    "namespace": Option("default", "Kubernetes namespace", "alerts", KUBERNETES),
     "kube_context": Option("the kubeconfig's current context", "kubeconfig context to use",
-                           "prod"),
+                           "prod", KUBERNETES),
     "registry": Option("", "image registry to push to and pull from (Kubernetes)",
                        "registry.example.org/fink"),
     "push": Option("true", "Kubernetes: push the image to the registry after building it",
-                   "false"),
+                   "false", KUBERNETES),
     "autoscaling": Option("true", "kafka/both on Kubernetes: a KEDA ScaledObject scales on the "
-                          "consumer group's lag", "false"),
-    "lag_threshold": Option("100", "KEDA: target lag per replica", "500"),
-    "min_replicas": Option("1", "KEDA: fewest replicas", "0"),
+                          "consumer group's lag", "false", KUBERNETES),
+    "lag_threshold": Option("100", "KEDA: target lag per replica", "500", KUBERNETES),
+    "min_replicas": Option("1", "KEDA: fewest replicas", "0", KUBERNETES),
     "max_replicas": Option("the input topic's partitions", "KEDA: most replicas (never more "
-                           "than the partitions)", "8"),
+                           "than the partitions)", "8", KUBERNETES),
     "partitions": Option("read from the broker", "the input topic's partition count, when the "
-                         "broker cannot be reached from here", "12"),
-    "cpu_request": Option("", "Kubernetes resources.requests.cpu", "250m"),
-    "memory_request": Option("", "Kubernetes resources.requests.memory", "512Mi"),
-    "cpu_limit": Option("", "Kubernetes resources.limits.cpu", "1"),
-    "memory_limit": Option("", "Kubernetes resources.limits.memory", "1Gi"),
+                         "broker cannot be reached from here", "12", KUBERNETES),
+    "cpu_request": Option("", "Kubernetes resources.requests.cpu", "250m", KUBERNETES),
+    "memory_request": Option("", "Kubernetes resources.requests.memory", "512Mi", KUBERNETES),
+    "cpu_limit": Option("", "Kubernetes resources.limits.cpu", "1", KUBERNETES),
+    "memory_limit": Option("", "Kubernetes resources.limits.memory", "1Gi", KUBERNETES),
     "service_monitor": Option("false", "Kubernetes: also a Prometheus Operator ServiceMonitor "
-                              "on /metrics", "true"),
+                              "on /metrics", "true", KUBERNETES),
 }
 PREFIXES = {
     "env.": "set a container environment variable; e.g. -C env.LOG_LEVEL=DEBUG",
@@ -94,7 +99,6 @@ _DERIVED = ("image", "base_image", "python_version", "docker_host", "workers", "
             "max_replicas", "partitions")
 _WHOLE_NUMBERS = ("port", "replicas", "consumers", "health_timeout", "lag_threshold")
 _OPTIONAL_NUMBERS = ("max_replicas", "partitions")
-BACKENDS = ("docker", "kubernetes")
 # Labels the target sets itself: a user's label.* must not replace them (list, get, update
 # and the Kubernetes selector find a deployment's containers by them).
 _OWN_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/managed-by")
@@ -103,6 +107,11 @@ _OWN_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/managed-by")
 _SECRET_WORD = re.compile(r"(?:^|_)(?:PASSWORD|PASSWD|PWD|SECRET|TOKEN|KEY|APIKEY|CREDENTIALS?|"
                           r"SASL)(?:_|$)")
 REDACTED = "<redacted>"
+# Names Docker and Kubernetes accept; refused here, before anything is built (Docker's own
+# refusal would come as an APIError after the build, a Kubernetes API server's at apply).
+_DOCKER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+_KUBERNETES_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123 label
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 class OptionError(ValueError):
@@ -114,9 +123,29 @@ def setting_keys() -> set[str]:
     return {s.env.lower() for s in settings.SETTINGS.values() if s.modes != ("image",)}
 
 
-def resolve(given: dict) -> dict[str, str]:
+def check_name(name: str, backend: str) -> None:
+    """Raise :class:`OptionError` unless ``name`` can name a deployment on ``backend``: a
+    Docker container name, or on Kubernetes an RFC 1123 label. Never rewritten: the name is
+    how the user finds the deployment again, so the message gives the name to use."""
+    if backend == "kubernetes":
+        if not _KUBERNETES_NAME.fullmatch(name):
+            fix = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:63].rstrip("-")
+            raise OptionError(f"deployment name {name!r} is not a Kubernetes name (at most 63 "
+                              "lowercase letters, digits and '-', starting and ending with a "
+                              f"letter or digit); use --name {fix or 'fink'}")
+    elif not _DOCKER_NAME.fullmatch(name):
+        fix = re.sub(r"[^a-zA-Z0-9_.-]+", "-", name).lstrip("_.-")
+        raise OptionError(f"deployment name {name!r} is not a Docker container name (letters, "
+                          "digits, '_', '.' and '-', starting with a letter or digit); use "
+                          f"--name {fix or 'fink'}")
+
+
+def resolve(given: dict, name: str | None = None) -> dict[str, str]:
     """``given`` with the defaults filled in; raises :class:`OptionError` for an unknown key,
-    a mode that does not exist, a number that is not one or a mount of a missing host path."""
+    a mode that does not exist, a number that is not one, a mount of a missing host path, a
+    bad ``tag`` or deployment ``name`` (when given), and
+    :class:`~mlflow_preproc.config.ConfigError` for a setting's value the settings table
+    refuses. Pure: nothing is contacted, so all of this is known before anything is."""
     given = {str(k): str(v) for k, v in (given or {}).items()}
     known = setting_keys()
     unknown = [k for k in given if k not in OPTIONS and k.lower() not in known
@@ -133,12 +162,23 @@ def resolve(given: dict) -> dict[str, str]:
         raise OptionError(f"mode={resolved['mode']!r} is not one of {', '.join(MODES)}")
     if resolved["backend"] not in BACKENDS:
         raise OptionError(f"backend={resolved['backend']!r} is not one of {', '.join(BACKENDS)}")
+    if name is not None:
+        check_name(name, resolved["backend"])
+    # Each setting as the container will read it (INPUT_FORMAT=xml...); the whole container
+    # environment is checked again with the plan (spec.check_settings).
+    for key, value in resolved.items():
+        if key in known and value != "":
+            settings.parse_value(key.upper(), value)
     for key in (*_WHOLE_NUMBERS, *(k for k in _OPTIONAL_NUMBERS if k in resolved)):
         if not (resolved[key].isascii() and resolved[key].isdigit()) or int(resolved[key]) < 1:
             raise OptionError(f"{key}={resolved[key]!r} is not a whole number of at least 1; "
                               f"e.g. -C {key}={OPTIONS[key].example}")
     if not resolved["min_replicas"].isdigit():
         raise OptionError(f"min_replicas={resolved['min_replicas']!r} is not a whole number")
+    if resolved["tag"] and not _TAG.fullmatch(resolved["tag"]):  # empty: the default
+        raise OptionError(f"tag={resolved['tag']!r} is not a Docker tag (at most 128 letters, "
+                          "digits, '_', '.' and '-', not starting with '.' or '-'); e.g. "
+                          f"-C tag={OPTIONS['tag'].example}")
     # Both are written into the Dockerfile's FROM line: a newline would add build steps.
     if "base_image" in resolved and not IMAGE_REFERENCE.fullmatch(resolved["base_image"]):
         raise OptionError(f"base_image={resolved['base_image']!r} is not a Docker image "
@@ -171,7 +211,7 @@ def resolve(given: dict) -> dict[str, str]:
         if ref.count("/") != 1 or not all(ref.split("/")):
             raise OptionError(f"secret_env.{name}={ref}: name a Secret and its key, e.g. "
                               f"-C secret_env.{name}=kafka-user/password")
-    for key in ("no_cache", "push", "autoscaling", "service_monitor"):
+    for key in ("no_cache", "push", "autoscaling", "service_monitor", "remove_image"):
         settings.parse_bool(resolved[key], key)
     return resolved
 
@@ -205,6 +245,13 @@ def is_secret(key: str) -> bool:
     return name is not None and _SECRET_WORD.search(name.upper()) is not None
 
 
+def shown(options: dict[str, str], backend: str) -> dict[str, str]:
+    """``options`` as ``get`` shows them for a deployment on ``backend``: without the other
+    backend's keys, whose defaults are stored with every deployment but mean nothing there."""
+    return {k: v for k, v in options.items()
+            if k not in OPTIONS or backend in OPTIONS[k].backends}
+
+
 def redacted(options: dict[str, str]) -> dict[str, str]:
     """``options`` as stored and shown: secret values replaced by :data:`REDACTED`."""
     return {k: REDACTED if is_secret(k) else v for k, v in options.items()}
@@ -227,7 +274,8 @@ def help_text() -> str:
     """The options part of ``mlflow deployments help -t preproc``."""
     lines = ["Config keys (-C key=value):", ""]
     for key, o in OPTIONS.items():
-        lines.append(f"  {key:<16} {o.help}\n  {'':<16} default: {o.default}; e.g. "
+        only = "" if len(o.backends) > 1 else f" ({o.backends[0].capitalize()} only)"
+        lines.append(f"  {key:<16} {o.help}{only}\n  {'':<16} default: {o.default}; e.g. "
                      f"-C {key}={o.example}")
     for prefix, meaning in PREFIXES.items():
         lines.append(f"  {prefix + 'NAME':<16} {meaning}")

@@ -86,8 +86,8 @@ class DeploymentError(MlflowException, click.ClickException):
 
 
 def target_help() -> str:
-    """``mlflow deployments help -t preproc``."""
-    return f"{__doc__.strip()}\n\n{opts.help_text()}"
+    """``mlflow deployments help -t preproc``: plain text, the docstring without its markup."""
+    return f"{__doc__.strip().replace('``', '')}\n\n{opts.help_text()}"
 
 
 def run_local(name: str, model_uri: str, flavor: str | None = None,
@@ -132,12 +132,15 @@ class PreprocDeploymentClient(BaseDeploymentClient):
                           config: dict | None = None, endpoint: str | None = None) -> dict:
         if self._on_kubernetes(config):
             return self._kubernetes.create(name, model_uri, flavor, config or {})
-        options = self._options(flavor, config)
+        options = self._options(flavor, config, name)
+        deployment = self._plan(name, model_uri, options)
+        # What the options and the model decide is checked before the engine is asked anything:
+        # a bad setting is reported as itself, also when no engine runs.
+        specs, consumer_settings = self._check_settings(deployment)
         if self._backend.containers(name):
             raise DeploymentError(f"a deployment named {name} already exists; use mlflow "
                                   f"deployments update --name {name}, or delete it first")
-        deployment = self._plan(name, model_uri, options)
-        specs = self._check(deployment)
+        self._check_host(deployment, specs, consumer_settings)
         self._build(deployment)
         _step(2, f"starting {_count(deployment.replicas, 'container')} ({deployment.mode})")
         try:
@@ -152,6 +155,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
                           endpoint: str | None = None) -> dict:
         if self._on_kubernetes(config):
             return self._kubernetes.update(name, model_uri, flavor, config or {})
+        self._options(flavor, config, name)  # what is given, before the engine says what runs
         old = self._backend.current(name)
         if not old:
             raise self._not_found(name)
@@ -165,7 +169,8 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         options = self._options(flavor, {**previous, **(config or {})})
         model_uri = model_uri or old[0].labels[f"{LABEL}.model-uri"]
         deployment = self._plan(name, model_uri, options, revision_of(old[0]) + 1)
-        specs = self._check(deployment, replacing=old)
+        specs, consumer_settings = self._check_settings(deployment)
+        self._check_host(deployment, specs, consumer_settings, replacing=old)
         self._note_kept_topic(deployment, previous, config or {})
         self._build(deployment)
         if deployment.serving:
@@ -179,20 +184,21 @@ class PreprocDeploymentClient(BaseDeploymentClient):
                           endpoint: str | None = None) -> None:
         if self._on_kubernetes(config):
             return self._kubernetes.delete(name, config or {})
+        options = self._options(None, config)  # remove_image=maybe: refused before the stop
         containers = self._backend.containers(name)  # every revision
         if not containers:
             raise self._not_found(name)
         image = self._backend.current(name)[0].labels.get(f"{LABEL}.image")
         self._backend.stop(containers, _stop_timeout(options_of(containers[0])))
         self._backend.remove(containers)
-        if settings.parse_bool(str((config or {}).get("remove_image", "false")), "remove_image"):
+        if settings.parse_bool(options["remove_image"], "remove_image"):
             self._docker.images.remove(image)
 
     def list_deployments(self, endpoint: str | None = None) -> list[dict]:
         if self._kube_namespace is not None:
             return self._kubernetes.list()
         names = sorted({c.labels[f"{LABEL}.deployment"] for c in self._backend.containers()})
-        return [self.get_deployment(n) for n in names]
+        return [listed(self.get_deployment(n)) for n in names]
 
     def get_deployment(self, name: str, endpoint: str | None = None) -> dict:
         if self._kube_namespace is not None:
@@ -208,6 +214,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         return {
             "name": name,
             "flavor": FLAVOR,
+            "backend": "docker",
             "status": "running" if set(statuses) == {"running"} else "/".join(sorted(statuses)),
             "mode": mode,
             "revision": revision_of(containers[0]),
@@ -218,7 +225,7 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             "output_topic": options.get("output_topic"),
             "containers": [{"name": c.name, "id": c.short_id, "status": c.status}
                            for c in containers],
-            "config": options,
+            "config": opts.shown(options, "docker"),
         }
 
     def predict(self, deployment_name: str | None = None, inputs: Any = None,
@@ -293,12 +300,14 @@ class PreprocDeploymentClient(BaseDeploymentClient):
 
     # ---- planning and checking -------------------------------------------------------------
 
-    def _options(self, flavor: str | None, config: dict | None) -> dict[str, str]:
+    def _options(self, flavor: str | None, config: dict | None,
+                 name: str | None = None) -> dict[str, str]:
+        """The resolved options (and ``name``, when given) checked; contacts nothing."""
         if flavor not in (None, FLAVOR, "python_function"):
             raise DeploymentError(f"flavor {flavor!r} is not supported by the preproc target; "
                                   f"omit --flavor or use {FLAVOR}")
         try:
-            options = opts.resolve(config or {})
+            options = opts.resolve(config or {}, name)
         except (opts.OptionError, settings.ConfigError) as exc:
             raise DeploymentError(str(exc)) from None
         if "docker_host" in options:
@@ -346,13 +355,20 @@ class PreprocDeploymentClient(BaseDeploymentClient):
             specs.append(container_spec(d, i, base_port + i, metrics))
         return specs
 
-    def _check(self, d: Deployment, replacing: list = ()) -> list[ContainerSpec]:
-        """Everything that can be known before building: settings, ports, broker, topics."""
+    def _check_settings(self, d: Deployment) -> tuple[list[ContainerSpec],
+                                                      settings.Config | None]:
+        """The containers of ``d``, their environment read by the settings table as they will
+        read it; and the consumer's settings in a consuming mode. Contacts nothing."""
         specs = self._specs(d)
         try:
-            consumer_settings = [check_settings(spec) for spec in specs][0]
+            return specs, [check_settings(spec) for spec in specs][0]
         except settings.ConfigError as exc:
             raise DeploymentError(str(exc)) from None
+
+    def _check_host(self, d: Deployment, specs: list[ContainerSpec],
+                    consumer_settings: settings.Config | None, replacing: list = ()) -> None:
+        """What this host and the broker must allow, before building: free ports, the broker
+        answering, the topics."""
         held = {int(c.labels.get(f"{LABEL}.port", 0)) for c in replacing}
         if d.serving and d.options["network_mode"] == "host":
             for spec in specs:
@@ -361,7 +377,6 @@ class PreprocDeploymentClient(BaseDeploymentClient):
                                           "host; pass -C port=<a free port>")
         if consumer_settings is not None:
             _check_topics(consumer_settings, d.mode)
-        return specs
 
     def _note_kept_topic(self, d: Deployment, previous: dict, given: dict) -> None:
         if d.mode not in ("kafka", "both") or "output_topic" in given:
@@ -497,6 +512,14 @@ class PreprocDeploymentClient(BaseDeploymentClient):
     def _not_found(name: str) -> DeploymentError:
         return DeploymentError(f"no deployment named {name}; mlflow deployments list -t "
                                "preproc shows the deployments")
+
+
+def listed(deployment: dict) -> dict:
+    """What ``list`` gives of a deployment ``get`` describes: ``mlflow deployments list``
+    prints the whole list as one Python value, so each item is kept to a line."""
+    return {"name": deployment["name"], "flavor": deployment["flavor"],
+            "backend": deployment["backend"], "model": deployment["model_uri"],
+            "revision": deployment["revision"], "status": deployment["status"]}
 
 
 def _identity_json(identity) -> dict:

@@ -1,9 +1,9 @@
 """A prediction model in the same process as the preprocessing: features in, predictions out.
 
-``mlflow-preproc stream --model MODEL_URI`` runs it after ``pre_processing`` on every batch,
-so the stream produces predictions in one hop, without a model server and a bridge. Each
-prediction becomes a record of the key fields the user names (``KEEP_FIELDS``) and the
-prediction itself.
+``mlflow-preproc stream --prediction-model-uri MODEL_URI`` runs it after ``pre_processing`` on
+every batch, so the stream produces predictions in one hop, without a model server and a
+bridge. Each prediction becomes a record of the key fields the user names (``KEEP_FIELDS``) and
+the prediction itself.
 """
 
 from __future__ import annotations

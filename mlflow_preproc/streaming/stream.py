@@ -4,9 +4,9 @@ Each batch goes through the data path top to bottom:
 
     message in -> decode -> drop fields -> pre_processing [-> predict] -> encode -> message out
 
-With a prediction model (``PREDICTION_MODEL_URI``, ``--model``) the preprocessed features of the
-batch go to the model in the same process, and what is produced is one record per prediction:
-the ``KEEP_FIELDS`` of the input and the prediction.
+With a prediction model (``PREDICTION_MODEL_URI``, ``--prediction-model-uri``) the preprocessed
+features of the batch go to the model in the same process, and what is produced is one record
+per prediction: the ``KEEP_FIELDS`` of the input and the prediction.
 
 A message that fails at any stage goes to the dead-letter topic with the stage and the error;
 delivery, commits, rebalances and shutdown are :class:`~mlflow_preproc.streaming.loop.KafkaLoop`'s.
