@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -268,10 +268,11 @@ def broker():
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes] | None = None,
-            headers: list | None = None) -> None:
+            headers: list | None = None, linger_ms: int = 5) -> None:
+    """Write ``values`` to ``topic``; a long ``linger_ms`` puts them in one record batch."""
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": linger_ms})
     for i, value in enumerate(values):
         producer.produce(topic, value, keys[i] if keys else None,
                          headers=headers[i] if headers else None)
@@ -280,8 +281,11 @@ def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes] |
     assert producer.flush(30) == 0
 
 
-def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list:
+def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60,
+            until: Callable[[list], bool] | None = None) -> list:
     """Read a topic from the start until ``expected`` messages arrived (or time ran out).
+
+    Where duplicates are allowed, ``until(messages)`` says when enough arrived instead.
 
     Reads by assignment, not in a group: no group join delay, and nothing is committed.
     """
@@ -300,7 +304,8 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> l
                 return got
             time.sleep(0.2)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
-        while len(got) < expected and time.monotonic() < deadline:
+        done = until or (lambda messages: len(messages) >= expected)
+        while not done(got) and time.monotonic() < deadline:
             got += [m for m in consumer.consume(1000, 0.5) if m.error() is None]
     finally:
         consumer.close()
