@@ -352,3 +352,17 @@ def test_the_target_help_is_plain_text_and_says_which_keys_are_one_backends():
     assert any(line.split()[:1] == ["namespace"] and "(Kubernetes only)" in line for line in lines)
     assert any(line.split()[:1] == ["health_timeout"] and "(Docker only)" in line
                for line in lines)
+
+
+# ---- #19 finding 9: create says where the deployment answers ------------------------------
+
+def test_the_last_line_of_create_says_where_the_deployment_answers():
+    from mlflow_preproc.deploy.target import ready_line
+
+    served = {"name": "fink", "endpoint": "http://127.0.0.1:5001"}
+    assert ready_line(served).startswith("fink is ready: POST http://127.0.0.1:5001/invocations")
+    consumer = {"name": "fink", "endpoint": None, "consumer_group": "mlflow-preproc-fink",
+                "output_topic": "fink-prep-1-preprocessed"}
+    line = ready_line(consumer)
+    assert "consumer group mlflow-preproc-fink" in line
+    assert "output topic fink-prep-1-preprocessed" in line and "deployments get" in line

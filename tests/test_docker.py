@@ -53,6 +53,8 @@ def test_deploy_serve_predict_stream_update_delete(tracking_uri, broker, deploym
     # One line per step, not the build's log or MLflow's download bars.
     steps = [line for line in create.stderr.splitlines() if line.startswith("[")]
     assert [s[:5] for s in steps] == ["[1/3]", "[2/3]", "[3/3]"], create.stderr[-3000:]
+    # ... and where it answers (#19.9; MLflow prints only the name).
+    assert f"{name} is ready: POST http://127.0.0.1:{port}/invocations" in create.stderr
     assert "Step " not in create.stderr and "Downloading artifacts" not in create.stderr
 
     logs = docker_client.containers.get(f"{name}-0").logs().decode()

@@ -413,3 +413,31 @@ def test_partitions_assigned_during_a_pause_are_paused_until_it_ends():
         loop._settle_assignment()
         assert consumer.paused_set == {0, 1}
     assert consumer.paused_set == set()
+
+
+# ---- what the loop says while it starts (#19.9) ---------------------------------------------
+
+class LateBrokerConsumer(FakeConsumer):
+    """The broker answers from the second metadata request on."""
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.asked = 0
+
+    def list_topics(self, timeout=None):
+        self.asked += 1
+        if self.asked == 1:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Connection refused"))
+        return super().list_topics(timeout)
+
+
+def test_start_up_says_when_it_gives_up_on_kafka_and_that_it_is_joining_a_group(caplog):
+    caplog.set_level("INFO", logger="mlflow_preproc")
+    consumer = LateBrokerConsumer([[msg(0, 0)]])
+    loop = Echo(consumer, FakeProducer(), KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9")
+    loop.run()
+    lines = {r.event: r for r in caplog.records if hasattr(r, "event")}
+    waiting = lines["waiting_for_kafka"]
+    assert "waiting for Kafka at 127.0.0.1:9; giving up in 60 s" in waiting.getMessage()
+    assert waiting.gives_up_in_s == 60
+    assert f"joining consumer group {loop.group_id}" in lines["start"].getMessage()

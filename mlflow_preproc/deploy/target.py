@@ -148,7 +148,9 @@ class PreprocDeploymentClient(BaseDeploymentClient):
         except NotHealthy as exc:
             raise DeploymentError(f"{name} did not start, so nothing is left running: "
                                   f"{exc}") from None
-        return self.get_deployment(name)
+        created = self.get_deployment(name)
+        print(ready_line(created), file=sys.stderr)
+        return created
 
     def update_deployment(self, name: str, model_uri: str | None = None,
                           flavor: str | None = None, config: dict | None = None,
@@ -578,6 +580,18 @@ def _no_download_bars():
 
 def _step(number: int, text: str) -> None:
     print(f"[{number}/3] {text}", file=sys.stderr, flush=True)
+
+
+def ready_line(deployment: dict) -> str:
+    """What a created deployment answers on: the line that ends `mlflow deployments create`
+    (MLflow itself prints only the name)."""
+    name = deployment["name"]
+    if deployment.get("endpoint"):
+        return (f"{name} is ready: POST {deployment['endpoint']}/invocations, or mlflow "
+                f"deployments predict -t preproc --name {name} -I input.json")
+    return (f"{name} is running: consumer group {deployment.get('consumer_group')}, output "
+            f"topic {deployment.get('output_topic')}; mlflow deployments get -t preproc "
+            f"--name {name} shows its health")
 
 
 def _done(text: str, since: float) -> None:

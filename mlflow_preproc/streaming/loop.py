@@ -343,7 +343,10 @@ class KafkaLoop:
                                                  self.config["HEALTH_STALL_S"])
         self.consumer.subscribe([self.input_topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
-        logger.info("consuming", extra={"event": "start", "command": self.command,
+        # Nothing arrives until the group assigns partitions ("partitions assigned"): a join
+        # takes a few seconds, longer when a previous member's session must expire first.
+        logger.info(f"joining consumer group {self.group_id}; records flow once partitions "
+                    "are assigned", extra={"event": "start", "command": self.command,
                                         "input_topic": self.input_topic,
                                         "output_topic": self.output_topic,
                                         "dlq_topic": self.dlq_topic, "group_id": self.group_id})
@@ -704,8 +707,12 @@ class KafkaLoop:
                         f"cannot reach Kafka at {self.config['KAFKA_BOOTSTRAP_SERVERS']} "
                         f"({exc.args[0].str()}); check KAFKA_BOOTSTRAP_SERVERS and that the "
                         "broker is up") from None
-                logger.warning("waiting for Kafka", extra={"event": "waiting_for_kafka",
-                                                           "error": exc.args[0].str()})
+                left = max(0.0, deadline - time.monotonic())
+                logger.warning(
+                    f"waiting for Kafka at {self.config['KAFKA_BOOTSTRAP_SERVERS']}; giving up "
+                    f"in {left:.0f} s", extra={"event": "waiting_for_kafka",
+                                                "error": exc.args[0].str(),
+                                                "gives_up_in_s": round(left)})
                 self.shutdown.sleep(delay)
                 delay = min(delay * 2, 5.0)
         return None
