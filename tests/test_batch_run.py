@@ -235,3 +235,29 @@ def test_an_avro_block_over_max_decoded_bytes_is_one_reject_and_the_next_blocks_
     assert (reject["index"], reject["stage"]) == (1, "decode")
     assert reject["error"].startswith("alerts.avro: after record 1, 1 Avro record(s) decode to "
                                       "more than MAX_DECODED_BYTES=1048576 bytes; raise")
+
+
+# ---- #19 finding 10: an unknown model says where it was looked for -------------------------
+
+def test_an_unknown_model_names_the_store_and_a_missing_store_is_not_created(tracking_uri,
+                                                                             tmp_path):
+    import os
+
+    (tmp_path / "r.json").write_text('{"id": 1, "x": 2}')
+    proc = run_cli("-m", "models:/nope/1", "r.json", cwd=tmp_path)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert f"models:/nope/1 was not found in the MLflow store at {tracking_uri}" in err
+    assert "MLFLOW_TRACKING_URI" in err and "Traceback" not in err
+    # No store configured, none where MLflow looks by default: said, and ./mlflow.db is
+    # not left behind (MLflow creates it, empty, on first use).
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "r.json").write_text('{"id": 1, "x": 2}')
+    unset = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([str(BIN / "mlflow-preproc"), "run", "-m", "models:/nope/1",
+                           "r.json"], capture_output=True, cwd=elsewhere, timeout=300, env=unset)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert "MLFLOW_TRACKING_URI is not set" in err and "export MLFLOW_TRACKING_URI=" in err, err
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["r.json"]

@@ -57,6 +57,7 @@ from mlflow.utils.requirements_utils import _get_pinned_requirement
 from mlflow_preproc.runtime import code_capture
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.jsonable import to_jsonable
+from mlflow_preproc.runtime.model_identity import not_found, require_store
 from mlflow_preproc.runtime.records import BATCH_FORMATS, Preprocessor, RecordError, as_records
 
 FLAVOR_NAME = "preprocessing"
@@ -462,7 +463,13 @@ class LoadedPreprocessing:
 
 def load_preprocessing(model_uri: str, dst_path: str | None = None) -> LoadedPreprocessing:
     """Download a preprocessing model and load everything the runtime needs from it."""
-    local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    require_store(model_uri)
+    try:
+        local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise not_found(model_uri, exc) from None
+        raise
     return _load_from_dir(local_path)
 
 

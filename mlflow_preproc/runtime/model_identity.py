@@ -60,9 +60,7 @@ def resolve_model(uri: str) -> ModelIdentity:
         else:
             return ModelIdentity(uri, uri)  # a legacy stage name: let MLflow resolve it
     except MlflowException as exc:
-        raise ModelNotFound(f"{uri} was not found in the model registry at "
-                            f"{_tracking_uri()}: {exc.message.splitlines()[0]}; check the "
-                            "name and version, and MLFLOW_TRACKING_URI") from None
+        raise not_found(uri, exc) from None
     return ModelIdentity(uri, f"models:/{name}/{version}", name, str(version))
 
 
@@ -106,6 +104,36 @@ def _baked_identity(path: str) -> ModelIdentity | None:
         return None
     baked = json.load(open(file))
     return ModelIdentity(baked["uri"], path, baked.get("name"), baked.get("version"))
+
+
+def require_store(uri: str) -> None:
+    """Refuse a ``models:/`` or ``runs:/`` URI when no MLflow store is configured or present.
+
+    With ``MLFLOW_TRACKING_URI`` unset, MLflow uses ``./mlflow.db`` and creates it, empty,
+    on first use: the model is then "not found" and a stray database is left behind. Said
+    first, with the fix, and nothing is created.
+    """
+    import os
+
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    if not uri.startswith(("models:/", "runs:/")) or is_tracking_uri_set() \
+            or os.environ.get("MLFLOW_REGISTRY_URI"):
+        return
+    default = _tracking_uri()
+    if default.startswith("sqlite:///") and not os.path.exists(default[len("sqlite:///"):]):
+        raise ModelNotFound(
+            f"{uri} needs an MLflow store, and MLFLOW_TRACKING_URI is not set (MLflow's "
+            f"default, {default[len('sqlite:///'):]}, does not exist); set it to where the "
+            "model was logged, e.g. export MLFLOW_TRACKING_URI=sqlite:///path/to/mlflow.db "
+            "or http://mlflow.example:5000")
+
+
+def not_found(uri: str, exc: MlflowException) -> ModelNotFound:
+    """``uri`` named nothing in the store MLflow asked: which store, and what to check."""
+    return ModelNotFound(f"{uri} was not found in the MLflow store at {_tracking_uri()}: "
+                         f"{exc.message.splitlines()[0]}; check the name and version, and "
+                         "MLFLOW_TRACKING_URI")
 
 
 def _tracking_uri() -> str:
