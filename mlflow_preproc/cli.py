@@ -314,7 +314,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from mlflow_preproc.streaming.embedded_broker import BrokerError, EmbeddedBroker
+    from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
 
     topics = [_topic_spec(spec) for spec in args.topic]
     stop = threading.Event()
@@ -332,9 +332,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         # The address on stdout, alone: `export KAFKA_BOOTSTRAP_SERVERS=$(... | head -1)`.
         print(broker.bootstrap_servers, flush=True)
         while not stop.wait(0.5):
-            if broker.process.poll() is not None:
-                raise BrokerError(f"the embedded broker exited with "
-                                  f"{broker.process.returncode}; see {broker.log_path}")
+            broker.raise_if_exited()
     print("mlflow-preproc broker: stopped", file=sys.stderr)
     return EXIT_OK
 

@@ -121,10 +121,11 @@ def require_store(uri: str) -> None:
             or os.environ.get("MLFLOW_REGISTRY_URI"):
         return
     default = _tracking_uri()
-    if default.startswith("sqlite:///") and not os.path.exists(default[len("sqlite:///"):]):
+    path = default.removeprefix("sqlite:///")
+    if path != default and not os.path.exists(path):
         raise ModelNotFound(
             f"{uri} needs an MLflow store, and MLFLOW_TRACKING_URI is not set (MLflow's "
-            f"default, {default[len('sqlite:///'):]}, does not exist); set it to where the "
+            f"default, {path}, does not exist); set it to where the "
             "model was logged, e.g. export MLFLOW_TRACKING_URI=sqlite:///path/to/mlflow.db "
             "or http://mlflow.example:5000")
 

@@ -20,10 +20,6 @@ class BrokerError(RuntimeError):
     """The embedded broker cannot start or stopped: said in one line with the fix."""
 
 
-class PortInUse(BrokerError):
-    """The broker's port is taken."""
-
-
 def tansu_binary() -> str:
     """Path of the Tansu broker binary, or a clear error saying how to get it."""
     try:
@@ -54,7 +50,8 @@ class EmbeddedBroker:
         self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
 
     def start(self, timeout: float = 15) -> EmbeddedBroker:
-        """Start the broker and wait until it listens; PortInUse if something else does."""
+        """Start the broker and wait until it listens; BrokerError if it cannot (its port
+        taken, the binary missing, no listener in time)."""
         # Checked first: with another listener on the port, the connect below would succeed
         # while Tansu itself fails to bind and exits.
         with socket.socket() as probe:
@@ -64,8 +61,9 @@ class EmbeddedBroker:
             try:
                 probe.bind(("127.0.0.1", self.port))
             except OSError:
-                raise PortInUse(f"port {self.port} on 127.0.0.1 is in use (another broker?); "
-                                "stop it or pass another port (mlflow-preproc broker --port N)") from None
+                raise BrokerError(f"port {self.port} on 127.0.0.1 is in use (another "
+                                  "broker?); stop it or pass another port (mlflow-preproc "
+                                  "broker --port N)") from None
         url = f"tcp://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
@@ -74,9 +72,7 @@ class EmbeddedBroker:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BrokerError(f"the embedded broker exited with {self.process.returncode}; "
-                                  f"see {self.log_path}")
+            self.raise_if_exited()
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return self
@@ -85,6 +81,12 @@ class EmbeddedBroker:
         self.stop()
         raise BrokerError(f"the embedded broker did not listen within {timeout}s; "
                           f"see {self.log_path}")
+
+    def raise_if_exited(self) -> None:
+        """BrokerError, pointing at the broker's log, if the broker process has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            raise BrokerError(f"the embedded broker exited with {self.process.returncode}; "
+                              f"see {self.log_path}")
 
     @property
     def log_path(self) -> str:

@@ -346,10 +346,10 @@ class KafkaLoop:
         # Nothing arrives until the group assigns partitions ("partitions assigned"): a join
         # takes a few seconds, longer when a previous member's session must expire first.
         logger.info(f"joining consumer group {self.group_id}; records flow once partitions "
-                    "are assigned", extra={"event": "start", "command": self.command,
-                                        "input_topic": self.input_topic,
-                                        "output_topic": self.output_topic,
-                                        "dlq_topic": self.dlq_topic, "group_id": self.group_id})
+                    "are assigned", extra={
+                        "event": "start", "command": self.command,
+                        "input_topic": self.input_topic, "output_topic": self.output_topic,
+                        "dlq_topic": self.dlq_topic, "group_id": self.group_id})
         batch_size = self.config["BATCH_SIZE"]
         timeout = self.config["BATCH_TIMEOUT_MS"] / 1000
         commit_interval = self.config["COMMIT_INTERVAL_MS"] / 1000
