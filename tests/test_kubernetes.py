@@ -209,12 +209,38 @@ def test_the_partition_count_is_read_from_the_broker_when_it_answers(registered,
     assert objects["ScaledObject"]["spec"]["maxReplicaCount"] == 3
 
 
+def test_manifests_render_offline_with_a_default_cap_and_say_which_was_used(registered,
+                                                                            capfd):
+    # GitOps and CI render where the cluster's broker does not answer (#19, finding 6).
+    offline = {"mode": "kafka", "input_topic": "t", "kafka_bootstrap_servers": "127.0.0.1:1"}
+    objects = {o["kind"]: o for o in render(registered, **offline)}
+    assert objects["ScaledObject"]["spec"]["maxReplicaCount"] == 10
+    err = capfd.readouterr().err
+    assert "at most 10 replicas (the default: the partitions of t could not be read" in err
+    capped = {o["kind"]: o for o in render(registered, **offline, max_replicas="4")}
+    assert capped["ScaledObject"]["spec"]["maxReplicaCount"] == 4
+    assert "at most 4 replicas (-C max_replicas)" in capfd.readouterr().err
+    render(registered, **CASES["kafka, autoscaled"])
+    assert "at most 6 replicas (the 6 partitions of fink-alert)" in capfd.readouterr().err
+
+
+def test_kafka_manifests_carry_no_docker_keys_and_no_rest_port(registered):
+    deployment = render(registered, **CASES["kafka, autoscaled"])[0]
+    stored = json.loads(deployment["metadata"]["annotations"]["org.mlflow-preproc.config"])
+    assert {"network_mode", "health_timeout", "remove_image"}.isdisjoint(stored)
+    assert stored["input_topic"] == "fink-alert"
+    env = {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "PORT" not in env and "METRICS_PORT" in env
+    assert "org.mlflow-preproc.port" not in deployment["metadata"]["labels"]
+    served = render(registered, **CASES["serve"])[0]
+    assert {"name": "PORT", "value": "8080"} in \
+        served["spec"]["template"]["spec"]["containers"][0]["env"]
+
+
 def test_bad_options_are_one_line(registered):
     from mlflow_preproc.deploy.target import DeploymentError
 
     for options, message in (
-            ({"mode": "kafka", "input_topic": "t", "kafka_bootstrap_servers": "nowhere:9092"},
-             "partitions of t cannot be read from here"),
             ({"mode": "serve", "mount./etc/x": "/home/me/x"},
              "on Kubernetes a mount comes from a Secret or ConfigMap"),
             ({"mode": "serve", "secret_env.X": "no-key"}, "name a Secret and its key"),

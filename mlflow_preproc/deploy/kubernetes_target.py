@@ -9,6 +9,8 @@ containers started on an engine.
 
 from __future__ import annotations
 
+import sys
+
 from mlflow_preproc import config as settings
 from mlflow_preproc.deploy import options as opts
 from mlflow_preproc.deploy.spec import Deployment, check_settings
@@ -90,7 +92,7 @@ class KubernetesDeployments:
         return summary(_call(kube.get, d.name))
 
     def _objects(self, d: Deployment) -> list[dict]:
-        from mlflow_preproc.deploy.manifests import kubernetes_spec, render
+        from mlflow_preproc.deploy.manifests import kubernetes_spec, max_replicas, render
 
         if d.mode == "run":
             raise DeploymentError("mode=run reads stdin, which a Kubernetes Deployment has "
@@ -102,12 +104,12 @@ class KubernetesDeployments:
         partitions = int(d.options["partitions"]) if d.options.get("partitions") else None
         autoscaled = d.mode in ("kafka", "both") and settings.parse_bool(
             d.options["autoscaling"], "autoscaling")
-        if autoscaled and partitions is None:
-            partitions = _partitions_if_reachable(consumer)
-        try:
-            return render(d, partitions)
-        except ValueError as exc:
-            raise DeploymentError(str(exc)) from None
+        if autoscaled:
+            if partitions is None:
+                partitions = _partitions_if_reachable(consumer)
+            most, source = max_replicas(d, partitions)
+            print(f"      autoscaling: at most {most} replicas ({source})", file=sys.stderr)
+        return render(d, partitions)
 
     def _options(self, flavor: str | None, given: dict,
                  name: str | None = None) -> dict[str, str]:

@@ -16,14 +16,21 @@ Pure: no Kubernetes client is needed to render.
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import replace
 from typing import Any
 
 from mlflow_preproc import config as settings
 from mlflow_preproc.deploy import options as opts
+from mlflow_preproc.deploy.image_build import LABEL
 from mlflow_preproc.deploy.spec import DEPLOYMENT_LABEL, ContainerSpec, Deployment, container_spec
 
 DEFAULT_METRICS_PORT = 9100
+# maxReplicaCount when neither -C max_replicas nor the partition count is known (manifests
+# rendered offline, as GitOps and CI do): a cost cap. KEDA's Kafka scaler never scales past
+# the topic's partitions anyway (unless allowIdleConsumers is set, which we never set).
+DEFAULT_MAX_REPLICAS = 10
 CONTAINER = "preprocessing"
 # Label values: at most 63 characters of [A-Za-z0-9_.-]; the rest goes to annotations.
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?$")
@@ -33,7 +40,29 @@ def kubernetes_spec(d: Deployment) -> ContainerSpec:
     """The container of every pod of ``d``: a pod has its own network, so the ports are fixed
     (``port``, ``metrics_port`` or 9100) instead of picked per replica as on one Docker host."""
     metrics = int(d.options.get("metrics_port") or DEFAULT_METRICS_PORT)
-    return container_spec(d, 0, int(d.options["port"]), metrics if d.consuming else None)
+    spec = container_spec(d, 0, int(d.options["port"]), metrics if d.consuming else None)
+    env, labels = dict(spec.env), dict(spec.labels)
+    if not d.serving:  # no scoring server in the pod: no PORT for it
+        env.pop("PORT", None)
+        labels.pop(f"{LABEL}.port", None)
+    # The stored settings, without the Docker backend's keys (network_mode, no_cache...).
+    stored = json.loads(labels[f"{LABEL}.config"])
+    labels[f"{LABEL}.config"] = json.dumps(opts.shown(stored, "kubernetes"))
+    return replace(spec, env=env, labels=labels)
+
+
+def max_replicas(d: Deployment, partitions: int | None) -> tuple[int, str]:
+    """The autoscaler's ``maxReplicaCount`` and where it came from, for the user to read."""
+    given = int(d.options["max_replicas"]) if d.options.get("max_replicas") else None
+    topic = d.options["input_topic"]
+    if partitions and (given is None or given > partitions):
+        # A replica past the partition count would idle.
+        return partitions, f"the {partitions} partitions of {topic}"
+    if given is not None:
+        return given, "-C max_replicas"
+    return DEFAULT_MAX_REPLICAS, (
+        f"the default: the partitions of {topic} could not be read from here; KEDA never "
+        "scales past them, and -C max_replicas=N sets another cap")
 
 
 def render(d: Deployment, partitions: int | None = None) -> list[dict[str, Any]]:
@@ -166,13 +195,7 @@ def _autoscaled(d: Deployment) -> bool:
 
 
 def _scaled_object(d: Deployment, labels, partitions: int | None) -> dict:
-    if not (d.options.get("max_replicas") or partitions):
-        raise ValueError(f"the partitions of {d.options['input_topic']} cannot be read from "
-                         "here, and they bound the autoscaler; pass -C partitions=N (or "
-                         "-C max_replicas=N), or -C autoscaling=false")
-    most = int(d.options.get("max_replicas") or partitions)
-    if partitions:
-        most = min(most, partitions)  # a replica past the partition count would idle
+    most, _ = max_replicas(d, partitions)
     trigger = {
         "bootstrapServers": d.options.get("kafka_bootstrap_servers") or
         settings.SETTINGS["KAFKA_BOOTSTRAP_SERVERS"].default,

@@ -52,7 +52,9 @@ OPTIONS: dict[str, Option] = {
                          "python:3.11-slim"),
     "python_version": Option("the model's", "Python version of the default base image",
                              "3.11.7"),
-    "network_mode": Option("host", "Docker network mode of builds and containers", "host"),
+    # Kubernetes builds use it too, but a pod has no network mode: not shown there.
+    "network_mode": Option("host", "Docker network mode of builds and containers", "host",
+                           DOCKER),
     "docker_host": Option("DOCKER_HOST or the local socket", "Docker engine to use",
                           "unix:///run/docker.sock"),
     "no_cache": Option("false", "build without Docker's layer cache", "true"),
