@@ -432,3 +432,26 @@ def test_a_block_claiming_more_records_than_bytes_is_a_decode_error_not_a_loop()
         MessageDecoder("avro").decode(bad)
     [reject] = read_records(io.BufferedReader(io.BytesIO(bad)), "avro", "in.avro")
     assert "cannot hold 1000000000 records" in str(reject)
+
+
+def test_a_scoring_payload_file_reads_as_its_records():
+    # The README's records.json, written for `mlflow models predict -i`, used with `run` was
+    # one record {"inputs": [...]} and a KeyError reject (#19, finding 2).
+    records = [{"objectId": "ZTF1", "mag": 18.1}, {"objectId": "ZTF2", "mag": 19.0}]
+    split = {"columns": ["objectId", "mag"], "data": [["ZTF1", 18.1], ["ZTF2", 19.0]]}
+    for payload in ({"inputs": records}, {"instances": records},
+                    {"dataframe_records": records}, {"dataframe_split": split}):
+        pretty = json.dumps(payload, indent=2).encode()
+        got = list(formats.read_records(io.BufferedReader(io.BytesIO(pretty)), "json", "r.json"))
+        assert got == records, payload
+    bad = list(formats.read_records(io.BufferedReader(io.BytesIO(b'{"inputs": [{"a": 1}, 7]}')),
+                                    "json", "r.json"))
+    assert bad[0] == {"a": 1} and isinstance(bad[1], formats.DecodeError)
+    assert "item 1 of the scoring payload" in str(bad[1]) and bad[1].raw_text() == "7"
+    # A record that merely has such a key among others is a record; JSON Lines are kept whole.
+    other = b'{"inputs": [1], "objectId": "x"}\n'
+    assert list(formats.read_records(io.BufferedReader(io.BytesIO(other)), "json", "r")) == [
+        json.loads(other)]
+    line = b'{"inputs": [{"a": 1}]}\n'
+    assert list(formats.read_records(io.BufferedReader(io.BytesIO(line)), "jsonl", "r")) == [
+        json.loads(line)]

@@ -41,6 +41,7 @@ from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.jsonable import dumps
+from mlflow_preproc.runtime.model_input import scoring_records
 
 Record = dict[str, Any]
 
@@ -840,6 +841,8 @@ def _json_lines(stream: IO[bytes], where: str, one_per_line: bool
             else:
                 yield DecodeError(f"{where} {_lines(first, line_no)} is not valid JSON ({error})",
                                   text)
+        elif not one_per_line and (wrapped := scoring_records(value)) is not None:
+            yield from _items(wrapped, f"{where} {_lines(first, line_no)}")
         elif isinstance(value, dict):
             yield value
         else:
@@ -847,6 +850,16 @@ def _json_lines(stream: IO[bytes], where: str, one_per_line: bool
                               f"{type(value).__name__}, not an object", text)
     if pending:
         yield DecodeError(f"{where} ends inside a JSON value started on line {first}", pending)
+
+
+def _items(values: list[Any], where: str) -> Iterator[Record | DecodeError]:
+    """The records of a scoring payload; an item that is no object is one bad record."""
+    for index, item in enumerate(values):
+        if isinstance(item, dict):
+            yield item
+        else:
+            yield DecodeError(f"{where}, item {index} of the scoring payload, is a JSON "
+                              f"{type(item).__name__}, not an object", dumps(item))
 
 
 def _never_ends(where: str, first: int, last: int, text: bytes) -> DecodeError:

@@ -38,6 +38,22 @@ def payload(records: Sequence[Any], fmt: str = "auto") -> dict:
     return {fmt: list(records)}
 
 
+def scoring_records(value: Any) -> list[Any] | None:
+    """The records of an MLflow scoring payload (``{"inputs": [...]}``, ``instances``,
+    ``dataframe_records`` or ``dataframe_split``, the key alone), or None for anything else:
+    a file written for ``mlflow models predict -i`` reads as its records in ``run`` too."""
+    if not isinstance(value, dict) or len(value) != 1:
+        return None
+    (key, body), = value.items()
+    if key in ("inputs", "instances", "dataframe_records") and isinstance(body, list):
+        return body
+    if key == "dataframe_split" and isinstance(body, dict) and \
+            isinstance(body.get("data"), list) and isinstance(body.get("columns"), list):
+        return [dict(zip(body["columns"], row)) if isinstance(row, list) else row
+                for row in body["data"]]
+    return None
+
+
 def model_input(records: Sequence[Any]):
     """``records`` as ``pyfunc.predict`` takes them: a DataFrame with one column per name for
     named records, else a 2-d array of the vectors."""
