@@ -2,7 +2,7 @@
 
 Each setting is read from a command-line flag, else from its environment variable(s), else its
 default. Names from the legacy runner (``KAFKA_BOOTSTRAP_SERVERS``, ``INPUT_TOPIC``...) are the
-primary ones; ``settings_table_markdown()`` renders the table README.md shows.
+primary ones; ``settings_table_markdown()`` renders the table docs/reference.md shows.
 
 librdkafka settings pass through under one explicit prefix: ``LIBRDKAFKA_<NAME>`` sets
 ``<name>`` with ``_`` read as ``.`` (``LIBRDKAFKA_SASL_MECHANISM=PLAIN`` -> ``sasl.mechanism``),
@@ -344,7 +344,7 @@ def sanitize_topic(name: str) -> str:
 
 
 def settings_table_markdown() -> str:
-    """The settings table of README.md."""
+    """The settings table of docs/reference.md."""
     rows = ["| variable | flag | default | modes | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS.values():
         default = "" if s.default in (None, "") else f"`{s.default}`"

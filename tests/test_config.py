@@ -1,4 +1,4 @@
-"""The settings table: legacy names, pass-through, errors, and the README copy of it."""
+"""The settings table: legacy names, pass-through, errors, and the copy of it in docs/reference.md."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from mlflow_preproc import config
 from mlflow_preproc.config import ZTF_CUTOUTS
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 
 
 def test_legacy_variables_are_read():
@@ -102,8 +102,11 @@ def test_topic_names_are_sanitised():
     assert config.sanitize_topic("Fink Preproc/v1-2-cleaned") == "Fink-Preproc-v1-2-cleaned"
 
 
-def test_readme_shows_the_current_settings_table():
-    assert config.settings_table_markdown() in README.read_text()
+def test_the_reference_shows_the_current_settings_and_deployment_keys_tables():
+    from mlflow_preproc.deploy.options import options_table_markdown
+
+    assert config.settings_table_markdown() in REFERENCE.read_text()
+    assert options_table_markdown() in REFERENCE.read_text()
 
 
 @pytest.mark.parametrize("mode, env, message", [

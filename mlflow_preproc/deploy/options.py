@@ -272,6 +272,17 @@ def restore_secrets(stored: dict[str, str], env: dict[str, str]) -> dict[str, st
     return restored
 
 
+def options_table_markdown() -> str:
+    """The ``-C`` keys table of docs/reference.md (tests/test_config.py keeps it in step)."""
+    rows = ["| key | default | backends | meaning | example |", "|---|---|---|---|---|"]
+    for key, o in OPTIONS.items():
+        rows.append(f"| `{key}` | {o.default} | {', '.join(o.backends)} | {o.help} | "
+                    f"`-C {key}={o.example}` |")
+    for prefix, meaning in PREFIXES.items():
+        rows.append(f"| `{prefix}NAME` | | | {meaning} | |")
+    return "\n".join(rows)
+
+
 def help_text() -> str:
     """The options part of ``mlflow deployments help -t preproc``."""
     lines = ["Config keys (-C key=value):", ""]
@@ -281,7 +292,7 @@ def help_text() -> str:
                      f"-C {key}={o.example}")
     for prefix, meaning in PREFIXES.items():
         lines.append(f"  {prefix + 'NAME':<16} {meaning}")
-    lines += ["", "Streaming settings, by lowercase name (see README.md, Settings):", ""]
+    lines += ["", "Streaming settings, by lowercase name (see docs/reference.md, Settings):", ""]
     for s in settings.SETTINGS.values():
         if s.modes != ("image",):
             default = "" if s.default in (None, "") else f" (default {s.default})"

@@ -4,7 +4,7 @@ They are the environment's, never a verdict on the record: the stream and the br
 for a dependency that is :class:`Unavailable` (input paused, nothing committed) and stop on
 one that is :class:`Misconfigured` (exit 2, nothing committed). Only errors about the
 record itself (:class:`~mlflow_preproc.runtime.formats.DecodeError`, a model's 400/422...)
-become dead letters. The table of which is which is in README.md ("What becomes a dead
+become dead letters. The table of which is which is in docs/guides/kafka.md ("What becomes a dead
 letter").
 """
 

@@ -2,7 +2,7 @@
 
 Every JSON boundary of the package (the pyfunc/REST output, JSON and JSON Lines files,
 JSON Kafka records) goes through :func:`to_jsonable`, so a record looks the same whichever
-way it leaves. The rules, documented in README.md:
+way it leaves. The rules, documented in docs/concepts.md:
 
 ==========================================  ================================================
 value                                       JSON
