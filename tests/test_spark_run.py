@@ -51,7 +51,8 @@ def archive_features(alert):
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     """10,000 generated alerts (99 files of 100, some deflated, and 100 files of one), the
-    two real packets with their full cutouts, and a file that is not Avro."""
+    two real packets with their full cutouts, a file that is not Avro, and, as in a real
+    archive, notes and schemas beside the alerts."""
     require_spark()
     folder = tmp_path_factory.mktemp("archive")
     write_archive(folder / "packed", 9900, 100, stamp_bytes=256, deflate_every=3)
@@ -60,6 +61,8 @@ def archive(tmp_path_factory) -> Path:
         (folder / "real").mkdir(exist_ok=True)
         (folder / "real" / packet.name).write_bytes(packet.read_bytes())
     (folder / "real" / "truncated.avro").write_bytes(b"Obj\x01 not really")
+    (folder / "real" / "ABOUT.md").write_text("# Two ZTF alerts and their schemas\n")
+    (folder / "real" / "alert.avsc").write_bytes((DATA / "alert.avsc").read_bytes())
     return folder
 
 
@@ -71,10 +74,16 @@ def test_spark_engine_gives_the_rows_run_gives_on_an_alert_archive(archive, trac
 
     local = run_cli("-m", info.model_uri, *inputs, "--skip-cutouts", "-o", "local.jsonl",
                     cwd=tmp_path)
-    spark = run_cli("-m", info.model_uri, *inputs, "--skip-cutouts", "-o", "spark",
+    # Spark is given the folder: it reads the alerts in it, not the notes and schemas.
+    spark = run_cli("-m", info.model_uri, str(archive), "--skip-cutouts", "-o", "spark",
                     "--engine", "spark", "--master", "local[2]", cwd=tmp_path)
 
     assert (local.returncode, spark.returncode) == (1, 1), spark.stderr.decode()[-3000:]
+    assert (f"{archive}: reading its .avro, .json, .jsonl, .ndjson files; skipping 2 others "
+            "(real/ABOUT.md, real/alert.avsc)") in spark.stderr.decode()
+    parts = {p.suffix for p in (tmp_path / "spark").glob("part-*")}
+    assert parts == {".jsonl"} == {p.suffix for p in (tmp_path / "spark.rejects.jsonl")
+                                   .glob("part-*")}
     out = lines(tmp_path / "local.jsonl")
     assert lines(tmp_path / "spark") == out
     assert lines(tmp_path / "spark.rejects.jsonl") == lines(tmp_path / "local.jsonl.rejects.jsonl")

@@ -6,6 +6,9 @@
 JSON, JSON Lines and Avro files are read whole by Spark's ``binaryFile`` source and decoded
 inside the tasks by the code ``run`` uses, so records, rejects and their indexes are the
 same; a file is the unit of parallelism. Parquet is read by Spark (split by row groups).
+A folder is read for its data files only (``DATA_SUFFIXES``): an archive keeps its schemas
+and notes beside the alerts, and those are not records. Files and globs named on the command
+line are read whatever their names.
 The model's results are cached once, then the counts, the outputs and the rejects are read
 from the cache.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import tempfile
 
 from mlflow_preproc.config import ConfigError
@@ -23,6 +27,8 @@ from mlflow_preproc.spark.transform import Transformed, transform_files
 
 OUTPUT_FORMATS = ("jsonl", "parquet")
 _PARQUET = "parquet"
+# What a folder is read for, by --input-format (None: any of them).
+DATA_SUFFIXES = {"avro": (".avro",), "json": (".json",), "jsonl": (".jsonl", ".ndjson")}
 
 
 def run(model_uri: str, inputs: list[str], output: str | None, *, master: str,
@@ -42,15 +48,24 @@ def run(model_uri: str, inputs: list[str], output: str | None, *, master: str,
             raise ConfigError(f"{path} already exists; remove it or pass another path (Spark "
                               "writes a new folder)")
     parquet, others, names = _split_inputs(inputs, input_format)
+    suffixes = DATA_SUFFIXES.get(input_format or "") or tuple(
+        x for group in DATA_SUFFIXES.values() for x in group)
+    folders = [w for w in others if _is_folder(w)]
+    others = [w for w in others if w not in folders]
+    for folder in folders:
+        _say_what_a_folder_skips(folder, suffixes)
 
     spark = session.start(master, "mlflow-preproc run", progress)
     # JSON Lines are written as run writes them; Parquet needs columns.
     schema = "json" if output_format == "jsonl" else output_schema
     with tempfile.TemporaryDirectory(prefix="mlflow-preproc-run-") as workdir:
         parts = []
-        if others:
-            files = spark.read.format("binaryFile").option("recursiveFileLookup", "true") \
-                .load(others)
+        sources = [_binary_files(spark, others)] if others else []
+        if folders:
+            # Hadoop's glob filter matches file names (not paths) in every folder below.
+            pattern = "*.{" + ",".join(x.lstrip(".") for x in suffixes) + "}"
+            sources.append(_binary_files(spark, folders, pathGlobFilter=pattern))
+        for files in sources:
             parts.append(transform_files(files, model_uri, files=True,
                                          input_format=input_format if input_format != _PARQUET
                                          else None,
@@ -89,6 +104,30 @@ def _split_inputs(inputs: list[str], input_format: str | None
     return parquet, others, names
 
 
+def _binary_files(spark, paths: list[str], **options: str):
+    return spark.read.format("binaryFile").option("recursiveFileLookup", "true") \
+        .options(**options).load(paths)
+
+
+def _is_folder(where: str) -> bool:
+    return where.endswith("/") if "://" in where else os.path.isdir(where)
+
+
+def _say_what_a_folder_skips(folder: str, suffixes: tuple[str, ...]) -> None:
+    """Name the files of a local folder that are not read, so none is missed silently."""
+    if "://" in folder:
+        return
+    skipped = sorted(os.path.relpath(os.path.join(d, f), folder)
+                     for d, _, names in os.walk(folder) for f in names
+                     if not f.lower().endswith(suffixes) and not f.startswith((".", "_")))
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5
+                                          else "")
+        print(f"mlflow-preproc run: {folder}: reading its {', '.join(suffixes)} files; "
+              f"skipping {len(skipped)} others ({shown}); name a file or a glob to read it",
+              file=sys.stderr)
+
+
 def _union(parts: list[Transformed]) -> Transformed:
     tagged = parts[0].tagged
     for part in parts[1:]:
@@ -107,6 +146,7 @@ def _write_output(spark, result: Transformed, output: str, output_format: str,
         frame = frame.select("value", *(F.get_json_object("value", f"$.{c}").alias(c)
                                         for c in partition_by))
         frame.write.partitionBy(*partition_by).text(output)
+        _name_parts_jsonl(output)
         return
     if not typed:
         # No output schema: Spark infers one from the JSON outputs (types widened over all).
@@ -123,6 +163,23 @@ def _write_rejects(result: Transformed, rejects_path: str) -> None:
     # object, not as the JSON string the rejects DataFrame holds.
     result.rejects.mapInArrow(_reject_lines, "value string").coalesce(1) \
         .write.text(rejects_path)
+    _name_parts_jsonl(rejects_path)
+
+
+def _name_parts_jsonl(folder: str) -> None:
+    """Spark's text writer names its parts ``part-*.txt``; they are JSON Lines, and tools
+    (and ``run --input-format`` sniffing) go by the name. Local folders only: object stores
+    have no cheap rename."""
+    if "://" in folder and not folder.startswith("file:"):
+        return
+    root = folder[len("file:"):] if folder.startswith("file:") else folder
+    for d, _, names in os.walk(root):
+        for name in names:
+            # Hadoop's checksum of a part is .NAME.crc: renamed with it, so it still matches.
+            for prefix, suffix in (("part-", ".txt"), (".part-", ".txt.crc")):
+                if name.startswith(prefix) and name.endswith(suffix):
+                    new = name[:-len(suffix)] + suffix.replace(".txt", ".jsonl")
+                    os.rename(os.path.join(d, name), os.path.join(d, new))
 
 
 def _reject_lines(batches):
