@@ -85,6 +85,20 @@ def test_failed_records_go_to_the_rejects_file_and_set_the_exit_code(model, tmp_
     assert "line 3 is not valid JSON" in rejects[1]["error"]
     assert rejects[1]["record"] == "not json\n"  # what was rejected, as it was
 
+    # The rejects file is the run's: the next run with failures replaces it and says so; a
+    # clean one removes it, so an earlier run's rejects are never taken for this one's.
+    (tmp_path / "in.jsonl").write_bytes(b'{"id": 5}\n')
+    proc = run_cli("-m", model, "in.jsonl", "-o", "out.jsonl", cwd=tmp_path)
+    assert b"failed=1 (rejects: out.jsonl.rejects.jsonl, replacing an earlier run's)" \
+        in proc.stderr
+    assert [r["record"] for r in jsonl((tmp_path / "out.jsonl.rejects.jsonl").read_bytes())] \
+        == [{"id": 5}]
+    (tmp_path / "in.jsonl").write_bytes(b'{"id": 6, "x": 1}\n')
+    proc = run_cli("-m", model, "in.jsonl", "-o", "out.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert b"failed=0 (removed out.jsonl.rejects.jsonl of an earlier run)" in proc.stderr
+    assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()
+
 
 def test_ztf_avro_files_with_cutouts_dropped(tracking_uri, tmp_path):
     with mlflow.start_run():

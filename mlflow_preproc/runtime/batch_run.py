@@ -44,21 +44,28 @@ class RunCounts:
     failed: int = 0
     rejects_path: str | None = None
     per_stage: dict[str, int] = field(default_factory=dict)
+    earlier_rejects: bool = False  # a rejects file of an earlier run was at rejects_path
 
     def summary(self) -> str:
         text = (f"in={self.read} out={self.written} dropped={self.dropped} "
                 f"failed={self.failed}")
         if self.failed:
-            text += f" (rejects: {self.rejects_path})"
+            text += f" (rejects: {self.rejects_path}" + (
+                ", replacing an earlier run's)" if self.earlier_rejects else ")")
+        elif self.earlier_rejects:
+            text += f" (removed {self.rejects_path} of an earlier run)"
         return text
 
 
 class _Rejects:
-    """The rejects file, opened on the first failure only."""
+    """The rejects file of this run, opened on the first failure only. One an earlier run
+    left at the same path is replaced, or removed by a run without failures, so what is there
+    after a run is always that run's (as its output is)."""
 
     def __init__(self, path: str):
         self.path = path
         self._file: IO[bytes] | None = None
+        self.earlier = os.path.isfile(path)
 
     def write(self, where: str, index: int, stage: str, error: Exception, record: Any) -> None:
         if self._file is None:
@@ -70,6 +77,8 @@ class _Rejects:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        elif self.earlier:
+            os.remove(self.path)
 
 
 def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
@@ -98,6 +107,7 @@ def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
     finally:
         writer.close()
         rejects.close()
+        counts.earlier_rejects = rejects.earlier
     return counts
 
 
