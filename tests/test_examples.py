@@ -15,9 +15,12 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 @pytest.mark.slow
 def test_quickstart_logs_serves_and_predicts(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cwd = tmp_path / "checkout"  # where a user runs it from: nothing is written there
+    cwd.mkdir()
     proc = subprocess.run([sys.executable, str(EXAMPLES / "quickstart" / "quickstart.py")],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(cwd.iterdir()) == []
     out = proc.stdout
     assert "3 alerts in, 2 out (bogus one dropped)" in out
     assert "ZTF24aa00001 band=g mag=16.2 snr=18.1 -> bright=1" in out

@@ -1,6 +1,7 @@
 """Quickstart: log a preprocessing model and a classifier in one run, serve, predict.
 
-Runs on a local MLflow store (./mlruns-quickstart, or MLFLOW_TRACKING_URI) with no server:
+Runs on a local MLflow store in $TMPDIR/mlflow-preproc-quickstart (or MLFLOW_TRACKING_URI),
+with no server, and writes nothing in the folder it is run from:
 
     python examples/quickstart/quickstart.py
 
@@ -79,12 +80,17 @@ def serve(model_uri: str) -> tuple[subprocess.Popen, str]:
 
 
 def main() -> None:
+    store = Path(tempfile.gettempdir(), "mlflow-preproc-quickstart")
+    store.mkdir(exist_ok=True)
     if "MLFLOW_TRACKING_URI" not in os.environ:
-        store = Path(tempfile.gettempdir(), "mlflow-preproc-quickstart")
-        store.mkdir(exist_ok=True)
-        os.chdir(store)  # artifacts go to ./mlruns beside the sqlite store
         mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    mlflow.set_experiment("mlflow-preproc-quickstart")
+    experiment = "mlflow-preproc-quickstart"
+    if mlflow.get_experiment_by_name(experiment) is None and \
+            mlflow.get_tracking_uri().startswith(("sqlite:", "file:", "/")):
+        # A local store puts a new experiment's artifacts in ./mlruns of the working folder;
+        # the example must not write into the folder it is run from.
+        mlflow.create_experiment(experiment, artifact_location=(store / "artifacts").as_uri())
+    mlflow.set_experiment(experiment)
 
     with mlflow.start_run() as run:
         prep_info = mlflow.preproc.log_model(
