@@ -141,8 +141,9 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             example="10", minimum=0.1, maximum=86400),
     Setting("SHUTDOWN_TIMEOUT_S", 30.0, "On SIGTERM: longest wait for in-flight records to be "
             "delivered and committed", kind=float, example="10", minimum=0, maximum=3600),
-    Setting("LOG_FORMAT", "json", "Log lines as json or text", choices=("json", "text"),
-            example="text"),
+    Setting("LOG_FORMAT", "auto", "Log lines as json or text; auto: text on a terminal, "
+            "json otherwise (containers, files, log shippers)",
+            choices=("auto", "json", "text"), example="text"),
     Setting("LOG_LEVEL", "INFO", "Log level", example="DEBUG"),
     Setting("MLFLOW_PREPROC_MODE", "serve", "What a serving image runs: serve (MLflow's scoring "
             "server), kafka (the consumer), both, run (stdin to stdout), bridge; the legacy "

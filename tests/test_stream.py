@@ -284,6 +284,12 @@ def test_a_version_that_fails_every_record_trips_the_brake_instead_of_draining_t
 
     assert committed_offsets(broker.bootstrap_servers, env["CONSUMER_GROUP_ID"], topic) == \
         [-1001]  # nothing: fixed, the next version processes them all again
+    # Hundreds of dead letters are a few lines: the first of each stats interval in full,
+    # then one line per interval counting them by stage and error type.
+    summaries = stream.events("dead_letters")
+    assert sum(s["dead_letters"] for s in summaries) == stream.events("stop")[0]["failed"]
+    assert len(stream.events("dead_letter")) <= 3 * len(summaries) < 30
+    assert {k for s in summaries for k in s["by_stage_and_type"]} == {"preprocess/ValueError"}
 
 
 def test_confluent_wire_format_with_local_schemas_by_id(broker, model, streams, tmp_path):

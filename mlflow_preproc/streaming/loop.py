@@ -223,14 +223,15 @@ class KafkaLoop:
                     extra_headers: Headers = ()) -> None:
         """Send ``source``'s original bytes to the dead-letter topic with the reason."""
         reason = str(error)[:_MAX_ERROR_HEADER]
-        self.stats.counts["failed"] += 1
-        logger.warning("record sent to the dead-letter topic", extra={
-            "event": "dead_letter", "stage": stage, "error": reason, "topic": source.topic(),
-            "partition": source.partition(), "offset": source.offset(),
-            "dlq_topic": self.dlq_topic})
+        error_type = error_type or error_type_of(error)
+        if self.stats.dead_letter(stage, error_type):  # the first few in full, then counts
+            logger.warning("record sent to the dead-letter topic", extra={
+                "event": "dead_letter", "stage": stage, "error_type": error_type,
+                "error": reason, "topic": source.topic(), "partition": source.partition(),
+                "offset": source.offset(), "dlq_topic": self.dlq_topic})
         headers = [*(source.headers() or []),
                    (HEADER + "error", reason.encode()),
-                   (HEADER + "error-type", (error_type or error_type_of(error)).encode()),
+                   (HEADER + "error-type", error_type.encode()),
                    (HEADER + "stage", stage.encode()), *extra_headers,
                    source_header(source), *self.extra_headers]
         value = source.value()
@@ -659,6 +660,7 @@ class KafkaLoop:
             pass  # already closed
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        self.stats.log_dead_letters(time.monotonic() - self.stats.last_stats_at)
         logger.info("stopped", extra={"event": "stop", "command": self.command,
                                       "committed": done, **self.stats.counts})
 

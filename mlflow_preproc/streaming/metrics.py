@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -28,6 +29,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 logger = logging.getLogger("mlflow_preproc")
 
 COUNTS = ("in", "out", "dropped", "failed")
+# Dead letters logged in full per stats interval; the rest are counted in one line per
+# interval (a topic of bad records must not become one log line per record).
+DEAD_LETTERS_IN_FULL = 3
 
 
 @dataclass
@@ -59,9 +63,22 @@ class LoopStats:
         self._lag = Gauge("mlflow_preproc_consumer_lag", "Consumer lag (messages) per "
                           "partition, as reported by librdkafka", ["topic", "partition"],
                           registry=self.registry)
+        self._dead_letters = Counter("mlflow_preproc_dead_letters", "Records sent to the "
+                                     "dead-letter topic, by stage and error type",
+                                     ["command", "stage", "error_type"], registry=self.registry)
         self._mirrored = dict.fromkeys(COUNTS, 0)
         self._started = time.monotonic()
         self._last_stats = (self._started, dict(self.counts))
+        self._interval_dead: dict[str, int] = {}  # "stage/error type" -> dead letters
+
+    def dead_letter(self, stage: str, error_type: str) -> bool:
+        """Count a record sent to the dead-letter topic; whether to log it in full (the first
+        :data:`DEAD_LETTERS_IN_FULL` of a stats interval are, the others are summed up)."""
+        self.counts["failed"] += 1
+        self._dead_letters.labels(self.command, stage, error_type).inc()
+        key = f"{stage}/{error_type}"
+        self._interval_dead[key] = self._interval_dead.get(key, 0) + 1
+        return sum(self._interval_dead.values()) <= DEAD_LETTERS_IN_FULL
 
     def batch_done(self, seconds: float) -> None:
         """Called after each batch: mirror the counters, observe latency, mark progress."""
@@ -118,6 +135,11 @@ class LoopStats:
                     if int(pid) in owned:
                         self.lag[(topic, int(pid))] = p["consumer_lag"]
 
+    @property
+    def last_stats_at(self) -> float:
+        """When the last stats line was logged (or the loop started)."""
+        return self._last_stats[0]
+
     def maybe_log(self, interval: float, **extra: object) -> None:
         """Log one stats line every ``interval`` seconds."""
         now = time.monotonic()
@@ -128,6 +150,22 @@ class LoopStats:
         logger.info("stats", extra={"event": "stats", "command": self.command, **self.counts,
                                     "records_per_s": round(rate, 1), **extra})
         self._last_stats = (now, dict(self.counts))
+        self.log_dead_letters(now - then)
+
+    def log_dead_letters(self, seconds: float) -> None:
+        """One line for the dead letters of the interval, by stage and error type."""
+        if not self._interval_dead:
+            return
+        total = sum(self._interval_dead.values())
+        by_kind = ", ".join(f"{k} {n}" for k, n in sorted(self._interval_dead.items(),
+                                                          key=lambda kv: -kv[1]))
+        logger.warning(f"{total} records sent to the dead-letter topic in the last "
+                       f"{seconds:.0f} s ({by_kind}); the first {DEAD_LETTERS_IN_FULL} of "
+                       "each interval are logged in full", extra={
+                           "event": "dead_letters", "command": self.command,
+                           "dead_letters": total, "by_stage_and_type": dict(
+                               self._interval_dead)})
+        self._interval_dead = {}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -182,9 +220,12 @@ class _KeyValueFormatter(logging.Formatter):
         return super().format(record) + "".join(f" {k}={v}" for k, v in extra.items())
 
 
-def configure_logging(fmt: str, level: str) -> None:
-    """Structured (JSON) or plain text log lines on stderr."""
-    handler = logging.StreamHandler()
+def configure_logging(fmt: str, level: str, stream: TextIO | None = None) -> None:
+    """Structured (JSON) or plain text log lines on ``stream`` (stderr); ``auto`` is text
+    when it is a terminal (a person reads it) and JSON otherwise (a program does)."""
+    handler = logging.StreamHandler(stream)
+    if fmt == "auto":
+        fmt = "text" if handler.stream.isatty() else "json"
     if fmt == "json":
         from pythonjsonlogger.json import JsonFormatter
 
