@@ -36,4 +36,6 @@ def test_fink_alerts_pipeline_on_the_embedded_broker(tmp_path):
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "60 ZTF alerts -> 60 feature records -> 60 predictions" in proc.stdout
+    # A newcomer's first run shows no raw librdkafka lines and no warnings.
+    assert "%6|" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr[-3000:]
     assert "alert-0: ZTF17aaacxxf band=r mag=15.37 n_prv=22 -> class" in proc.stdout

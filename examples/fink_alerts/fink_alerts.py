@@ -30,6 +30,8 @@ import fastavro
 import mlflow
 import pandas as pd
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
 from sklearn.linear_model import LogisticRegression
 
 from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
@@ -61,8 +63,12 @@ def log_models() -> None:
         train = pd.concat([frame.assign(magpsf=frame.magpsf + d) for d in
                            (-3, -2, -1, -0.5, 0, 0.5, 1, 2, 3)], ignore_index=True)
         model = LogisticRegression().fit(train, (train.magpsf < frame.magpsf.mean()).astype(int))
+        # The signature says the classes are integers (inferred, MLflow warns that integer
+        # columns cannot hold missing values: true, and beside the point for class labels).
+        signature = ModelSignature(Schema([ColSpec("double", f) for f in FEATURES]),
+                                   Schema([ColSpec("long")]))
         mlflow.sklearn.log_model(model, name="classifier", input_example=train.head(2),
-                                 registered_model_name="fink-classifier")
+                                 signature=signature, registered_model_name="fink-classifier")
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -80,7 +86,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def read_topic(bootstrap: str, topic: str, expected: int, timeout: float) -> list:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "fink-example-reader"})
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "fink-example-reader",
+                         "log.connection.close": False})
     deadline = time.monotonic() + timeout
     while topic not in consumer.list_topics(timeout=5).topics:
         if time.monotonic() > deadline:
@@ -109,7 +116,9 @@ def main() -> None:
     processes = []
     with EmbeddedBroker() as broker:
         broker.create_topics("fink-alert")
-        producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
+        # The broker closes the producer's connection once it is idle: not worth a log line.
+        producer = Producer({"bootstrap.servers": broker.bootstrap_servers,
+                             "log.connection.close": False})
         for i in range(args.alerts):
             producer.produce("fink-alert", packets[i % len(packets)], key=b"alert-%d" % i)
         producer.flush(30)
