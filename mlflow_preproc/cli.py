@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         from mlflow_preproc.streaming.shutdown import Shutdown
 
         shutdown = Shutdown().install()
+    # MLflow draws a download bar on every model load, terminal or not: in a log it is noise,
+    # and our own summary and stats lines say what happened. An explicit setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = _parser()
     args = parser.parse_args(argv)
     args.shutdown = shutdown

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from typing import Any
 
 from mlflow_preproc.config import ConfigError
@@ -56,8 +57,16 @@ def check_java() -> str:
     return java
 
 
+_PANDAS_3_WARNING = "ignore:PySpark does not yet fully support pandas:FutureWarning"
+
+
 def start(master: str, app_name: str, progress: bool | None = None) -> Any:
     """Start (or reuse) a SparkSession on ``master``, after checking pyspark and Java."""
+    # PySpark warns on every start (driver and each Python worker) that pandas 3 is not yet
+    # fully supported; tests/test_spark*.py run this engine on the pandas installed with it.
+    os.environ.setdefault("PYTHONWARNINGS", _PANDAS_3_WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message="PySpark does not yet fully support pandas")
     require_pyspark()
     check_java()
     from pyspark.sql import SparkSession
@@ -68,6 +77,9 @@ def start(master: str, app_name: str, progress: bool | None = None) -> Any:
         # PATH, which need not be this interpreter (the console script runs from a venv's
         # bin/ that may not be on PATH). On a cluster the executors' own python is used.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        # The JVM picks its address before any conf is read, warning that the host name
+        # resolves to loopback and taking the first interface's instead: loopback it is.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     if progress is None:
         progress = sys.stderr.isatty()
     builder = (SparkSession.builder.master(master).appName(app_name)
