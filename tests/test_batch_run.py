@@ -100,6 +100,15 @@ def test_failed_records_go_to_the_rejects_file_and_set_the_exit_code(model, tmp_
     assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()
 
 
+def test_the_progress_bar_counts_records(model, tmp_path):
+    (tmp_path / "in.jsonl").write_bytes(b"".join(b'{"id": %d, "x": 1}\n' % i
+                                                 for i in range(2500)))
+    proc = run_cli("-m", model, "in.jsonl", "-o", "out.jsonl", "--progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    bar = proc.stderr.decode()
+    assert "in.jsonl" in bar and "1,000 records" in bar and "2,500 records" in bar
+
+
 def test_ztf_avro_files_with_cutouts_dropped(tracking_uri, tmp_path):
     with mlflow.start_run():
         info = mlflow.preproc.log_model(ztf_features, name="ztf")

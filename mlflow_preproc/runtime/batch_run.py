@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -98,12 +99,13 @@ def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
             with _open_input(where) as stream:
                 fmt = input_format or sniff_file_format(None if where == "-" else where,
                                                         _peek(stream))
+                read_before = counts.read
                 with _progress_bar(stream, where, progress) as advance:
                     records = read_records(stream, fmt, where, max_decoded_bytes)
                     for batch in _batches(records, BATCH_SIZE):
                         _process_batch(preprocessor, batch, where, writer, rejects, counts,
                                        fields_to_drop or [])
-                        advance()
+                        advance(counts.read - read_before)
     finally:
         writer.close()
         rejects.close()
@@ -172,20 +174,24 @@ def _peek(stream: IO[bytes]) -> bytes:
 
 @contextlib.contextmanager
 def _progress_bar(stream: IO[bytes], where: str, enabled: bool | None):
-    """A bytes progress bar on a terminal when the input size is known."""
+    """A progress bar on a terminal when the input size is known: it moves by bytes (the only
+    total known before reading) and counts records, which is what the user asked about."""
     size = None
     if where != "-":
         size = os.fstat(stream.fileno()).st_size
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled or not size:
-        yield lambda: None
+        yield lambda records: None
         return
     from tqdm import tqdm
 
+    started = time.monotonic()
     with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(where),
-              file=sys.stderr, leave=False) as bar:
-        def advance() -> None:
+              file=sys.stderr, leave=False, mininterval=0, miniters=1) as bar:  # per batch
+        def advance(records: int) -> None:
+            rate = records / max(time.monotonic() - started, 1e-6)
+            bar.set_postfix_str(f"{records:,} records, {rate:,.0f}/s", refresh=False)
             bar.update(stream.tell() - bar.n)
 
         yield advance
