@@ -277,7 +277,7 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
 def _cmd_manifests(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mlflow_preproc.deploy.manifests import to_yaml
+    from mlflow_preproc.deploy.kubernetes.manifests import to_yaml
     from mlflow_preproc.deploy.target import PreprocDeploymentClient
 
     objects = PreprocDeploymentClient("preproc").manifests(args.name, args.model_uri,

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from mlflow_preproc.deploy import options as opts
-from mlflow_preproc.deploy.docker_backend import DockerBackend
+from mlflow_preproc.deploy.docker.containers import Containers
 from mlflow_preproc.deploy import image_build
 from mlflow_preproc.deploy.image_build import BuildError, prepare_context
 from mlflow_preproc.deploy.spec import Deployment, container_spec
@@ -45,7 +45,7 @@ class FakeDockerClient:
 def test_containers_restart_for_as_long_as_it_takes_until_they_are_stopped(mode):
     extra = {"output_topic": "out", "api_url": "http://127.0.0.1:1"} if mode == "bridge" else {}
     client = FakeDockerClient()
-    DockerBackend(client).run(spec_of(plan(mode=mode, **extra)), "host")
+    Containers(client).run(spec_of(plan(mode=mode, **extra)), "host")
     # A stream exits 2 after a minute without its broker: a retry limit would leave the
     # deployment exited after a few minutes of outage. `docker stop` (delete, update) still
     # stops it for good, and a restart during start-up still fails the health check.
@@ -166,7 +166,7 @@ def fake_consumer_health():
 
 def test_a_consumer_is_healthy_once_joined_and_settled_and_a_tripped_brake_fails_at_once(
         fake_consumer_health):
-    from mlflow_preproc.deploy.docker_backend import NotHealthy, _is_healthy
+    from mlflow_preproc.deploy.docker.containers import NotHealthy, _is_healthy
     from mlflow_preproc.deploy.spec import ContainerSpec
 
     port, answer = fake_consumer_health
@@ -293,7 +293,10 @@ def on_engine(*deployments: Deployment):
     from mlflow_preproc.deploy.target import PreprocDeploymentClient
 
     client = PreprocDeploymentClient("preproc")
-    client._client = FakeDockerEngine([FakeContainer(spec_of(d)) for d in deployments])
+    from mlflow_preproc.deploy.engine import Engine
+
+    containers = [FakeContainer(spec_of(d)) for d in deployments]
+    client._engine = Engine(client=FakeDockerEngine(containers))
     return client
 
 
@@ -318,8 +321,8 @@ def test_get_of_a_docker_deployment_shows_no_kubernetes_keys():
 
 
 def test_get_of_a_kubernetes_deployment_shows_no_docker_keys():
-    from mlflow_preproc.deploy.kubernetes_backend import summary
-    from mlflow_preproc.deploy.manifests import render
+    from mlflow_preproc.deploy.kubernetes.api import summary
+    from mlflow_preproc.deploy.kubernetes.manifests import render
 
     got = summary(render(on_kubernetes(), partitions=4)[0])
     assert got["config"]["namespace"] == "default" and got["config"]["autoscaling"] == "true"
@@ -334,8 +337,8 @@ def test_list_prints_one_short_item_per_deployment():
          "model": "models:/fink-prep/1", "revision": 1, "status": "running"},
         {"name": "other", "flavor": "preprocessing", "backend": "docker",
          "model": "runs:/abc/model", "revision": 3, "status": "running"}]
-    from mlflow_preproc.deploy.kubernetes_backend import summary
-    from mlflow_preproc.deploy.manifests import render
+    from mlflow_preproc.deploy.kubernetes.api import summary
+    from mlflow_preproc.deploy.kubernetes.manifests import render
     from mlflow_preproc.deploy.target import listed
 
     assert listed(summary(render(on_kubernetes(), partitions=4)[0])) == {

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import BIN
 from mlflow_preproc import config
-from mlflow_preproc.deploy.target import PreprocDeploymentClient
+from mlflow_preproc.deploy import planner
 
 PIPELINE = Path(__file__).resolve().parent.parent / "examples" / "pipeline"
 
@@ -63,9 +63,9 @@ def test_github_workflow_calls_existing_commands_with_valid_config():
         if cmd[1] == "deployments":
             assert cmd[cmd.index("-t") + 1] == "preproc"
             pairs = dict(cmd[i + 1].split("=", 1) for i, a in enumerate(cmd) if a == "-C")
-            PreprocDeploymentClient("preproc")._options(None, pairs)  # raises on unknown keys
+            planner.resolve_options(None, pairs)  # raises on unknown keys
 
 
 def test_workflow_config_validation_would_catch_a_typo():
     with pytest.raises(Exception, match="unknown config key"):
-        PreprocDeploymentClient("preproc")._options(None, {"prot": "8080"})
+        planner.resolve_options(None, {"prot": "8080"})

@@ -1,6 +1,6 @@
 """Deployments as Kubernetes objects, applied and read with the official ``kubernetes`` client.
 
-The objects are :func:`~mlflow_preproc.deploy.manifests.render`'s. They are applied with
+The objects are :func:`~mlflow_preproc.deploy.kubernetes.manifests.render`'s. They are applied with
 server-side apply (``PATCH`` with ``application/apply-patch+yaml``, field manager
 ``mlflow-preproc``), so re-applying is an update and fields other managers own are left alone;
 Kubernetes rolls the pods. ``get`` and ``list`` read the Deployments back (ready replicas,
@@ -51,7 +51,7 @@ def api_client(kube_context: str | None = None):
     return client.ApiClient()
 
 
-class KubernetesBackend:
+class KubernetesApi:
     """Applies, reads and deletes a deployment's objects in one namespace."""
 
     def __init__(self, api, namespace: str):

@@ -31,7 +31,7 @@ class NotHealthy(RuntimeError):
     """A container did not become healthy; the message holds its last log lines."""
 
 
-class DockerBackend:
+class Containers:
     """The containers of deployments on one engine (a ``docker.DockerClient``)."""
 
     def __init__(self, client):
