@@ -1,6 +1,6 @@
 """The mlflow-preproc command: run (files, stdin), stream (Kafka), bridge (Kafka to a model
-server), manifests (Kubernetes YAML), builds serve (the build service) and broker (a local
-broker to try a stream on).
+server), manifests (Kubernetes YAML), builds serve (the build service), dlq inspect|replay
+(a dead-letter topic) and broker (a local broker to try a stream on).
 
 Exit status: 0 success; 1 some records failed (run: see the rejects file); 2 a fatal error
 (bad configuration, unknown model, unreachable broker), printed as one line naming the fix.
@@ -89,6 +89,15 @@ _BROKER_EXAMPLES = """\
 examples:
   mlflow-preproc broker --topic raw --topic clean
   mlflow-preproc stream -m models:/my-preproc/1 --input-topic raw --output-topic clean
+"""
+
+
+_DLQ_EXAMPLES = """\
+examples:
+  mlflow-preproc dlq inspect raw-dlq
+  mlflow-preproc dlq inspect raw-dlq --since 2026-12-03T09:00:00Z --json
+  mlflow-preproc dlq replay raw-dlq --stage preprocess --dry-run
+  mlflow-preproc dlq replay raw-dlq --error-type KeyError --offsets 0:100-250 --to raw-retry
 """
 
 
@@ -192,6 +201,46 @@ def _parser() -> argparse.ArgumentParser:
                        help="after each successful preprocessing build, create or update its "
                        "deployment with these preproc target keys (name=... names it)")
     serve.set_defaults(handler=_cmd_builds_serve)
+
+    dlq = sub.add_parser("dlq", help="inspect and replay a dead-letter topic",
+                         epilog=_DLQ_EXAMPLES, description=_wrap(
+                             "Read a stream's dead-letter topic without joining a group or "
+                             "committing: sum it up by stage and error type (inspect), or send "
+                             "chosen dead letters back to the topic they came from (replay). "
+                             "A replay is recorded in TOPIC-replayed in the same Kafka "
+                             "transaction, so a dead letter is replayed once unless --force."),
+                         **plain)
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    inspect = dlq_commands.add_parser("inspect", help="counts by stage and error type, and the "
+                                      "first dead letters of each", epilog=_DLQ_EXAMPLES,
+                                      **plain)
+    replay = dlq_commands.add_parser("replay", help="send dead letters back to their source "
+                                     "topic (or --to)", epilog=_DLQ_EXAMPLES, **plain)
+    for command in (inspect, replay):
+        command.add_argument("topic", metavar="TOPIC", help="the dead-letter topic")
+        command.add_argument("--since", type=_time_ms, metavar="TIME", help="dead letters "
+                             "from this time (ISO 8601, e.g. 2026-12-03T09:00:00Z)")
+        settings.add_arguments(command, "dlq")
+    inspect.add_argument("--examples", type=int, default=3, metavar="N",
+                         help="dead letters shown per stage and error type (default 3)")
+    inspect.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    inspect.set_defaults(handler=_cmd_dlq_inspect)
+    replay.add_argument("--to", metavar="TOPIC", help="send them here instead of the topic "
+                        "each came from (its x-preproc-source header)")
+    replay.add_argument("--stage", action="append", default=[], metavar="STAGE",
+                        help="only this stage: decode, preprocess, encode, produce, predict "
+                        "(repeatable)")
+    replay.add_argument("--error-type", action="append", default=[], metavar="TYPE",
+                        help="only this error type, e.g. KeyError (repeatable)")
+    replay.add_argument("--offsets", action="append", default=[], type=_offset_range,
+                        metavar="PARTITION:FROM-TO", help="only these dead-letter offsets "
+                        "(repeatable), e.g. 0:100-250")
+    replay.add_argument("--until", type=_time_ms, metavar="TIME",
+                        help="dead letters up to this time (ISO 8601)")
+    replay.add_argument("--force", action="store_true",
+                        help="replay dead letters that were replayed before, again")
+    replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
+    replay.set_defaults(handler=_cmd_dlq_replay)
 
     broker = sub.add_parser(
         "broker", help="a local Kafka-protocol broker to try a stream on",
@@ -341,6 +390,49 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_dlq_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from mlflow_preproc.streaming import dead_letters
+
+    kafka = settings.load("dlq", args).kafka
+    summary = dead_letters.inspect(kafka, args.topic, args.since, args.examples)
+    print(json.dumps(summary.as_json(), indent=2) if args.json else summary.as_text())
+    return EXIT_OK
+
+
+def _cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from mlflow_preproc.streaming import dead_letters
+
+    kafka = settings.load("dlq", args).kafka
+    select = dead_letters.Selection(set(args.stage), set(args.error_type), dict(args.offsets),
+                                    args.since, args.until)
+    report = dead_letters.replay(kafka, args.topic, select, args.to, args.force, args.dry_run)
+    print(f"mlflow-preproc dlq replay: {report.as_text(args.dry_run)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _time_ms(text: str) -> int:
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time; e.g. "
+                                         "2026-12-03T09:00:00Z") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def _offset_range(text: str) -> tuple[int, tuple[int, int]]:
+    partition, _, span = text.partition(":")
+    first, _, last = span.partition("-")
+    if not (partition.isdigit() and first.isdigit() and last.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not PARTITION:FROM-TO; e.g. 0:100-250")
+    return int(partition), (int(first), int(last))
+
+
 def _topic_spec(spec: str) -> tuple[str, int]:
     name, _, partitions = spec.partition(":")
     if not name or (partitions and not (partitions.isdigit() and int(partitions) > 0)):
@@ -363,9 +455,11 @@ def _is_user_error(exc: Exception) -> bool:
     from mlflow_preproc.streaming.embedded_broker import BrokerError
     from mlflow_preproc.streaming.loop import FatalError
     from mlflow_preproc.runtime.model_identity import ModelNotFound
+    from mlflow_preproc.streaming.dead_letters import DeadLetterError
 
     return isinstance(exc, (settings.ConfigError, FatalError, ModelNotFound, MlflowException,
-                            SchemaError, FileNotFoundError, ValueError, BrokerError))
+                            SchemaError, FileNotFoundError, ValueError, BrokerError,
+                            DeadLetterError))
 
 
 def _one_line(exc: Exception) -> str:

@@ -38,6 +38,10 @@ class ConfigError(ValueError):
     """A setting is missing or invalid; the message names the variable and the fix."""
 
 
+# The commands that talk to Kafka, and so read its connection settings.
+_KAFKA_CLIENTS = ("stream", "bridge", "dlq")
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -69,11 +73,11 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             "input copied into each prediction record", modes=("stream",),
             example="objectId,candid"),
     Setting("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092", "Kafka bootstrap servers",
-            example="broker-1:9092,broker-2:9092"),
+            example="broker-1:9092,broker-2:9092", modes=_KAFKA_CLIENTS),
     Setting("KAFKA_SECURITY_PROTOCOL", None, "librdkafka security.protocol",
-            example="SASL_SSL"),
+            example="SASL_SSL", modes=_KAFKA_CLIENTS),
     Setting("KAFKA_CONFIG_FILE", None, "librdkafka properties file (key=value lines), e.g. "
-            "for SASL/SSL settings", example="/etc/kafka/client.properties"),
+            "for SASL/SSL settings", example="/etc/kafka/client.properties", modes=_KAFKA_CLIENTS),
     Setting("INPUT_TOPIC", None, "Topic to consume", example="fink-alert"),
     Setting("OUTPUT_TOPIC", None, "Topic to produce to; stream default "
             "{model_name}-{version}-{KAFKA_TOPIC_SUFFIX} for a registered model",

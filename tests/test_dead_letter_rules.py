@@ -1,0 +1,47 @@
+"""What a dead letter says of itself, and which ones a replay takes: the pure rules, fast.
+test_dead_letters.py runs the commands on a real stream's dead-letter topic."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mlflow_preproc.streaming.dead_letters import DeadLetter, Selection
+
+
+def letter(headers, partition=0, offset=7, timestamp_ms=1000) -> DeadLetter:
+    return DeadLetter(partition, offset, timestamp_ms, b"k", b"v", headers)
+
+
+STREAM_HEADERS = [("x-preproc-error", b"record 0: pre_processing raised KeyError: 'x'"),
+                  ("x-preproc-error-type", b"KeyError"), ("x-preproc-stage", b"preprocess"),
+                  ("x-preproc-source", b"raw.v1/2/41"), ("x-preproc-model", b"models:/p/1")]
+
+
+def test_a_dead_letter_names_its_stage_error_and_source_and_keeps_the_inputs_headers():
+    replayed_before = [("trace", b"t1"), ("x-preproc-replay-of", b"raw-dlq/0/3"),
+                       ("x-preproc-error", b"an upstream header of that name")]
+    d = letter([*replayed_before, *STREAM_HEADERS])
+    assert (d.stage, d.error_type, d.source) == ("preprocess", "KeyError", ("raw.v1", 2, 41))
+    assert d.original_headers() == replayed_before  # up to the stream's own, the last ones
+    assert letter([("trace", b"t")]).original_headers() == [("trace", b"t")]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["x-preproc-error", "x-preproc-source",
+                                           "x-preproc-stage", "trace"]),
+                          st.binary(max_size=40)), max_size=8))
+def test_any_headers_read_as_a_dead_letter_without_crashing(headers):
+    d = letter(headers)
+    assert isinstance(d.stage, str) and isinstance(d.error, str)
+    assert d.source is None or (d.source[1] >= 0 and d.source[2] >= 0)
+    assert d.original_headers() == headers[:len(d.original_headers())]
+
+
+def test_a_selection_takes_what_every_given_filter_takes():
+    d = letter(STREAM_HEADERS, partition=1, offset=120, timestamp_ms=5000)
+    assert Selection()(d)
+    assert Selection(stages={"preprocess", "decode"}, error_types={"KeyError"})(d)
+    assert not Selection(stages={"decode"})(d)
+    assert Selection(offsets={1: (100, 250)})(d) and not Selection(offsets={0: (100, 250)})(d)
+    assert not Selection(offsets={1: (121, 250)})(d)
+    assert Selection(since_ms=5000, until_ms=5000)(d) and not Selection(since_ms=5001)(d)

@@ -1,0 +1,103 @@
+"""`mlflow-preproc dlq inspect|replay` on the dead letters a real stream wrote, on the embedded
+broker: the operator's loop of looking at what failed and sending it through again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import mlflow
+import pytest
+
+from conftest import BIN, committed_offsets, consume, headers_of, produce, stream_env, unique
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def features(record):
+    if "boom" in record:
+        raise ValueError(f"cannot preprocess {record['id']}")
+    return {"id": record["id"], "double": record["x"] * 2}  # KeyError without x
+
+
+def dlq(*args: str, bootstrap: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "mlflow-preproc"), "dlq", *args], capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap})
+
+
+def test_inspect_counts_what_failed_and_replay_sends_it_back_once(broker, tracking_uri,
+                                                                  streams):
+    with mlflow.start_run():
+        model = mlflow.preproc.log_model(features, name="p").model_uri
+    topic, servers = unique("raw"), broker.bootstrap_servers
+    broker.create_topics(topic)
+    records = [{"id": i, "x": i} for i in range(40)]
+    for i in (3, 13, 23, 33):
+        records[i] = {"id": i, "x": 1, "boom": True}
+    for i in (5, 15):
+        records[i] = {"id": i}
+    values = [json.dumps(r).encode() for r in records]
+    values[7] = b"{not json"
+    produce(servers, topic, values, keys=[b"k%d" % i for i in range(40)],
+            headers=[[("trace", b"t%d" % i)] for i in range(40)])
+    stream = streams(stream_env(servers, model, topic, OUTPUT_TOPIC=unique("clean")))
+    consume(servers, f"{topic}-dlq", 7)
+    assert stream.stop() == 0, stream.text()[-2000:]
+
+    # inspect: counts by stage and error type, the first of each, and nothing committed
+    inspected = dlq("inspect", f"{topic}-dlq", "--json", bootstrap=servers)
+    assert inspected.returncode == 0, inspected.stderr
+    summary = json.loads(inspected.stdout)
+    assert summary["dead_letters"] == 7
+    kinds = {(k["stage"], k["error_type"]): k for k in summary["kinds"]}
+    assert {kind: k["count"] for kind, k in kinds.items()} == {
+        ("preprocess", "ValueError"): 4, ("preprocess", "KeyError"): 2,
+        ("decode", "DecodeError"): 1}
+    first = kinds[("preprocess", "ValueError")]["examples"][0]
+    assert first["source"] == {"topic": topic, "partition": 0, "offset": 3}
+    assert "cannot preprocess 3" in first["error"] and first["key"] == "k3"
+    assert len(kinds[("preprocess", "ValueError")]["examples"]) == 3  # the first three
+    assert committed_offsets(servers, "mlflow-preproc-dlq-reader", f"{topic}-dlq") == [-1001]
+    text = dlq("inspect", f"{topic}-dlq", bootstrap=servers).stdout
+    assert f"{topic}-dlq: 7 dead letters" in text and "preprocess  ValueError" in text
+
+    # replay, dry: says what it would send, sends nothing
+    dry = dlq("replay", f"{topic}-dlq", "--stage", "preprocess", "--dry-run", bootstrap=servers)
+    assert "would replay 6 dead letters (6 to " + topic + ")" in dry.stderr, dry.stderr
+    assert len(consume(servers, topic, 41, timeout=3)) == 40
+
+    # replay the KeyErrors: back to their topic with their key, their own headers and where
+    # they come from; the stream's error headers stay behind
+    done = dlq("replay", f"{topic}-dlq", "--error-type", "KeyError", bootstrap=servers)
+    assert done.returncode == 0, done.stderr
+    assert f"replayed 2 dead letters (2 to {topic})" in done.stderr
+    replayed = consume(servers, topic, 42)[40:]
+    assert sorted(m.key() for m in replayed) == [b"k15", b"k5"]
+    back = next(m for m in replayed if m.key() == b"k5")
+    assert json.loads(back.value()) == {"id": 5}
+    h = headers_of(back)
+    assert h["trace"] == b"t5" and not any(k.startswith("x-preproc-error") for k in h)
+    assert h["x-preproc-replay-of"].decode().startswith(f"{topic}-dlq/0/")
+
+    # once only: a second replay of the same dead letters is refused, unless forced
+    again = dlq("replay", f"{topic}-dlq", "--stage", "preprocess", bootstrap=servers)
+    assert ("replayed 4 dead letters" in again.stderr and
+            "2 were replayed before and were skipped (--force replays them again)"
+            in again.stderr), again.stderr
+    forced = dlq("replay", f"{topic}-dlq", "--error-type", "KeyError", "--force",
+                 "--to", unique("retry"), bootstrap=servers)
+    assert "topic(s) retry" in forced.stderr and "do not exist" in forced.stderr
+    assert len(consume(servers, topic, 47, timeout=3)) == 46
+
+
+def test_a_missing_topic_and_a_bad_option_are_one_line(broker):
+    missing = dlq("inspect", "no-such-dlq", bootstrap=broker.bootstrap_servers)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (
+        f"mlflow-preproc dlq: error: topic no-such-dlq does not exist on "
+        f"{broker.bootstrap_servers}; a stream's dead-letter topic is INPUT_TOPIC-dlq unless "
+        "DLQ_TOPIC names another")
+    bad = dlq("replay", "x-dlq", "--offsets", "0:5", bootstrap=broker.bootstrap_servers)
+    assert bad.returncode == 2 and "'0:5' is not PARTITION:FROM-TO; e.g. 0:100-250" in bad.stderr
