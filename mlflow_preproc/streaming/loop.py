@@ -383,7 +383,8 @@ class KafkaLoop:
                 self._commit(asynchronous=True, flush_timeout=_COMMIT_FLUSH_TIMEOUT_S)
                 self._raise_if_fatal()
                 next_commit = time.monotonic() + commit_interval
-            self.stats.maybe_log(self.config["STATS_INTERVAL_S"], in_flight=len(self.producer))
+            self.stats.in_flight = len(self.producer)
+            self.stats.maybe_log(self.config["STATS_INTERVAL_S"], in_flight=self.stats.in_flight)
 
     def _hold(self, reason: str) -> None:
         """The dead-letter brake engaged: commit nothing from now on, take no input, say why
@@ -455,6 +456,7 @@ class KafkaLoop:
             logger.warning("commit failed", extra={"event": "commit_failed", "error": str(exc)})
             return False
         self.checkpoint.committed(offsets)
+        self.stats.committed()
         return True
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
@@ -467,6 +469,7 @@ class KafkaLoop:
         self._owned.update((tp.topic, tp.partition) for tp in partitions)
         self._unsettled.update((tp.topic, tp.partition) for tp in partitions)
         self.stats.assigned([(tp.topic, tp.partition) for tp in partitions], self._owned)
+        self.stats.rebalanced("assigned", len(partitions))
         logger.info("partitions assigned", extra={
             "event": "assign", "partitions": [p.partition for p in partitions]})
 
@@ -477,12 +480,14 @@ class KafkaLoop:
         self._commit(asynchronous=False, flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"],
                      partitions=keys)
         self._give_up(keys)
+        self.stats.rebalanced("revoked", len(keys))
         logger.info("partitions revoked", extra={"event": "revoke",
                                                  "partitions": [p.partition for p in partitions]})
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member owns them already: committing would fail or overwrite its progress.
         self._give_up([(tp.topic, tp.partition) for tp in partitions])
+        self.stats.rebalanced("lost", len(partitions))
         logger.warning("partitions lost", extra={"event": "lost",
                                                  "partitions": [p.partition for p in partitions]})
 

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TextIO
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 logger = logging.getLogger("mlflow_preproc")
@@ -53,6 +60,7 @@ class LoopStats:
     handled: int = 0
     caught_up: bool = False
     verdict_after: int = 200
+    in_flight: int = 0  # the producer's queue, as of the last iteration
 
     def __post_init__(self) -> None:
         self._records = Counter("mlflow_preproc_records", "Records by outcome",
@@ -66,6 +74,28 @@ class LoopStats:
         self._dead_letters = Counter("mlflow_preproc_dead_letters", "Records sent to the "
                                      "dead-letter topic, by stage and error type",
                                      ["command", "stage", "error_type"], registry=self.registry)
+        self._commits = Counter("mlflow_preproc_commits", "Offset commits sent", ["command"],
+                                registry=self.registry)
+        self._rebalances = Counter("mlflow_preproc_rebalances", "Partitions assigned, revoked "
+                                   "or lost by the group", ["command", "kind"],
+                                   registry=self.registry)
+        # Read at scrape time: nothing on the hot path.
+        for name, doc, read in (
+                ("mlflow_preproc_partitions_assigned", "Partitions this member owns",
+                 lambda: len(self.partitions)),
+                ("mlflow_preproc_dead_letter_brake", "1 while the dead-letter brake is engaged",
+                 lambda: 1 if self.brake else 0),
+                ("mlflow_preproc_waiting_for_dependency", "1 while the loop waits for a "
+                 "dependency (model server, schema registry)",
+                 lambda: 1 if self.waiting_for else 0),
+                ("mlflow_preproc_producer_queue", "Messages handed to the producer and not yet "
+                 "delivered", lambda: self.in_flight),
+                ("mlflow_preproc_last_progress_timestamp_seconds", "When the loop last "
+                 "completed an iteration (Unix time)",
+                 lambda: time.time() - (time.monotonic() - self.last_progress))):
+            Gauge(name, doc, ["command"], registry=self.registry).labels(
+                self.command).set_function(read)
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory...
         self._mirrored = dict.fromkeys(COUNTS, 0)
         self._started = time.monotonic()
         self._last_stats = (self._started, dict(self.counts))
@@ -92,6 +122,14 @@ class LoopStats:
 
     def alive(self) -> None:
         self.last_progress = time.monotonic()
+
+    def committed(self) -> None:
+        """An offset commit was sent."""
+        self._commits.labels(self.command).inc()
+
+    def rebalanced(self, kind: str, partitions: int) -> None:
+        """The group assigned, revoked or lost ``partitions`` of this member."""
+        self._rebalances.labels(self.command, kind).inc(partitions)
 
     def assigned(self, added: list[tuple[str, int]], owned: set[tuple[str, int]]) -> None:
         """The group gave this member ``added`` (an empty assignment is a join too)."""
