@@ -71,7 +71,8 @@ CASES = {
         "mount./etc/kafka/client": "configmap:kafka-client",
         "kafka_config_file": "/etc/kafka/client/client.properties",
         "cpu_request": "250m", "memory_request": "512Mi", "cpu_limit": "1",
-        "memory_limit": "1Gi", "service_monitor": "true", "registry": "registry.example.org/fink"},
+        "memory_limit": "1Gi", "service_monitor": "true", "registry": "registry.example.org/fink",
+        "prometheus_rule": "true", "grafana_dashboard": "true"},
     "bridge": {"mode": "bridge", "input_topic": "features", "output_topic": "predictions",
                "api_url": "http://classifier.alerts:8080",
                "kafka_bootstrap_servers": "kafka.alerts:9092"},
@@ -114,6 +115,10 @@ def validate(obj: dict) -> None:
         from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 
         strict_crd_check(ServiceMonitor, obj)
+    elif obj["kind"] == "PrometheusRule":
+        from cloudcoil.models.prometheus_operator.v1 import PrometheusRule
+
+        strict_crd_check(PrometheusRule, obj)
     else:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
@@ -132,7 +137,7 @@ def test_every_manifest_validates_offline(registered, case):
                 "kafka, fixed replicas": ["Deployment", "PodDisruptionBudget"],
                 "both, secrets, mounts, resources, monitor": [
                     "Deployment", "Service", "ScaledObject", "PodDisruptionBudget",
-                    "ServiceMonitor"],
+                    "ServiceMonitor", "PrometheusRule", "ConfigMap"],
                 "bridge": ["Deployment", "PodDisruptionBudget"]}[case]
     assert kinds == expected
 
@@ -182,6 +187,14 @@ def test_what_the_manifests_say(registered):
     assert labels["org.mlflow-preproc.deployment"] == "fink"  # the Docker backend's label
     assert objects["Deployment"]["metadata"]["annotations"][
         "org.mlflow-preproc.model-uri"] == registered
+    # The alerting rules watch this deployment's scrape job (the ServiceMonitor's Service),
+    # and the dashboard is where Grafana's sidecar looks for dashboards.
+    rules = objects["PrometheusRule"]["spec"]["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} >= {"PreprocDeadLetterBrake", "PreprocNoProgress"}
+    assert all('job="fink"' in r["expr"] for r in rules)
+    dashboard = objects["ConfigMap"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["mlflow-preproc.json"])["uid"] == "mlflow-preproc"
 
 
 def test_secret_values_are_in_the_container_only_never_in_labels_or_annotations(registered):

@@ -86,6 +86,12 @@ OPTIONS: dict[str, Option] = {
     "memory_limit": Option("", "Kubernetes resources.limits.memory", "1Gi", KUBERNETES),
     "service_monitor": Option("false", "Kubernetes: also a Prometheus Operator ServiceMonitor "
                               "on /metrics", "true", KUBERNETES),
+    "prometheus_rule": Option("false", "Kubernetes: also a Prometheus Operator PrometheusRule "
+                              "with the alerting rules (mlflow-preproc alert-rules) for this "
+                              "deployment's job", "true", KUBERNETES),
+    "grafana_dashboard": Option("false", "Kubernetes: also a ConfigMap labelled "
+                                "grafana_dashboard=1 holding the dashboard (mlflow-preproc "
+                                "dashboard; needs the monitoring extra)", "true", KUBERNETES),
 }
 PREFIXES = {
     "env.": "set a container environment variable; e.g. -C env.LOG_LEVEL=DEBUG",
@@ -213,7 +219,8 @@ def resolve(given: dict, name: str | None = None) -> dict[str, str]:
         if ref.count("/") != 1 or not all(ref.split("/")):
             raise OptionError(f"secret_env.{name}={ref}: name a Secret and its key, e.g. "
                               f"-C secret_env.{name}=kafka-user/password")
-    for key in ("no_cache", "push", "autoscaling", "service_monitor", "remove_image"):
+    for key in ("no_cache", "push", "autoscaling", "service_monitor", "prometheus_rule",
+                "grafana_dashboard", "remove_image"):
         settings.parse_bool(resolved[key], key)
     return resolved
 

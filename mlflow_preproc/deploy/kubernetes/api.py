@@ -26,6 +26,8 @@ _PATHS = {
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "ScaledObject": ("/apis/keda.sh/v1alpha1", "scaledobjects"),
     "ServiceMonitor": ("/apis/monitoring.coreos.com/v1", "servicemonitors"),
+    "PrometheusRule": ("/apis/monitoring.coreos.com/v1", "prometheusrules"),
+    "ConfigMap": ("/api/v1", "configmaps"),
 }
 
 

@@ -128,7 +128,10 @@ def _objects(d: Deployment) -> list[dict]:
             partitions = broker_checks.partitions_if_reachable(consumer)
         most, source = max_replicas(d, partitions)
         steps.note(f"      autoscaling: at most {most} replicas ({source})")
-    return render(d, partitions)
+    try:
+        return render(d, partitions)
+    except settings.ConfigError as exc:
+        raise DeploymentError(str(exc)) from None
 
 
 def _call(call, *args):

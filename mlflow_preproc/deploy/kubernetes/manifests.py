@@ -9,7 +9,9 @@ per object, YAML-ready):
 - a ``Service`` when REST is served (and for ``/metrics`` when a ServiceMonitor is asked);
 - in ``kafka``/``both`` mode a KEDA ``ScaledObject`` scaling on the consumer group's lag on
   the input topic, never past its partition count;
-- a ``PodDisruptionBudget``, and a Prometheus Operator ``ServiceMonitor`` only when asked.
+- a ``PodDisruptionBudget``, and only when asked: a Prometheus Operator ``ServiceMonitor``,
+  a ``PrometheusRule`` with this deployment's alerting rules, a ``ConfigMap`` with the Grafana
+  dashboard.
 
 Pure: no Kubernetes client is needed to render.
 """
@@ -80,6 +82,10 @@ def render(d: Deployment, partitions: int | None = None) -> list[dict[str, Any]]
     objects.append(_disruption_budget(d, labels, selector))
     if monitor:
         objects.append(_service_monitor(d, labels, selector))
+    if d.consuming and settings.parse_bool(d.options["prometheus_rule"], "prometheus_rule"):
+        objects.append(_prometheus_rule(d, labels))
+    if d.consuming and settings.parse_bool(d.options["grafana_dashboard"], "grafana_dashboard"):
+        objects.append(_dashboard_config_map(d, labels))
     return objects
 
 
@@ -225,6 +231,31 @@ def _service_monitor(d: Deployment, labels, selector) -> dict:
             "metadata": _meta(d, labels),
             "spec": {"selector": {"matchLabels": selector},
                      "endpoints": [{"port": "metrics", "path": "/metrics"}]}}
+
+
+def _prometheus_rule(d: Deployment, labels) -> dict:
+    # The Prometheus Operator names the scrape job after the Service (the ServiceMonitor's),
+    # which is the deployment's name: the rules watch this deployment only.
+    from mlflow_preproc.monitoring.alert_rules import rule_group
+
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+            "metadata": _meta(d, labels), "spec": {"groups": [rule_group(job=d.name)]}}
+
+
+def _dashboard_config_map(d: Deployment, labels) -> dict:
+    # grafana_dashboard=1 is what Grafana's dashboard sidecar (its Helm chart) looks for.
+    from mlflow_preproc.monitoring.dashboard import dashboard_json
+
+    try:
+        dashboard = dashboard_json()
+    except ModuleNotFoundError as exc:
+        raise settings.ConfigError("grafana_dashboard=true builds the dashboard with "
+                                   "grafana-foundation-sdk: pip install "
+                                   f"'mlflow-preproc[monitoring]' ({exc.name} is missing)") \
+            from None
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(d, {**labels, "grafana_dashboard": "1"}),
+            "data": {"mlflow-preproc.json": dashboard}}
 
 
 def _split_labels(docker_labels: dict[str, str]) -> tuple[dict, dict]:
