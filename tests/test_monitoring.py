@@ -218,6 +218,13 @@ def test_a_real_prometheus_scrapes_a_stream_and_every_query_finds_its_series(
         assert [r["name"] for r in groups[0]["rules"]] == [a.name for a in alert_rules.alerts()]
         assert all(r["health"] == "ok" for r in groups[0]["rules"]), groups
         assert [a for a in api("alerts")["alerts"] if a["state"] == "firing"] == []
+        # Looked at as a user would: the panels drawn from this Prometheus (a test artifact).
+        from mlflow_preproc.monitoring.snapshot import render
+
+        png = tmp_path / "dashboard.png"
+        drawn = render(f"http://127.0.0.1:{port}", str(png), time.time() - 30, time.time(), 1)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert drawn["Records per second"] >= 3 and drawn["Process memory"] == 1, drawn
     finally:
         server.terminate()
         server.wait(30)
