@@ -99,6 +99,19 @@ def test_failed_records_go_to_the_rejects_file_and_set_the_exit_code(model, tmp_
     assert b"failed=0 (removed out.jsonl.rejects.jsonl of an earlier run)" in proc.stderr
     assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()
 
+    # Never at the cost of data: a run cut short keeps the earlier rejects, and a rejects
+    # path that is an input (stdout output, `run rejects.jsonl`) is refused, not deleted.
+    (tmp_path / "rejects.jsonl").write_bytes(b'{"id": 7, "x": 1}\n')
+    (tmp_path / "earlier.rejects.jsonl").write_bytes(b'{"index": 0}\n')
+    proc = run_cli("-m", model, "in.jsonl", "missing.jsonl", "--rejects",
+                   "earlier.rejects.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2 and (tmp_path / "earlier.rejects.jsonl").exists()
+    proc = run_cli("-m", model, "rejects.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert b"the rejects file rejects.jsonl is also an input; pass --rejects another path" \
+        in proc.stderr
+    assert (tmp_path / "rejects.jsonl").read_bytes() == b'{"id": 7, "x": 1}\n'
+
 
 def test_the_progress_bar_counts_records(model, tmp_path):
     (tmp_path / "in.jsonl").write_bytes(b"".join(b'{"id": %d, "x": 1}\n' % i

@@ -75,10 +75,12 @@ class _Rejects:
                 "record": record}
         self._file.write(dumps(line) + b"\n")
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        """Close the file; a run that ``finished`` without failures removes an earlier one (a
+        run cut short leaves it: it has no rejects file of its own to replace it with)."""
         if self._file is not None:
             self._file.close()
-        elif self.earlier:
+        elif self.earlier and finished:
             os.remove(self.path)
 
 
@@ -91,9 +93,14 @@ def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
 
     An Avro block decoding to more than ``max_decoded_bytes`` is one reject.
     """
+    if any(os.path.abspath(where) == os.path.abspath(rejects_path)
+           for where in inputs if where != "-"):
+        raise ValueError(f"the rejects file {rejects_path} is also an input; pass --rejects "
+                         "another path (or -o OUT, whose rejects go to OUT.rejects.jsonl)")
     counts = RunCounts(rejects_path=rejects_path)
     writer = FileWriter(output, output_format, output_schema)
     rejects = _Rejects(rejects_path)
+    finished = False
     try:
         for where in inputs or ["-"]:
             with _open_input(where) as stream:
@@ -106,9 +113,10 @@ def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
                         _process_batch(preprocessor, batch, where, writer, rejects, counts,
                                        fields_to_drop or [])
                         advance(counts.read - read_before)
+        finished = True
     finally:
         writer.close()
-        rejects.close()
+        rejects.close(finished)
         counts.earlier_rejects = rejects.earlier
     return counts
 
