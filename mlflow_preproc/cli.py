@@ -428,7 +428,10 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     from mlflow_preproc.streaming import dead_letters
 
     kafka = settings.load("dlq", args).kafka
-    select = dead_letters.Selection(set(args.stage), set(args.error_type), dict(args.offsets),
+    offsets: dict[int, list[tuple[int, int]]] = {}
+    for partition, span in args.offsets:
+        offsets.setdefault(partition, []).append(span)
+    select = dead_letters.Selection(set(args.stage), set(args.error_type), offsets,
                                     args.since, args.until)
     report = dead_letters.replay(kafka, args.topic, select, args.to, args.force, args.dry_run)
     print(f"mlflow-preproc dlq replay: {report.as_text(args.dry_run)}", file=sys.stderr)
@@ -458,8 +461,9 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 def _time_ms(text: str) -> int:
     from datetime import datetime, timezone
 
-    try:
-        moment = datetime.fromisoformat(text)
+    try:  # Python 3.10's fromisoformat does not read a trailing Z
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" and text
+                                        else text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time; e.g. "
                                          "2026-12-03T09:00:00Z") from None

@@ -42,6 +42,18 @@ def test_a_selection_takes_what_every_given_filter_takes():
     assert Selection()(d)
     assert Selection(stages={"preprocess", "decode"}, error_types={"KeyError"})(d)
     assert not Selection(stages={"decode"})(d)
-    assert Selection(offsets={1: (100, 250)})(d) and not Selection(offsets={0: (100, 250)})(d)
-    assert not Selection(offsets={1: (121, 250)})(d)
+    assert Selection(offsets={1: [(100, 250)]})(d)
+    assert not Selection(offsets={0: [(100, 250)]})(d)
+    assert not Selection(offsets={1: [(121, 250)]})(d)
+    assert Selection(offsets={1: [(0, 5), (120, 120)]})(d)
     assert Selection(since_ms=5000, until_ms=5000)(d) and not Selection(since_ms=5001)(d)
+
+
+def test_times_and_offset_ranges_read_as_an_operator_writes_them():
+    from mlflow_preproc.cli import _parser
+
+    args = _parser().parse_args(["dlq", "replay", "raw-dlq", "--since", "2026-12-03T09:00:00Z",
+                                 "--until", "2026-12-03T10:00:00", "--offsets", "0:1-2",
+                                 "--offsets", "0:5-6"])
+    assert args.since == 1796288400000 and args.until == args.since + 3600_000
+    assert args.offsets == [(0, (1, 2)), (0, (5, 6))]

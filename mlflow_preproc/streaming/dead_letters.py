@@ -19,19 +19,23 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from mlflow_preproc.runtime.model_identity import HEADER
 
 REPLAY_HEADER = HEADER + "replay-of"
 _ERROR_HEADER = HEADER + "error"
-_IDLE_S = 1.5  # no message for this long: the end of the topic (Tansu's watermarks are off)
+_STALLED_S = 60.0  # no message and no end of partition for this long: Kafka is not answering
 _TRANSACTION_SIZE = 500
 
 
 class DeadLetterError(RuntimeError):
     """A dead-letter command cannot go on; the message says why and what to change."""
+
+
+class TopicMissing(DeadLetterError):
+    """The topic does not exist (for the replay log: nothing was replayed yet)."""
 
 
 @dataclass
@@ -75,6 +79,11 @@ class DeadLetter:
             return None
         return topic, int(partition), int(rest)
 
+    @property
+    def truncated(self) -> bool:
+        """Cut to fit the dead-letter topic: its value is a prefix of the record's."""
+        return self.header("original-size") is not None
+
     def original_headers(self) -> list[tuple[str, bytes]]:
         """The input's own headers: those before the stream's (which start at the last
         ``x-preproc-error``; an input replayed before keeps its ``replay-of``)."""
@@ -88,7 +97,7 @@ class Selection:
 
     stages: set[str] = field(default_factory=set)
     error_types: set[str] = field(default_factory=set)
-    offsets: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> [from, to]
+    offsets: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # partition -> ranges
     since_ms: int | None = None
     until_ms: int | None = None
 
@@ -97,9 +106,8 @@ class Selection:
             return False
         if self.error_types and d.error_type not in self.error_types:
             return False
-        if self.offsets and not (d.partition in self.offsets and
-                                 self.offsets[d.partition][0] <= d.offset <=
-                                 self.offsets[d.partition][1]):
+        if self.offsets and not any(first <= d.offset <= last
+                                    for first, last in self.offsets.get(d.partition, ())):
             return False
         if self.since_ms is not None and d.timestamp_ms < self.since_ms:
             return False
@@ -107,37 +115,69 @@ class Selection:
 
 
 def read(kafka: dict, topic: str, since_ms: int | None = None) -> Iterator[DeadLetter]:
-    """Every message of ``topic`` (from ``since_ms``, else from the beginning) to its end."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+    """Every message of ``topic`` (from ``since_ms``, else from the beginning) up to its end.
+
+    A partition ends where the broker says it ends (librdkafka's partition EOF, at the last
+    committed offset), never after a quiet spell: a broker that stops answering is waited for
+    up to a minute, then DeadLetterError. (Not from watermarks: Tansu's high marks are off.)
+    """
+    from confluent_kafka import (OFFSET_BEGINNING, Consumer, KafkaError, KafkaException,
+                                 TopicPartition)
 
     consumer = Consumer({**kafka, "group.id": "mlflow-preproc-dlq-reader",
                          "enable.auto.commit": False, "enable.auto.offset.store": False,
-                         "isolation.level": "read_committed"})
+                         "enable.partition.eof": True, "isolation.level": "read_committed"})
+    servers = kafka.get("bootstrap.servers")
     try:
         try:
             meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                raise TopicMissing(f"topic {topic} does not exist on {servers}; a stream's "
+                                   "dead-letter topic is INPUT_TOPIC-dlq unless DLQ_TOPIC "
+                                   "names another")
+            partitions = [TopicPartition(topic, p, OFFSET_BEGINNING)
+                          for p in sorted(meta.partitions)]
+            if since_ms is not None:
+                partitions = consumer.offsets_for_times(
+                    [TopicPartition(topic, p.partition, since_ms) for p in partitions],
+                    timeout=10)
         except KafkaException as exc:
-            raise DeadLetterError(f"cannot reach Kafka at {kafka.get('bootstrap.servers')} "
-                                  f"({exc.args[0].str()}); check --bootstrap-servers") from None
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise DeadLetterError(f"topic {topic} does not exist on "
-                                  f"{kafka.get('bootstrap.servers')}; a stream's dead-letter "
-                                  "topic is INPUT_TOPIC-dlq unless DLQ_TOPIC names another")
-        partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
-        if since_ms is not None:
-            partitions = consumer.offsets_for_times(
-                [TopicPartition(topic, p.partition, since_ms) for p in partitions], timeout=10)
+            raise DeadLetterError(f"cannot reach Kafka at {servers} ({exc.args[0].str()}); "
+                                  "check --bootstrap-servers") from None
         consumer.assign(partitions)
-        last = time.monotonic()
-        while time.monotonic() - last < _IDLE_S:
-            for msg in consumer.consume(1000, 0.2):
-                if msg.error() is not None:
-                    continue
-                last = time.monotonic()
-                yield DeadLetter(msg.partition(), msg.offset(), msg.timestamp()[1], msg.key(),
-                                 msg.value(), list(msg.headers() or []))
+        unfinished = {p.partition for p in partitions}
+        heard = time.monotonic()
+        while unfinished:
+            for msg in consumer.consume(1000, 0.5):
+                error = msg.error()
+                if error is None:
+                    heard = time.monotonic()
+                    # offsets_for_times past the end starts at the last batch
+                    if since_ms is None or msg.timestamp()[1] >= since_ms:
+                        yield DeadLetter(msg.partition(), msg.offset(), msg.timestamp()[1],
+                                         msg.key(), msg.value(), list(msg.headers() or []))
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    heard = time.monotonic()
+                    unfinished.discard(msg.partition())
+                elif error.fatal() or error.code() in _refusals():
+                    raise DeadLetterError(f"cannot read {topic} from {servers} "
+                                          f"({error.str()})")
+                # anything else (a broker down, a timeout) librdkafka retries: wait for it
+            if time.monotonic() - heard > _STALLED_S:
+                raise DeadLetterError(f"Kafka at {servers} stopped answering for "
+                                      f"{_STALLED_S:.0f}s while {topic} was read; nothing was "
+                                      "changed: run the command again when it is back")
     finally:
         consumer.close()
+
+
+def _refusals() -> frozenset[int]:
+    from confluent_kafka import KafkaError
+
+    return frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                      KafkaError.GROUP_AUTHORIZATION_FAILED,
+                      KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+                      KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION})
 
 
 @dataclass
@@ -204,6 +244,7 @@ class ReplayReport:
     replayed: int = 0
     already: int = 0  # replayed before, refused (no --force)
     unknown_source: int = 0  # no x-preproc-source and no --to: nowhere to send them
+    truncated: list[str] = field(default_factory=list)  # sources of dead letters cut to fit
     destinations: dict[str, int] = field(default_factory=dict)
 
     def as_text(self, dry_run: bool) -> str:
@@ -216,69 +257,130 @@ class ReplayReport:
         if self.unknown_source:
             text += (f"; {self.unknown_source} name no source topic and were skipped "
                      "(--to TOPIC sends them there)")
+        if self.truncated:
+            shown = ", ".join(self.truncated[:3]) + (", ..." if len(self.truncated) > 3 else "")
+            text += (f"; {len(self.truncated)} were cut to fit the dead-letter topic and were "
+                     f"skipped (the whole records are at their source: {shown})")
         return text
 
 
-def replay(kafka: dict, topic: str, select: Callable[[DeadLetter], bool], to: str | None = None,
+def replay(kafka: dict, topic: str, select: Selection, to: str | None = None,
            force: bool = False, dry_run: bool = False) -> ReplayReport:
     """Send the dead letters of ``topic`` that ``select`` takes back to their source topic
-    (or ``to``), recording each in ``<topic>-replayed`` in the same transaction."""
+    (or ``to``), recording each in ``<topic>-replayed`` in the same transaction.
+
+    The transactional producer starts before the log is read: a replay of the same topic
+    running meanwhile is fenced off by Kafka and fails, so no dead letter is sent twice.
+    """
     log_topic = f"{topic}-replayed"
-    done = set() if force else _replayed(kafka, log_topic)
-    chosen, report = [], ReplayReport()
-    for d in read(kafka, topic):
-        if not select(d):
-            continue
-        destination = to or (d.source[0] if d.source else None)
-        if destination is None:
-            report.unknown_source += 1
-        elif d.where in done:
-            report.already += 1
-        else:
-            chosen.append((d, destination))
-            report.replayed += 1
-            report.destinations[destination] = report.destinations.get(destination, 0) + 1
-    if chosen and not dry_run:
-        _check_destinations(kafka, {t for _, t in chosen})
-        _ensure_topic(kafka, log_topic)
-        _send(kafka, topic, log_topic, chosen)
+    with (_NoSender() if dry_run else _Sender(kafka, topic, log_topic)) as sender:
+        done = set() if force else _replayed(kafka, log_topic)
+        chosen, report = [], ReplayReport()
+        for d in read(kafka, topic, select.since_ms):
+            if not select(d):
+                continue
+            destination = to or (d.source[0] if d.source else None)
+            if destination is None:
+                report.unknown_source += 1
+            elif d.where in done:
+                report.already += 1
+            elif d.truncated:
+                report.truncated.append("/".join(map(str, d.source or ())) or d.where)
+            else:
+                chosen.append((d, destination))
+                report.replayed += 1
+                report.destinations[destination] = report.destinations.get(destination, 0) + 1
+        if chosen:
+            _check_destinations(kafka, {t for _, t in chosen})
+            sender.send(chosen)
     return report
 
 
 def _replayed(kafka: dict, log_topic: str) -> set[str]:
     try:
-        return {d.key.decode() for d in read(kafka, log_topic) if d.key}
-    except DeadLetterError:  # no replay yet: no log
+        return {d.key.decode(errors="replace") for d in read(kafka, log_topic) if d.key}
+    except TopicMissing:  # no replay yet: no log (any other failure stops the replay)
         return set()
 
 
-def _send(kafka: dict, topic: str, log_topic: str,
-          chosen: list[tuple[DeadLetter, str]]) -> None:
-    from confluent_kafka import KafkaException, Producer
+class _NoSender:
+    """A dry run's sender: sends nothing."""
 
-    producer = Producer({**kafka, "transactional.id": f"mlflow-preproc-replay-{topic}",
-                         "enable.idempotence": True})
-    try:
-        producer.init_transactions(30)
+    def __enter__(self) -> _NoSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def send(self, chosen: list[tuple[DeadLetter, str]]) -> None:
+        pass
+
+
+class _Sender:
+    """The replay's transactional producer: each batch of replayed records and their log
+    entries is committed together, or aborted together (so an open transaction never holds
+    back the readers of the destination)."""
+
+    def __init__(self, kafka: dict, topic: str, log_topic: str):
+        self._kafka, self._topic, self._log_topic = kafka, topic, log_topic
+        self._producer = None
+
+    def __enter__(self) -> _Sender:
+        from confluent_kafka import KafkaException, Producer
+
+        self._producer = Producer({**self._kafka,
+                                   "transactional.id": f"mlflow-preproc-replay-{self._topic}",
+                                   "enable.idempotence": True})
+        try:
+            self._producer.init_transactions(30)
+        except KafkaException as exc:
+            raise DeadLetterError(f"cannot start the replay's transaction "
+                                  f"({exc.args[0].str()}); nothing was replayed") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def send(self, chosen: list[tuple[DeadLetter, str]]) -> None:
+        from confluent_kafka import KafkaException
+
+        _ensure_topic(self._kafka, self._log_topic)
+        producer = self._producer
         for start in range(0, len(chosen), _TRANSACTION_SIZE):
             producer.begin_transaction()
-            for d, destination in chosen[start:start + _TRANSACTION_SIZE]:
-                producer.produce(destination, d.value, d.key, headers=[
-                    *d.original_headers(), (REPLAY_HEADER, f"{topic}/{d.where}".encode())])
-                producer.produce(log_topic, json.dumps(
-                    {"to": destination, "at": _iso(int(time.time() * 1000))}).encode(),
-                    d.where.encode())
-                producer.poll(0)
-            producer.commit_transaction(60)
-    except KafkaException as exc:
-        raise DeadLetterError(f"the replay did not complete ({exc.args[0].str()}); what was "
-                              "not committed is not recorded as replayed: run it again") from None
+            try:
+                for d, destination in chosen[start:start + _TRANSACTION_SIZE]:
+                    producer.produce(destination, d.value, d.key, headers=[
+                        *d.original_headers(),
+                        (REPLAY_HEADER, f"{self._topic}/{d.where}".encode())])
+                    producer.produce(self._log_topic, json.dumps(
+                        {"to": destination, "at": _iso(int(time.time() * 1000))}).encode(),
+                        d.where.encode())
+                    producer.poll(0)
+                producer.commit_transaction(60)
+            except BaseException as exc:
+                _abort(producer)
+                if not isinstance(exc, KafkaException):
+                    raise
+                raise DeadLetterError(
+                    f"the replay stopped after {start} of {len(chosen)} dead letters "
+                    f"({exc.args[0].str()}); those are recorded as replayed, the rest are "
+                    "not: run it again to send the rest") from None
+
+
+def _abort(producer) -> None:
+    from confluent_kafka import KafkaException
+
+    try:
+        producer.abort_transaction(30)
+    except KafkaException:  # fenced or gone: the broker aborts it when the next one starts
+        pass
 
 
 def _check_destinations(kafka: dict, topics: set[str]) -> None:
     from confluent_kafka.admin import AdminClient
 
-    existing = AdminClient(kafka).list_topics(timeout=10).topics
+    existing = _topics(AdminClient(kafka), kafka)
     missing = sorted(t for t in topics if t not in existing)
     if missing:
         raise DeadLetterError(f"topic(s) {', '.join(missing)} do not exist; create them or "
@@ -289,7 +391,7 @@ def _ensure_topic(kafka: dict, topic: str) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient(kafka)
-    if topic in admin.list_topics(timeout=10).topics:
+    if topic in _topics(admin, kafka):
         return
     for future in admin.create_topics([NewTopic(topic, 1)]).values():
         try:
@@ -297,6 +399,16 @@ def _ensure_topic(kafka: dict, topic: str) -> None:
         except Exception as exc:  # noqa: BLE001 -- created meanwhile is fine
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise DeadLetterError(f"cannot create the replay log {topic}: {exc}") from None
+
+
+def _topics(admin, kafka: dict) -> dict:
+    from confluent_kafka import KafkaException
+
+    try:
+        return admin.list_topics(timeout=10).topics
+    except KafkaException as exc:
+        raise DeadLetterError(f"cannot reach Kafka at {kafka.get('bootstrap.servers')} "
+                              f"({exc.args[0].str()}); nothing was replayed") from None
 
 
 def _example(d: DeadLetter) -> dict:
