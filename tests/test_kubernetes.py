@@ -415,9 +415,13 @@ class FakeKubernetesApiServer:
 def test_the_kubernetes_backend_applies_reads_and_deletes_these_objects(
         registered, docker_client, tmp_path):
     api = FakeKubernetesApiServer()
-    env = {**os.environ, "KUBECONFIG": api.kubeconfig(tmp_path / "kubeconfig")}
+    # The engine is named once, at create: update builds on it too, not on the default one.
+    engine = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    env = {**os.environ, "KUBECONFIG": api.kubeconfig(tmp_path / "kubeconfig"),
+           "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
     secret = {"env.LIBRDKAFKA_SASL_PASSWORD": "hunter2"}
     keys = ["-C", "backend=kubernetes", "-C", "namespace=alerts", "-C", "mode=kafka",
+            "-C", f"docker_host={engine}",
             *[a for k, v in {**KAFKA, **secret}.items() for a in ("-C", f"{k}={v}")]]
 
     def cli(*args):
@@ -426,7 +430,8 @@ def test_the_kubernetes_backend_applies_reads_and_deletes_these_objects(
 
     created = cli("create", "-t", "preproc", "--name", "fink", "-m", registered, *keys)
     assert created.returncode == 0, created.stderr[-3000:]
-    expected = render(registered, mode="kafka", namespace="alerts", **KAFKA, **secret)
+    expected = render(registered, mode="kafka", namespace="alerts", docker_host=engine,
+                      **KAFKA, **secret)
     applied = api.sent("PATCH")
     assert [r["body"] for r in applied] == expected  # exactly the rendered objects
     assert [r["path"] for r in applied] == [
@@ -464,6 +469,8 @@ def test_the_kubernetes_backend_applies_reads_and_deletes_these_objects(
     assert env_of["LIBRDKAFKA_SASL_PASSWORD"] == "hunter2"  # not stored: read back
 
     api.requests.clear()
+    theirs = "/api/v1/namespaces/alerts/configmaps/fink"  # same name, not made by the target
+    api.objects[theirs] = {"kind": "ConfigMap", "metadata": {"name": "fink", "labels": {}}}
     deleted = cli("delete", "-t", "preproc", "--name", "fink", "-C", "backend=kubernetes",
                   "-C", "namespace=alerts")
     assert deleted.returncode == 0, deleted.stderr[-2000:]
@@ -471,6 +478,6 @@ def test_the_kubernetes_backend_applies_reads_and_deletes_these_objects(
         "/apis/apps/v1/namespaces/alerts/deployments/fink",
         "/apis/keda.sh/v1alpha1/namespaces/alerts/scaledobjects/fink",
         "/apis/policy/v1/namespaces/alerts/poddisruptionbudgets/fink"}
-    assert api.objects == {}
+    assert list(api.objects) == [theirs]
     for image in ("preprocessing-kube-prep-1:latest", "preprocessing-kube-prep-2:latest"):
         docker_client.images.remove(image, force=True)

@@ -271,12 +271,15 @@ def test_an_update_to_a_version_that_fails_every_record_trips_the_brake_and_is_r
     assert 100 <= len(dead) <= 150  # one brake window (in whole batches), not the backlog
 
 
-def test_run_local_removes_its_container_on_sigterm(registered, docker_client):
+def test_run_local_removes_its_container_on_sigterm(registered, docker_client, tmp_path):
+    # On the engine -C docker_host names, while the default one (DOCKER_HOST) is not there.
+    engine = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     name = f"local{uuid.uuid4().hex[:6]}"
     proc = subprocess.Popen([str(BIN / "mlflow"), "deployments", "run-local", "-t", "preproc",
                              "--name", name, "-m", f"{registered}/1", "-C",
-                             f"port={free_port()}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             f"port={free_port()}", "-C", f"docker_host={engine}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/none.sock"})
     try:
         deadline = time.monotonic() + 300
         while not [c for c in containers_of(docker_client, name) if c.status == "running"]:
@@ -285,6 +288,8 @@ def test_run_local_removes_its_container_on_sigterm(registered, docker_client):
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
+        err = proc.stderr.read()
+        assert proc.returncode == 0 and "Error" not in err, err[-3000:]
         assert containers_of(docker_client, name) == []
     finally:
         if proc.poll() is None:

@@ -57,10 +57,13 @@ def run_local(name: str, model_uri: str, flavor: str | None = None,
     """``mlflow deployments run-local -t preproc``: build, run in the foreground; Ctrl-C or
     SIGTERM stops it and removes its container."""
     client = PreprocDeploymentClient("preproc")
+    config = dict(config or {})
+    # The engine of -C docker_host, if given: the one the container runs on, to follow and
+    # to clean up.
+    docker = DockerDeployments(client._engine_for(planner.resolve_options(flavor, config, name)))
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C
-    docker = DockerDeployments(client._engine)
     try:
-        deployment = client.create_deployment(name, model_uri, flavor, dict(config or {}))
+        deployment = client.create_deployment(name, model_uri, flavor, config)
         steps.note(f"running {deployment['image']} as {deployment['containers'][0]['name']}; "
                    "Ctrl-C stops it")
         for chunk in docker.follow_logs(name):
@@ -71,7 +74,7 @@ def run_local(name: str, model_uri: str, flavor: str | None = None,
     finally:
         signal.signal(signal.SIGTERM, previous)
         if docker.containers.containers(name):
-            client.delete_deployment(name)
+            client.delete_deployment(name, config)
 
 
 class PreprocDeploymentClient(BaseDeploymentClient):

@@ -70,12 +70,18 @@ class KubernetesApi:
                 for o in objects]
 
     def delete(self, name: str) -> list[str]:
-        """Delete every object of deployment ``name``; returns the kinds that existed."""
+        """Delete every object of deployment ``name`` that this target made (labelled
+        ``app.kubernetes.io/managed-by: mlflow-preproc``); returns their kinds. A same-named
+        ConfigMap or rule of someone else's is left as it is."""
         deleted = []
         for kind in _PATHS:
+            path = self._path(kind, name)
             try:
-                self._request("DELETE", self._path(kind, name),
-                              {"propagationPolicy": "Foreground"})
+                found = self._request("GET", path)
+                labels = found.get("metadata", {}).get("labels") or {}
+                if labels.get("app.kubernetes.io/managed-by") != FIELD_MANAGER:
+                    continue
+                self._request("DELETE", path, {"propagationPolicy": "Foreground"})
                 deleted.append(kind)
             except KubernetesError as exc:
                 if "404" not in str(exc):

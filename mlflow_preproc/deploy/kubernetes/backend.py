@@ -62,13 +62,15 @@ class KubernetesDeployments:
                if "value" in e}
         stored = opts.restore_secrets(before["config"], env)
         options = planner.resolve_options(None, {**stored, **given})
+        if options.get("docker_host", self.engine.host) != self.engine.host:
+            self.engine = Engine(options["docker_host"])  # the engine it was created with
         d = planner.plan(name, model_uri or before["model_uri"], options,
                          before["revision"] + 1)
         return self._apply(api, d, _objects(d))
 
     def delete(self, name: str, options: dict[str, str]) -> None:
         if not _call(self._api().delete, name):
-            raise not_found(name)
+            raise not_found(name)  # nothing of that name made by this target
 
     def get(self, name: str) -> dict:
         from mlflow_preproc.deploy.kubernetes.api import summary
