@@ -191,7 +191,8 @@ def test_what_the_manifests_say(registered):
     # and the dashboard is where Grafana's sidecar looks for dashboards.
     rules = objects["PrometheusRule"]["spec"]["groups"][0]["rules"]
     assert {r["alert"] for r in rules} >= {"PreprocDeadLetterBrake", "PreprocNoProgress"}
-    assert all('job="fink"' in r["expr"] for r in rules)
+    namespace = objects["Deployment"]["metadata"]["namespace"]
+    assert all(f'job="fink", namespace="{namespace}"' in r["expr"] for r in rules)
     dashboard = objects["ConfigMap"]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["mlflow-preproc.json"])["uid"] == "mlflow-preproc"

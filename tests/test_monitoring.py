@@ -140,6 +140,38 @@ def test_the_dashboard_reads_back_as_the_sdks_model():
     assert [p.title for p in panels] == [title for _, title, _, _ in PANELS]
     assert all(p.targets for p in panels)
     assert [v.name for v in model.templating.list_val] == ["job", "instance"]
+    # "All" is every job that exports the stream's series, not ".*": the process_* panels
+    # would show every job Prometheus scrapes
+    assert all(not v.all_value for v in model.templating.list_val)
+
+
+def test_a_stream_exports_its_record_series_from_the_start_and_the_lag_of_what_it_owns():
+    from prometheus_client import generate_latest
+
+    from mlflow_preproc.streaming.metrics import LoopStats
+
+    stats = LoopStats("stream")
+    # before any record: NoProgress and InstanceDown see a consumer stuck since its start
+    exported = generate_latest(stats.registry).decode()
+    for outcome in ("in", "out", "failed"):
+        assert f'mlflow_preproc_records_total{{command="stream",outcome="{outcome}"}} 0.0' \
+            in exported
+
+    def lag_series() -> list[str]:
+        return sorted(line.split(" ")[0] for line in
+                      generate_latest(stats.registry).decode().splitlines()
+                      if line.startswith("mlflow_preproc_consumer_lag{"))
+
+    librdkafka = json.dumps({"topics": {"raw": {"partitions": {
+        "0": {"consumer_lag": 5}, "1": {"consumer_lag": 7}, "-1": {"consumer_lag": -1}}}}})
+    stats.assigned([("raw", 0), ("raw", 1)], {("raw", 0), ("raw", 1)})
+    stats.on_librdkafka_stats(librdkafka)
+    assert lag_series() == ['mlflow_preproc_consumer_lag{partition="0",topic="raw"}',
+                            'mlflow_preproc_consumer_lag{partition="1",topic="raw"}']
+    # partition 1 revoked: its lag is another member's now (summed twice, it would double)
+    stats.assigned([], {("raw", 0)})
+    stats.on_librdkafka_stats(librdkafka)  # librdkafka may still report it for a while
+    assert lag_series() == ['mlflow_preproc_consumer_lag{partition="0",topic="raw"}']
 
 
 @pytest.mark.slow

@@ -26,10 +26,12 @@ class Alert:
 
 
 def alerts(lag_threshold: int = 1000, dead_letter_ratio: float = 0.05,
-           job: str | None = None) -> list[Alert]:
-    """The rules, with the thresholds an operator tunes; ``job`` scopes them to one scrape
-    job (a Kubernetes deployment's PrometheusRule watches its own pods only)."""
-    only = f'job="{job}"' if job else ""
+           job: str | None = None, namespace: str | None = None) -> list[Alert]:
+    """The rules, with the thresholds an operator tunes; ``job`` and ``namespace`` scope them
+    to one scrape job (a Kubernetes deployment's PrometheusRule watches its own pods only,
+    not a same-named deployment's in another namespace)."""
+    only = ", ".join(f'{label}="{value}"' for label, value in
+                     (("job", job), ("namespace", namespace)) if value)
 
     def m(metric: str, matchers: str = "") -> str:
         inside = ", ".join(x for x in (only, matchers) if x)
@@ -80,9 +82,10 @@ def rules_yaml(lag_threshold: int = 1000, dead_letter_ratio: float = 0.05) -> st
 
 
 def rule_group(lag_threshold: int = 1000, dead_letter_ratio: float = 0.05,
-               job: str | None = None) -> dict:
-    """One rule group (a PrometheusRule's ``spec.groups`` item, with ``job`` set)."""
+               job: str | None = None, namespace: str | None = None) -> dict:
+    """One rule group (a PrometheusRule's ``spec.groups`` item, with ``job`` and
+    ``namespace`` set)."""
     return {"name": f"{GROUP}-{job}" if job else GROUP, "rules": [
         {"alert": a.name, "expr": a.expr, "for": a.for_, "labels": {"severity": a.severity},
          "annotations": {"summary": a.summary, "description": a.description}}
-        for a in alerts(lag_threshold, dead_letter_ratio, job)]}
+        for a in alerts(lag_threshold, dead_letter_ratio, job, namespace)]}

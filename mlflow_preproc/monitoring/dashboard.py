@@ -58,7 +58,7 @@ def build():
                         ("instance", 'label_values(mlflow_preproc_records_total{job=~"$job"}, '
                                      "instance)")):
         board = board.with_variable(QueryVariable(name).label(name).query(query).multi(True)
-                                    .include_all(True).all_value(".*").refresh(2))
+                                    .include_all(True).refresh(2))
     row = None
     for row_title, title, unit, queries in PANELS:
         if row_title != row:

@@ -65,6 +65,8 @@ class LoopStats:
     def __post_init__(self) -> None:
         self._records = Counter("mlflow_preproc_records", "Records by outcome",
                                 ["command", "outcome"], registry=self.registry)
+        for outcome in COUNTS:  # at 0 from the start: a loop stuck before its first record
+            self._records.labels(self.command, outcome)  # is still seen by the alerts
         self._batch = Histogram("mlflow_preproc_batch_seconds", "Time to process one batch",
                                 ["command"], registry=self.registry,
                                 buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
@@ -96,6 +98,7 @@ class LoopStats:
             Gauge(name, doc, ["command"], registry=self.registry).labels(
                 self.command).set_function(read)
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory...
+        self._lag_series: set[tuple[str, int]] = set()  # (topic, partition) exported
         self._mirrored = dict.fromkeys(COUNTS, 0)
         self._started = time.monotonic()
         self._last_stats = (self._started, dict(self.counts))
@@ -136,6 +139,9 @@ class LoopStats:
         self.joined = True
         self.partitions = sorted(p for _, p in owned)
         self.lag = {key: lag for key, lag in self.lag.items() if key in owned}
+        for topic, partition in self._lag_series - owned:  # another member's lag now
+            self._lag.remove(topic, str(partition))
+        self._lag_series &= owned
         if added:
             self.last_fetch = time.monotonic()  # new partitions: give them time to fetch
 
@@ -168,10 +174,11 @@ class LoopStats:
         owned = set(self.partitions)
         for topic, t in stats.get("topics", {}).items():
             for pid, p in t.get("partitions", {}).items():
-                if pid != "-1" and p.get("consumer_lag", -1) >= 0:
+                # librdkafka reports a revoked partition for a while: only the owned count
+                if pid != "-1" and int(pid) in owned and p.get("consumer_lag", -1) >= 0:
                     self._lag.labels(topic, pid).set(p["consumer_lag"])
-                    if int(pid) in owned:
-                        self.lag[(topic, int(pid))] = p["consumer_lag"]
+                    self._lag_series.add((topic, int(pid)))
+                    self.lag[(topic, int(pid))] = p["consumer_lag"]
 
     @property
     def last_stats_at(self) -> float:

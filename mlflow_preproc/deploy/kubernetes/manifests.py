@@ -238,8 +238,9 @@ def _prometheus_rule(d: Deployment, labels) -> dict:
     # which is the deployment's name: the rules watch this deployment only.
     from mlflow_preproc.monitoring.alert_rules import rule_group
 
+    group = rule_group(job=d.name, namespace=d.options["namespace"])
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
-            "metadata": _meta(d, labels), "spec": {"groups": [rule_group(job=d.name)]}}
+            "metadata": _meta(d, labels), "spec": {"groups": [group]}}
 
 
 def _dashboard_config_map(d: Deployment, labels) -> dict:
