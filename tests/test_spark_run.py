@@ -63,6 +63,7 @@ def archive(tmp_path_factory) -> Path:
     (folder / "real" / "truncated.avro").write_bytes(b"Obj\x01 not really")
     (folder / "real" / "ABOUT.md").write_text("# Two ZTF alerts and their schemas\n")
     (folder / "real" / "alert.avsc").write_bytes((DATA / "alert.avsc").read_bytes())
+    (folder / "real" / "OLD.AVRO").write_bytes(b"not read: Hadoop's filter is case-sensitive")
     return folder
 
 
@@ -74,13 +75,14 @@ def test_spark_engine_gives_the_rows_run_gives_on_an_alert_archive(archive, trac
 
     local = run_cli("-m", info.model_uri, *inputs, "--skip-cutouts", "-o", "local.jsonl",
                     cwd=tmp_path)
-    # Spark is given the folder: it reads the alerts in it, not the notes and schemas.
-    spark = run_cli("-m", info.model_uri, str(archive), "--skip-cutouts", "-o", "spark",
+    # Spark is given the folder, as a URI without a trailing slash (as a bucket's would be):
+    # it reads the alerts in it, not the notes and schemas, and says which it skips.
+    spark = run_cli("-m", info.model_uri, archive.as_uri(), "--skip-cutouts", "-o", "spark",
                     "--engine", "spark", "--master", "local[2]", cwd=tmp_path)
 
     assert (local.returncode, spark.returncode) == (1, 1), spark.stderr.decode()[-3000:]
-    assert (f"{archive}: reading its .avro, .json, .jsonl, .ndjson files; skipping 2 others "
-            "(real/ABOUT.md, real/alert.avsc)") in spark.stderr.decode()
+    assert (f"{archive.as_uri()}: reading its .avro, .json, .jsonl, .ndjson files; skipping "
+            "3 others (real/ABOUT.md, real/OLD.AVRO, real/alert.avsc)") in spark.stderr.decode()
     for noise in ("FutureWarning", "Downloading artifacts", "resolves to a loopback address"):
         assert noise not in spark.stderr.decode()  # the JVM's start-up lines remain
     parts = {p.suffix for p in (tmp_path / "spark").glob("part-*")}

@@ -50,12 +50,11 @@ def run(model_uri: str, inputs: list[str], output: str | None, *, master: str,
     parquet, others, names = _split_inputs(inputs, input_format)
     suffixes = DATA_SUFFIXES.get(input_format or "") or tuple(
         x for group in DATA_SUFFIXES.values() for x in group)
-    folders = [w for w in others if _is_folder(w)]
+    spark = session.start(master, "mlflow-preproc run", progress)
+    folders = [w for w in others if _is_folder(spark, w)]
     others = [w for w in others if w not in folders]
     for folder in folders:
         _say_what_a_folder_skips(folder, suffixes)
-
-    spark = session.start(master, "mlflow-preproc run", progress)
     # JSON Lines are written as run writes them; Parquet needs columns.
     schema = "json" if output_format == "jsonl" else output_schema
     with tempfile.TemporaryDirectory(prefix="mlflow-preproc-run-") as workdir:
@@ -109,17 +108,36 @@ def _binary_files(spark, paths: list[str], **options: str):
         .options(**options).load(paths)
 
 
-def _is_folder(where: str) -> bool:
-    return where.endswith("/") if "://" in where else os.path.isdir(where)
+def _is_folder(spark, where: str) -> bool:
+    """Whether ``where`` names a folder (asked of Hadoop's file system for a URI: an
+    ``s3a://bucket/alerts`` folder has no trailing slash to tell it)."""
+    if "://" not in where:
+        return os.path.isdir(where)
+    if glob.has_magic(where):
+        return False
+    path = spark._jvm.org.apache.hadoop.fs.Path(where)
+    fs = path.getFileSystem(spark._jsc.hadoopConfiguration())
+    return bool(fs.exists(path) and fs.getFileStatus(path).isDirectory())
+
+
+def _local(where: str) -> str | None:
+    """The local path of a plain path or a ``file:`` URI, else None."""
+    if where.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(where).path)
+    return None if "://" in where else where
 
 
 def _say_what_a_folder_skips(folder: str, suffixes: tuple[str, ...]) -> None:
     """Name the files of a local folder that are not read, so none is missed silently."""
-    if "://" in folder:
+    local = _local(folder)
+    if local is None:
         return
-    skipped = sorted(os.path.relpath(os.path.join(d, f), folder)
-                     for d, _, names in os.walk(folder) for f in names
-                     if not f.lower().endswith(suffixes) and not f.startswith((".", "_")))
+    # As Hadoop's glob filter matches: case-sensitive (alert.AVRO is not read)
+    skipped = sorted(os.path.relpath(os.path.join(d, f), local)
+                     for d, _, names in os.walk(local) for f in names
+                     if not f.endswith(suffixes) and not f.startswith((".", "_")))
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5
                                           else "")
