@@ -18,6 +18,7 @@ _FLAVOR_API = (
     "log_model",
     "load_model",
     "load_preprocessing",
+    "suggest_input_fields",
     "get_default_pip_requirements",
     "get_default_conda_env",
 )

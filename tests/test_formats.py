@@ -61,6 +61,20 @@ def test_truncated_or_corrupt_avro_container_is_a_decode_error():
         decoder.decode(raw[:-1] + bytes([raw[-1] ^ 0xFF]))
 
 
+def test_a_container_cut_inside_a_varint_is_a_decode_error_not_a_hang():
+    # Found by fuzzing declared input fields: a message ending in a byte with the varint
+    # continuation bit (b"\x80") looped for ever in the block header, stalling the stream.
+    raw = PACKET.read_bytes()
+    header_end = raw.index(fastavro.reader(io.BytesIO(raw))._header["sync"]) + 16
+    decoder = MessageDecoder("avro")
+    for value in (raw[:header_end] + b"\x80", raw[:header_end] + b"\x02\x80",
+                  raw[:header_end] + b"\xff" * 9):
+        with pytest.raises(DecodeError, match="corrupt Avro container"):
+            decoder.decode(value)
+    cut = io.BufferedReader(io.BytesIO(raw[:header_end] + b"\x80"))
+    assert [type(r) for r in formats.read_records(cut, "avro", "f")] == [DecodeError]
+
+
 PACKETS = sorted(DATA.glob("*.avro"))
 
 

@@ -10,6 +10,11 @@ import math
 FEATURE_NAMES = ["magpsf", "sigmapsf", "snr", "positive", "rb", "n_prv", "prv_mean_mag",
                  "prv_std_mag", "days_since_first"]
 
+# What pre_processing reads: the decoder reads only these of an alert's ~3,000 values
+# (docs/guides/input-fields.md).
+INPUT_FIELDS = ["candidate.magpsf", "candidate.sigmapsf", "candidate.isdiffpos", "candidate.rb",
+                "candidate.jd", "prv_candidates.magpsf", "prv_candidates.jd"]
+
 NAN = float("nan")
 
 

@@ -108,7 +108,8 @@ def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
                                                         _peek(stream))
                 read_before = counts.read
                 with _progress_bar(stream, where, progress) as advance:
-                    records = read_records(stream, fmt, where, max_decoded_bytes)
+                    records = read_records(stream, fmt, where, max_decoded_bytes,
+                                           preprocessor.fields)
                     for batch in _batches(records, BATCH_SIZE):
                         _process_batch(preprocessor, batch, where, writer, rejects, counts,
                                        fields_to_drop or [])

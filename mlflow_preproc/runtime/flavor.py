@@ -56,6 +56,8 @@ from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from mlflow_preproc.runtime import code_capture
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
+from mlflow_preproc.runtime.input_fields import parse as parse_input_fields
+from mlflow_preproc.runtime.input_fields import paths as input_fields_paths
 from mlflow_preproc.runtime.jsonable import to_jsonable
 from mlflow_preproc.runtime.model_identity import not_found, require_store
 from mlflow_preproc.runtime.records import BATCH_FORMATS, Preprocessor, RecordError, as_records
@@ -102,6 +104,7 @@ def save_model(
     conda_env: dict | str | None = None,
     code_paths: list[str] | None = None,
     mlflow_model: Model | None = None,
+    input_fields: list[str] | None = None,
     signature: ModelSignature | None = None,
     input_example: ModelInputExample | None = None,
     pip_requirements: list[str] | str | None = None,
@@ -123,6 +126,12 @@ def save_model(
             in order (default: the ``FEATURE_NAMES`` list of its module). Each vector becomes
             the record ``{name: value}``; the signature gets one output column per name and,
             unless ``output_avro_schema`` is given, an Avro output schema is derived.
+        input_fields: The fields ``pre_processing`` reads, as dotted paths (default: the
+            ``INPUT_FIELDS`` list of its module), e.g. ``["objectId", "candidate.magpsf",
+            "prv_candidates.jd"]``. Every record is projected to them wherever the model runs,
+            Avro decoders read only them, and reading another field raises an error naming
+            it. Checked on ``input_example``: the outputs must not change. See
+            docs/guides/input-fields.md.
         avro_schema: Avro schema of the input records (dict, JSON string or ``.avsc`` path),
             stored with the model so streams of schemaless Avro can be decoded.
         output_avro_schema: Avro schema of the output records, for Avro output.
@@ -166,10 +175,11 @@ def save_model(
             loaded = None if callable(pre_processing) else \
                 code_capture.load(path, captured.to_conf())
             feature_names = _feature_names(feature_names, loaded or pre_processing)
+            input_fields = _input_fields(input_fields, loaded or pre_processing)
             if input_example is not None:
                 example_outputs = _check_runs_on_example(
                     loaded or code_capture.load(path, captured.to_conf()), batch_format,
-                    feature_names, input_example)
+                    feature_names, input_example, input_fields)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # don't leave a half-written model behind
         raise
@@ -202,6 +212,8 @@ def save_model(
     }
     if feature_names:
         flavor_conf["feature_names"] = feature_names
+    if input_fields is not None:
+        flavor_conf["input_fields"] = input_fields
     for schema, filename, key in (
         (input_schema, _INPUT_SCHEMA_FILE, "avro_schema"),
         (output_schema, _OUTPUT_SCHEMA_FILE, "output_avro_schema"),
@@ -242,17 +254,55 @@ def _load_schema_arg(source: Any, name: str) -> dict | None:
         raise MlflowException(f"{name}: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
 
 
-def _check_runs_on_example(fn, batch_format, feature_names, input_example) -> list[Any]:
+def _check_runs_on_example(fn, batch_format, feature_names, input_example,
+                           input_fields=None) -> list[Any]:
+    records = as_records(input_example)
     try:
-        outputs = Preprocessor(fn, batch_format, feature_names).process(
-            as_records(input_example))
+        outputs = Preprocessor(fn, batch_format, feature_names).process(records)
     except (RecordError, TypeError) as exc:
         raise MlflowException(
             f"pre_processing fails on the input example, {exc}; fix the function, or pass an "
             "input_example it can process",
             error_code=INVALID_PARAMETER_VALUE,
         ) from exc
+    if input_fields is not None:
+        _check_projection(fn, batch_format, feature_names, records, input_fields, outputs)
     return [out for per_input in outputs for out in per_input]
+
+
+def _check_projection(fn, batch_format, feature_names, records, input_fields, outputs) -> None:
+    """The function gives the same outputs on the example with only its input fields."""
+    try:
+        projected = Preprocessor(fn, batch_format, feature_names, input_fields).process(records)
+    except RecordError as exc:
+        raise MlflowException(
+            f"pre_processing fails on the input example restricted to input_fields, {exc}",
+            error_code=INVALID_PARAMETER_VALUE) from exc
+    for i, (full, mine) in enumerate(zip(outputs, projected)):
+        if _short(full, None) != _short(mine, None):  # as JSON: NaN equals NaN
+            raise MlflowException(
+                f"pre_processing gives other outputs on input example record {i} when it sees "
+                f"only input_fields ({_short(mine)} instead of {_short(full)}): it reads a "
+                "field they leave out, or tells a missing field from a None one; add the "
+                "fields it reads to input_fields", error_code=INVALID_PARAMETER_VALUE)
+
+
+def _short(value: Any, width: int | None = 200) -> str:
+    text = json.dumps(to_jsonable(value), default=str, sort_keys=True)
+    return text if width is None or len(text) <= width else text[:width - 1] + "…"
+
+
+def _input_fields(given: list[str] | None, fn: Callable) -> list[str] | None:
+    # INPUT_FIELDS beside pre_processing in its module, as FEATURE_NAMES is.
+    declared = given if given is not None else getattr(fn, "__globals__", {}).get(
+        "INPUT_FIELDS")
+    if declared is None:
+        return None
+    try:
+        return input_fields_paths(parse_input_fields(
+            declared, "input_fields" if given is not None else "INPUT_FIELDS"))
+    except ValueError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 def _feature_names(given: list[str] | None, fn: Callable) -> list[str] | None:
@@ -384,6 +434,7 @@ def log_model(
     metadata: dict[str, Any] | None = None,
     name: str | None = None,
     extra_files: list[str | os.PathLike] | None = None,
+    input_fields: list[str] | None = None,
     **kwargs: Any,
 ):
     """Log preprocessing code as an MLflow model in the current run.
@@ -436,8 +487,25 @@ def log_model(
             extra_pip_requirements=extra_pip_requirements,
             metadata=metadata,
             extra_files=extra_files,
+            input_fields=input_fields,
             **kwargs,
         )
+
+
+def suggest_input_fields(pre_processing: Callable, records: list[dict] | dict) -> list[str]:
+    """The fields ``pre_processing`` reads of ``records`` (e.g. the input example), traced:
+    a first ``input_fields`` to read over and paste into ``log_model`` or ``INPUT_FIELDS``.
+    Never applied by itself: a field read only for some records (a branch the example does
+    not take) is missed, and ``log_model`` checks the declaration on the example.
+
+    .. code-block:: python
+
+        print(mlflow.preproc.suggest_input_fields(pre_processing, alerts[:100]))
+        # ['candidate.magpsf', 'candidate.sigmapsf', 'prv_candidates.jd', ...]
+    """
+    from mlflow_preproc.runtime.input_fields import suggest
+
+    return suggest(pre_processing, [records] if isinstance(records, dict) else list(records))
 
 
 def load_model(model_uri: str, dst_path: str | None = None) -> Callable:
@@ -489,7 +557,8 @@ def _load_from_dir(model_dir: str) -> LoadedPreprocessing:
         return json.loads(Path(model_dir, name).read_text()) if name else None
 
     return LoadedPreprocessing(
-        Preprocessor(fn, conf.get("batch_format"), conf.get("feature_names")),
+        Preprocessor(fn, conf.get("batch_format"), conf.get("feature_names"),
+                     conf.get("input_fields")),
         model_dir,
         schema("avro_schema"),
         schema("output_avro_schema"),

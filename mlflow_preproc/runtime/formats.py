@@ -40,6 +40,7 @@ from orjson import loads  # strict and fast; its errors are ValueErrors
 from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
+from mlflow_preproc.runtime.input_fields import Tree, reader_schema
 from mlflow_preproc.runtime.jsonable import dumps
 from mlflow_preproc.runtime.model_input import scoring_records
 
@@ -120,11 +121,14 @@ class MessageDecoder:
         skip: Collection[str] = (),
         any_json: bool = False,
         max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT,
+        fields: Tree | None = None,
     ):
         """``skip``: top-level fields left out of the records (not decoded, for Avro);
         ``any_json``: a JSON message may hold any value (a feature vector for a model), not
         only an object (a record to preprocess); ``max_decoded_bytes``: what the blocks of
-        an Avro container message may decode to (MAX_DECODED_BYTES)."""
+        an Avro container message may decode to (MAX_DECODED_BYTES); ``fields``: the model's
+        declared input fields (:mod:`~mlflow_preproc.runtime.input_fields`), the only ones an
+        Avro decoder reads."""
         if fmt not in ("json", "avro", "confluent-avro"):
             raise ValueError(f"input format {fmt!r} is not supported for Kafka messages; use "
                              "json, avro or confluent-avro")
@@ -134,10 +138,11 @@ class MessageDecoder:
         self.fmt = fmt
         self.any_json = any_json
         self._skip = frozenset(name for name in skip if "." not in name)
-        self._reader = _RecordReader(schema, self._skip) if schema else None
+        self._fields = fields
+        self._reader = _RecordReader(schema, self._skip, fields) if schema else None
         self._by_id = _SchemaById(schema_dir, registry_url, registry_config)
         self._readers_by_id: dict[int, _RecordReader] = {}
-        self._containers = _ContainerReader(self._skip, max_decoded_bytes)
+        self._containers = _ContainerReader(self._skip, max_decoded_bytes, fields)
 
     def decode(self, value: bytes | None) -> list[Record]:
         if value is None:
@@ -164,7 +169,7 @@ class MessageDecoder:
         reader = self._readers_by_id.get(schema_id)
         if reader is None:
             reader = self._readers_by_id[schema_id] = _RecordReader(self._by_id.get(schema_id),
-                                                                    self._skip)
+                                                                    self._skip, self._fields)
         return [_schemaless(value[5:], reader)]
 
 
@@ -214,16 +219,27 @@ class _RecordReader:
     reads only lengths and union indexes. A skipped string is not checked to be UTF-8.
     """
 
-    def __init__(self, writer_schema: dict | list | str, skip: Collection[str] = ()):
-        """``writer_schema`` as JSON, or as ``fastavro.parse_schema`` returned it."""
+    def __init__(self, writer_schema: dict | list | str, skip: Collection[str] = (),
+                 fields: Tree | None = None):
+        """``writer_schema`` as JSON, or as ``fastavro.parse_schema`` returned it; with
+        declared ``fields`` only those are read (Avro schema resolution against a reader
+        schema of just them, done by fastavro's compiled reader, which steps over the rest:
+        measured in benchmarks/avro_decoders.py)."""
         self.schema = fastavro.parse_schema(writer_schema)  # returns a parsed one as it is
+        self._projection = None
+        self._steps = None
+        if fields is not None and isinstance(self.schema, dict) and \
+                self.schema.get("type") == "record":
+            kept = {name: sub for name, sub in fields.items() if name not in skip}
+            self._projection = fastavro.parse_schema(reader_schema(writer_schema, kept))
+            return
         named = self.schema.get("__named_schemas", {}) if isinstance(self.schema, dict) else {}
         self._steps = _plan_steps(self.schema, frozenset(skip), named)
 
     def read(self, data: bytes, buf: io.BytesIO) -> Record:
         """The next record of ``buf``, a stream over ``data`` positioned at it."""
         if self._steps is None:
-            return fastavro.schemaless_reader(buf, self.schema, None)
+            return fastavro.schemaless_reader(buf, self.schema, self._projection)
         record: Record = {}
         for kept, skip in self._steps:
             if kept is not None:
@@ -395,8 +411,10 @@ class _ContainerReader:
     _RECENT_HEADERS = 4
 
     def __init__(self, skip: Collection[str] = (),
-                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT) -> None:
+                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT,
+                 fields: Tree | None = None) -> None:
         self._skip = frozenset(skip)
+        self._fields = fields
         self._limit = max_decoded_bytes
         self._readers: dict[bytes, _RecordReader] = {}
         # The header bytes before the sync marker of the last few containers read, with their
@@ -445,7 +463,8 @@ class _ContainerReader:
         if reader is None:
             if len(self._readers) >= self._MAX_SCHEMAS:
                 self._readers.clear()
-            reader = self._readers[text] = _RecordReader(json.loads(text), self._skip)
+            reader = self._readers[text] = _RecordReader(json.loads(text), self._skip,
+                                                         self._fields)
         return reader
 
 
@@ -523,8 +542,11 @@ def _read_long(buf: IO[bytes], first: bytes = b"") -> int:
     """An Avro long (zigzag varint) read from ``buf``, whose first byte may be read already."""
     data = first or buf.read(1)
     while data[-1:] >= b"\x80" and len(data) < 10:
-        data += buf.read(1)
-    return _zigzag(data, 0)[0]  # an EOFError if the bytes end inside it
+        more = buf.read(1)
+        if not more:  # the bytes end inside it (without this check: a loop for ever)
+            raise EOFError("the bytes end inside a varint")
+        data += more
+    return _zigzag(data, 0)[0]
 
 
 def _step_over(buf: IO[bytes], size: int) -> None:
@@ -721,18 +743,18 @@ def sniff_file_format(path: str | None, head: bytes) -> str:
 
 
 def read_records(stream: IO[bytes], fmt: str, where: str,
-                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT
-                 ) -> Iterator[Record | DecodeError]:
+                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT,
+                 fields: Tree | None = None) -> Iterator[Record | DecodeError]:
     """Stream records from a binary file; a bad record yields a :class:`DecodeError`.
 
     Memory stays constant: JSON is read line by line (an object spread over several lines
     is gathered first), arrays are parsed incrementally (ijson), Avro containers block by
     block, none decoding to more than ``max_decoded_bytes`` (a block over it is one error,
     and the next blocks are read). Damage ends a file with one error, after the records read
-    before it.
+    before it. ``fields``: the model's declared input fields, the only ones Avro decodes.
     """
     if fmt == "avro":
-        yield from _avro_file(stream, where, max_decoded_bytes)
+        yield from _avro_file(stream, where, max_decoded_bytes, fields)
         return
     if fmt not in ("json", "jsonl"):
         raise ValueError(f"input format {fmt!r} is not supported for files; use json, jsonl "
@@ -743,11 +765,12 @@ def read_records(stream: IO[bytes], fmt: str, where: str,
     yield from _json_lines(stream, where, one_per_line=fmt == "jsonl")
 
 
-def _avro_file(stream: IO[bytes], where: str, limit: int) -> Iterator[Record | DecodeError]:
+def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = None
+               ) -> Iterator[Record | DecodeError]:
     try:
         container = fastavro.reader(stream)  # reads the header only
         codec = container.codec.encode()
-        reader = _RecordReader(json.loads(container.metadata["avro.schema"])) \
+        reader = _RecordReader(json.loads(container.metadata["avro.schema"]), (), fields) \
             if codec in _CODECS else None
     except Exception as exc:  # noqa: BLE001 -- fastavro raises many types on a bad header
         yield DecodeError(f"{where} is not an Avro object container file ({exc})")

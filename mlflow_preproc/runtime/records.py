@@ -34,6 +34,9 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
+from mlflow_preproc.runtime.input_fields import parse as parse_fields
+from mlflow_preproc.runtime.input_fields import projector
+
 BATCH_FORMATS = (None, "records", "pandas")
 
 Record = dict[str, Any]
@@ -66,7 +69,10 @@ class Preprocessor:
     """Applies a user's ``pre_processing`` function under the record contract."""
 
     def __init__(self, fn: Callable[[Any], Any], batch_format: str | None = None,
-                 feature_names: Sequence[str] | None = None):
+                 feature_names: Sequence[str] | None = None,
+                 input_fields: Sequence[str] | None = None):
+        """``input_fields``: the fields ``fn`` reads (dotted paths); each record is projected
+        to them (:mod:`~mlflow_preproc.runtime.input_fields`) before the call."""
         if batch_format not in BATCH_FORMATS:
             raise ValueError(
                 f"batch_format={batch_format!r} is not supported; use one of {BATCH_FORMATS}"
@@ -74,9 +80,14 @@ class Preprocessor:
         self.fn = fn
         self.batch_format = batch_format
         self.feature_names = list(feature_names) if feature_names else None
+        self.input_fields = list(input_fields) if input_fields is not None else None
+        self.fields = parse_fields(self.input_fields)  # the tree decoders read
+        self._project = projector(self.fields)
 
     def process(self, records: Sequence[Record]) -> list[list[Any]]:
         """Return the outputs of each input record; raise :class:`RecordError` on a failure."""
+        if self.fields is not None:
+            records = [self._project(r) for r in records]
         if self.batch_format is None:
             return [self._call_one(i, r) for i, r in enumerate(records)]
         return self._call_batch(records)
@@ -88,6 +99,8 @@ class Preprocessor:
         of its batch carries on. In batch mode a failed batch is retried record by record to
         find which records are to blame.
         """
+        if self.fields is not None:
+            records = [self._project(r) for r in records]
         if self.batch_format is not None and len(records) > 1:
             try:
                 return list(self._call_batch(records))

@@ -79,7 +79,7 @@ class PartitionJob:
         sink = _Sink(self.schema, self.output_type)
         seen = 0  # rows of the partition so far
         for batch in batches:
-            for chunk in _chunks(self._items(batch, seen), BATCH_SIZE):
+            for chunk in _chunks(self._items(batch, seen, preprocessor.fields), BATCH_SIZE):
                 self._process(preprocessor, chunk, sink)
                 yield from sink.emit()
             seen += batch.num_rows
@@ -87,12 +87,13 @@ class PartitionJob:
 
     # ---- record in -> decode -----------------------------------------------------------
 
-    def _items(self, batch: Any, seen: int) -> Iterator[tuple[str, int, Any]]:
+    def _items(self, batch: Any, seen: int, fields: Any = None
+               ) -> Iterator[tuple[str, int, Any]]:
         """(where, index, record or DecodeError) for every input of an Arrow batch."""
         if self.files:
             # One file's bytes in Python at a time, not the whole batch's.
             for path, content in zip(batch.column("path").to_pylist(), batch.column("content")):
-                yield from self._file_records(path, content.as_py())
+                yield from self._file_records(path, content.as_py(), fields)
             return
         rows = batch.to_pylist()
         if not rows or FILE_COLUMN not in rows[0]:
@@ -107,14 +108,16 @@ class PartitionJob:
             where, index = row.pop(FILE_COLUMN), row.pop(ROW_COLUMN, None)
             yield self._name(where), index, row
 
-    def _file_records(self, path: str, content: bytes) -> Iterator[tuple[str, int, Any]]:
+    def _file_records(self, path: str, content: bytes, fields: Any = None
+                      ) -> Iterator[tuple[str, int, Any]]:
         where = self._name(path)
         # A BufferedReader, as run reads files: read_records peeks at the first bytes.
         stream = io.BufferedReader(io.BytesIO(content))
         fmt = self.input_format or sniff_file_format(where, stream.peek(8)[:8])
         index = -1
         try:
-            for index, item in enumerate(read_records(stream, fmt, where)):
+            # the model's declared input fields: the only ones an Avro file is decoded for
+            for index, item in enumerate(read_records(stream, fmt, where, fields=fields)):
                 yield where, index, item
         except Exception as exc:  # fastavro fails mid-file on a truncated or corrupt block
             yield where, index + 1, DecodeError(

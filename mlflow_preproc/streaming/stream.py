@@ -22,6 +22,9 @@ from confluent_kafka import Message
 from mlflow_preproc.config import Config, ConfigError, sanitize_topic
 from mlflow_preproc.runtime.flavor import LoadedPreprocessing, load_preprocessing
 from mlflow_preproc.runtime.formats import EncodeError, MessageDecoder, MessageEncoder
+from mlflow_preproc.runtime.input_fields import Tree
+from mlflow_preproc.runtime.input_fields import merge as merge_fields
+from mlflow_preproc.runtime.input_fields import parse as parse_fields
 from mlflow_preproc.streaming.loop import KafkaLoop, error_type_of
 from mlflow_preproc.streaming.shutdown import Shutdown
 from mlflow_preproc.runtime.model_identity import (
@@ -60,7 +63,9 @@ class Stream(KafkaLoop):
                                           config["AVRO_SCHEMA_DIR"],
                                           config["SCHEMA_REGISTRY_URL"],
                                           skip=self.fields_to_drop,
-                                          max_decoded_bytes=config["MAX_DECODED_BYTES"])
+                                          max_decoded_bytes=config["MAX_DECODED_BYTES"],
+                                          fields=_decoded_fields(self.preprocessor.fields,
+                                                                 predictor))
             self.encoder = MessageEncoder(config["OUTPUT_FORMAT"], out_schema,
                                           config["SCHEMA_REGISTRY_URL"], topic=output_topic)
         except ValueError as exc:
@@ -197,3 +202,10 @@ def _schema(path: str | None) -> dict | None:
     except SchemaError as exc:
         raise ConfigError(str(exc)) from None
 
+
+def _decoded_fields(fields: Tree | None, predictor: Predictor | None) -> Tree | None:
+    """What the decoder reads: the model's input fields, and the KEEP_FIELDS a prediction
+    carries (the function sees only the former)."""
+    if fields is None or predictor is None or not predictor.keep_fields:
+        return fields
+    return merge_fields(fields, parse_fields(predictor.keep_fields))
