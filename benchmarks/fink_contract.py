@@ -34,6 +34,7 @@ import io
 import os
 import platform
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def through_preprocessor(module, alerts: list[dict]) -> float:
 
 # ---- models ---------------------------------------------------------------------------------
 
-def log_models(workdir: Path, module, alerts: list[dict]) -> tuple[str, str]:
+def log_models(workdir: Path, module, alerts: list[dict]) -> tuple[str, str, str]:
     import mlflow
     import pandas as pd
     from sklearn.impute import SimpleImputer
@@ -120,12 +121,18 @@ def log_models(workdir: Path, module, alerts: list[dict]) -> tuple[str, str]:
                          columns=module.FEATURE_NAMES)
     labels = (train["magpsf"] < train["magpsf"].median()).astype(int)
     classifier = make_pipeline(SimpleImputer(), LogisticRegression()).fit(train, labels)
+    # The same function without its INPUT_FIELDS: every field of an alert decoded.
+    undeclared = workdir / "undeclared" / "preprocessing.py"
+    undeclared.parent.mkdir()
+    undeclared.write_text(re.sub(r"\nINPUT_FIELDS = \[.*?\]\n", "\n", EXAMPLE.read_text(),
+                                 flags=re.S))
     with mlflow.start_run():
         features = mlflow.preproc.log_model(str(EXAMPLE), name="features").model_uri
+        every_field = mlflow.preproc.log_model(str(undeclared), name="all").model_uri
         model = mlflow.sklearn.log_model(classifier, name="classifier",
                                          input_example=train.head(3),
                                          skops_trusted_types=["numpy.dtype"]).model_uri
-    return features, model
+    return features, every_field, model
 
 
 # ---- (3) run ----------------------------------------------------------------------------------
@@ -223,14 +230,18 @@ def main(argv: list[str] | None = None) -> int:
                  through_preprocessor(module, bare) / n, "alerts/s"))
     with tempfile.TemporaryDirectory(prefix="fink-contract-") as tmp:
         workdir = Path(tmp)
-        features, classifier = log_models(workdir, module, bare)
+        features, every_field, classifier = log_models(workdir, module, bare)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
         os.chdir(workdir)
-        rows.append(("(3) mlflow-preproc run (Avro file -> JSON Lines)",
+        rows.append(("(3) mlflow-preproc run (Avro file -> JSON Lines), no INPUT_FIELDS",
+                     run_file(env, every_field, schema, alerts, workdir) / n, "alerts/s"))
+        rows.append(("(3) mlflow-preproc run, INPUT_FIELDS declared",
                      run_file(env, features, schema, alerts, workdir) / n, "alerts/s"))
         values = containers(schema, alerts)
         with EmbeddedBroker() as broker:
-            rows.append(("(4) mlflow-preproc stream", 1 / stream_rate(
+            rows.append(("(4) mlflow-preproc stream, no INPUT_FIELDS", 1 / stream_rate(
+                env, broker.bootstrap_servers, every_field, values, None, "all"), "alerts/s"))
+            rows.append(("(4) mlflow-preproc stream, INPUT_FIELDS declared", 1 / stream_rate(
                 env, broker.bootstrap_servers, features, values, None, "stream"), "alerts/s"))
             rows.append(("(5) mlflow-preproc stream --prediction-model-uri (sklearn)",
                          1 / stream_rate(env, broker.bootstrap_servers, features, values,

@@ -1,6 +1,6 @@
 """The mlflow-preproc command: run (files, stdin), stream (Kafka), bridge (Kafka to a model
 server), manifests (Kubernetes YAML), builds serve (the build service), dlq inspect|replay
-(a dead-letter topic), alert-rules and dashboard (Prometheus and Grafana) and broker (a local
+(a dead-letter topic), status (a stream's group), alert-rules and dashboard (Prometheus and Grafana) and broker (a local
 broker to try a stream on).
 
 Exit status: 0 success; 1 some records failed (run: see the rejects file); 2 a fatal error
@@ -58,6 +58,12 @@ examples:
   cat records.jsonl | mlflow-preproc run -m models:/fink-preproc/1 > out.jsonl
   mlflow-preproc run -m models:/fink-preproc/1 batch.json --output-format avro -o out.avro
   mlflow-preproc run --engine spark -m models:/fink-preproc/1 archive/ -o features
+"""
+_STATUS_EXAMPLES = """\
+examples:
+  mlflow-preproc status --group fink-stream --topic fink-alert
+  mlflow-preproc status --group fink-stream --topic fink-alert \\
+      --metrics http://stream-0:9100 --metrics http://stream-1:9100 --json
 """
 _STREAM_EXAMPLES = """\
 examples:
@@ -242,6 +248,24 @@ def _parser() -> argparse.ArgumentParser:
                         help="replay dead letters that were replayed before, again")
     replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
     replay.set_defaults(handler=_cmd_dlq_replay)
+
+    status = sub.add_parser("status", help="a stream's consumer group: members, lag, rates, "
+                            "dead letters", epilog=_STATUS_EXAMPLES, description=_wrap(
+                                "Read a stream's consumer group from the broker (state, members, "
+                                "committed and end offsets of each partition of --topic) and "
+                                "each instance's metrics endpoint (partitions, lag, records in/"
+                                "out/failed and their rates, dead letters by stage and error "
+                                "type, the brake). Commits nothing and joins no group."), **plain)
+    status.add_argument("--group", required=True, help="the stream's CONSUMER_GROUP_ID")
+    status.add_argument("--topic", help="its INPUT_TOPIC: committed offset and lag per partition")
+    status.add_argument("--metrics", action="append", default=[], metavar="URL",
+                        help="an instance's metrics endpoint, e.g. http://stream-0:9100 "
+                        "(repeatable)")
+    status.add_argument("--interval", type=float, default=2.0, metavar="S",
+                        help="seconds between the two scrapes rates are taken from (default 2)")
+    status.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    settings.add_arguments(status, "dlq")
+    status.set_defaults(handler=_cmd_status)
 
     rules = sub.add_parser("alert-rules", help="Prometheus alerting rules for the streams",
                            description=_wrap(
@@ -438,6 +462,17 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from mlflow_preproc.streaming.status import status
+
+    kafka = settings.load("dlq", args).kafka
+    found = status(kafka, args.group, args.topic, tuple(args.metrics), args.interval)
+    print(json.dumps(found.as_json(), indent=2) if args.json else found.as_text())
+    return EXIT_OK
+
+
 def _cmd_alert_rules(args: argparse.Namespace) -> int:
     from mlflow_preproc.monitoring.alert_rules import rules_yaml
 
@@ -503,10 +538,11 @@ def _is_user_error(exc: Exception) -> bool:
     from mlflow_preproc.streaming.loop import FatalError
     from mlflow_preproc.runtime.model_identity import ModelNotFound
     from mlflow_preproc.streaming.dead_letters import DeadLetterError
+    from mlflow_preproc.streaming.status import StatusError
 
     return isinstance(exc, (settings.ConfigError, FatalError, ModelNotFound, MlflowException,
                             SchemaError, FileNotFoundError, ValueError, BrokerError,
-                            DeadLetterError))
+                            DeadLetterError, StatusError))
 
 
 def _one_line(exc: Exception) -> str:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import mlflow
 import pytest
 
-from conftest import BIN, committed_offsets, consume, headers_of, produce, stream_env, unique
+from conftest import (BIN, committed_offsets, consume, free_port, headers_of, produce,
+                      stream_env, unique)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -42,8 +44,31 @@ def test_inspect_counts_what_failed_and_replay_sends_it_back_once(broker, tracki
     values[7] = b"{not json"
     produce(servers, topic, values, keys=[b"k%d" % i for i in range(40)],
             headers=[[("trace", b"t%d" % i)] for i in range(40)])
-    stream = streams(stream_env(servers, model, topic, OUTPUT_TOPIC=unique("clean")))
+    port = free_port()
+    env = stream_env(servers, model, topic, OUTPUT_TOPIC=unique("clean"),
+                     METRICS_PORT=str(port), METRICS_HOST="127.0.0.1")
+    stream = streams(env)
     consume(servers, f"{topic}-dlq", 7)
+
+    # status: the group from the broker, the instance from its metrics endpoint
+    deadline = time.monotonic() + 60
+    while True:  # until the stream has committed past the 40 records
+        shown = subprocess.run(
+            [str(BIN / "mlflow-preproc"), "status", "--group", env["CONSUMER_GROUP_ID"],
+             "--topic", topic, "--metrics", f"http://127.0.0.1:{port}", "--interval", "0.5",
+             "--json"], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": servers})
+        assert shown.returncode == 0, shown.stderr
+        found = json.loads(shown.stdout)
+        if found["partitions"][0]["committed"] == 40 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert [(p["partition"], p["committed"]) for p in found["partitions"]] == [(0, 40)]
+    (instance,) = found["instances"]
+    assert instance["partitions"] == 1 and instance["error"] is None
+    assert instance["records"]["in"] == 40 and instance["records"]["failed"] == 7
+    assert instance["dead_letters"] == {"preprocess/ValueError": 4, "preprocess/KeyError": 2,
+                                        "decode/DecodeError": 1}
     assert stream.stop() == 0, stream.text()[-2000:]
 
     # inspect: counts by stage and error type, the first of each, and nothing committed
