@@ -17,7 +17,7 @@ from mlflow_preproc.streaming import dead_letters
 from mlflow_preproc.streaming.dead_letters import Selection
 from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
 
-pytestmark = [pytest.mark.kafka]
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
 def stream_headers(source: str, error_type: str = "KeyError") -> list[tuple[str, bytes]]:

@@ -158,6 +158,7 @@ def test_log_model_refuses_fields_that_change_the_outputs_and_stores_good_ones(t
         full_alerts()[0]["candidate"]["magpsf"])
 
 
+@pytest.mark.slow
 def test_run_decodes_and_projects_the_declared_fields(tracking_uri, tmp_path):
     def reads_too_much(alert):
         return {"mag": alert["candidate"]["magpsf"], "ra": alert["candidate"]["ra"]}
