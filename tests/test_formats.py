@@ -419,11 +419,13 @@ def test_corrupt_records_in_a_well_framed_file_block_are_one_reject_and_the_next
     schema = {"type": "record", "name": "A", "fields": [{"name": "kind", "type": {
         "type": "enum", "name": "K", "symbols": ["a", "b"]}}]}
     buf = io.BytesIO()
-    fastavro.writer(buf, schema, [{"kind": "a"}, {"kind": "b"}, {"kind": "a"}], sync_interval=1)
+    sync = bytes(range(100, 116))  # fixed: a random one could hold the bytes looked for
+    fastavro.writer(buf, schema, [{"kind": "a"}, {"kind": "b"}, {"kind": "a"}], sync_interval=1,
+                    sync_marker=sync)
     data = bytearray(buf.getvalue())
     # Each block: count 1 (0x02), size 1 (0x02), the enum index, the sync marker. The second
     # record's index (b = 1, zigzag 0x02) becomes 7, past the enum's symbols.
-    second = data.index(b"\x02\x02\x02") + 2
+    second = data.index(b"\x02\x02\x02", data.index(sync) + 16) + 2
     data[second] = 0x0E
     items = list(read_records(io.BufferedReader(io.BytesIO(bytes(data))), "avro", "in.avro"))
     assert items[0] == {"kind": "a"} and items[2] == {"kind": "a"}

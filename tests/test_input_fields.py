@@ -65,8 +65,10 @@ def test_the_fink_function_gives_the_same_vectors_on_the_declared_fields_alone()
 
 
 def test_every_decoder_reads_the_declared_fields_as_fastavro_does():
+    # the three cutouts share one named type, here read with different fields
     fields = ["objectId", "candid", "candidate.magpsf", "candidate.drb", "candidate.fid",
-              "prv_candidates.jd", "prv_candidates.magpsf", "cutoutScience.fileName"]
+              "prv_candidates.jd", "prv_candidates.magpsf", "cutoutScience.fileName",
+              "cutoutTemplate.stampData"]
     tree = parse(fields)
     for path in ALERTS:
         value = path.read_bytes()
@@ -109,12 +111,28 @@ def test_a_field_one_schema_version_lacks_reads_as_none():
         {"id": 2, "c": {"mag": 18.5, "rb": 0.5}, "drb": 0.25}]
 
 
+def test_a_path_below_a_map_names_its_keys_in_avro_as_in_json():
+    schema = {"type": "record", "name": "r", "fields": [
+        {"name": "m", "type": {"type": "map", "values": {"type": "record", "name": "v",
+                                                         "fields": [{"name": "k", "type": "int"},
+                                                                    {"name": "z",
+                                                                     "type": "string"}]}}}]}
+    record = {"m": {"g": {"k": 1, "z": "a"}, "h": {"k": 2, "z": "b"}}}
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
+    tree = parse(["m.g"])
+    (decoded,) = MessageDecoder("avro", schema, fields=tree).decode(body.getvalue())
+    assert project(decoded, tree) == project(record, tree) == {"m": {"g": {"k": 1, "z": "a"}}}
+
+
 def test_reading_an_undeclared_field_is_an_error_naming_input_fields():
     record = {"candidate": {"magpsf": 18.0, "rb": 0.9}, "objectId": "ZTF1"}
     seen = project(record, parse(["candidate.magpsf"]))
     assert seen == {"candidate": {"magpsf": 18.0}}
     for read in (lambda r: r["objectId"], lambda r: r.get("objectId"),
-                 lambda r: r["candidate"].get("rb", 0.0), lambda r: "rb" in r["candidate"]):
+                 lambda r: r["candidate"].get("rb", 0.0), lambda r: "rb" in r["candidate"],
+                 lambda r: r.pop("objectId", None), lambda r: r.setdefault("objectId"),
+                 lambda r: r.copy().get("objectId")):
         with pytest.raises(UndeclaredFieldError) as caught:
             read(seen)
         assert "not one of the model's input_fields" in str(caught.value)
@@ -130,6 +148,10 @@ def test_reading_an_undeclared_field_is_an_error_naming_input_fields():
 
     with pytest.raises(RecordError, match="UndeclaredFieldError.*'candidate.rb'"):
         Preprocessor(careful, input_fields=["candidate.magpsf"]).process([record])
+    # what a function passes on is a plain dict again: encoders look fields up with `in`
+    (out,), = Preprocessor(lambda r: {"c": r["candidate"]},
+                           input_fields=["candidate.magpsf"]).process([record])
+    assert type(out["c"]) is dict and "rb" not in out["c"]
 
 
 def test_log_model_refuses_fields_that_change_the_outputs_and_stores_good_ones(tracking_uri):
@@ -145,6 +167,9 @@ def test_log_model_refuses_fields_that_change_the_outputs_and_stores_good_ones(t
         with pytest.raises(MlflowException, match="'objectId', which is not one of"):
             mlflow.preproc.log_model(lambda r: {"id": r["objectId"]}, name="p",
                                      input_example=example, input_fields=["candidate"])
+        # a function that changes its input is checked on an untouched copy
+        mlflow.preproc.log_model(lambda r: {"mag": r["candidate"].pop("magpsf")}, name="p",
+                                 input_example=example, input_fields=["candidate.magpsf"])
         with pytest.raises(MlflowException, match="input_fields: 'a..b' is not a field path"):
             mlflow.preproc.log_model(counts_fields, name="p", input_fields=["a..b"])
         info = mlflow.preproc.log_model(str(EXAMPLE / "preprocessing.py"), name="fink",

@@ -15,6 +15,7 @@ Available as ``mlflow.preproc`` once this package is installed, and as ``mlflow_
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -257,6 +258,7 @@ def _load_schema_arg(source: Any, name: str) -> dict | None:
 def _check_runs_on_example(fn, batch_format, feature_names, input_example,
                            input_fields=None) -> list[Any]:
     records = as_records(input_example)
+    untouched = copy.deepcopy(records)  # for the projected run: fn may change its input
     try:
         outputs = Preprocessor(fn, batch_format, feature_names).process(records)
     except (RecordError, TypeError) as exc:
@@ -266,7 +268,7 @@ def _check_runs_on_example(fn, batch_format, feature_names, input_example,
             error_code=INVALID_PARAMETER_VALUE,
         ) from exc
     if input_fields is not None:
-        _check_projection(fn, batch_format, feature_names, records, input_fields, outputs)
+        _check_projection(fn, batch_format, feature_names, untouched, input_fields, outputs)
     return [out for per_input in outputs for out in per_input]
 
 

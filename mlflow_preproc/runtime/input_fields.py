@@ -76,6 +76,21 @@ class ProjectedRecord(dict):
             return True
         raise self._undeclared(key)
 
+    def pop(self, key: str, *default: Any) -> Any:
+        if dict.__contains__(self, key):
+            return dict.pop(self, key)
+        raise self._undeclared(key)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        raise self._undeclared(key)
+
+    def copy(self) -> ProjectedRecord:
+        twin = ProjectedRecord(self)
+        twin.path = self.path
+        return twin
+
     def _undeclared(self, key: object) -> UndeclaredFieldError:
         name = f"{self.path}.{key}" if self.path else str(key)
         return UndeclaredFieldError(
@@ -96,6 +111,18 @@ def project(value: Any, tree: Tree | None, path: str = "") -> Any:
         return out
     if isinstance(value, (list, tuple)):
         return [project(item, tree, path) for item in value]
+    return value
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every :class:`ProjectedRecord` in it as a plain dict (what a function
+    returns goes on to encoders, which look up optional fields with ``in``)."""
+    if isinstance(value, dict):
+        if type(value) is dict and not any(isinstance(v, (dict, list)) for v in value.values()):
+            return value
+        return {k: plain(v) for k, v in dict.items(value)}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
     return value
 
 
@@ -138,7 +165,57 @@ def reader_schema(writer: Any, tree: Tree) -> Any:
     """
     named: dict[str, Any] = {}
     _collect_named(writer, "", named)
-    return _ReaderBuilder(named).build(writer, tree, "")
+    # A named record may be used in several places with different declared fields (ZTF's three
+    # cutouts share one type): it is defined once, so with the fields of all its uses.
+    wants: dict[str, Tree | None] = {}
+    _gather(writer, tree, "", named, wants)
+    return _ReaderBuilder(named, wants).build(writer, tree, "")
+
+
+_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+
+
+def _resolve(name: str, namespace: str, named: dict[str, Any]) -> str:
+    full = name if "." in name or not namespace else f"{namespace}.{name}"
+    return name if full not in named and name in named else full
+
+
+def _either(a: Tree | None, b: Tree | None) -> Tree | None:
+    return None if a is None or b is None else merge(a, b)
+
+
+def _gather(schema: Any, tree: Tree | None, namespace: str, named: dict[str, Any],
+            wants: dict[str, Tree | None]) -> None:
+    """Record in ``wants`` the fields each named record is read with, over all its uses."""
+    if isinstance(schema, list):
+        for branch in schema:
+            _gather(branch, tree, namespace, named, wants)
+    elif isinstance(schema, str):
+        full = _resolve(schema, namespace, named) if schema not in _PRIMITIVES else None
+        if full in named:
+            definition, ns = named[full]
+            _gather(definition, tree, ns, named, wants)
+    elif isinstance(schema, dict):
+        kind = schema.get("type")
+        if kind in ("record", "error"):
+            full, namespace = _fullname(schema, namespace)
+            if full in wants:
+                merged = _either(wants[full], tree)
+                if merged == wants[full]:
+                    return  # nothing new (and the end of a recursive type)
+                tree = merged
+            wants[full] = tree
+            for field in schema.get("fields", []):
+                if tree is None or field["name"] in tree:
+                    _gather(field["type"], None if tree is None else tree[field["name"]],
+                            namespace, named, wants)
+        elif kind == "array":
+            _gather(schema.get("items"), tree, namespace, named, wants)
+        elif kind == "map":  # a path below a map names its keys (as in JSON): values whole
+            _gather(schema.get("values"), None, namespace, named, wants)
+        elif isinstance(kind, (dict, list)) or (isinstance(kind, str) and
+                                                kind not in _PRIMITIVES):
+            _gather(kind, tree, namespace, named, wants)
 
 
 def _fullname(schema: dict, namespace: str) -> tuple[str, str]:
@@ -170,11 +247,11 @@ def _collect_named(schema: Any, namespace: str, named: dict[str, Any]) -> None:
 
 
 class _ReaderBuilder:
-    _PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes",
-                             "string"})
+    _PRIMITIVES = _PRIMITIVES
 
-    def __init__(self, named: dict[str, Any]):
+    def __init__(self, named: dict[str, Any], wants: dict[str, Tree | None]):
         self._named = named
+        self._wants = wants
         self._defined: set[str] = set()
 
     def build(self, schema: Any, tree: Tree | None, namespace: str) -> Any:
@@ -194,6 +271,7 @@ class _ReaderBuilder:
         if kind in ("record", "error"):
             full, namespace = _fullname(schema, namespace)
             self._defined.add(full)
+            tree = self._wants.get(full, tree)
             fields = schema.get("fields", [])
             if tree is not None:
                 by_name = {f["name"]: f for f in fields}
@@ -210,7 +288,7 @@ class _ReaderBuilder:
         if kind == "array":
             return {**schema, "items": self.build(schema["items"], tree, namespace)}
         if kind == "map":
-            return {**schema, "values": self.build(schema["values"], tree, namespace)}
+            return {**schema, "values": self.build(schema["values"], None, namespace)}
         if isinstance(kind, (dict, list, str)) and kind not in self._PRIMITIVES:
             return self.build(kind, tree, namespace)
         return schema

@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
 from mlflow_preproc.runtime.input_fields import parse as parse_fields
-from mlflow_preproc.runtime.input_fields import projector
+from mlflow_preproc.runtime.input_fields import plain, projector
 
 BATCH_FORMATS = (None, "records", "pandas")
 
@@ -122,6 +122,8 @@ class Preprocessor:
             out = self.fn(record)
         except Exception as exc:
             raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
+        if self.fields is not None:
+            out = plain(out)  # a projected part passed on is a plain dict again
         return normalise_output(out, index, self.feature_names)
 
     def _call_batch(self, records: Sequence[Record]) -> list[list[Any]]:
@@ -133,6 +135,8 @@ class Preprocessor:
             batch = list(records)
         try:
             out = self.fn(batch)
+            if self.fields is not None and isinstance(out, (list, dict)):
+                out = plain(out)
         except Exception as exc:
             index = 0 if len(records) == 1 else None
             raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
