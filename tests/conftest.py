@@ -202,12 +202,60 @@ def schema_registry() -> Iterator[FakeSchemaRegistry]:
 _TEST_IMAGE_PREFIXES = ("preprocessing-", "stock-prep-", "model-")
 
 
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _image_summaries(everything: bool = False, **filters) -> list[dict] | None:
+    """The engine's images in one request (no per-image inspect, which races with a removal
+    elsewhere), or None without an engine."""
+    try:
+        import docker
+
+        return docker.from_env().api.images(all=everything, filters=filters or None)
+    except Exception:  # noqa: BLE001 -- no engine: nothing to clean up
+        return None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Once, in the process that runs (or, under xdist, controls) the session: a worker that
+    # cleaned up at its own end would remove images the other worker still uses.
+    if not _is_xdist_worker(session.config):
+        found = _image_summaries(everything=True)
+        session.config.stash[_IMAGES_BEFORE] = None if found is None else {
+            i["Id"] for i in found}
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Remove the images built during the session (a session running beside it on the same
+    engine could lose its own: run one at a time)."""
+    if _is_xdist_worker(session.config):
+        return
+    before = session.config.stash.get(_IMAGES_BEFORE, None)
+    tagged, dangling = _image_summaries(), _image_summaries(dangling=True)
+    if before is None or tagged is None or dangling is None:
+        return
+    import docker
+
+    client = docker.from_env()
+    ours = [i["Id"] for i in tagged if i["Id"] not in before and (
+        (i.get("Labels") or {}).get("org.mlflow-preproc.model-uri")
+        or any(t.startswith(_TEST_IMAGE_PREFIXES) for t in i.get("RepoTags") or []))]
+    ours += [i["Id"] for i in dangling if i["Id"] not in before]  # left by rebuilds of a tag
+    for image in ours:  # the build layers of each go with it
+        try:
+            client.images.remove(image, force=True)
+        except docker.errors.APIError:
+            pass  # removed with its child meanwhile, or in use by a container
+
+
+_IMAGES_BEFORE = pytest.StashKey[set | None]()
+
+
 @pytest.fixture(scope="session")
 def docker_client():
     """The local Docker engine; under CI=true a missing engine fails instead of skipping.
-
-    At the end of the session, the images built during it are removed (a session running
-    beside it on the same engine could lose its own: run one at a time)."""
+    The images built during the session are removed at its end (pytest_sessionfinish)."""
     import docker
 
     try:
@@ -218,18 +266,7 @@ def docker_client():
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    before = {image.id for image in client.images.list(all=True)}
-    yield client
-    tagged = [image for image in client.images.list() if image.id not in before and (
-        image.labels.get("org.mlflow-preproc.model-uri")
-        or any(tag.startswith(_TEST_IMAGE_PREFIXES) for tag in image.tags))]
-    dangling = [image for image in client.images.list(filters={"dangling": True})
-                if image.id not in before]  # left by rebuilds of one tag
-    for image in [*tagged, *dangling]:  # the build layers of each go with it
-        try:
-            client.images.remove(image.id, force=True)
-        except docker.errors.APIError:
-            pass  # removed with its child meanwhile, or in use by a container
+    return client
 
 
 @pytest.fixture
