@@ -606,13 +606,21 @@ def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_n
                 time.sleep(max(0.0, started + i / 350 - time.monotonic()))  # ~350 records/s
         producer.flush(30)
 
+    # Down before the first record is sent: each instance asks for the schema at its first
+    # record, so the first members meet an outage (it was set after the feeder started, and
+    # a fast member could fetch the schema first: no wait, and the check below failed).
+    schema_registry.down = True
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
     outages = threading.Event()
 
-    def registry_outages():  # each instance asks for the schema when it starts
-        schema_registry.down = True  # the first members meet an outage as they join
-        outages.wait(rng.uniform(6, 9))
+    def registry_outages():
+        # until a member has waited for it (or 60 s), and a little longer
+        ends = time.monotonic() + 60
+        while time.monotonic() < ends and not any(
+                s.events("dependency_unavailable") for s in list(everyone)):
+            outages.wait(0.5)
+        outages.wait(rng.uniform(2, 4))
         schema_registry.down = False
         while not outages.is_set():
             outages.wait(rng.uniform(1, 5))
