@@ -126,13 +126,6 @@ def plain(value: Any) -> Any:
     return value
 
 
-def projector(tree: Tree | None) -> Callable[[Any], Any]:
-    """``project`` for one tree (the identity without a declaration)."""
-    if tree is None:
-        return lambda record: record
-    return lambda record: project(record, tree)
-
-
 def merge(a: Tree, b: Tree) -> Tree:
     """The fields of both trees (a field whole in either is whole)."""
     out: Tree = dict(a)
@@ -247,8 +240,6 @@ def _collect_named(schema: Any, namespace: str, named: dict[str, Any]) -> None:
 
 
 class _ReaderBuilder:
-    _PRIMITIVES = _PRIMITIVES
-
     def __init__(self, named: dict[str, Any], wants: dict[str, Tree | None]):
         self._named = named
         self._wants = wants
@@ -258,11 +249,9 @@ class _ReaderBuilder:
         if isinstance(schema, list):
             return [self.build(branch, tree, namespace) for branch in schema]
         if isinstance(schema, str):
-            if schema in self._PRIMITIVES:
+            if schema in _PRIMITIVES:
                 return schema
-            full = schema if "." in schema or not namespace else f"{namespace}.{schema}"
-            if full not in self._named and schema in self._named:
-                full = schema
+            full = _resolve(schema, namespace, self._named)
             if full in self._defined or full not in self._named:
                 return full
             definition, ns = self._named[full]
@@ -289,7 +278,7 @@ class _ReaderBuilder:
             return {**schema, "items": self.build(schema["items"], tree, namespace)}
         if kind == "map":
             return {**schema, "values": self.build(schema["values"], None, namespace)}
-        if isinstance(kind, (dict, list, str)) and kind not in self._PRIMITIVES:
+        if isinstance(kind, (dict, list, str)) and kind not in _PRIMITIVES:
             return self.build(kind, tree, namespace)
         return schema
 

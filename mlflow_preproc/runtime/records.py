@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
 from mlflow_preproc.runtime.input_fields import parse as parse_fields
-from mlflow_preproc.runtime.input_fields import plain, projector
+from mlflow_preproc.runtime.input_fields import plain, project
 
 BATCH_FORMATS = (None, "records", "pandas")
 
@@ -80,14 +80,12 @@ class Preprocessor:
         self.fn = fn
         self.batch_format = batch_format
         self.feature_names = list(feature_names) if feature_names else None
-        self.input_fields = list(input_fields) if input_fields is not None else None
-        self.fields = parse_fields(self.input_fields)  # the tree decoders read
-        self._project = projector(self.fields)
+        self.fields = parse_fields(input_fields)  # the tree decoders read
 
     def process(self, records: Sequence[Record]) -> list[list[Any]]:
         """Return the outputs of each input record; raise :class:`RecordError` on a failure."""
         if self.fields is not None:
-            records = [self._project(r) for r in records]
+            records = [project(r, self.fields) for r in records]
         if self.batch_format is None:
             return [self._call_one(i, r) for i, r in enumerate(records)]
         return self._call_batch(records)
@@ -100,7 +98,7 @@ class Preprocessor:
         find which records are to blame.
         """
         if self.fields is not None:
-            records = [self._project(r) for r in records]
+            records = [project(r, self.fields) for r in records]
         if self.batch_format is not None and len(records) > 1:
             try:
                 return list(self._call_batch(records))
