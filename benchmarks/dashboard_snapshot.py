@@ -84,7 +84,9 @@ def main() -> None:
                    "OUTPUT_TOPIC": "clean", "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
                    "CONSUMER_GROUP_ID": "snapshot", "METRICS_PORT": str(port),
                    "METRICS_HOST": "127.0.0.1", "LIBRDKAFKA_SESSION_TIMEOUT_MS": "6000",
-                   "LIBRDKAFKA_HEARTBEAT_INTERVAL_MS": "1000", "DLQ_BRAKE_RATIO": "1"}
+                   "LIBRDKAFKA_HEARTBEAT_INTERVAL_MS": "1000", "DLQ_BRAKE_RATIO": "1",
+                   # as the preproc target starts them (the "Revision running" panel)
+                   "MLFLOW_PREPROC_DEPLOYMENT": "snapshot", "MLFLOW_PREPROC_REVISION": "2"}
             processes.append(subprocess.Popen(
                 [str(bin_dir / "mlflow-preproc"), "stream"], env=env,
                 stdout=open(work / f"stream-{i}.log", "wb"), stderr=subprocess.STDOUT))

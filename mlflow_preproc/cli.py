@@ -105,6 +105,7 @@ examples:
   mlflow-preproc dlq inspect raw-dlq --since 2026-12-03T09:00:00Z --json
   mlflow-preproc dlq replay raw-dlq --stage preprocess --dry-run
   mlflow-preproc dlq replay raw-dlq --error-type KeyError --offsets 0:100-250 --to raw-retry
+  mlflow-preproc dlq replay raw-dlq --through models:/fink-preproc/4 --output-topic clean
 """
 
 
@@ -213,7 +214,8 @@ def _parser() -> argparse.ArgumentParser:
                          epilog=_DLQ_EXAMPLES, description=_wrap(
                              "Read a stream's dead-letter topic without joining a group or "
                              "committing: sum it up by stage and error type (inspect), or send "
-                             "chosen dead letters back to the topic they came from (replay). "
+                             "chosen dead letters back to the topic they came from, or "
+                             "through a fixed model version to its output (replay). "
                              "A replay is recorded in TOPIC-replayed in the same Kafka "
                              "transaction, so a dead letter is replayed once unless --force."),
                          **plain)
@@ -222,18 +224,23 @@ def _parser() -> argparse.ArgumentParser:
                                       "first dead letters of each", epilog=_DLQ_EXAMPLES,
                                       **plain)
     replay = dlq_commands.add_parser("replay", help="send dead letters back to their source "
-                                     "topic (or --to)", epilog=_DLQ_EXAMPLES, **plain)
-    for command in (inspect, replay):
+                                     "topic (or --to), or through a model version to its "
+                                     "output", epilog=_DLQ_EXAMPLES, **plain)
+    for command, mode in ((inspect, "dlq"), (replay, "replay")):
         command.add_argument("topic", metavar="TOPIC", help="the dead-letter topic")
         command.add_argument("--since", type=_time_ms, metavar="TIME", help="dead letters "
                              "from this time (ISO 8601, e.g. 2026-12-03T09:00:00Z)")
-        settings.add_arguments(command, "dlq")
+        settings.add_arguments(command, mode)
     inspect.add_argument("--examples", type=int, default=3, metavar="N",
                          help="dead letters shown per stage and error type (default 3)")
     inspect.add_argument("--json", action="store_true", help="one JSON document on stdout")
     inspect.set_defaults(handler=_cmd_dlq_inspect)
     replay.add_argument("--to", metavar="TOPIC", help="send them here instead of the topic "
                         "each came from (its x-preproc-source header)")
+    replay.add_argument("--through", metavar="MODEL_URI", help="run them through this model "
+                        "version and send its outputs to OUTPUT_TOPIC (--output-topic; "
+                        "default {model}-{version}-preprocessed), decoded and encoded with the "
+                        "stream's settings below; those that fail again stay dead letters")
     replay.add_argument("--stage", action="append", default=[], metavar="STAGE",
                         help="only this stage: decode, preprocess, encode, produce, predict "
                         "(repeatable)")
@@ -451,13 +458,19 @@ def _cmd_dlq_inspect(args: argparse.Namespace) -> int:
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     from mlflow_preproc.streaming import dead_letters
 
-    kafka = settings.load("dlq", args).kafka
+    config = settings.load("replay", args)
     offsets: dict[int, list[tuple[int, int]]] = {}
     for partition, span in args.offsets:
         offsets.setdefault(partition, []).append(span)
     select = dead_letters.Selection(set(args.stage), set(args.error_type), offsets,
                                     args.since, args.until)
-    report = dead_letters.replay(kafka, args.topic, select, args.to, args.force, args.dry_run)
+    through = None
+    if args.through:
+        from mlflow_preproc.streaming.reprocess import Reprocessor
+
+        through = Reprocessor.load(config, args.through, args.topic)
+    report = dead_letters.replay(config.kafka, args.topic, select, args.to, args.force,
+                                 args.dry_run, through)
     print(f"mlflow-preproc dlq replay: {report.as_text(args.dry_run)}", file=sys.stderr)
     return EXIT_OK
 

@@ -39,7 +39,7 @@ class ConfigError(ValueError):
 
 
 # The commands that talk to Kafka, and so read its connection settings.
-_KAFKA_CLIENTS = ("stream", "bridge", "dlq")
+_KAFKA_CLIENTS = ("stream", "bridge", "dlq", "replay")
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,10 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             "names)", modes=("stream",), example="models:/fink-preproc/1"),
     Setting("PREDICTION_MODEL_URI", None, "A model run in the same process on the preprocessed "
             "features (any MLflow pyfunc, e.g. an sklearn classifier); the stream then produces "
-            "its predictions ({KEEP_FIELDS..., prediction})", modes=("stream",),
+            "its predictions ({KEEP_FIELDS..., prediction})", modes=("stream", "replay"),
             example="models:/fink-classifier/1"),
     Setting("KEEP_FIELDS", "", "With PREDICTION_MODEL_URI: comma-separated field paths of the "
-            "input copied into each prediction record", modes=("stream",),
+            "input copied into each prediction record", modes=("stream", "replay"),
             example="objectId,candid"),
     Setting("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092", "Kafka bootstrap servers",
             example="broker-1:9092,broker-2:9092", modes=_KAFKA_CLIENTS),
@@ -81,9 +81,9 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
     Setting("INPUT_TOPIC", None, "Topic to consume", example="fink-alert"),
     Setting("OUTPUT_TOPIC", None, "Topic to produce to; stream default "
             "{model_name}-{version}-{KAFKA_TOPIC_SUFFIX} for a registered model",
-            example="preprocessed"),
+            modes=("stream", "bridge", "replay"), example="preprocessed"),
     Setting("KAFKA_TOPIC_SUFFIX", "preprocessed", "Suffix of the default output topic",
-            modes=("stream",), example="cleaned"),
+            modes=("stream", "replay"), example="cleaned"),
     Setting("DLQ_TOPIC", None, "Dead-letter topic for records that cannot be processed "
             "(default {INPUT_TOPIC}-dlq)", example="fink-alert-dlq"),
     Setting("CONSUMER_GROUP_ID", None, "Consumer group (default: stream mlflow-preproc-{model "
@@ -93,25 +93,26 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
     Setting("AUTO_OFFSET_RESET", "earliest", "Where a new group starts",
             choices=("earliest", "latest"), example="latest"),
     Setting("INPUT_FORMAT", "json", "Format of input message values", choices=MESSAGE_FORMATS,
+            modes=("stream", "bridge", "replay"),
             example="avro"),
     Setting("OUTPUT_FORMAT", "json", "Format of output message values",
-            choices=MESSAGE_FORMATS, example="avro"),
+            choices=MESSAGE_FORMATS, modes=("stream", "bridge", "replay"), example="avro"),
     Setting("AVRO_SCHEMA_PATH", None, "Schema of schemaless Avro input (default: the schema "
-            "stored with the model)", modes=("stream",), example="/app/schemas/alert.avsc"),
+            "stored with the model)", modes=("stream", "replay"), example="/app/schemas/alert.avsc"),
     Setting("OUTPUT_AVRO_SCHEMA_PATH", None, "Schema of Avro output (default: the output "
-            "schema stored with the model)", modes=("stream",), example="out.avsc"),
+            "schema stored with the model)", modes=("stream", "replay"), example="out.avsc"),
     Setting("AVRO_SCHEMA_DIR", None, "Folder of <schema id>.avsc files for confluent-avro "
-            "input", modes=("stream",), example="/app/schemas/by-id"),
+            "input", modes=("stream", "replay"), example="/app/schemas/by-id"),
     Setting("SCHEMA_REGISTRY_URL", None, "Confluent Schema Registry for confluent-avro",
-            modes=("stream",), example="http://registry:8081"),
+            modes=("stream", "replay"), example="http://registry:8081"),
     Setting("SKIP_CUTOUTS", False, "Drop the ZTF image stamps (" + ", ".join(ZTF_CUTOUTS) +
-            ") before preprocessing", kind=bool, modes=("stream", "run"), example="true"),
+            ") before preprocessing", kind=bool, modes=("stream", "run", "replay"), example="true"),
     Setting("DROP_FIELDS", "", "Comma-separated field paths dropped before preprocessing",
-            modes=("stream", "run"), example="cutoutScience,candidate.pdiffimfilename"),
+            modes=("stream", "run", "replay"), example="cutoutScience,candidate.pdiffimfilename"),
     Setting("MAX_DECODED_BYTES", MAX_DECODED_BYTES_DEFAULT, "Largest decoded size of an Avro "
             "container block (of a whole message in stream and bridge); a block over it is a "
             "dead letter or a reject, never an out-of-memory kill. Keep it well under the "
-            "memory limit", kind=int, modes=("stream", "bridge", "run"), example="268435456",
+            "memory limit", kind=int, modes=("stream", "bridge", "run", "replay"), example="268435456",
             minimum=1024, maximum=2**40),
     Setting("BATCH_SIZE", 500, "Records per batch (stream: per consume; bridge: per "
             "/invocations call)", kind=int, example="100", minimum=1, maximum=1_000_000),
@@ -167,6 +168,12 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
 
 LIBRDKAFKA_PREFIX = "LIBRDKAFKA_"
 
+# Set by the preproc target in every container it starts, never by users: which deployment and
+# revision a stream is. The stream exports them (``mlflow_preproc_revision``), which is how the
+# PreprocRolloutRolledBack alert sees a newer revision replaced by an older one.
+DEPLOYMENT_ENV = "MLFLOW_PREPROC_DEPLOYMENT"
+REVISION_ENV = "MLFLOW_PREPROC_REVISION"
+
 
 @dataclass
 class Config:
@@ -179,6 +186,8 @@ class Config:
     values: dict[str, Any]
     kafka: dict[str, str] = field(default_factory=dict)
     kafka_sources: dict[str, str] = field(default_factory=dict)
+    deployment: str = ""  # DEPLOYMENT_ENV and REVISION_ENV: set by the target, not a setting
+    revision: int = 0
 
     def __getitem__(self, env: str) -> Any:
         return self.values[env]
@@ -237,8 +246,11 @@ def load(mode: str, args: argparse.Namespace | None = None,
             raw = environ.get(s.env)
         values[s.env] = s.default if raw in (None, "") else _convert(s, raw)
     kafka, sources = kafka_settings(values.get("KAFKA_CONFIG_FILE"), environ)
+    revision = environ.get(REVISION_ENV, "")
+    config = Config(values, kafka, sources, environ.get(DEPLOYMENT_ENV, ""),
+                    int(revision) if revision.isdigit() else 0)
     if "KAFKA_BOOTSTRAP_SERVERS" not in values:  # the image's own settings name no broker
-        return Config(values, kafka, sources)
+        return config
     # A flag or variable wins over the properties file, which wins over the default.
     flag_or_env = getattr(args, "KAFKA_BOOTSTRAP_SERVERS", None) or \
         environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -249,7 +261,7 @@ def load(mode: str, args: argparse.Namespace | None = None,
     if values["KAFKA_SECURITY_PROTOCOL"]:
         kafka["security.protocol"] = values["KAFKA_SECURITY_PROTOCOL"]
         sources["security.protocol"] = "KAFKA_SECURITY_PROTOCOL"
-    return Config(values, kafka, sources)
+    return config
 
 
 def parse_value(env: str, raw: str) -> Any:

@@ -57,3 +57,38 @@ def test_times_and_offset_ranges_read_as_an_operator_writes_them():
                                  "--offsets", "0:5-6"])
     assert args.since == 1796288400000 and args.until == args.since + 3600_000
     assert args.offsets == [(0, (1, 2)), (0, (5, 6))]
+
+
+def test_a_dependency_that_does_not_answer_stops_a_replay_through_a_model(tracking_uri):
+    """A schema registry that is down is the environment's fault: the replay stops with the
+    reason, and no dead letter is judged failed (the stream would wait instead)."""
+    import socket
+
+    import mlflow
+    import pytest
+
+    from mlflow_preproc import config
+    from mlflow_preproc.streaming.dead_letters import DeadLetterError
+    from mlflow_preproc.streaming.reprocess import Reprocessor
+
+    with mlflow.start_run():
+        model = mlflow.preproc.log_model(lambda r: {"id": r["id"]}, name="p").model_uri
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    cfg = config.load("replay", environ={"INPUT_FORMAT": "confluent-avro",
+                                         "SCHEMA_REGISTRY_URL": f"http://127.0.0.1:{closed}",
+                                         "OUTPUT_TOPIC": "clean"})
+    through = Reprocessor.load(cfg, model, "raw-dlq")
+    confluent = DeadLetter(0, 7, 1000, b"k", b"\x00\x00\x00\x00\x05\x02", STREAM_HEADERS)
+    with pytest.raises(DeadLetterError, match="unavailable.*the replay stopped"):
+        through.run_through([confluent])
+    # a record it can judge is judged: its outputs, or the stage it fails at again
+    json_cfg = config.load("replay", environ={"OUTPUT_TOPIC": "clean"})
+    through = Reprocessor.load(json_cfg, model, "raw-dlq")
+    good, bad = (DeadLetter(0, 8, 1000, b"k", b'{"id": 1}', STREAM_HEADERS),
+                 DeadLetter(0, 9, 1000, b"k", b'{"x": 1}', STREAM_HEADERS))
+    ok, failed = through.run_through([good, bad])
+    assert [v for v, _ in ok.outputs] == [b'{"id":1}'] and ok.failure is None
+    assert ("x-preproc-source", b"raw.v1/2/41") in ok.outputs[0][1]
+    assert failed.outputs == [] and failed.failure[:2] == ("preprocess", "KeyError")

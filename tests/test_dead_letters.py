@@ -23,6 +23,13 @@ def features(record):
     return {"id": record["id"], "double": record["x"] * 2}  # KeyError without x
 
 
+def fixed_features(record):
+    """The next version: records with "boom" are fine now, but for one."""
+    if record["id"] == 33:
+        raise ValueError("cannot preprocess 33 either")
+    return {"id": record["id"], "double": record.get("x", 0) * 0}
+
+
 def dlq(*args: str, bootstrap: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "mlflow-preproc"), "dlq", *args], capture_output=True,
                           text=True, timeout=120,
@@ -88,9 +95,41 @@ def test_inspect_counts_what_failed_and_replay_sends_it_back_once(broker, tracki
     text = dlq("inspect", f"{topic}-dlq", bootstrap=servers).stdout
     assert f"{topic}-dlq: 7 dead letters" in text and "preprocess  ValueError" in text
 
+    # replay through a fixed model version: its outputs go to the output topic, with the
+    # input's key and headers, the new model's provenance and the replay header; a dead
+    # letter that fails again stays where it is
+    with mlflow.start_run():
+        fixed = mlflow.preproc.log_model(fixed_features, name="p").model_uri
+    out = unique("fixed")
+    broker.create_topics(out)
+    through = ("replay", f"{topic}-dlq", "--error-type", "ValueError", "--error-type",
+               "DecodeError", "--through", fixed, "--output-topic", out)
+    dry = dlq(*through, "--dry-run", bootstrap=servers)
+    assert dry.returncode == 0, dry.stderr
+    assert f"would replay 3 dead letters (3 to {out})" in dry.stderr, dry.stderr
+    assert consume(servers, out, 1, timeout=3) == []
+    done = dlq(*through, bootstrap=servers)
+    assert done.returncode == 0, done.stderr
+    assert (f"replayed 3 dead letters (3 to {out}); 2 dead letters failed again through the "
+            "model and stay in the dead-letter topic (decode/DecodeError: 1 (") in done.stderr
+    assert ("preprocess/ValueError: 1 (pre_processing raised ValueError: cannot preprocess 33 "
+            "either)") in done.stderr, done.stderr
+    outputs = consume(servers, out, 3)
+    assert sorted((m.key(), json.loads(m.value())["double"]) for m in outputs) == [
+        (b"k13", 0), (b"k23", 0), (b"k3", 0)]
+    h = headers_of(next(m for m in outputs if m.key() == b"k13"))
+    assert h["trace"] == b"t13" and h["x-preproc-source"] == f"{topic}/0/13".encode()
+    assert h["x-preproc-model"] == fixed.encode() and not any(
+        k.startswith("x-preproc-error") for k in h)
+    assert h["x-preproc-replay-of"].decode().startswith(f"{topic}-dlq/0/")
+    again = dlq(*through, bootstrap=servers)  # once: those that failed are tried again
+    assert "replayed 0 dead letters; 2 dead letters failed again" in again.stderr, again.stderr
+    assert "3 were replayed before and were skipped" in again.stderr
+    assert len(consume(servers, out, 4, timeout=3)) == 3
+
     # replay, dry: says what it would send, sends nothing
     dry = dlq("replay", f"{topic}-dlq", "--stage", "preprocess", "--dry-run", bootstrap=servers)
-    assert "would replay 6 dead letters (6 to " + topic + ")" in dry.stderr, dry.stderr
+    assert "would replay 3 dead letters (3 to " + topic + ")" in dry.stderr, dry.stderr
     assert len(consume(servers, topic, 41, timeout=3)) == 40
 
     # replay the KeyErrors: back to their topic with their key, their own headers and where
@@ -108,13 +147,13 @@ def test_inspect_counts_what_failed_and_replay_sends_it_back_once(broker, tracki
 
     # once only: a second replay of the same dead letters is refused, unless forced
     again = dlq("replay", f"{topic}-dlq", "--stage", "preprocess", bootstrap=servers)
-    assert ("replayed 4 dead letters" in again.stderr and
-            "2 were replayed before and were skipped (--force replays them again)"
+    assert ("replayed 1 dead letter " in again.stderr and
+            "5 were replayed before and were skipped (--force replays them again)"
             in again.stderr), again.stderr
     forced = dlq("replay", f"{topic}-dlq", "--error-type", "KeyError", "--force",
                  "--to", unique("retry"), bootstrap=servers)
     assert "topic(s) retry" in forced.stderr and "do not exist" in forced.stderr
-    assert len(consume(servers, topic, 47, timeout=3)) == 46
+    assert len(consume(servers, topic, 44, timeout=3)) == 43
 
 
 def test_a_missing_topic_and_a_bad_option_are_one_line(broker):

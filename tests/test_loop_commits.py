@@ -441,3 +441,22 @@ def test_start_up_says_when_it_gives_up_on_kafka_and_that_it_is_joining_a_group(
     assert "waiting for Kafka at 127.0.0.1:9; giving up in 60 s" in waiting.getMessage()
     assert waiting.gives_up_in_s == 60
     assert f"joining consumer group {loop.group_id}" in lines["start"].getMessage()
+
+
+def test_a_loop_the_target_starts_exports_its_deployment_and_revision():
+    """What PreprocRolloutRolledBack compares: the revision of each running member."""
+    from prometheus_client import generate_latest
+
+    from mlflow_preproc.deploy.spec import Deployment, container_spec
+    from mlflow_preproc.runtime.model_identity import ModelIdentity
+
+    model = ModelIdentity("models:/fink-prep/2", "models:/fink-prep/2", "fink-prep", "2")
+    d = Deployment("fink", model.uri, model, "preprocessing-fink-prep-2:latest",
+                   {"mode": "kafka", "consumers": "1"}, revision=4)
+    env = container_spec(d, 0, 8080, 9100).env
+    started = Echo(FakeConsumer([]), FakeProducer(), **env)
+    assert 'mlflow_preproc_revision{command="echo",deployment="fink"} 4.0' in \
+        generate_latest(started.stats.registry).decode()
+    alone = Echo(FakeConsumer([]), FakeProducer())  # not started by the target
+    assert 'mlflow_preproc_revision{command="echo",deployment=""} 0.0' in \
+        generate_latest(alone.stats.registry).decode()

@@ -92,6 +92,19 @@ UNIT_TESTS = [
      [_series("mlflow_preproc_dead_letter_brake", "0 1 1 1")],
      [_series("mlflow_preproc_dead_letter_brake", "0 0 0 0")],
      {"job": "preproc", "instance": _T["instance"], "severity": "critical"}),
+    # revision 2 replaced revision 1 at 5m, was not healthy, and revision 1 runs again
+    ("PreprocRolloutRolledBack", "10m",
+     [_series("mlflow_preproc_revision", "1 1 1 1 1 _ _ _ 1 1 1", deployment="fink"),
+      _series("mlflow_preproc_revision", "_ _ _ _ _ 2 2 2 stale", deployment="fink",
+              instance="10.0.0.2:9100")],
+     # a rollout that succeeded: revision 1 stopped, revision 2 runs on
+     [_series("mlflow_preproc_revision", "1 1 1 1 1 stale", deployment="fink"),
+      _series("mlflow_preproc_revision", "_ _ _ _ _ 2 2 2 2 2 2", deployment="fink",
+              instance="10.0.0.2:9100"),
+      # a stream the target did not start, and another deployment still on its revision 3
+      _series("mlflow_preproc_revision", "0x10", deployment=""),
+      _series("mlflow_preproc_revision", "3x10", deployment="other")],
+     {"job": "preproc", "deployment": "fink", "severity": "warning"}),
     ("PreprocInstanceDown", "10m",
      [_series("up", "1 1 0x10", command=""),
       _series("mlflow_preproc_records_total", "5 5", outcome="in")],
@@ -99,6 +112,10 @@ UNIT_TESTS = [
       _series("mlflow_preproc_records_total", "5x12", outcome="in")],
      {"job": "preproc", "instance": _T["instance"], "severity": "critical"}),
 ]
+
+
+# The value an alert's annotations show, where they show one.
+VALUES = {"PreprocRolloutRolledBack": "2"}
 
 
 def test_every_alert_fires_on_its_fault_and_not_on_a_healthy_stream(rules_file, tmp_path):
@@ -110,7 +127,8 @@ def test_every_alert_fires_on_its_fault_and_not_on_a_healthy_stream(rules_file, 
                 s["series"] = s["series"].replace(',command=""', "")
             tests.append({"interval": "1m", "input_series": series, "alert_rule_test": [
                 {"eval_time": at, "alertname": name, "exp_alerts": [
-                    {**e, "exp_annotations": _annotations(name, labels)} for e in expected]}]})
+                    {**e, "exp_annotations": _annotations(name, labels, VALUES.get(name, ""))}
+                    for e in expected]}]})
     unit = tmp_path / "alerts_test.yml"
     unit.write_text(yaml.safe_dump({"rule_files": [str(rules_file)],
                                     "evaluation_interval": "1m", "tests": tests}))
@@ -119,11 +137,13 @@ def test_every_alert_fires_on_its_fault_and_not_on_a_healthy_stream(rules_file, 
     assert ran.returncode == 0, ran.stdout + ran.stderr
 
 
-def _annotations(name: str, labels: dict) -> dict:
-    """The annotations promtool expands for ``name`` (templates over the firing labels)."""
+def _annotations(name: str, labels: dict, value: str) -> dict:
+    """The annotations promtool expands for ``name`` (templates over the firing labels and
+    the alert's value)."""
     alert = next(a for a in alert_rules.alerts() if a.name == name)
     expand = lambda text: re.sub(r"\{\{ \$labels\.(\w+) \}\}",  # noqa: E731
-                                 lambda m: labels.get(m.group(1), ""), text)
+                                 lambda m: labels.get(m.group(1), ""),
+                                 text.replace("{{ $value }}", value))
     return {"summary": expand(alert.summary), "description": expand(alert.description)}
 
 
@@ -192,7 +212,8 @@ def test_a_real_prometheus_scrapes_a_stream_and_every_query_finds_its_series(
             [json.dumps({"id": i, "x": i} if i % 10 else {"id": i}).encode() for i in range(300)])
     stream = streams(stream_env(broker.bootstrap_servers, model, topic,
                                 OUTPUT_TOPIC=unique("clean"), METRICS_PORT=str(metrics_port),
-                                METRICS_HOST="127.0.0.1"))
+                                METRICS_HOST="127.0.0.1", MLFLOW_PREPROC_DEPLOYMENT="fink",
+                                MLFLOW_PREPROC_REVISION="3"))
 
     port = free_port()
     config = tmp_path / "prometheus.yml"
@@ -245,6 +266,8 @@ def test_a_real_prometheus_scrapes_a_stream_and_every_query_finds_its_series(
                                      "(mlflow_preproc_dead_letters_total)")["result"]
         assert [(r["metric"]["stage"], r["metric"]["error_type"], r["value"][1])
                 for r in by_kind] == [("preprocess", "KeyError", "30")]
+        revision = api("query", query="mlflow_preproc_revision")["result"]
+        assert [(r["metric"]["deployment"], r["value"][1]) for r in revision] == [("fink", "3")]
         # The rules loaded, and a healthy stream fires none of them.
         groups = api("rules")["groups"]
         assert [r["name"] for r in groups[0]["rules"]] == [a.name for a in alert_rules.alerts()]

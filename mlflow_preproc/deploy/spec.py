@@ -106,7 +106,8 @@ def container_spec(d: Deployment, replica: int, rest_port: int,
     """Replica ``replica`` of ``d``, its REST server on ``rest_port`` and its consumers'
     ``/healthz`` on ``metrics_port``, ``metrics_port + 1``..."""
     env = {"MLFLOW_PREPROC_MODE": d.mode, "PORT": str(rest_port),
-           "KAFKA_CONSUMERS": d.options["consumers"]}
+           "KAFKA_CONSUMERS": d.options["consumers"],
+           settings.DEPLOYMENT_ENV: d.name, settings.REVISION_ENV: str(d.revision)}
     if d.options.get("workers"):
         env["MLFLOW_MODELS_WORKERS"] = d.options["workers"]
     for key, value in d.options.items():

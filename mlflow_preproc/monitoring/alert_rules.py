@@ -39,6 +39,7 @@ def alerts(lag_threshold: int = 1000, dead_letter_ratio: float = 0.05,
 
     records_in = m("mlflow_preproc_records_total", 'outcome="in"')
     records_failed = m("mlflow_preproc_records_total", 'outcome="failed"')
+    revision = m("mlflow_preproc_revision", 'deployment!=""')
     ours = f"group by (job, instance) (present_over_time({m('mlflow_preproc_records_total')}[1h]))"
     return [
         Alert("PreprocConsumerLagGrowing",
@@ -69,6 +70,15 @@ def alerts(lag_threshold: int = 1000, dead_letter_ratio: float = 0.05,
               "Most recent records failed, so the stream commits nothing and fails /healthz: "
               "the model or its configuration is at fault. A rollout of this version rolls "
               "back; else deploy a fixed version."),
+        # A revision that ran in the last 30 minutes is above every revision running now: the
+        # target's rollout rolled it back (or an operator undid it). It fires for 30 minutes.
+        Alert("PreprocRolloutRolledBack",
+              f"max by (job, deployment) (max_over_time({revision}[30m])) > "
+              f"max by (job, deployment) ({revision})", "0m", "warning",
+              "{{ $labels.deployment }} rolled back from revision {{ $value }}",
+              "The new revision was not healthy, and the previous one runs again (same image, "
+              "settings and consumer group). mlflow deployments get -t preproc --name "
+              "{{ $labels.deployment }} shows what runs; the update's output said why."),
         Alert("PreprocInstanceDown", f"{m('up')} == 0 and on (job, instance) {ours}", "2m",
               "critical", "{{ $labels.instance }} of {{ $labels.job }} is down",
               "Prometheus cannot scrape it for 2 minutes."),

@@ -33,6 +33,9 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
          "[$__rate_interval]))", "{{instance}} {{kind}}"),
         (f"sum by (instance) (mlflow_preproc_partitions_assigned{{{_SEL}}})",
          "{{instance}} owns")]),
+    ("Group", "Revision running", "short", [
+        (f"max by (deployment, instance) (mlflow_preproc_revision{{{_SEL}}})",
+         "{{deployment}} {{instance}}")]),
     ("Cost", "Batch latency", "s", [
         (f"histogram_quantile({q}, sum by (le) (rate(mlflow_preproc_batch_seconds_bucket"
          f"{{{_SEL}}}[$__rate_interval])))", f"p{int(q * 100)}")

@@ -2,6 +2,7 @@
 
     mlflow-preproc dlq inspect raw-dlq                      # counts by stage and error type
     mlflow-preproc dlq replay raw-dlq --stage preprocess    # back to the topic they came from
+    mlflow-preproc dlq replay raw-dlq --through models:/p/2 # the fixed model's outputs
 
 A dead letter is the input's original key, value and headers, then the stream's own headers:
 ``x-preproc-error``, ``-error-type``, ``-stage``, ``-source`` (``topic/partition/offset`` of the
@@ -9,7 +10,9 @@ input) and the model's provenance. Reading never joins a group and never commits
 every partition and reads to the end.
 
 Replaying sends a dead letter's key, value and original headers (the stream's removed) to its
-source topic, or ``to``, with ``x-preproc-replay-of: <dlq topic>/<partition>/<offset>``. Each
+source topic, or ``to``, with ``x-preproc-replay-of: <dlq topic>/<partition>/<offset>``; or,
+through a model version (:mod:`~mlflow_preproc.streaming.reprocess`), that model's outputs of
+it to the model's output topic, with the same header. Each
 replay is recorded in ``<dlq topic>-replayed`` (keyed by the dead letter), in the same Kafka
 transaction as the replayed records: both are committed or neither, so a replay that dies
 midway is simply run again, and a dead letter already replayed is refused unless forced.
@@ -21,6 +24,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mlflow_preproc.runtime.model_identity import HEADER
 
@@ -245,12 +249,22 @@ class ReplayReport:
     already: int = 0  # replayed before, refused (no --force)
     unknown_source: int = 0  # no x-preproc-source and no --to: nowhere to send them
     truncated: list[str] = field(default_factory=list)  # sources of dead letters cut to fit
-    destinations: dict[str, int] = field(default_factory=dict)
+    destinations: dict[str, int] = field(default_factory=dict)  # topic -> records sent
+    dropped: int = 0  # through a model: its function returned nothing for them
+    failed: dict[str, int] = field(default_factory=dict)  # through a model: "stage/type" -> n
+    failed_examples: dict[str, str] = field(default_factory=dict)  # "stage/type" -> an error
 
     def as_text(self, dry_run: bool) -> str:
         verb = "would replay" if dry_run else "replayed"
         where = ", ".join(f"{n} to {t}" for t, n in sorted(self.destinations.items()))
         text = f"{verb} {_count(self.replayed)}" + (f" ({where})" if where else "")
+        if self.dropped:
+            text += f"; the model dropped {self.dropped} of them (no output)"
+        if self.failed:
+            kinds = ", ".join(f"{kind}: {n} ({_short(self.failed_examples[kind])})"
+                              for kind, n in sorted(self.failed.items()))
+            text += (f"; {_count(sum(self.failed.values()))} failed again through the model "
+                     f"and stay in the dead-letter topic ({kinds})")
         if self.already:
             text += (f"; {self.already} were replayed before and were skipped (--force "
                      "replays them again)")
@@ -264,36 +278,84 @@ class ReplayReport:
         return text
 
 
+class ThroughModel(Protocol):
+    """A model the dead letters go through (:class:`~mlflow_preproc.streaming.reprocess.
+    Reprocessor`): each dead letter's outputs, or the stage and error it fails at again."""
+
+    output_topic: str
+
+    def run_through(self, letters: list[DeadLetter]) -> list: ...
+
+
+# One dead letter's records to send: (topic, value, headers) each.
+Sends = list[tuple[str, bytes | None, list[tuple[str, bytes]]]]
+
+
 def replay(kafka: dict, topic: str, select: Selection, to: str | None = None,
-           force: bool = False, dry_run: bool = False) -> ReplayReport:
+           force: bool = False, dry_run: bool = False,
+           through: ThroughModel | None = None) -> ReplayReport:
     """Send the dead letters of ``topic`` that ``select`` takes back to their source topic
-    (or ``to``), recording each in ``<topic>-replayed`` in the same transaction.
+    (or ``to``), or, ``through`` a model, its outputs of them to its output topic; each
+    replayed dead letter is recorded in ``<topic>-replayed`` in the same transaction.
 
     The transactional producer starts before the log is read: a replay of the same topic
     running meanwhile is fenced off by Kafka and fails, so no dead letter is sent twice.
+    Dead letters are read, run through the model and sent :data:`_TRANSACTION_SIZE` at a
+    time, so a replay holds one transaction's worth of them, whatever the topic's size.
     """
+    if through is not None and to is not None:
+        raise DeadLetterError("through a model, the records go to its output topic: set "
+                              "OUTPUT_TOPIC (--output-topic) instead of --to")
     log_topic = f"{topic}-replayed"
+    report = ReplayReport()
     with (_NoSender() if dry_run else _Sender(kafka, topic, log_topic)) as sender:
         done = set() if force else _replayed(kafka, log_topic)
-        chosen, report = [], ReplayReport()
+        batch: list[DeadLetter] = []
         for d in read(kafka, topic, select.since_ms):
             if not select(d):
                 continue
-            destination = to or (d.source[0] if d.source else None)
-            if destination is None:
+            if through is None and not (to or d.source):
                 report.unknown_source += 1
             elif d.where in done:
                 report.already += 1
             elif d.truncated:
                 report.truncated.append("/".join(map(str, d.source or ())) or d.where)
             else:
-                chosen.append((d, destination))
-                report.replayed += 1
-                report.destinations[destination] = report.destinations.get(destination, 0) + 1
-        if chosen:
-            _check_destinations(kafka, {t for _, t in chosen})
-            sender.send(chosen)
+                batch.append(d)
+            if len(batch) == _TRANSACTION_SIZE:
+                sender.send(_records(batch, topic, to, through, report))
+                batch = []
+        if batch:
+            sender.send(_records(batch, topic, to, through, report))
     return report
+
+
+def _records(batch: list[DeadLetter], topic: str, to: str | None,
+             through: ThroughModel | None, report: ReplayReport) -> list[tuple[DeadLetter, Sends]]:
+    """What each dead letter of ``batch`` replays as, counted in ``report``: itself, back to
+    its source (or ``to``), or the model's outputs of it; none for one that fails again."""
+    replay_of = lambda d: (REPLAY_HEADER, f"{topic}/{d.where}".encode())  # noqa: E731
+    if through is None:
+        chosen = [(d, [(to or d.source[0], d.value, [*d.original_headers(), replay_of(d)])])
+                  for d in batch]
+    else:
+        chosen = []
+        for outcome in through.run_through(batch):
+            d = outcome.letter
+            if outcome.failure is not None:
+                stage, error_type, reason = outcome.failure
+                kind = f"{stage}/{error_type}"
+                report.failed[kind] = report.failed.get(kind, 0) + 1
+                report.failed_examples.setdefault(kind, reason)
+                continue
+            report.dropped += not outcome.outputs
+            chosen.append((d, [(through.output_topic, value, [*headers, replay_of(d)])
+                               for value, headers in outcome.outputs]))
+    for _, sends in chosen:
+        report.replayed += 1
+        for destination, _, _ in sends:
+            report.destinations[destination] = report.destinations.get(destination, 0) + 1
+    return chosen
 
 
 def _replayed(kafka: dict, log_topic: str) -> set[str]:
@@ -312,7 +374,7 @@ class _NoSender:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def send(self, chosen: list[tuple[DeadLetter, str]]) -> None:
+    def send(self, chosen: list[tuple[DeadLetter, Sends]]) -> None:
         pass
 
 
@@ -324,6 +386,8 @@ class _Sender:
     def __init__(self, kafka: dict, topic: str, log_topic: str):
         self._kafka, self._topic, self._log_topic = kafka, topic, log_topic
         self._producer = None
+        self._checked: set[str] = set()  # destinations known to exist
+        self._sent = 0  # dead letters replayed and committed
 
     def __enter__(self) -> _Sender:
         from confluent_kafka import KafkaException, Producer
@@ -341,31 +405,37 @@ class _Sender:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def send(self, chosen: list[tuple[DeadLetter, str]]) -> None:
+    def send(self, chosen: list[tuple[DeadLetter, Sends]]) -> None:
+        """One transaction: the records of ``chosen`` and a log entry for each dead letter
+        (one whose model output is nothing is logged too: it is dealt with)."""
         from confluent_kafka import KafkaException
 
-        _ensure_topic(self._kafka, self._log_topic)
+        new = {t for _, sends in chosen for t, _, _ in sends} - self._checked
+        if new:
+            _check_destinations(self._kafka, new, self._sent)
+            self._checked |= new
+        if not self._sent:
+            _ensure_topic(self._kafka, self._log_topic)
         producer = self._producer
-        for start in range(0, len(chosen), _TRANSACTION_SIZE):
-            producer.begin_transaction()
-            try:
-                for d, destination in chosen[start:start + _TRANSACTION_SIZE]:
-                    producer.produce(destination, d.value, d.key, headers=[
-                        *d.original_headers(),
-                        (REPLAY_HEADER, f"{self._topic}/{d.where}".encode())])
-                    producer.produce(self._log_topic, json.dumps(
-                        {"to": destination, "at": _iso(int(time.time() * 1000))}).encode(),
-                        d.where.encode())
-                    producer.poll(0)
-                producer.commit_transaction(60)
-            except BaseException as exc:
-                _abort(producer)
-                if not isinstance(exc, KafkaException):
-                    raise
-                raise DeadLetterError(
-                    f"the replay stopped after {start} of {len(chosen)} dead letters "
-                    f"({exc.args[0].str()}); those are recorded as replayed, the rest are "
-                    "not: run it again to send the rest") from None
+        producer.begin_transaction()
+        try:
+            for d, sends in chosen:
+                for destination, value, headers in sends:
+                    producer.produce(destination, value, d.key, headers=headers)
+                producer.produce(self._log_topic, json.dumps(
+                    {"to": sorted({t for t, _, _ in sends}), "records": len(sends),
+                     "at": _iso(int(time.time() * 1000))}).encode(), d.where.encode())
+                producer.poll(0)
+            producer.commit_transaction(60)
+        except BaseException as exc:
+            _abort(producer)
+            if not isinstance(exc, KafkaException):
+                raise
+            raise DeadLetterError(
+                f"the replay stopped after {_count(self._sent)} ({exc.args[0].str()}); those "
+                "are recorded as replayed, the rest are not: run it again to send the "
+                "rest") from None
+        self._sent += len(chosen)
 
 
 def _abort(producer) -> None:
@@ -377,14 +447,15 @@ def _abort(producer) -> None:
         pass
 
 
-def _check_destinations(kafka: dict, topics: set[str]) -> None:
+def _check_destinations(kafka: dict, topics: set[str], sent: int) -> None:
     from confluent_kafka.admin import AdminClient
 
     existing = _topics(AdminClient(kafka), kafka)
     missing = sorted(t for t in topics if t not in existing)
     if missing:
-        raise DeadLetterError(f"topic(s) {', '.join(missing)} do not exist; create them or "
-                              "pass --to TOPIC")
+        done = f"{_count(sent)} were replayed before it; " if sent else ""
+        raise DeadLetterError(f"topic(s) {', '.join(missing)} do not exist; {done}create "
+                              "them or pass --to TOPIC (through a model: --output-topic)")
 
 
 def _ensure_topic(kafka: dict, topic: str) -> None:
@@ -408,7 +479,8 @@ def _topics(admin, kafka: dict) -> dict:
         return admin.list_topics(timeout=10).topics
     except KafkaException as exc:
         raise DeadLetterError(f"cannot reach Kafka at {kafka.get('bootstrap.servers')} "
-                              f"({exc.args[0].str()}); nothing was replayed") from None
+                              f"({exc.args[0].str()}); what was not sent is not recorded as "
+                              "replayed: run it again") from None
 
 
 def _example(d: DeadLetter) -> dict:

@@ -128,7 +128,8 @@ class KafkaLoop:
         self.group_id = group_id or f"mlflow-preproc-{self.command}"
         self.extra_headers = extra_headers or []
         self.shutdown = shutdown or Shutdown()
-        self.stats = LoopStats(self.command)
+        self.stats = LoopStats(self.command, deployment=config.deployment,
+                               revision=config.revision)
         self.checkpoint = Checkpoint()
         self.brake = DeadLetterBrake(config["DLQ_BRAKE_RATIO"], config["DLQ_BRAKE_WINDOW"])
         self.stats.verdict_after = config["DLQ_BRAKE_WINDOW"]
@@ -201,7 +202,7 @@ class KafkaLoop:
         """Send the outputs of ``source``, keyed like it, with its headers and the provenance
         headers. An output the client refuses (too large...) sends ``source`` to the
         dead-letter topic instead of the outputs not sent."""
-        headers = [*(source.headers() or []), source_header(source), *self.extra_headers]
+        headers = self.output_headers(source)
         on_delivery = _Delivery(self, source, headers)
         key = source.key()
         topic, produce = self.output_topic, self.producer.produce
@@ -217,6 +218,10 @@ class KafkaLoop:
             self.dead_letter(source, "produce", f"cannot produce to {self.output_topic}: "
                                                 f"{exc.args[0].str()}", exc.args[0].name())
         self.stats.counts["out"] += sent
+
+    def output_headers(self, source: Message) -> Headers:
+        """The headers of ``source``'s outputs: its own, where it came from, the provenance."""
+        return [*(source.headers() or []), source_header(source), *self.extra_headers]
 
     def dead_letter(self, source: Message, stage: str, error: BaseException | str,
                     error_type: str | None = None,

@@ -61,6 +61,8 @@ class LoopStats:
     caught_up: bool = False
     verdict_after: int = 200
     in_flight: int = 0  # the producer's queue, as of the last iteration
+    deployment: str = ""  # the preproc target's deployment and revision (0: not deployed)
+    revision: int = 0
 
     def __post_init__(self) -> None:
         self._records = Counter("mlflow_preproc_records", "Records by outcome",
@@ -97,6 +99,11 @@ class LoopStats:
                  lambda: time.time() - (time.monotonic() - self.last_progress))):
             Gauge(name, doc, ["command"], registry=self.registry).labels(
                 self.command).set_function(read)
+        # A revision seen lately and replaced by an older one is a rollback
+        # (alert_rules.PreprocRolloutRolledBack).
+        Gauge("mlflow_preproc_revision", "Revision of the preproc target's deployment this "
+              "stream belongs to (0: not started by the target)", ["command", "deployment"],
+              registry=self.registry).labels(self.command, self.deployment).set(self.revision)
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory...
         self._lag_series: set[tuple[str, int]] = set()  # (topic, partition) exported
         self._mirrored = dict.fromkeys(COUNTS, 0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from confluent_kafka import Message
+from confluent_kafka import Consumer, Message, Producer
 
 from mlflow_preproc.config import Config, ConfigError, sanitize_topic
 from mlflow_preproc.runtime.flavor import LoadedPreprocessing, load_preprocessing
@@ -44,14 +44,16 @@ class Stream(KafkaLoop):
 
     def __init__(self, config: Config, preprocessing: LoadedPreprocessing,
                  identity: ModelIdentity, output_topic: str, shutdown: Shutdown | None = None,
-                 predictor: Predictor | None = None):
+                 predictor: Predictor | None = None, consumer: Consumer | None = None,
+                 producer: Producer | None = None):
         input_topic = config.require("INPUT_TOPIC")
         headers = identity.headers()
         if predictor is not None:
             headers.append((HEADER + "prediction-model", predictor.uri.encode()))
         super().__init__(config, input_topic, output_topic, config["DLQ_TOPIC"],
                          config["CONSUMER_GROUP_ID"] or default_group(identity),
-                         extra_headers=headers, shutdown=shutdown)
+                         extra_headers=headers, shutdown=shutdown, consumer=consumer,
+                         producer=producer)
         self.preprocessor = preprocessing.preprocessor
         self.predictor = predictor
         self.fields_to_drop = config.drop_fields()
