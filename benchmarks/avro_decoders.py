@@ -12,6 +12,8 @@ d2  MessageDecoder with the declared fields: fastavro's schema resolution agains
     schema of just them (what run, stream and Spark use)
 b*  the record body alone (no container framing): fastavro whole / projected, and cavro
     (Cython; not a dependency: measured when installed) whole / projected
+f1  read_records on each message as a one-alert file (a ZTF archive, as run and Spark read
+    it): the file's reader is kept per schema text and declared fields
 c*  decode + Preprocessor with the Fink contract function: what the stream's CPU does per
     alert before encoding and producing, without and with the declared fields
 
@@ -104,7 +106,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from mlflow_preproc.runtime.formats import MessageDecoder
+    from mlflow_preproc.runtime.formats import MessageDecoder, read_records
     from mlflow_preproc.runtime.input_fields import parse, reader_schema
     from mlflow_preproc.runtime.records import Preprocessor
 
@@ -140,6 +142,10 @@ def main() -> None:
                  cpu_per_item(container_decode(today), args.repeat)))
     rows.append(("d2", "MessageDecoder, declared fields",
                  cpu_per_item(container_decode(declared), args.repeat)))
+    rows.append(("f1", "read_records, one-alert files, declared fields",
+                 cpu_per_item(lambda: sum(len(list(read_records(io.BytesIO(v), "avro", "f",
+                                                                fields=tree)))
+                                          for v in values), args.repeat)))
     rows.append(("b0", "fastavro schemaless, whole body", cpu_per_item(fastavro_bodies(False),
                                                                       args.repeat)))
     rows.append(("b1", "fastavro schemaless, declared fields",

@@ -471,3 +471,54 @@ def test_a_scoring_payload_file_reads_as_its_records():
     line = b'{"inputs": [{"a": 1}]}\n'
     assert list(formats.read_records(io.BufferedReader(io.BytesIO(line)), "jsonl", "r")) == [
         json.loads(line)]
+
+
+class _Unseekable(io.RawIOBase):
+    """A pipe's stream (``run -`` reads stdin): read only, no seek."""
+
+    def __init__(self, data: bytes):
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        chunk = self._data.read(len(b))
+        b[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_avro_files_read_the_same_from_a_pipe_and_with_a_codec_outside_the_fast_path(
+        monkeypatch):
+    data = _container(PACKET, "deflate", n=2)
+    expected = list(fastavro.reader(io.BytesIO(data)))
+    read = lambda stream: list(read_records(stream, "avro", "in"))  # noqa: E731
+    assert read(io.BufferedReader(io.BytesIO(data))) == expected
+    assert read(io.BufferedReader(_Unseekable(data))) == expected
+    monkeypatch.setattr(formats, "_CODECS", (b"null",))  # as if deflate were snappy
+    assert read(io.BufferedReader(io.BytesIO(data))) == expected
+    assert read(io.BufferedReader(_Unseekable(data))) == expected  # its header written back
+    [bad] = read(io.BytesIO(b"Obj\x02" + data[4:]))
+    assert isinstance(bad, DecodeError) and "not an Avro object container file" in str(bad)
+
+
+def test_files_of_one_schema_share_a_reader_per_declaration_of_fields():
+    from mlflow_preproc.runtime.input_fields import parse
+
+    data = PACKET.read_bytes()
+    full = next(fastavro.reader(io.BytesIO(data)))
+    for paths in (["candidate.magpsf"], ["objectId", "candidate.jd"], ["candidate.magpsf"]):
+        [record] = read_records(io.BytesIO(data), "avro", "in", fields=parse(paths))
+        assert record == {
+            top: {k: full[top][k] for k in sub} if sub else full[top]
+            for top, sub in _tree(paths).items()}
+    [whole] = read_records(io.BytesIO(data), "avro", "in")
+    assert whole == full
+
+
+def _tree(paths: list[str]) -> dict:
+    tree: dict = {}
+    for p in paths:
+        top, _, rest = p.partition(".")
+        tree.setdefault(top, []).extend([rest] if rest else [])
+    return tree

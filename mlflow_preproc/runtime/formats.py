@@ -768,17 +768,18 @@ def read_records(stream: IO[bytes], fmt: str, where: str,
 def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = None
                ) -> Iterator[Record | DecodeError]:
     try:
-        container = fastavro.reader(stream)  # reads the header only
-        codec = container.codec.encode()
-        reader = _RecordReader(json.loads(container.metadata["avro.schema"]), (), fields) \
+        header = fastavro.schemaless_reader(stream, _ContainerReader._HEADER, None)
+        if header["magic"] != b"Obj\x01":
+            raise ValueError(f"it starts with {header['magic']!r}, not b'Obj\\x01'")
+        codec, sync = header["meta"].get("avro.codec", b"null"), header["sync"]
+        reader = _file_reader(header["meta"]["avro.schema"], fields) \
             if codec in _CODECS else None
     except Exception as exc:  # noqa: BLE001 -- fastavro raises many types on a bad header
         yield DecodeError(f"{where} is not an Avro object container file ({exc})")
         return
     if reader is None:  # a codec outside the standard library: fastavro's own blocks
-        yield from _fastavro_records(container, where)
+        yield from _fastavro_records(fastavro.reader(_from_start(stream, header)), where)
         return
-    sync = container._header["sync"]  # fastavro keeps the header's sync marker only here
     count = 0
     while True:
         try:
@@ -805,6 +806,49 @@ def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = 
                 break
             yield record
             count += 1
+
+
+# Readers of the files' writer schemas, by schema text and declared fields: an archive of
+# one-alert files (ZTF's) has one schema per version, and parsing it and deriving the
+# projection took more time than decoding the alert (benchmarks/avro_decoders.py, files).
+_FILE_READERS: dict[tuple[bytes, str], _RecordReader] = {}
+_MAX_FILE_READERS = 64
+
+
+def _file_reader(schema_text: bytes, fields: Tree | None) -> _RecordReader:
+    key = (schema_text, json.dumps(fields, sort_keys=True))
+    reader = _FILE_READERS.get(key)
+    if reader is None:
+        if len(_FILE_READERS) >= _MAX_FILE_READERS:
+            _FILE_READERS.clear()
+        reader = _FILE_READERS[key] = _RecordReader(json.loads(schema_text), (), fields)
+    return reader
+
+
+def _from_start(stream: IO[bytes], header: dict) -> IO[bytes]:
+    """``stream`` from its first byte again, its header read: rewound, or (stdin) the header
+    written back in front of the rest."""
+    if stream.seekable():
+        stream.seek(0)
+        return stream
+    head = io.BytesIO()
+    fastavro.schemaless_writer(head, _ContainerReader._HEADER, header)
+    return io.BufferedReader(_Joined(head.getvalue(), stream))
+
+
+class _Joined(io.RawIOBase):
+    """``first`` then ``rest``, as one unseekable stream."""
+
+    def __init__(self, first: bytes, rest: IO[bytes]):
+        self._first, self._rest = io.BytesIO(first), rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._first.read(len(b)) or self._rest.read(len(b))
+        b[:len(data)] = data
+        return len(data)
 
 
 def _fastavro_records(container: Iterator[Record], where: str) -> Iterator[Record | DecodeError]:
