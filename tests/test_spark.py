@@ -189,3 +189,47 @@ def test_transform_decodes_avro_files_in_the_tasks(spark, tracking_uri):
     assert fields == {("candid", "candidate", "objectId", "prv_candidates", "publisher",
                        "schemavsn")}
     assert result.rejects.count() == 0
+
+
+def fink_like(alert):
+    c = alert["candidate"]
+    mags = [p["magpsf"] for p in alert["prv_candidates"] or [] if p["magpsf"] is not None]
+    return {"objectId": alert["objectId"], "mag": c["magpsf"], "history": len(mags),
+            "mean": sum(mags) / len(mags) if mags else None}
+
+
+def test_declared_input_fields_prune_what_spark_reads_of_parquet(spark, tracking_uri, tmp_path):
+    import re
+
+    import mlflow_preproc.spark as mps
+    from mlflow_preproc.spark.schemas import spark_schema
+
+    with open(ZTF_PACKETS[0], "rb") as f:
+        reader = fastavro.reader(f)
+        schema, batch = reader.writer_schema, list(reader)
+    spark.createDataFrame(batch, spark_schema(schema)).write.parquet(str(tmp_path / "a.parquet"))
+    example = {k: v for k, v in batch[0].items() if not k.startswith("cutout")}
+    with mlflow.start_run():
+        undeclared = mlflow.preproc.log_model(fink_like, name="u").model_uri
+        declared = mlflow.preproc.log_model(
+            fink_like, name="d", input_example=example,
+            input_fields=["objectId", "candidate.magpsf", "prv_candidates.magpsf"]).model_uri
+
+    def run(model: str):
+        result = mps.transform(spark.read.parquet(str(tmp_path / "a.parquet")), model)
+        plan = result.output._jdf.queryExecution().executedPlan().toString()
+        return ([json.loads(r.value) for r in result.output.collect()],
+                re.findall(r"ReadSchema: (\S+)", plan))
+
+    spark.conf.set("spark.sql.maxMetadataStringLength", "100000")  # the whole ReadSchema
+    try:
+        full, full_read = run(undeclared)
+        pruned, pruned_read = run(declared)
+    finally:
+        spark.conf.unset("spark.sql.maxMetadataStringLength")
+    assert pruned == full and full[0]["objectId"] == batch[0]["objectId"]
+    assert "cutoutScience" in full_read[0]
+    # the declared fields, and the row index Parquet gives each reject's provenance
+    assert pruned_read == ["struct<objectId:string,candidate:struct<magpsf:float>,"
+                           "prv_candidates:array<struct<magpsf:float>>,"
+                           "_tmp_metadata_row_index:bigint>"]

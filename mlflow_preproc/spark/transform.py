@@ -123,6 +123,9 @@ def transform_files(df: Any, model_uri: str, *, files: bool, input_format: str |
         rows = df.select("path", "content")
     else:
         rows = _with_provenance(df)
+        if loaded.preprocessor.fields is not None:
+            rows = rows.select(*_declared(df.schema, loaded.preprocessor.fields),
+                               *[c for c in (FILE_COLUMN, ROW_COLUMN) if c in rows.columns])
     job = PartitionJob(shipped, schema, output_type, tuple(drop_fields), files, input_format,
                        dict(names or {}))
     return Transformed.of(rows.mapInArrow(job, schema))
@@ -142,6 +145,35 @@ def resolve_output_type(loaded: LoadedPreprocessing, output_schema: Any) -> Any 
     if signature is not None and signature.outputs is not None:
         return signature.outputs.as_spark_schema()
     return None
+
+
+def _declared(struct: Any, fields: dict) -> list[Any]:
+    """The columns of ``struct`` (a DataFrame's schema) cut to the model's declared input
+    fields, in the schema's order: Spark prunes the rest from what it reads, nested fields of
+    Parquet included (``ReadSchema`` of the scan; tests/test_spark.py checks it). What the
+    function sees does not change: its records are projected to the same fields anyway."""
+    from pyspark.sql import functions as F
+
+    return [_cut(F.col(f.name), f.dataType, fields[f.name]).alias(f.name)
+            for f in struct.fields if f.name in fields]
+
+
+def _cut(column: Any, data_type: Any, sub: dict | None) -> Any:
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import ArrayType, StructType
+
+    if sub is None:
+        return column
+    if isinstance(data_type, ArrayType):
+        return F.transform(column, lambda item: _cut(item, data_type.elementType, sub))
+    if not isinstance(data_type, StructType):
+        return column  # a map or a leaf: whole, as the Avro decoders read map values whole
+    kept = [f for f in data_type.fields if f.name in sub]
+    if not kept:  # none of the declared fields exist here: as a full read has it
+        return column
+    struct = F.struct(*[_cut(column[f.name], f.dataType, sub[f.name]).alias(f.name)
+                        for f in kept])
+    return F.when(column.isNull(), None).otherwise(struct)
 
 
 def _with_provenance(df: Any) -> Any:
