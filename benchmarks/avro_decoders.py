@@ -15,7 +15,9 @@ b*  the record body alone (no container framing): fastavro whole / projected, an
 f1  read_records on each message as a one-alert file (a ZTF archive, as run and Spark read
     it): the file's reader is kept per schema text and declared fields
 c*  decode + Preprocessor with the Fink contract function: what the stream's CPU does per
-    alert before encoding and producing, without and with the declared fields
+    alert before encoding and producing, without and with the declared fields; c2 the
+    columnar contract (batch_format="arrow") with a function that reads one column: the
+    decoded dicts made into an Arrow table per batch
 
     python benchmarks/avro_decoders.py                 # 20,000 alerts
     python benchmarks/avro_decoders.py --alerts 2000
@@ -186,6 +188,14 @@ def main() -> None:
                  cpu_per_item(contract(today, plain), args.repeat)))
     rows.append(("c1", "decode + Fink function, INPUT_FIELDS",
                  cpu_per_item(contract(declared, with_fields), args.repeat)))
+    import pyarrow.compute as pc
+
+    def one_column(table):  # the least a columnar function does: read one column
+        return pc.struct_field(table.column("candidate"), "magpsf")
+
+    columns = Preprocessor(one_column, "arrow", None, fink.INPUT_FIELDS)
+    rows.append(("c2", "decode + batch_format='arrow' (Table from dicts), INPUT_FIELDS",
+                 cpu_per_item(contract(declared, columns), args.repeat)))
 
     d0 = rows[0][2]
     print(f"# {args.alerts} ZTF alert messages (2 schema versions, cutouts in the bytes), "

@@ -73,13 +73,18 @@ def alerts_frame(spark):
     return spark.createDataFrame(alerts(), mps.spark_schema(DATA / "alert.avsc"))
 
 
-@pytest.mark.parametrize("batch_format", [None, "pandas"])
+def ztf_features_table(table):
+    return [ztf_features(row) for row in table.to_pylist()]
+
+
+@pytest.mark.parametrize("batch_format", [None, "pandas", "arrow"])
 def test_spark_udf_output_equals_pyfunc_predict(spark, tracking_uri, batch_format):
     from pyspark.sql.functions import struct
 
     import mlflow_preproc.spark as mps
 
-    fn = ztf_features if batch_format is None else ztf_features_batch
+    fn = {None: ztf_features, "pandas": ztf_features_batch,
+          "arrow": ztf_features_table}[batch_format]
     with mlflow.start_run():
         info = mlflow.preproc.log_model(fn, name="f", batch_format=batch_format,
                                         output_avro_schema=FEATURES_SCHEMA)

@@ -122,7 +122,8 @@ def save_model(
             captured (``.py`` files and packages), never a symlink out of the folder.
         path: Local path where the model is to be saved; must not exist or be empty.
         batch_format: ``None`` (default) calls ``pre_processing`` once per record (a dict);
-            ``"records"`` passes a list of records, ``"pandas"`` a DataFrame (see docs/concepts.md).
+            ``"records"`` passes a list of records, ``"pandas"`` a DataFrame, ``"arrow"`` a
+            ``pyarrow.Table`` (see docs/concepts.md).
         feature_names: Names of the values of the feature vector ``pre_processing`` returns,
             in order (default: the ``FEATURE_NAMES`` list of its module). Each vector becomes
             the record ``{name: value}``; the signature gets one output column per name and,

@@ -1,0 +1,124 @@
+"""batch_format="arrow": pre_processing over a batch's columns gives what the per-record
+function gives, on the real ZTF alerts, in pyfunc, `run` and Spark's transform."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import fastavro
+import mlflow
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from conftest import BIN, DATA
+from mlflow_preproc.runtime.records import Preprocessor, RecordError
+
+PACKETS = sorted(DATA.glob("*.avro"))
+FEATURE_NAMES = ["magpsf", "sigmapsf", "rb", "n_history", "history_mean"]
+INPUT_FIELDS = ["candidate.magpsf", "candidate.sigmapsf", "candidate.rb",
+                "prv_candidates.magpsf"]
+
+
+def alerts() -> list[dict]:
+    out = []
+    for packet in PACKETS:
+        with open(packet, "rb") as f:
+            out.extend(fastavro.reader(f))
+    return out
+
+
+def per_record(alert: dict) -> list[float | None]:
+    c = alert["candidate"]
+    mags = [p["magpsf"] for p in alert["prv_candidates"] or [] if p["magpsf"] is not None]
+    return [c["magpsf"], c["sigmapsf"], c["rb"], float(len(mags)),
+            sum(mags) / len(mags) if mags else None]
+
+
+def columnar(table: pa.Table) -> pa.Array:
+    """The same features, over columns: one feature vector per row."""
+    candidate = table.column("candidate")
+    history = pc.struct_field(pc.list_flatten(table.column("prv_candidates")), "magpsf")
+    parents = pc.list_parent_indices(table.column("prv_candidates"))
+    rows = []
+    for i in range(table.num_rows):  # the history per alert; the rest is whole columns
+        mags = pc.drop_null(pc.filter(history, pc.equal(parents, i)))
+        rows.append([pc.struct_field(candidate, "magpsf")[i].as_py(),
+                     pc.struct_field(candidate, "sigmapsf")[i].as_py(),
+                     pc.struct_field(candidate, "rb")[i].as_py(), float(len(mags)),
+                     pc.mean(mags).as_py() if len(mags) else None])
+    return pa.array(rows)
+
+
+def _close(a: list, b: list) -> bool:
+    return all(x == pytest.approx(y, rel=1e-6) if isinstance(x, float) else x == y
+               for x, y in zip(a, b, strict=True))
+
+
+def test_the_columnar_function_gives_what_the_per_record_one_gives_on_the_real_alerts():
+    records = alerts()
+    expected = Preprocessor(per_record, None, FEATURE_NAMES).process(records)
+    for fields in (None, INPUT_FIELDS):
+        got = Preprocessor(columnar, "arrow", FEATURE_NAMES, fields).process(records)
+        assert len(got) == len(expected) == len(records)
+        for outputs, wanted in zip(got, expected):
+            assert _close([outputs[0][n] for n in FEATURE_NAMES],
+                          [wanted[0][n] for n in FEATURE_NAMES])
+
+
+def test_declared_fields_are_the_only_columns_and_a_table_out_is_one_record_per_row():
+    seen = []
+
+    def names(table: pa.Table) -> pa.Table:
+        seen.append(table.schema)
+        return pa.table({"n": pc.fill_null(pc.list_value_length(
+            table.column("prv_candidates")), 0)})
+
+    got = Preprocessor(names, "arrow", None, INPUT_FIELDS).process(alerts())
+    assert seen[0].names == ["candidate", "prv_candidates"]
+    assert [f.name for f in seen[0].field("candidate").type] == ["magpsf", "sigmapsf", "rb"]
+    assert got == [[{"n": len(a["prv_candidates"] or [])}] for a in alerts()]
+
+
+def test_a_wrong_row_count_is_named_and_a_record_arrow_cannot_hold_fails_alone():
+    short = Preprocessor(lambda t: t.slice(0, 1), "arrow")
+    with pytest.raises(RecordError, match="returned 1 rows for 2 input records; return one "
+                                          "row per input"):
+        short.process([{"x": 1}, {"x": 2}])
+    doubled = Preprocessor(lambda t: t.append_column("y", pc.multiply(t.column("x"), 2)),
+                           "arrow")
+    # "x" is a string in one record only: the batch fails, then each record is run alone
+    results = doubled.process_each([{"x": 1}, {"x": "one"}, {"x": 3}])
+    assert results[0] == [{"x": 1, "y": 2}] and results[2] == [{"x": 3, "y": 6}]
+    assert isinstance(results[1], RecordError) and results[1].index == 1
+    # a list comes back as in records mode: None drops a record, a list of dicts fans it out
+    mixed = Preprocessor(lambda t: [None, [{"a": 1}, {"a": 2}]], "arrow")
+    assert mixed.process([{"x": 1}, {"x": 2}]) == [[], [{"a": 1}, {"a": 2}]]
+
+
+def test_an_arrow_model_serves_predict_and_run_as_the_per_record_model(tracking_uri, tmp_path):
+    example = {k: v for k, v in alerts()[0].items() if not k.startswith("cutout")}
+    with mlflow.start_run():
+        arrow_model = mlflow.preproc.log_model(columnar, name="a", batch_format="arrow",
+                                               feature_names=FEATURE_NAMES,
+                                               input_fields=INPUT_FIELDS,
+                                               input_example=example).model_uri
+        record_model = mlflow.preproc.log_model(per_record, name="r",
+                                                feature_names=FEATURE_NAMES).model_uri
+    predicted = mlflow.pyfunc.load_model(arrow_model).predict(alerts())
+    wanted = mlflow.pyfunc.load_model(record_model).predict(alerts())
+    assert len(predicted) == len(wanted) == 2
+    for got, expected in zip(predicted, wanted):
+        assert _close([got[n] for n in FEATURE_NAMES], [expected[n] for n in FEATURE_NAMES])
+
+    outputs = {}
+    for name, model in (("arrow", arrow_model), ("records", record_model)):
+        out = tmp_path / f"{name}.jsonl"
+        ran = subprocess.run([str(BIN / "mlflow-preproc"), "run", "-m", model,
+                              *map(str, PACKETS), "-o", str(out)],
+                             capture_output=True, text=True, timeout=300)
+        assert ran.returncode == 0, ran.stderr
+        outputs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    for got, expected in zip(outputs["arrow"], outputs["records"], strict=True):
+        assert _close([got[n] for n in FEATURE_NAMES], [expected[n] for n in FEATURE_NAMES])
