@@ -238,3 +238,48 @@ def test_declared_input_fields_prune_what_spark_reads_of_parquet(spark, tracking
     assert pruned_read == ["struct<objectId:string,candidate:struct<magpsf:float>,"
                            "prv_candidates:array<struct<magpsf:float>>,"
                            "_tmp_metadata_row_index:bigint>"]
+
+
+def columnar_magnitudes(table):
+    """Over Spark's own Arrow columns: float32 as Parquet holds them (a table rebuilt from
+    records would have doubles); fails on the alert without history."""
+    import pyarrow.compute as pc
+
+    magpsf = pc.struct_field(table.column("candidate"), "magpsf")
+    lengths = pc.list_value_length(table.column("prv_candidates"))
+    if pc.any(pc.is_null(lengths)).as_py() or pc.any(pc.equal(lengths, 0)).as_py():
+        raise ValueError("an alert without history")
+    return [{"objectId": o, "mag": m, "n": n, "type": str(magpsf.type)}
+            for o, m, n in zip(table.column("objectId").to_pylist(), magpsf.to_pylist(),
+                               lengths.to_pylist())]
+
+
+def test_a_columnar_model_takes_sparks_arrow_batches_and_rejects_a_row_alone(
+        spark, tracking_uri, tmp_path):
+    import mlflow_preproc.spark as mps
+    from mlflow_preproc.spark.schemas import spark_schema
+
+    with open(ZTF_PACKETS[0], "rb") as f:
+        reader = fastavro.reader(f)
+        schema, batch = reader.writer_schema, list(reader)
+    rows = batch + [dict(batch[0], objectId="ZTFnohistory", prv_candidates=None)]
+    spark.createDataFrame(rows, spark_schema(schema)).coalesce(1) \
+        .write.parquet(str(tmp_path / "a.parquet"))
+    example = {k: v for k, v in batch[0].items() if not k.startswith("cutout")}
+    with mlflow.start_run():
+        model = mlflow.preproc.log_model(
+            columnar_magnitudes, name="c", batch_format="arrow", input_example=example,
+            input_fields=["objectId", "candidate.magpsf", "prv_candidates.magpsf"]).model_uri
+    result = mps.transform(spark.read.parquet(str(tmp_path / "a.parquet")), model).persist()
+    try:
+        outputs = [json.loads(r.value) for r in result.output.collect()]
+        assert outputs == [{"objectId": a["objectId"], "mag": a["candidate"]["magpsf"],
+                            "n": len(a["prv_candidates"]), "type": "float"} for a in batch]
+        [reject] = [r.asDict() for r in result.rejects.collect()]
+        assert reject["stage"] == "preprocess" and "an alert without history" in reject["error"]
+        assert json.loads(reject["record"])["objectId"] == "ZTFnohistory"
+        assert reject["input"].endswith(".parquet") and reject["index"] == len(batch)
+        counts = result.counts()
+        assert (counts.read, counts.written, counts.failed) == (len(rows), len(batch), 1)
+    finally:
+        result.unpersist()

@@ -123,6 +123,24 @@ class Preprocessor:
                 results.append(err.at(i))
         return results
 
+    def process_columns(self, table: Any) -> list[list[Any] | RecordError]:
+        """:meth:`process_each` for ``batch_format="arrow"`` over a ``pyarrow.Table`` of
+        records that has only the declared columns already (Spark's Arrow batches, the
+        DataFrame cut to them): no record is built, unless to name one that fails."""
+        n = table.num_rows
+        if n > 1:
+            try:
+                return self._call_on(table, n)
+            except RecordError:
+                pass
+        results: list[list[Any] | RecordError] = []
+        for i in range(n):
+            try:
+                results.append(self._call_on(table.slice(i, 1), 1)[0])
+            except RecordError as err:
+                results.append(err.at(i))
+        return results
+
     def _call_one(self, index: int, record: Record) -> list[Any]:
         try:
             out = self.fn(record)
@@ -141,14 +159,18 @@ class Preprocessor:
             batch = _table(records)
         else:
             batch = list(records)
+        return self._call_on(batch, len(records))
+
+    def _call_on(self, batch: Any, n: int) -> list[list[Any]]:
+        """``fn`` on ``batch`` of ``n`` records; the outputs of each."""
         try:
             out = self.fn(batch)
             if self.fields is not None and isinstance(out, (list, dict)):
                 out = plain(out)
         except Exception as exc:
-            index = 0 if len(records) == 1 else None
-            raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
-        return _split_batch_output(out, len(records), self.feature_names)
+            raise RecordError(0 if n == 1 else None,
+                              f"pre_processing raised {type(exc).__name__}: {exc}") from exc
+        return _split_batch_output(out, n, self.feature_names)
 
 
 _SCALARS = (str, int, float, bool)

@@ -77,13 +77,62 @@ class PartitionJob:
     def __call__(self, batches: Iterable[Any]) -> Iterator[Any]:
         preprocessor = self.model.load().preprocessor
         sink = _Sink(self.schema, self.output_type)
+        # A columnar function over records Spark hands as Arrow gets them as they come: no
+        # records are built (transform() cut the DataFrame to the declared fields already).
+        columnar = preprocessor.batch_format == "arrow" and not self.files and \
+            not self.fields_to_drop
         seen = 0  # rows of the partition so far
         for batch in batches:
-            for chunk in _chunks(self._items(batch, seen, preprocessor.fields), BATCH_SIZE):
-                self._process(preprocessor, chunk, sink)
-                yield from sink.emit()
+            if columnar:
+                for places, table in self._tables(batch, seen):
+                    self._process_columns(preprocessor, places, table, sink)
+                    yield from sink.emit()
+            else:
+                for chunk in _chunks(self._items(batch, seen, preprocessor.fields), BATCH_SIZE):
+                    self._process(preprocessor, chunk, sink)
+                    yield from sink.emit()
             seen += batch.num_rows
         yield from sink.emit(final=True)
+
+    def _tables(self, batch: Any, seen: int) -> Iterator[tuple[list[tuple[str, int]], Any]]:
+        """The records of an Arrow batch as tables of at most ``BATCH_SIZE`` rows of one
+        input each (as :func:`_chunks`), with the (where, index) of each row."""
+        import pyarrow as pa
+
+        table = pa.Table.from_batches([batch])
+        if FILE_COLUMN in table.column_names:
+            files = [self._name(w) for w in table.column(FILE_COLUMN).to_pylist()]
+            rows = table.column(ROW_COLUMN).to_pylist() if ROW_COLUMN in table.column_names \
+                else [None] * table.num_rows
+            table = table.drop_columns([c for c in (FILE_COLUMN, ROW_COLUMN)
+                                        if c in table.column_names])
+        else:
+            from pyspark import TaskContext
+
+            where = f"partition {TaskContext.get().partitionId()}"
+            files = [where] * table.num_rows
+            rows = list(range(seen, seen + table.num_rows))
+        start = 0
+        while start < table.num_rows:
+            end = start + 1
+            while end < table.num_rows and end - start < BATCH_SIZE and files[end] == files[start]:
+                end += 1
+            yield list(zip(files[start:end], rows[start:end])), table.slice(start, end - start)
+            start = end
+
+    def _process_columns(self, preprocessor: Preprocessor, places: list[tuple[str, int]],
+                         table: Any, sink: _Sink) -> None:
+        for row, ((where, index), result) in enumerate(
+                zip(places, preprocessor.process_columns(table))):
+            sink.counts["read"] += 1
+            record = _Row(table, row)
+            if isinstance(result, RecordError):
+                sink.reject(where, index, "preprocess", result.at(index), record)
+                continue
+            if not result:
+                sink.counts["dropped"] += 1
+            for out in result:
+                sink.output(where, index, out, record)
 
     # ---- record in -> decode -----------------------------------------------------------
 
@@ -243,7 +292,21 @@ class _Sink:
         return pa.RecordBatch.from_arrays(arrays, schema=self.arrow_schema)
 
 
+class _Row:
+    """Row ``index`` of ``table``, made a record only if a reject needs it."""
+
+    __slots__ = ("table", "index")
+
+    def __init__(self, table: Any, index: int):
+        self.table, self.index = table, index
+
+    def record(self) -> dict:
+        return self.table.slice(self.index, 1).to_pylist()[0]
+
+
 def _json_or_none(record: Any) -> str | None:
+    if isinstance(record, _Row):
+        record = record.record()
     if record is None:
         return None
     try:
