@@ -125,14 +125,7 @@ class PartitionJob:
         for row, ((where, index), result) in enumerate(
                 zip(places, preprocessor.process_columns(table))):
             sink.counts["read"] += 1
-            record = _Row(table, row)
-            if isinstance(result, RecordError):
-                sink.reject(where, index, "preprocess", result.at(index), record)
-                continue
-            if not result:
-                sink.counts["dropped"] += 1
-            for out in result:
-                sink.output(where, index, out, record)
+            sink.result(where, index, result, _Row(table, row))
 
     # ---- record in -> decode -----------------------------------------------------------
 
@@ -194,14 +187,7 @@ class PartitionJob:
             if isinstance(item, DecodeError):
                 sink.reject(where, index, "decode", item, item.raw_text())
                 continue
-            result = next(results)
-            if isinstance(result, RecordError):
-                sink.reject(where, index, "preprocess", result.at(index), item)
-                continue
-            if not result:
-                sink.counts["dropped"] += 1
-            for out in result:
-                sink.output(where, index, out, item)
+            sink.result(where, index, next(results), item)
 
 
 def _chunks(items: Iterator[tuple[str, int, Any]], size: int
@@ -231,6 +217,17 @@ class _Sink:
         self.counts = dict.fromkeys(COUNTS_FIELDS, 0)
         self._outputs: list[Any] = []   # JSON lines, or (where, index, output, input)
         self._rejects: list[dict] = []
+
+    def result(self, where: str, index: int, result: list | RecordError, item: Any) -> None:
+        """What pre_processing made of input ``index`` of ``where``: its outputs (none: it
+        was dropped) or its reject."""
+        if isinstance(result, RecordError):
+            self.reject(where, index, "preprocess", result.at(index), item)
+            return
+        if not result:
+            self.counts["dropped"] += 1
+        for out in result:
+            self.output(where, index, out, item)
 
     def output(self, where: str, index: int, out: dict, item: Any) -> None:
         if self._typed:
