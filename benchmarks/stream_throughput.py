@@ -496,10 +496,10 @@ def _pure_fastavro_decode(alerts: list[bytes]) -> Callable[[bytes], dict]:
 
 def _block_of(raw: bytes) -> bytes:
     """The record bytes of a one-record, uncompressed container."""
-    from mlflow_preproc.runtime.formats import _ContainerReader, _next_block
+    from mlflow_preproc.runtime.formats import OCF_HEADER_SCHEMA, _next_block
 
     buf = io.BytesIO(raw)
-    header = fastavro.schemaless_reader(buf, _ContainerReader._HEADER, None)
+    header = fastavro.schemaless_reader(buf, OCF_HEADER_SCHEMA, None)
     if header["meta"].get("avro.codec", b"null") != b"null":
         raise SystemExit("the alerts are expected uncompressed, as ZTF sends them")
     _, block = _next_block(buf, b"null", header["sync"], limit=len(raw))

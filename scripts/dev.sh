@@ -26,7 +26,7 @@ setup() {
     local stamp="$VENV/.mlflow-preproc-installed"
     if [[ ! -f "$stamp" || setup.py -nt "$stamp" ]]; then
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet -e ".[test,kubernetes,spark,monitoring]"
+        "$VENV/bin/python" -m pip install --quiet -e ".[test,kubernetes,spark,monitoring,columnar]"
         touch "$stamp"
     fi
 }

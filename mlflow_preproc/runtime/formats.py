@@ -49,7 +49,13 @@ Record = dict[str, Any]
 INPUT_FORMATS = ("json", "jsonl", "avro", "confluent-avro")
 OUTPUT_FORMATS = ("json", "jsonl", "avro", "confluent-avro")
 
-_OCF_MAGIC = b"Obj\x01"
+OCF_MAGIC = b"Obj\x01"
+# The header of an Avro object container file, as the Avro spec writes it.
+OCF_HEADER_SCHEMA = fastavro.parse_schema({
+    "type": "record", "name": "org.apache.avro.file.Header", "fields": [
+        {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
+        {"name": "meta", "type": {"type": "map", "values": "bytes"}},
+        {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
 _CONFLUENT_MAGIC = 0
 
 
@@ -138,7 +144,7 @@ class MessageDecoder:
         self.fmt = fmt
         self.any_json = any_json
         self._skip = frozenset(name for name in skip if "." not in name)
-        self._fields = fields
+        self.fields = fields
         self._reader = _RecordReader(schema, self._skip, fields) if schema else None
         self._by_id = _SchemaById(schema_dir, registry_url, registry_config)
         self._readers_by_id: dict[int, _RecordReader] = {}
@@ -154,7 +160,7 @@ class MessageDecoder:
             # A call per record costs ~3% of the stream's time on 1 KB records: only if needed.
             return [_without(record, self._skip) if self._skip else record]
         if self.fmt == "avro":
-            if value[:4] == _OCF_MAGIC:
+            if value[:4] == OCF_MAGIC:
                 return self._containers.read(value)
             if self._reader is None:
                 raise DecodeError(
@@ -169,7 +175,7 @@ class MessageDecoder:
         reader = self._readers_by_id.get(schema_id)
         if reader is None:
             reader = self._readers_by_id[schema_id] = _RecordReader(self._by_id.get(schema_id),
-                                                                    self._skip, self._fields)
+                                                                    self._skip, self.fields)
         return [_schemaless(value[5:], reader)]
 
 
@@ -306,7 +312,7 @@ def _skipper(schema: Any, named: dict[str, Any]) -> Skipper:
         branches = [_skipper(branch, named) for branch in schema]
 
         def skip_union(data: bytes, pos: int) -> int:
-            index, pos = _zigzag(data, pos)
+            index, pos = zigzag(data, pos)
             return branches[index](data, pos)
         return skip_union
     kind = schema if isinstance(schema, str) else schema["type"]
@@ -314,7 +320,7 @@ def _skipper(schema: Any, named: dict[str, Any]) -> Skipper:
         width = schema["size"] if kind == "fixed" else _FIXED_WIDTH[kind]
         return lambda data, pos: _advance(data, pos, width)
     if kind in ("int", "long", "enum"):
-        return lambda data, pos: _zigzag(data, pos)[1]
+        return lambda data, pos: zigzag(data, pos)[1]
     if kind in ("string", "bytes"):
         return _skip_sized
     if kind in ("record", "error"):
@@ -350,11 +356,11 @@ def _block_skipper(item: list[Skipper]) -> Skipper:
     the whole block be jumped."""
     def skip_blocks(data: bytes, pos: int) -> int:
         while True:
-            count, pos = _zigzag(data, pos)
+            count, pos = zigzag(data, pos)
             if count == 0:
                 return pos
             if count < 0:
-                size, pos = _zigzag(data, pos)
+                size, pos = zigzag(data, pos)
                 pos = _advance(data, pos, size)
                 continue
             for _ in range(count):
@@ -365,7 +371,7 @@ def _block_skipper(item: list[Skipper]) -> Skipper:
 
 def _skip_sized(data: bytes, pos: int) -> int:
     """Strings and bytes: a length, then that many bytes."""
-    size, pos = _zigzag(data, pos)
+    size, pos = zigzag(data, pos)
     return _advance(data, pos, size)
 
 
@@ -378,7 +384,7 @@ def _advance(data: bytes, pos: int, size: int) -> int:
     return end
 
 
-def _zigzag(data: bytes, pos: int) -> tuple[int, int]:
+def zigzag(data: bytes, pos: int) -> tuple[int, int]:
     """An Avro int or long (zigzag varint) at ``pos``, and the position after it."""
     result = shift = 0
     while True:
@@ -402,11 +408,6 @@ class _ContainerReader:
     zstandard, lz4) go through ``fastavro.reader``, and skipped fields are dropped after it.
     """
 
-    _HEADER = fastavro.parse_schema({
-        "type": "record", "name": "org.apache.avro.file.Header", "fields": [
-            {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
-            {"name": "meta", "type": {"type": "map", "values": "bytes"}},
-            {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
     _MAX_SCHEMAS = 64
     _RECENT_HEADERS = 4
 
@@ -440,7 +441,7 @@ class _ContainerReader:
             if len(sync) < 16:  # what fastavro says of a header cut short in the same place
                 raise EOFError(f"Expected 16 bytes, read {len(sync)}")
         else:
-            header = fastavro.schemaless_reader(buf, self._HEADER, None)
+            header = fastavro.schemaless_reader(buf, OCF_HEADER_SCHEMA, None)
             codec = header["meta"].get("avro.codec", b"null")
             if codec not in _CODECS:
                 records = list(fastavro.reader(io.BytesIO(value)))
@@ -546,7 +547,7 @@ def _read_long(buf: IO[bytes], first: bytes = b"") -> int:
         if not more:  # the bytes end inside it (without this check: a loop for ever)
             raise EOFError("the bytes end inside a varint")
         data += more
-    return _zigzag(data, 0)[0]
+    return zigzag(data, 0)[0]
 
 
 def _step_over(buf: IO[bytes], size: int) -> None:
@@ -735,7 +736,7 @@ class MessageEncoder:
 def sniff_file_format(path: str | None, head: bytes) -> str:
     """Guess a file's input format from its name, else from its first bytes."""
     suffix = Path(path).suffix.lower() if path else ""
-    if suffix == ".avro" or head.startswith(_OCF_MAGIC):
+    if suffix == ".avro" or head.startswith(OCF_MAGIC):
         return "avro"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
@@ -768,7 +769,7 @@ def read_records(stream: IO[bytes], fmt: str, where: str,
 def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = None
                ) -> Iterator[Record | DecodeError]:
     try:
-        header = fastavro.schemaless_reader(stream, _ContainerReader._HEADER, None)
+        header = fastavro.schemaless_reader(stream, OCF_HEADER_SCHEMA, None)
         if header["magic"] != b"Obj\x01":
             raise ValueError(f"it starts with {header['magic']!r}, not b'Obj\\x01'")
         codec, sync = header["meta"].get("avro.codec", b"null"), header["sync"]
@@ -832,7 +833,7 @@ def _from_start(stream: IO[bytes], header: dict) -> IO[bytes]:
         stream.seek(0)
         return stream
     head = io.BytesIO()
-    fastavro.schemaless_writer(head, _ContainerReader._HEADER, header)
+    fastavro.schemaless_writer(head, OCF_HEADER_SCHEMA, header)
     return io.BufferedReader(_Joined(head.getvalue(), stream))
 
 

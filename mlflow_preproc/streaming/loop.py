@@ -44,6 +44,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -58,6 +59,9 @@ from mlflow_preproc.streaming.client_logs import client_logger
 from mlflow_preproc.streaming.delivery import Failure, Redelivery, classify, is_size_error
 from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
 from mlflow_preproc.streaming.shutdown import Shutdown
+
+if TYPE_CHECKING:
+    from mlflow_preproc.runtime.avro_columns import ColumnReader
 
 logger = logging.getLogger("mlflow_preproc")
 
@@ -179,12 +183,23 @@ class KafkaLoop:
     # ---- inputs and outputs ----------------------------------------------------------------
 
     def decode(self, messages: Sequence[Message], decoder: MessageDecoder,
-               fields_to_drop: Sequence[str] = ()) -> tuple[list[dict], list[Message]]:
+               fields_to_drop: Sequence[str] = (), columns: ColumnReader | None = None
+               ) -> tuple[list[dict], list[Message]]:
         """Records of ``messages`` and the message each came from (an Avro container may
-        hold several); undecodable messages go to the dead-letter topic."""
+        hold several); undecodable messages go to the dead-letter topic.
+
+        With ``columns`` (polars-avro installed), the Avro containers of the batch are read
+        in one call first, with the same records as a result; the message decoder decodes
+        the rest, and judges any that the reader leaves to it."""
+        read = columns.records([msg.value() for msg in messages]) if columns else None
         records, owners = [], []
         decode = decoder.decode
-        for msg in messages:
+        for i, msg in enumerate(messages):
+            decoded = read[i] if read else None
+            if decoded is not None:  # read without the dropped fields already
+                records.extend(decoded)
+                owners.extend([msg] * len(decoded))
+                continue
             try:
                 decoded = self.when_available(decode, msg.value())
             except (Abandon, FatalError):

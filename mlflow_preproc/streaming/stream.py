@@ -68,6 +68,8 @@ class Stream(KafkaLoop):
                                           max_decoded_bytes=config["MAX_DECODED_BYTES"],
                                           fields=_decoded_fields(self.preprocessor.fields,
                                                                  predictor))
+            # With polars-avro (the columnar extra), Avro containers are read a batch at once.
+            self.columns = _column_reader(config, self.decoder.fields, self.fields_to_drop)
             self.encoder = MessageEncoder(config["OUTPUT_FORMAT"], out_schema,
                                           config["SCHEMA_REGISTRY_URL"], topic=output_topic)
         except ValueError as exc:
@@ -91,15 +93,21 @@ class Stream(KafkaLoop):
                    shutdown, predictor)
 
     def handle_batch(self, messages: Sequence[Message]) -> None:
-        # decode, drop fields
-        records, owners = self.decode(messages, self.decoder, self.fields_to_drop)
+        if self.columns is not None and self.predictor is None and \
+                self.preprocessor.batch_format == "arrow":
+            # decode into columns, pre_processing over them: no record is built
+            results, owners = self._process_columns(messages)
+        else:
+            # decode, drop fields
+            records, owners = self.decode(messages, self.decoder, self.fields_to_drop,
+                                          self.columns)
 
-        # pre_processing: the whole batch at once; a failing record fails alone
-        results = self.preprocessor.process_each(records)
+            # pre_processing: the whole batch at once; a failing record fails alone
+            results = self.preprocessor.process_each(records)
 
-        # predict, with a prediction model: every output of the batch at once
-        if self.predictor is not None:
-            results = self._predict(records, results)
+            # predict, with a prediction model: every output of the batch at once
+            if self.predictor is not None:
+                results = self._predict(records, results)
 
         # encode and produce, message by message (an Avro container may hold many records)
         encode = self.encoder.encode
@@ -125,6 +133,18 @@ class Stream(KafkaLoop):
             if failures:
                 self._dead_letter_records(msg, last - first, failures)
         self.stats.counts["dropped"] += dropped
+
+    def _process_columns(self, messages: Sequence[Message]) -> tuple[list, list[Message]]:
+        """``batch_format="arrow"``: the results of the records of ``messages`` and the
+        message of each. The containers the column reader takes are one table; the rest
+        (damaged, compressed, of another format) are decoded as records, and judged, as ever."""
+        table, rows = self.columns.table([msg.value() for msg in messages])
+        results = self.preprocessor.process_columns(table) if table is not None else []
+        owners = [messages[i] for i in rows]
+        taken = set(rows)
+        records, others = self.decode([m for i, m in enumerate(messages) if i not in taken],
+                                      self.decoder, self.fields_to_drop)
+        return results + self.preprocessor.process_each(records), owners + others
 
     def _dead_letter_records(self, msg: Message, count: int,
                              failures: list[tuple[int, str, BaseException]]) -> None:
@@ -203,6 +223,18 @@ def _schema(path: str | None) -> dict | None:
         return load_avro_schema(path)
     except SchemaError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _column_reader(config: Config, fields: Tree | None, drop: Sequence[str]):
+    """The :class:`~mlflow_preproc.runtime.avro_columns.ColumnReader` of an Avro stream when
+    polars-avro is installed, else None (the message decoder reads every message)."""
+    if config["INPUT_FORMAT"] != "avro" or not config["AVRO_COLUMNS"]:
+        return None
+    from mlflow_preproc.runtime import avro_columns  # imports polars, when it is installed
+
+    if not avro_columns.installed():
+        return None
+    return avro_columns.ColumnReader(fields, drop, config["MAX_DECODED_BYTES"])
 
 
 def _decoded_fields(fields: Tree | None, predictor: Predictor | None) -> Tree | None:

@@ -1,0 +1,337 @@
+"""Avro container messages decoded a batch at a time into columns, by polars-avro.
+
+``pip install mlflow-preproc[columnar]``. Without it, or for any message this module does not
+take, :class:`~mlflow_preproc.runtime.formats.MessageDecoder` decodes one message at a time as
+before: this is an accelerator with the same results, never another meaning.
+
+Why: fastavro builds a ZTF alert's ~3,000 values one Python object at a time, ~300 µs of CPU
+even with declared input fields (benchmarks/README.md). polars-avro's compiled reader fills Arrow
+columns instead, ~40 µs an alert, but it reads files, not messages. Alert streams send each alert
+as a one-record container file, so the containers of a batch that share a writer schema are
+joined into one (the header once, then every message's blocks, each ending with the header's
+sync marker), read in one call, and the rows handed back to the message each came from.
+
+What comes here is read exactly as the message decoder reads it; the rest goes there:
+
+- a message that is not an uncompressed container (codec ``null``; the compressed ones need the
+  bounded inflation of the message decoder), whose framing is damaged, or whose blocks come to
+  more than ``MAX_DECODED_BYTES``;
+- a writer schema whose read part holds a type polars would hand back as another value (maps,
+  enums, fixed, unions of two types or more, logical types);
+- a group polars refuses (bytes damaged inside a record): it is halved until the messages at
+  fault stand alone, and those go to the message decoder, which dead-letters them, alone.
+
+One difference is known, found by fuzzing (tests/test_avro_columns.py): a union index outside
+its union, which only damage writes, is read by polars-avro as the null branch (or, for
+``["null", T]``, as ``T``) where fastavro refuses the message. The value's bytes are the same
+either way, so only that field of that record differs; set ``AVRO_COLUMNS=false`` where a
+damaged union must be a dead letter.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fastavro
+from fastavro.schema import expand_schema
+
+from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT
+from mlflow_preproc.runtime.formats import OCF_HEADER_SCHEMA, OCF_MAGIC, Record, zigzag
+from mlflow_preproc.runtime.input_fields import Tree
+from mlflow_preproc.runtime.input_fields import parse as parse_fields
+
+try:
+    import polars as pl
+    import polars_avro
+except ImportError:  # the columnar extra is not installed: the message decoder does it all
+    pl = polars_avro = None
+
+_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+_SYNC = b"mlflow-preproc\x00\x01"  # any 16 bytes: the joined file's own sync marker
+
+
+def installed() -> bool:
+    """Whether polars-avro (the ``columnar`` extra) can be imported."""
+    return polars_avro is not None
+
+
+class Unfaithful(ValueError):
+    """A writer schema with a type polars would not hand back as the message decoder does."""
+
+
+@dataclass
+class _Group:
+    """The messages of one batch that share a writer schema, framed for one read."""
+
+    plan: _Plan
+    indexes: list[int] = field(default_factory=list)  # positions in the batch
+    counts: list[int] = field(default_factory=list)  # records of each
+    blocks: list[list[Any]] = field(default_factory=list)  # each message's blocks, no sync
+
+    def part(self, members: range) -> _Group:
+        return _Group(self.plan, [self.indexes[i] for i in members],
+                      [self.counts[i] for i in members], [self.blocks[i] for i in members])
+
+
+class ColumnReader:
+    """Decodes the Avro container messages of a batch into a polars DataFrame per writer schema.
+
+    ``fields``: the declared input fields (only these are handed back); ``drop``: the
+    ``DROP_FIELDS`` paths (with the cutouts when ``SKIP_CUTOUTS``), left out as the message
+    decoder leaves them out; ``max_decoded_bytes``: ``MAX_DECODED_BYTES``.
+    """
+
+    _MAX_SCHEMAS = 64
+    _RECENT_HEADERS = 4
+
+    def __init__(self, fields: Tree | None = None, drop: Collection[str] = (),
+                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT):
+        if polars_avro is None:
+            raise RuntimeError("decoding Avro into columns needs polars-avro; install "
+                               "mlflow-preproc[columnar]")
+        self._fields = fields
+        self._drop = parse_fields(list(drop)) or {}
+        self._limit = max_decoded_bytes
+        self._plans: dict[bytes, _Plan | None] = {}  # by schema text; None: not taken here
+        # (header bytes before the sync marker, its plan) of the last few containers: a
+        # stream's containers share them, so most messages need no header decoding.
+        self._recent: list[tuple[bytes, _Plan | None]] = []
+
+    def records(self, values: Sequence[bytes | None]) -> list[list[Record] | None]:
+        """Each message's records, or None for one the message decoder is to decode."""
+        out: list[list[Record] | None] = [None] * len(values)
+        for group, frame in self._read(values):
+            rows = frame.to_dicts()
+            at = 0
+            for index, count in zip(group.indexes, group.counts):
+                out[index] = rows[at:at + count]
+                at += count
+        return out
+
+    def table(self, values: Sequence[bytes | None]) -> tuple[Any, list[int]]:
+        """A ``pyarrow.Table`` of the records read here, in message order, and the batch
+        position of the message each row came from; (None, []) when none was read here.
+
+        Groups of different writer schemas are joined column by column (a column a schema
+        lacks is null, types widened); a group that cannot be joined is left to the message
+        decoder."""
+        frames, spans = [], []  # spans: (message index, first row in the frames joined, count)
+        rows = 0
+        for group, frame in self._read(values):
+            if frames:
+                try:
+                    pl.concat([frames[0].head(0), frame.head(0)], how="diagonal_relaxed")
+                except Exception:  # noqa: BLE001 -- types polars cannot reconcile
+                    continue
+            frames.append(frame)
+            for index, count in zip(group.indexes, group.counts):
+                spans.append((index, rows, count))
+                rows += count
+        if not frames:
+            return None, []
+        if len(frames) == 1:  # one writer schema: the rows are in message order already
+            joined = frames[0]
+        else:
+            spans.sort()
+            joined = pl.concat(frames, how="diagonal_relaxed")[
+                [row for _, first, count in spans for row in range(first, first + count)]]
+        owners = [index for index, _, count in spans for _ in range(count)]
+        return joined.to_arrow(compat_level=pl.CompatLevel.oldest()), owners
+
+    # ---- framing -------------------------------------------------------------------------
+
+    def _read(self, values: Sequence[bytes | None]) -> list[tuple[_Group, Any]]:
+        groups: dict[int, _Group] = {}
+        for index, value in enumerate(values):
+            framed = self._frame(value)
+            if framed is not None:
+                plan, blocks, count = framed
+                group = groups.setdefault(id(plan), _Group(plan))
+                group.indexes.append(index)
+                group.counts.append(count)
+                group.blocks.append(blocks)
+        read: list[tuple[_Group, Any]] = []
+        for group in groups.values():
+            read.extend(_decoded(group))
+        return read
+
+    def _frame(self, value: bytes | None) -> tuple[_Plan, list[Any], int] | None:
+        """The plan, blocks and record count of a container message taken here, else None."""
+        if not value or not value.startswith(OCF_MAGIC):
+            return None
+        known = next((h for h in self._recent if value.startswith(h[0])), None)
+        if known is None:
+            known = self._header(value)
+            if known is None:
+                return None
+            self._recent = [known, *self._recent[:self._RECENT_HEADERS - 1]]
+        prefix, plan = known
+        if plan is None:
+            return None
+        pos = len(prefix) + 16
+        sync = value[len(prefix):pos]
+        view = memoryview(value)
+        blocks, records, decoded = [], 0, 0
+        try:
+            while pos < len(value):
+                start = pos
+                count, pos = zigzag(value, pos)
+                size, pos = zigzag(value, pos)
+                end = pos + size
+                decoded += size
+                # What the message decoder refuses or bounds, it is to judge.
+                if count < 0 or size < 0 or count > max(size, 1) or decoded > self._limit \
+                        or value[end:end + 16] != sync:
+                    return None
+                blocks.append(view[start:end])
+                records += count
+                pos = end + 16
+        except EOFError:
+            return None
+        return plan, blocks, records
+
+    def _header(self, value: bytes) -> tuple[bytes, _Plan | None] | None:
+        buf = io.BytesIO(value)
+        try:
+            header = fastavro.schemaless_reader(buf, OCF_HEADER_SCHEMA, None)
+            meta = header["meta"]
+            text = meta["avro.schema"]
+        except Exception:  # noqa: BLE001 -- a damaged header: the message decoder's to judge
+            return None
+        prefix = value[:buf.tell() - 16]
+        if meta.get("avro.codec", b"null") != b"null":
+            return prefix, None
+        if text not in self._plans:
+            if len(self._plans) >= self._MAX_SCHEMAS:
+                self._plans.clear()
+            try:
+                self._plans[text] = _Plan(json.loads(text), self._fields, self._drop)
+            except Exception:  # noqa: BLE001 -- unfaithful or damaged: not read here
+                self._plans[text] = None
+        return prefix, self._plans[text]
+
+
+def _decoded(group: _Group) -> list[tuple[_Group, Any]]:
+    """``group`` read; a part polars refuses is halved until its messages stand alone, and
+    those are left out (the message decoder judges them)."""
+    data = b"".join([group.plan.header, *(piece for blocks in group.blocks
+                                          for block in blocks for piece in (block, _SYNC))])
+    try:
+        frame = polars_avro.read_avro(io.BytesIO(data), columns=group.plan.columns)
+        if frame.height == sum(group.counts):
+            return [(group, frame.select(group.plan.exprs))]
+    except BaseException as exc:  # noqa: BLE001 -- Rust panics arrive as BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+    n = len(group.indexes)
+    if n == 1:
+        return []
+    return [*_decoded(group.part(range(n // 2))), *_decoded(group.part(range(n // 2, n)))]
+
+
+class _Plan:
+    """How one writer schema is read here: the header of a joined file (the schema with every
+    named type written out where it is used, which polars-avro needs), the top-level columns
+    to read, and the polars expressions that leave them as the message decoder would."""
+
+    def __init__(self, writer: Any, fields: Tree | None, drop: Tree):
+        expanded = _unique_names(expand_schema(writer), {})
+        if not (isinstance(expanded, dict) and expanded.get("type") == "record"):
+            raise Unfaithful("the writer schema is not a record")
+        self.columns: list[str] = []
+        self.exprs: list[Any] = []
+        for name, value_type in ((f["name"], f["type"]) for f in expanded["fields"]):
+            if name in drop and drop[name] is None or fields is not None and name not in fields:
+                continue
+            expr = _value(value_type, fields[name] if fields else None, drop.get(name) or {},
+                          pl.col(name))
+            self.columns.append(name)
+            self.exprs.append((pl.col(name) if expr is None else expr).alias(name))
+        if not self.columns:
+            raise Unfaithful("no field of the schema is read")
+        present = {f["name"] for f in expanded["fields"]}
+        for name in fields or ():
+            if name not in present:  # a field this schema version lacks reads as null
+                self.exprs.append(pl.lit(None).alias(name))
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, OCF_HEADER_SCHEMA, {
+            "magic": OCF_MAGIC, "sync": _SYNC,
+            "meta": {"avro.schema": json.dumps(expanded).encode(), "avro.codec": b"null"}})
+        self.header = out.getvalue()
+
+
+def _value(schema: Any, tree: Tree | None, drop: Tree, expr: Any) -> Any:
+    """The polars expression that makes ``expr``, a value of ``schema``, what the message
+    decoder hands back with only ``tree`` of it and without ``drop``; None: ``expr`` as it is.
+    Raises :class:`Unfaithful` for a type that polars would hand back as another value."""
+    if isinstance(schema, list):
+        branches = [b for b in schema if b != "null"]
+        if len(branches) > 1:
+            raise Unfaithful(f"a union of {len(branches)} types")
+        return _value(branches[0], tree, drop, expr) if branches else None
+    if isinstance(schema, str):
+        if schema not in _PRIMITIVES:
+            raise Unfaithful(f"type {schema!r}")
+        return None
+    if schema.get("logicalType"):
+        raise Unfaithful(f"logical type {schema['logicalType']!r}")
+    kind = schema.get("type")
+    if kind in _PRIMITIVES:
+        return None
+    if kind == "array":
+        if schema["items"] == "null" or schema["items"] == {"type": "null"}:
+            # Items of no bytes: a damaged count would have the reader build them for ever.
+            raise Unfaithful("an array of nulls")
+        # DROP_FIELDS paths stop at arrays, as drop_fields does; declared ones go through.
+        item = _value(schema["items"], tree, {}, pl.element())
+        return None if item is None else expr.list.eval(item)
+    if kind != "record":
+        raise Unfaithful(f"type {kind!r}")
+    if not schema.get("fields"):  # polars has no struct of no fields (and loops on one)
+        raise Unfaithful("a record of no fields")
+    parts, changed = [], False
+    present = set()
+    for f in schema["fields"]:
+        name = f["name"]
+        present.add(name)
+        if name in drop and drop[name] is None or tree is not None and name not in tree:
+            changed = True
+            continue
+        sub = expr.struct.field(name)
+        inner = _value(f["type"], tree[name] if tree else None, drop.get(name) or {}, sub)
+        changed |= inner is not None
+        parts.append((sub if inner is None else inner).alias(name))
+    for name in tree or ():
+        if name not in present:
+            parts.append(pl.lit(None).alias(name))
+            changed = True
+    if not changed:
+        return None
+    if not parts:  # a struct of no fields: polars has none; an empty record is {}
+        raise Unfaithful("a record with every field left out")
+    # A null record stays null; pl.struct alone would make a record of nulls of it.
+    return pl.when(expr.is_null()).then(None).otherwise(pl.struct(parts))
+
+
+def _unique_names(node: Any, seen: dict[str, int]) -> Any:
+    """``expand_schema``'s output with a named type written out again renamed (``_2``...):
+    a name is defined once in a schema, and a record's name is not in its binary form."""
+    if isinstance(node, list):
+        return [_unique_names(n, seen) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if node.get("type") in ("record", "enum", "fixed", "error") and "name" in node:
+        seen[node["name"]] = seen.get(node["name"], 0) + 1
+        if seen[node["name"]] > 1:
+            node["name"] = f"{node['name']}_{seen[node['name']]}"
+    for key in ("fields", "items", "values"):
+        if key in node:
+            node[key] = _unique_names(node[key], seen)
+    if isinstance(node.get("type"), (dict, list)):
+        node["type"] = _unique_names(node["type"], seen)
+    return node
