@@ -14,10 +14,12 @@ b*  the record body alone (no container framing): fastavro whole / projected, an
     (Cython; not a dependency: measured when installed) whole / projected
 f1  read_records on each message as a one-alert file (a ZTF archive, as run and Spark read
     it): the file's reader is kept per schema text and declared fields
+p*  the ColumnReader (polars-avro, the columnar extra): the containers of a batch of 500 read
+    in one call, handed back as records (p1) or as one Arrow table (p2)
 c*  decode + Preprocessor with the Fink contract function: what the stream's CPU does per
     alert before encoding and producing, without and with the declared fields; c2 the
     columnar contract (batch_format="arrow") with a function that reads one column: the
-    decoded dicts made into an Arrow table per batch
+    decoded dicts made into an Arrow table per batch; c3/c4 the same over the ColumnReader
 
     python benchmarks/avro_decoders.py                 # 20,000 alerts
     python benchmarks/avro_decoders.py --alerts 2000
@@ -196,6 +198,34 @@ def main() -> None:
     columns = Preprocessor(one_column, "arrow", None, fink.INPUT_FIELDS)
     rows.append(("c2", "decode + batch_format='arrow' (Table from dicts), INPUT_FIELDS",
                  cpu_per_item(contract(declared, columns), args.repeat)))
+
+    from mlflow_preproc.runtime import avro_columns
+
+    if avro_columns.installed():
+        reader = avro_columns.ColumnReader(tree, CUTOUTS)
+        reader.records(values[:10])  # the plans of both schema versions, once per stream
+
+        def column_batches(read) -> Callable[[], int]:
+            def work() -> int:
+                for start in range(0, len(values), 500):
+                    read(values[start:start + 500])
+                return len(values)
+            return work
+
+        rows.append(("p1", "ColumnReader (polars-avro) -> records, declared fields",
+                     cpu_per_item(column_batches(reader.records), args.repeat)))
+        rows.append(("p2", "ColumnReader (polars-avro) -> Arrow table, declared fields",
+                     cpu_per_item(column_batches(reader.table), args.repeat)))
+        rows.append(("c3", "p1 + Fink function, INPUT_FIELDS (the stream's records path)",
+                     cpu_per_item(column_batches(lambda batch: with_fields.process_each(
+                         [r for rs in reader.records(batch) for r in rs])), args.repeat)))
+        rows.append(("c4", "p2 + batch_format='arrow', INPUT_FIELDS (the stream's columnar "
+                           "path)", cpu_per_item(column_batches(
+                               lambda batch: columns.process_columns(reader.table(batch)[0])),
+                               args.repeat)))
+    else:
+        rows.append(("p1", "polars-avro: not installed (pip install .[columnar])",
+                     float("nan")))
 
     d0 = rows[0][2]
     print(f"# {args.alerts} ZTF alert messages (2 schema versions, cutouts in the bytes), "

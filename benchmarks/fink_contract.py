@@ -12,13 +12,18 @@ The user function is ``examples/fink_contract/preprocessing.py`` (``FEATURE_NAME
                   (Avro decode + the contract + JSON encode + file I/O); process start-up
                   (the same command on one alert) is subtracted.
 (4) stream        ``mlflow-preproc stream``, one alert per Kafka message (an Avro container,
-                  as ZTF/Fink publish them), embedded broker on loopback.
+                  as ZTF/Fink publish them), embedded broker on loopback: without and with
+                  INPUT_FIELDS, decoded by fastavro (AVRO_COLUMNS=false) or polars-avro (the
+                  columnar extra), and ``columnar.py``, the same features over columns
+                  (batch_format="arrow").
 (5) stream --prediction-model-uri
                   the same with a scikit-learn classifier trained on the named features,
                   in the stream's process: predictions/s.
 
 Rates of (4) and (5) are taken between the arrival of the first and the last output, read by
-a watcher by assignment (process start-up, model loading and the group join are left out).
+a watcher by assignment (process start-up, model loading and the group join are left out);
+over the same span, the stream process's CPU time (all its threads, from /proc) per alert,
+and alerts/s per core from it: wall time shares the 2 cores with the broker and the watcher.
 "overhead" is a row's time per alert minus the direct call's: what the framework costs on top
 of the user's function, per alert. Only loopback is used; the broker is stopped by PID.
 
@@ -48,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ALERTS_DIR = ROOT.parent / "shared" / "data" / "ztf"
 EXAMPLE = ROOT / "examples" / "fink_contract" / "preprocessing.py"
+COLUMNAR = ROOT / "examples" / "fink_contract" / "columnar.py"  # the same, batch_format="arrow"
 BIN = Path(sys.executable).parent
 CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 FAST_GROUP = {"LIBRDKAFKA_SESSION_TIMEOUT_MS": "6000", "LIBRDKAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
@@ -109,7 +115,7 @@ def through_preprocessor(module, alerts: list[dict]) -> float:
 
 # ---- models ---------------------------------------------------------------------------------
 
-def log_models(workdir: Path, module, alerts: list[dict]) -> tuple[str, str, str]:
+def log_models(workdir: Path, module, alerts: list[dict]) -> tuple[str, str, str, str]:
     import mlflow
     import pandas as pd
     from sklearn.impute import SimpleImputer
@@ -128,11 +134,13 @@ def log_models(workdir: Path, module, alerts: list[dict]) -> tuple[str, str, str
                                  flags=re.S))
     with mlflow.start_run():
         features = mlflow.preproc.log_model(str(EXAMPLE), name="features").model_uri
+        columnar = mlflow.preproc.log_model(str(COLUMNAR), name="columnar",
+                                            batch_format="arrow").model_uri
         every_field = mlflow.preproc.log_model(str(undeclared), name="all").model_uri
         model = mlflow.sklearn.log_model(classifier, name="classifier",
                                          input_example=train.head(3),
                                          skops_trusted_types=["numpy.dtype"]).model_uri
-    return features, every_field, model
+    return features, every_field, model, columnar
 
 
 # ---- (3) run ----------------------------------------------------------------------------------
@@ -168,8 +176,17 @@ def containers(schema: dict, alerts: list[dict]) -> list[bytes]:
     return values
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stream_rate(env: dict, bootstrap: str, model_uri: str, values: list[bytes],
-                prediction_model: str | None, tag: str) -> float:
+                prediction_model: str | None, tag: str, **settings: str
+                ) -> tuple[float, float]:
+    """Outputs/s between the first and the last output, and the stream process's CPU
+    seconds per output over the same span."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -189,7 +206,7 @@ def stream_rate(env: dict, bootstrap: str, model_uri: str, values: list[bytes],
     proc = subprocess.Popen(command, env={
         **env, **FAST_GROUP, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "INPUT_TOPIC": topic,
         "OUTPUT_TOPIC": out, "INPUT_FORMAT": "avro", "SKIP_CUTOUTS": "true",
-        "CONSUMER_GROUP_ID": f"bench-{tag}", "LOG_LEVEL": "WARNING"},
+        "CONSUMER_GROUP_ID": f"bench-{tag}", "LOG_LEVEL": "WARNING", **settings},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"watch-{tag}",
@@ -198,14 +215,18 @@ def stream_rate(env: dict, bootstrap: str, model_uri: str, values: list[bytes],
             time.sleep(0.1)
         consumer.assign([TopicPartition(out, 0, OFFSET_BEGINNING)])
         arrivals: list[float] = []
+        cpu: list[float] = []
         deadline = time.monotonic() + 600
         while len(arrivals) < len(values) and time.monotonic() < deadline:
             got = [m for m in consumer.consume(1000, 0.2) if m.error() is None]
+            if got:
+                cpu.append(_cpu_seconds(proc.pid))
             arrivals += [time.monotonic()] * len(got)
         consumer.close()
         if len(arrivals) < len(values):
             raise RuntimeError(f"{len(arrivals)}/{len(values)} outputs")
-        return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+        return ((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]),
+                (cpu[-1] - cpu[0]) / (len(arrivals) - 1))
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(60)
@@ -230,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                  through_preprocessor(module, bare) / n, "alerts/s"))
     with tempfile.TemporaryDirectory(prefix="fink-contract-") as tmp:
         workdir = Path(tmp)
-        features, every_field, classifier = log_models(workdir, module, bare)
+        features, every_field, classifier, columnar = log_models(workdir, module, bare)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
         os.chdir(workdir)
         rows.append(("(3) mlflow-preproc run (Avro file -> JSON Lines), no INPUT_FIELDS",
@@ -239,21 +260,34 @@ def main(argv: list[str] | None = None) -> int:
                      run_file(env, features, schema, alerts, workdir) / n, "alerts/s"))
         values = containers(schema, alerts)
         with EmbeddedBroker() as broker:
-            rows.append(("(4) mlflow-preproc stream, no INPUT_FIELDS", 1 / stream_rate(
-                env, broker.bootstrap_servers, every_field, values, None, "all"), "alerts/s"))
-            rows.append(("(4) mlflow-preproc stream, INPUT_FIELDS declared", 1 / stream_rate(
-                env, broker.bootstrap_servers, features, values, None, "stream"), "alerts/s"))
-            rows.append(("(5) mlflow-preproc stream --prediction-model-uri (sklearn)",
-                         1 / stream_rate(env, broker.bootstrap_servers, features, values,
-                                         classifier, "model"), "predictions/s"))
+            def stream(what: str, model: str, tag: str, prediction: str | None = None,
+                       unit: str = "alerts/s", **settings: str) -> None:
+                rate, cpu = stream_rate(env, broker.bootstrap_servers, model, values,
+                                        prediction, tag, **settings)
+                rows.append((what, 1 / rate, unit, cpu))
+
+            stream("(4) mlflow-preproc stream, no INPUT_FIELDS, fastavro (AVRO_COLUMNS=false)",
+                   every_field, "all-fastavro", AVRO_COLUMNS="false")
+            stream("(4) stream, no INPUT_FIELDS, polars-avro (the columnar extra)", every_field,
+                   "all")
+            stream("(4) stream, INPUT_FIELDS, fastavro (AVRO_COLUMNS=false)", features,
+                   "fastavro", AVRO_COLUMNS="false")
+            stream("(4) stream, INPUT_FIELDS, polars-avro (the columnar extra)", features,
+                   "stream")
+            stream("(4) stream, batch_format='arrow' (columnar.py), polars-avro", columnar,
+                   "arrow")
+            stream("(5) mlflow-preproc stream --prediction-model-uri (sklearn)", features,
+                   "model", classifier, "predictions/s")
     base = rows[0][1]
     print(f"\nFink contract on {n:,} ZTF alerts ({platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()})\n")
-    print("| path | per alert (µs) | rate | overhead per alert (µs) | budget (5 ms) used |")
-    print("|---|---|---|---|---|")
-    for what, seconds, unit in rows:
+    print("| path | per alert (µs) | rate | overhead per alert (µs) | budget (5 ms) used | "
+          "stream CPU per alert (µs) | alerts/s per core |")
+    print("|---|---|---|---|---|---|---|")
+    for what, seconds, unit, *cpu in rows:
+        per_core = f"{cpu[0] * 1e6:,.0f} | {1 / cpu[0]:,.0f}" if cpu and cpu[0] else " | "
         print(f"| {what} | {seconds * 1e6:,.1f} | {1 / seconds:,.0f} {unit} | "
-              f"{(seconds - base) * 1e6:,.1f} | {seconds / 5e-3:.1%} |")
+              f"{(seconds - base) * 1e6:,.1f} | {seconds / 5e-3:.1%} | {per_core} |")
     print("\noverhead: the row's time per alert minus the direct call's. (3) excludes process "
           "start-up (the same command on one alert); (4) and (5) are rates between the first "
           "and the last output's arrival.")

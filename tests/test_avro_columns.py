@@ -232,3 +232,56 @@ def test_an_arrow_stream_gets_the_columns_and_a_damaged_alert_is_dead_lettered_a
     assert headers_of(letter)["x-preproc-stage"] == b"decode"
     assert headers_of(letter)["x-preproc-source"] == f"{topic}/0/1".encode()
     assert letter.value() == bytes(damaged)
+
+
+def test_the_columnar_fink_example_gives_the_per_record_examples_vectors():
+    """examples/fink_contract: columnar.py over a table equals preprocessing.py per alert,
+    on the real alerts and on the cases a history can be in (none, nulls, a zero sigma)."""
+    import importlib.util
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "fink_contract"
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f"fink_{name}_under_test",
+                                                      examples / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    per_record, columnar = load("preprocessing"), load("columnar")
+    assert columnar.FEATURE_NAMES == per_record.FEATURE_NAMES
+    assert columnar.INPUT_FIELDS == per_record.INPUT_FIELDS
+    values = []
+    for schema, alert in _alerts():
+        history = alert["prv_candidates"]
+        candidate = alert["candidate"]
+        for variant in (
+                alert,
+                {**alert, "prv_candidates": None},
+                {**alert, "prv_candidates": []},
+                {**alert, "prv_candidates": [{**p, "magpsf": None} for p in history]},
+                {**alert, "prv_candidates": history[:1] + [{**history[1], "magpsf": None}]},
+                {**alert, "candidate": {**candidate, "sigmapsf": 0.0, "rb": None,
+                                        "isdiffpos": "f"}}):
+            values.append(_container(schema, [variant]))
+    fields = parse(per_record.INPUT_FIELDS)
+    table, owners = ColumnReader(fields, ZTF_CUTOUTS).table(values)
+    assert owners == list(range(len(values)))
+    got = Preprocessor(columnar.pre_processing, "arrow", columnar.FEATURE_NAMES,
+                       columnar.INPUT_FIELDS).process_columns(table)
+    decoder = MessageDecoder("avro", skip=ZTF_CUTOUTS, fields=fields)
+    want = Preprocessor(per_record.pre_processing, None, per_record.FEATURE_NAMES,
+                        per_record.INPUT_FIELDS).process_each(
+        [r for v in values for r in decoder.decode(v)])
+    assert len(got) == len(want) == len(values)
+    for mine, theirs in zip(got, want):
+        assert len(_flat(mine)) == len(_flat(theirs)) == len(columnar.FEATURE_NAMES)
+        for a, b in zip(_flat(mine), _flat(theirs)):
+            assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12), \
+                (mine, theirs)
+
+
+def _flat(result) -> list[float]:
+    """The feature values of one record's outputs, in FEATURE_NAMES order."""
+    return [float(v) for out in result for v in (out.values() if isinstance(out, dict) else out)]
