@@ -460,3 +460,59 @@ def test_a_loop_the_target_starts_exports_its_deployment_and_revision():
     alone = Echo(FakeConsumer([]), FakeProducer())  # not started by the target
     assert 'mlflow_preproc_revision{command="echo",deployment=""} 0.0' in \
         generate_latest(alone.stats.registry).decode()
+
+
+def test_a_stream_batch_gives_each_message_its_outputs_a_drop_or_one_dead_letter():
+    """Stream.handle_batch on one batch of JSON messages, with the doubles: every message
+    ends as outputs (one, two, fanned out), a drop, or one dead letter at its stage, each
+    output and letter naming its own source; a good message between bad ones is unharmed."""
+    from mlflow_preproc.runtime.flavor import LoadedPreprocessing
+    from mlflow_preproc.runtime.model_identity import ModelIdentity
+    from mlflow_preproc.runtime.records import Preprocessor
+    from mlflow_preproc.streaming.stream import Stream
+
+    def fn(record):
+        if record["x"] == "raise":
+            raise ValueError("no")
+        if record["x"] == "drop":
+            return None
+        if record["x"] == "two":
+            return [{"y": 1}, {"y": 2}]
+        if record["x"] == "set":
+            return {"y": object()}  # no JSON for it: an encode failure
+        return {"y": record["x"]}
+
+    values = [b'{"x": 1}', b"not json", b'{"x": "raise"}', b'{"x": "drop"}', b'{"x": "two"}',
+              b'{"x": "set"}', b'{"x": 2}']
+    consumer, producer = FakeConsumer([[msg(0, i, v) for i, v in enumerate(values)]]), \
+        FakeProducer()
+    cfg = config.load("stream", environ={"INPUT_TOPIC": TOPIC, "OUTPUT_TOPIC": "out",
+                                         "COMMIT_INTERVAL_MS": "0", "MODEL_URI": "models:/p/1"})
+    stream = Stream(cfg, LoadedPreprocessing(Preprocessor(fn, None, None), "", None, None),
+                    ModelIdentity("models:/p/1", "models:/p/1", "p", "1"), "out",
+                    consumer=consumer, producer=producer)
+    consumer.loop = stream
+    stream.run()
+    out = [(v, h["x-preproc-source"]) for t, v, h in producer.delivered if t == "out"]
+    assert out == [(b'{"y":1}', b"in/0/0"), (b'{"y":1}', b"in/0/4"), (b'{"y":2}', b"in/0/4"),
+                   (b'{"y":2}', b"in/0/6")]
+    dead = [(v, h["x-preproc-stage"], h["x-preproc-source"])
+            for t, v, h in producer.delivered if t == f"{TOPIC}-dlq"]
+    assert dead == [(b"not json", b"decode", b"in/0/1"), (b'{"x": "raise"}', b"preprocess",
+                                                          b"in/0/2"),
+                    (b'{"x": "set"}', b"encode", b"in/0/5")]
+    assert stream.stats.counts["dropped"] == 1 and stream.stats.counts["out"] == 4
+    assert consumer.commits == [[(0, 7)]]  # the whole batch: every message has its verdict
+
+
+def test_records_are_matched_to_their_messages_however_many_each_holds():
+    from mlflow_preproc.streaming.stream import _spans
+
+    a, b, c = msg(0, 0), msg(0, 1), msg(0, 2)
+    assert list(_spans([a, b, c], [a, b, c])) == [(a, 0, 1), (b, 1, 2), (c, 2, 3)]
+    # b undecodable (no records), a a container of two
+    assert list(_spans([a, a, c], [a, b, c])) == [(a, 0, 2), (c, 2, 3)]
+    assert list(_spans([a, c, c], [a, b, c])) == [(a, 0, 1), (c, 1, 3)]
+    # the columnar path: the messages it read first, the others after
+    assert list(_spans([c, a], [a, b, c])) == [(c, 0, 1), (a, 1, 2)]
+    assert list(_spans([], [a])) == []

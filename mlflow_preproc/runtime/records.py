@@ -113,12 +113,17 @@ class Preprocessor:
             except RecordError:
                 pass
         results: list[list[Any] | RecordError] = []
+        if self.batch_format is None:  # the loop of every stream: kept to one call a record
+            call = self._call_one
+            for i, record in enumerate(records):
+                try:
+                    results.append(call(i, record))
+                except RecordError as err:  # raised for record i already
+                    results.append(err)
+            return results
         for i, record in enumerate(records):
             try:
-                if self.batch_format is None:
-                    results.append(self._call_one(i, record))
-                else:
-                    results.append(self._call_batch([record])[0])
+                results.append(self._call_batch([record])[0])
             except RecordError as err:
                 results.append(err.at(i))
         return results
@@ -148,6 +153,8 @@ class Preprocessor:
             raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
         if self.fields is not None:
             out = plain(out)  # a projected part passed on is a plain dict again
+        if type(out) is dict:  # normalise_output's first case, without its call
+            return [out]
         return normalise_output(out, index, self.feature_names)
 
     def _call_batch(self, records: Sequence[Record]) -> list[list[Any]]:

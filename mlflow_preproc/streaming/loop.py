@@ -201,31 +201,45 @@ class KafkaLoop:
                 owners.extend([msg] * len(decoded))
                 continue
             try:
-                decoded = self.when_available(decode, msg.value())
+                try:
+                    decoded = decode(msg.value())
+                except (Unavailable, Misconfigured):
+                    # A dependency of the decoder (the schema registry), not the record:
+                    # waited for or fatal. Only then through when_available, which costs
+                    # ~0.3 µs a record on the common path.
+                    decoded = self.when_available(decode, msg.value())
             except (Abandon, FatalError):
                 raise
             except Exception as exc:  # noqa: BLE001 -- whatever the bytes do to a decoder,
                 # it is this record's problem, not the partition's
                 self.dead_letter(msg, "decode", exc)
                 continue
-            for record in decoded:
-                records.append(drop_fields(record, fields_to_drop) if fields_to_drop else record)
-                owners.append(msg)
+            if fields_to_drop:
+                decoded = [drop_fields(record, fields_to_drop) for record in decoded]
+            records += decoded
+            owners += [msg] * len(decoded)
         return records, owners
 
     def produce(self, source: Message, values: Sequence[bytes]) -> None:
         """Send the outputs of ``source``, keyed like it, with its headers and the provenance
         headers. An output the client refuses (too large...) sends ``source`` to the
         dead-letter topic instead of the outputs not sent."""
-        headers = self.output_headers(source)
+        # output_headers() inline: this runs for every input message (~0.1 µs less each,
+        # 1% of a 1 KB JSON record's CPU)
+        own, provenance = source.headers(), source_header(source)
+        headers = [*own, provenance, *self.extra_headers] if own else \
+            [provenance, *self.extra_headers]
+        # Delivery reports carry no headers, nor anything else that names the input an
+        # output came from: the callback object, one per input message, is what does.
         on_delivery = _Delivery(self, source, headers)
         key = source.key()
-        topic, produce = self.output_topic, self.producer.produce
+        topic = self.output_topic
         sent = 0
         try:
             for value in values:
-                try:  # the common case inline: this runs for every output
-                    produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                try:
+                    self.producer.produce(topic, value, key, headers=headers,
+                                          on_delivery=on_delivery)
                 except BufferError:
                     self._send(topic, value, key, headers, on_delivery)
                 sent += 1

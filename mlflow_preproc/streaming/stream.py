@@ -15,7 +15,7 @@ Run it with ``mlflow-preproc stream`` or, from Python, ``Stream.from_config(conf
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from confluent_kafka import Consumer, Message, Producer
 
@@ -110,26 +110,24 @@ class Stream(KafkaLoop):
                 results = self._predict(records, results)
 
         # encode and produce, message by message (an Avro container may hold many records)
-        encode = self.encoder.encode
+        encode, produce = self.encoder.encode, self.produce
         dropped = 0
-        for msg, first, last in _spans(owners):
+        for msg, first, last in _spans(owners, messages):
             failures: list[tuple[int, str, BaseException]] = []
-            for index, result in enumerate(results[first:last]):
-                if isinstance(result, RecordError):
-                    failures.append((index, "preprocess", result))
-                    continue
-                if isinstance(result, PredictionError):
-                    failures.append((index, "predict", result))
-                    continue
-                if not result:
+            for index in range(first, last):
+                result = results[index]
+                if isinstance(result, (RecordError, PredictionError)):
+                    stage = "predict" if isinstance(result, PredictionError) else "preprocess"
+                    failures.append((index - first, stage, result))
+                elif not result:
                     dropped += 1
-                    continue
-                try:
-                    values = [encode(out) for out in result]
-                except EncodeError as exc:
-                    failures.append((index, "encode", exc))
-                    continue
-                self.produce(msg, values)
+                else:
+                    try:
+                        values = [encode(out) for out in result]
+                    except EncodeError as exc:
+                        failures.append((index - first, "encode", exc))
+                        continue
+                    produce(msg, values)
             if failures:
                 self._dead_letter_records(msg, last - first, failures)
         self.stats.counts["dropped"] += dropped
@@ -181,9 +179,14 @@ class Stream(KafkaLoop):
         return predicted
 
 
-def _spans(owners: Sequence[Message]) -> list[tuple[Message, int, int]]:
+def _spans(owners: Sequence[Message], messages: Sequence[Message]
+           ) -> Iterable[tuple[Message, int, int]]:
     """``(message, first, last)``: the records ``owners[first:last]`` came from ``message``
-    (a message's records are consecutive)."""
+    (a message's records are consecutive, messages in the order of ``messages``)."""
+    if len(owners) == len(messages) and owners == list(messages):
+        # one record per message, the common case: no Python loop over owners (a list
+        # comparison of the same objects is one C loop over identities)
+        return zip(messages, range(len(owners)), range(1, len(owners) + 1))
     spans: list[tuple[Message, int, int]] = []
     first = 0
     for i in range(1, len(owners) + 1):
