@@ -182,7 +182,8 @@ class Stream(KafkaLoop):
 def _spans(owners: Sequence[Message], messages: Sequence[Message]
            ) -> Iterable[tuple[Message, int, int]]:
     """``(message, first, last)``: the records ``owners[first:last]`` came from ``message``
-    (a message's records are consecutive, messages in the order of ``messages``)."""
+    (a message's records are consecutive). ``messages`` is the batch: when each of its
+    messages has one record, in its order, the spans are had without a loop."""
     if len(owners) == len(messages) and owners == list(messages):
         # one record per message, the common case: no Python loop over owners (a list
         # comparison of the same objects is one C loop over identities)
