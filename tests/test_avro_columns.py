@@ -191,10 +191,25 @@ def magpsf_and_arrow_type(table):
                      "type": pa.array([str(magpsf.type)] * table.num_rows)})
 
 
+def magpsf_and_polars_type(frame):
+    """The same over a polars DataFrame (batch_format="polars"): Float32 from polars-avro,
+    Float64 from decoded records."""
+    import polars as pl
+
+    magpsf = pl.col("candidate").struct.field("magpsf")
+    dtype = str(frame.schema["candidate"].to_schema()["magpsf"])
+    return frame.select(pl.col("objectId"), magpsf.cast(pl.Float64).alias("magpsf"),
+                        pl.lit(dtype).alias("type"))
+
+
 @pytest.mark.kafka
 @pytest.mark.slow
+@pytest.mark.parametrize("batch_format, fn, column_type, record_type", [
+    ("arrow", magpsf_and_arrow_type, "float", "double"),
+    ("polars", magpsf_and_polars_type, "Float32", "Float64"),
+])
 def test_an_arrow_stream_gets_the_columns_and_a_damaged_alert_is_dead_lettered_alone(
-        broker, tracking_uri, streams):
+        broker, tracking_uri, streams, batch_format, fn, column_type, record_type):
     import json
 
     import mlflow
@@ -202,7 +217,7 @@ def test_an_arrow_stream_gets_the_columns_and_a_damaged_alert_is_dead_lettered_a
     from conftest import consume, headers_of, produce, stream_env, unique
 
     with mlflow.start_run():
-        uri = mlflow.preproc.log_model(magpsf_and_arrow_type, name="a", batch_format="arrow",
+        uri = mlflow.preproc.log_model(fn, name="a", batch_format=batch_format,
                                        input_fields=["objectId", "candidate.magpsf"]).model_uri
     good = _batch(4)
     damaged = bytearray(good[1])
@@ -226,8 +241,8 @@ def test_an_arrow_stream_gets_the_columns_and_a_damaged_alert_is_dead_lettered_a
            for m in outputs}
     assert {o: {k: v for k, v in r.items() if k != "type"} for o, r in got.items()} == wanted
     # the containers came as columns; the deflated one was decoded as a record, as before
-    assert {o: r["type"] for o, r in got.items()} == {0: "float", 2: "float", 3: "double",
-                                                      4: "float"}
+    assert {o: r["type"] for o, r in got.items()} == {0: column_type, 2: column_type,
+                                                      3: record_type, 4: column_type}
     [letter] = dead
     assert headers_of(letter)["x-preproc-stage"] == b"decode"
     assert headers_of(letter)["x-preproc-source"] == f"{topic}/0/1".encode()

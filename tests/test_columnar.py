@@ -51,6 +51,19 @@ def columnar(table: pa.Table) -> pa.Array:
     return pa.array(rows)
 
 
+def columnar_polars(frame):
+    """The same features over a polars DataFrame (batch_format="polars"): a frame out."""
+    import polars as pl
+
+    c = pl.col("candidate")
+    mags = pl.col("prv_candidates").fill_null([]).list.eval(
+        pl.element().struct.field("magpsf").drop_nulls())
+    return frame.select(
+        c.struct.field("magpsf").alias("magpsf"), c.struct.field("sigmapsf").alias("sigmapsf"),
+        c.struct.field("rb").alias("rb"), mags.list.len().cast(pl.Float64).alias("n_history"),
+        mags.list.mean().alias("history_mean"))
+
+
 def _close(a: list, b: list) -> bool:
     return all(x == pytest.approx(y, rel=1e-6) if isinstance(x, float) else x == y
                for x, y in zip(a, b, strict=True))
@@ -97,10 +110,55 @@ def test_a_wrong_row_count_is_named_and_a_record_arrow_cannot_hold_fails_alone()
     assert mixed.process([{"x": 1}, {"x": 2}]) == [[], [{"a": 1}, {"a": 2}]]
 
 
-def test_an_arrow_model_serves_predict_and_run_as_the_per_record_model(tracking_uri, tmp_path):
+def test_a_polars_function_gets_a_frame_and_gives_frames_series_or_lists():
+    pl = pytest.importorskip("polars")
+    records = alerts()
+    expected = Preprocessor(per_record, None, FEATURE_NAMES).process(records)
+    for fields in (None, INPUT_FIELDS):
+        got = Preprocessor(columnar_polars, "polars", None, fields).process(records)
+        for outputs, wanted in zip(got, expected, strict=True):
+            assert _close([outputs[0][n] for n in FEATURE_NAMES],
+                          [wanted[0][n] for n in FEATURE_NAMES])
+    seen = []
+
+    def doubled(frame):
+        seen.append(type(frame))
+        return frame.select((pl.col("x") * 2).alias("y"))
+
+    assert Preprocessor(doubled, "polars").process([{"x": 1}, {"x": 2}]) == [[{"y": 2}],
+                                                                          [{"y": 4}]]
+    assert seen == [pl.DataFrame]
+    # a Series is one value per input, named by FEATURE_NAMES; a list drops or fans out
+    assert Preprocessor(lambda f: f["x"] * 1.5, "polars", ["f"]).process(
+        [{"x": 1}, {"x": 2}]) == [[{"f": 1.5}], [{"f": 3.0}]]
+    assert Preprocessor(lambda f: [None, [{"a": 1}, {"a": 2}]], "polars").process(
+        [{"x": 1}, {"x": 2}]) == [[], [{"a": 1}, {"a": 2}]]
+    with pytest.raises(RecordError, match="returned 1 rows for 2 input records"):
+        Preprocessor(lambda f: f.head(1), "polars").process([{"x": 1}, {"x": 2}])
+    # a record the table cannot hold fails alone, as in arrow mode
+    results = Preprocessor(doubled, "polars").process_each([{"x": 1}, {"x": "one"}, {"x": 3}])
+    assert results[0] == [{"y": 2}] and results[2] == [{"y": 6}]
+    assert isinstance(results[1], RecordError) and results[1].index == 1
+
+
+def test_polars_frames_returned_in_other_modes_are_read_as_rows_not_crashes():
+    pl = pytest.importorskip("polars")
+    # an arrow function that hands back polars' frame of its table
+    assert Preprocessor(lambda t: pl.from_arrow(t), "arrow").process_each(
+        [{"x": 1}, {"x": 2}]) == [[{"x": 1}], [{"x": 2}]]
+    # a per-record function returning a frame: its rows are the record's outputs
+    assert Preprocessor(lambda r: pl.DataFrame([r, r]), None).process([{"x": 1}]) == \
+        [[{"x": 1}, {"x": 1}]]
+
+
+@pytest.mark.parametrize("batch_format, fn", [("arrow", columnar), ("polars", columnar_polars)])
+def test_a_columnar_model_serves_predict_and_run_as_the_per_record_model(
+        tracking_uri, tmp_path, batch_format, fn):
+    if batch_format == "polars":
+        pytest.importorskip("polars")
     example = {k: v for k, v in alerts()[0].items() if not k.startswith("cutout")}
     with mlflow.start_run():
-        arrow_model = mlflow.preproc.log_model(columnar, name="a", batch_format="arrow",
+        arrow_model = mlflow.preproc.log_model(fn, name="a", batch_format=batch_format,
                                                feature_names=FEATURE_NAMES,
                                                input_fields=INPUT_FIELDS,
                                                input_example=example).model_uri

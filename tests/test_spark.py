@@ -254,8 +254,23 @@ def columnar_magnitudes(table):
                                lengths.to_pylist())]
 
 
+def columnar_magnitudes_polars(frame):
+    """The same over polars' frame of Spark's Arrow batch (batch_format="polars")."""
+    import polars as pl
+
+    magpsf = frame.select(pl.col("candidate").struct.field("magpsf"))["magpsf"]
+    lengths = frame["prv_candidates"].list.len()
+    if lengths.is_null().any() or (lengths == 0).any():
+        raise ValueError("an alert without history")
+    kind = {pl.Float32: "float", pl.Float64: "double"}[magpsf.dtype]
+    return [{"objectId": o, "mag": m, "n": n, "type": kind}
+            for o, m, n in zip(frame["objectId"].to_list(), magpsf.to_list(), lengths.to_list())]
+
+
+@pytest.mark.parametrize("batch_format, fn", [("arrow", columnar_magnitudes),
+                                              ("polars", columnar_magnitudes_polars)])
 def test_a_columnar_model_takes_sparks_arrow_batches_and_rejects_a_row_alone(
-        spark, tracking_uri, tmp_path):
+        spark, tracking_uri, tmp_path, batch_format, fn):
     import mlflow_preproc.spark as mps
     from mlflow_preproc.spark.schemas import spark_schema
 
@@ -268,7 +283,7 @@ def test_a_columnar_model_takes_sparks_arrow_batches_and_rejects_a_row_alone(
     example = {k: v for k, v in batch[0].items() if not k.startswith("cutout")}
     with mlflow.start_run():
         model = mlflow.preproc.log_model(
-            columnar_magnitudes, name="c", batch_format="arrow", input_example=example,
+            fn, name="c", batch_format=batch_format, input_example=example,
             input_fields=["objectId", "candidate.magpsf", "prv_candidates.magpsf"]).model_uri
     result = mps.transform(spark.read.parquet(str(tmp_path / "a.parquet")), model).persist()
     try:

@@ -16,6 +16,7 @@ Available as ``mlflow.preproc`` once this package is installed, and as ``mlflow_
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -123,7 +124,8 @@ def save_model(
         path: Local path where the model is to be saved; must not exist or be empty.
         batch_format: ``None`` (default) calls ``pre_processing`` once per record (a dict);
             ``"records"`` passes a list of records, ``"pandas"`` a DataFrame, ``"arrow"`` a
-            ``pyarrow.Table`` (see docs/concepts.md).
+            ``pyarrow.Table``, ``"polars"`` a ``polars.DataFrame`` (the columnar extra;
+            see docs/concepts.md).
         feature_names: Names of the values of the feature vector ``pre_processing`` returns,
             in order (default: the ``FEATURE_NAMES`` list of its module). Each vector becomes
             the record ``{name: value}``; the signature gets one output column per name and,
@@ -159,6 +161,11 @@ def save_model(
             f"batch_format={batch_format!r} is not supported; use one of {BATCH_FORMATS}",
             error_code=INVALID_PARAMETER_VALUE,
         )
+    if batch_format == "polars" and importlib.util.find_spec("polars") is None:
+        raise MlflowException(
+            "batch_format='polars' needs polars, which is not installed; install the "
+            "columnar extra (pip install 'mlflow-preproc[columnar]') or use "
+            "batch_format='arrow'", error_code=INVALID_PARAMETER_VALUE)
     input_schema = _load_schema_arg(avro_schema, "avro_schema")
     output_schema = _load_schema_arg(output_avro_schema, "output_avro_schema")
 

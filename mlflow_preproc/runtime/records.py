@@ -28,7 +28,9 @@ input fields, only their columns), and returns a ``pyarrow.Table`` or ``RecordBa
 row per input (that record's output), a ``pyarrow.Array`` with one value per input (a feature
 vector each, named by ``FEATURE_NAMES``), or a list as in ``"records"`` mode (to drop or fan
 out). The function is written once, over columns (``pyarrow.compute``, or polars and pandas
-from Arrow without a copy), the way Fink's science modules are.
+from Arrow without a copy), the way Fink's science modules are. ``batch_format="polars"`` is
+the same with a ``polars.DataFrame`` made from that table without a copy (the columnar
+extra); it returns a polars ``DataFrame`` or ``Series`` as the Arrow ones, or a list.
 
 Every mode (pyfunc, file runs, Kafka) goes through :class:`Preprocessor`, so a record gives the
 same outputs wherever it is processed.
@@ -45,7 +47,8 @@ from mlflow.protos.databricks_pb2 import BAD_REQUEST
 from mlflow_preproc.runtime.input_fields import parse as parse_fields
 from mlflow_preproc.runtime.input_fields import plain, project
 
-BATCH_FORMATS = (None, "records", "pandas", "arrow")
+BATCH_FORMATS = (None, "records", "pandas", "arrow", "polars")
+COLUMNAR_FORMATS = ("arrow", "polars")  # a table of the batch: process_columns takes them
 
 Record = dict[str, Any]
 
@@ -129,19 +132,20 @@ class Preprocessor:
         return results
 
     def process_columns(self, table: Any) -> list[list[Any] | RecordError]:
-        """:meth:`process_each` for ``batch_format="arrow"`` over a ``pyarrow.Table`` of
-        records that has only the declared columns already (Spark's Arrow batches, the
-        DataFrame cut to them): no record is built, unless to name one that fails."""
+        """:meth:`process_each` for a columnar ``batch_format`` (``"arrow"``, ``"polars"``)
+        over a ``pyarrow.Table`` of records that has only the declared columns already
+        (Spark's Arrow batches, the DataFrame cut to them; a stream's polars-avro read): no
+        record is built, unless to name one that fails."""
         n = table.num_rows
         if n > 1:
             try:
-                return self._call_on(table, n)
+                return self._call_on(self._columns(table), n)
             except RecordError:
                 pass
         results: list[list[Any] | RecordError] = []
         for i in range(n):
             try:
-                results.append(self._call_on(table.slice(i, 1), 1)[0])
+                results.append(self._call_on(self._columns(table.slice(i, 1)), 1)[0])
             except RecordError as err:
                 results.append(err.at(i))
         return results
@@ -162,11 +166,19 @@ class Preprocessor:
             import pandas as pd
 
             batch: Any = pd.DataFrame.from_records(list(records))
-        elif self.batch_format == "arrow":
-            batch = _table(records)
+        elif self.batch_format in COLUMNAR_FORMATS:
+            batch = self._columns(_table(records))
         else:
             batch = list(records)
         return self._call_on(batch, len(records))
+
+    def _columns(self, table: Any) -> Any:
+        """A columnar batch as the function takes it: the table, or polars' frame of it."""
+        if self.batch_format == "polars":
+            import polars as pl
+
+            return pl.from_arrow(table)  # shares the table's buffers
+        return table
 
     def _call_on(self, batch: Any, n: int) -> list[list[Any]]:
         """``fn`` on ``batch`` of ``n`` records; the outputs of each."""
@@ -193,6 +205,8 @@ def normalise_output(out: Any, index: int, feature_names: list[str] | None = Non
         return [dict(out)]
     if _is_dataframe(out):
         return out.to_dict(orient="records")
+    if _is_polars(out):
+        out = out.to_arrow().to_pylist()  # a frame's rows (dicts), a series' values
     if type(out).__name__ == "ndarray":
         out = out.tolist()  # a 1-d array is a vector, a 0-d one a scalar
     if isinstance(out, (list, tuple)):
@@ -233,10 +247,12 @@ def _table(records: Sequence[Record]) -> Any:
 
 def _split_batch_output(out: Any, n_inputs: int, feature_names: list[str] | None = None
                         ) -> list[list[Any]]:
+    if _is_polars(out):
+        out = out.to_arrow()  # a DataFrame becomes a Table, a Series an Array
     if _is_arrow(out):
         rows = out.to_pylist()  # a table's rows are dicts, an array's values vectors
         if len(rows) != n_inputs:
-            raise RecordError(None, f"with batch_format='arrow' pre_processing returned "
+            raise RecordError(None, f"with a columnar batch_format pre_processing returned "
                               f"{len(rows)} rows for {n_inputs} input records; return one "
                               "row per input, or a list (None drops a record, a list of "
                               "dicts fans it out)")
@@ -270,8 +286,14 @@ def _is_arrow(value: Any) -> bool:
     return type(value).__module__.startswith("pyarrow") and hasattr(value, "to_pylist")
 
 
+def _is_polars(value: Any) -> bool:
+    return type(value).__module__.startswith("polars") and hasattr(value, "to_arrow")
+
+
 def _is_dataframe(value: Any) -> bool:
-    return type(value).__name__ == "DataFrame" and hasattr(value, "to_dict")
+    """A pandas DataFrame (polars' has no index, and is read by :func:`_is_polars`)."""
+    return type(value).__name__ == "DataFrame" and hasattr(value, "to_dict") and \
+        hasattr(value, "index")
 
 
 def as_records(data: Any) -> list[Record]:
@@ -283,6 +305,8 @@ def as_records(data: Any) -> list[Record]:
     ``dataframe_records``/``dataframe_split``/CSV, and a dict of numpy arrays for
     ``{"instances": [...]}``; Python callers may also pass a single dict.
     """
+    if _is_polars(data) and hasattr(data, "columns"):  # a polars DataFrame, from Python
+        return data.to_arrow().to_pylist()
     if _is_dataframe(data):
         # Spark (spark_udf) hands array columns over as numpy arrays; records hold lists, as
         # from every other source, so `x or []` and `x == [...]` work the same.

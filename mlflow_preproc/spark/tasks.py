@@ -28,7 +28,7 @@ from mlflow_preproc.runtime.batch_run import BATCH_SIZE
 from mlflow_preproc.runtime.formats import DecodeError, EncodeError, drop_fields, read_records, \
     sniff_file_format
 from mlflow_preproc.runtime.jsonable import dumps
-from mlflow_preproc.runtime.records import Preprocessor, RecordError
+from mlflow_preproc.runtime.records import COLUMNAR_FORMATS, Preprocessor, RecordError
 from mlflow_preproc.spark.model_files import ShippedModel
 
 OUTPUT, REJECT, COUNTS = "output", "reject", "counts"
@@ -79,7 +79,7 @@ class PartitionJob:
         sink = _Sink(self.schema, self.output_type)
         # A columnar function over records Spark hands as Arrow gets them as they come: no
         # records are built (transform() cut the DataFrame to the declared fields already).
-        columnar = preprocessor.batch_format == "arrow" and not self.files and \
+        columnar = preprocessor.batch_format in COLUMNAR_FORMATS and not self.files and \
             not self.fields_to_drop
         seen = 0  # rows of the partition so far
         for batch in batches:

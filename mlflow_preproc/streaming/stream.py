@@ -34,7 +34,7 @@ from mlflow_preproc.runtime.model_identity import (
     resolve_model,
 )
 from mlflow_preproc.runtime.prediction import PredictionError, Predictor
-from mlflow_preproc.runtime.records import RecordError
+from mlflow_preproc.runtime.records import COLUMNAR_FORMATS, RecordError
 
 
 class Stream(KafkaLoop):
@@ -94,7 +94,7 @@ class Stream(KafkaLoop):
 
     def handle_batch(self, messages: Sequence[Message]) -> None:
         if self.columns is not None and self.predictor is None and \
-                self.preprocessor.batch_format == "arrow":
+                self.preprocessor.batch_format in COLUMNAR_FORMATS:
             # decode into columns, pre_processing over them: no record is built
             results, owners = self._process_columns(messages)
         else:
@@ -133,7 +133,7 @@ class Stream(KafkaLoop):
         self.stats.counts["dropped"] += dropped
 
     def _process_columns(self, messages: Sequence[Message]) -> tuple[list, list[Message]]:
-        """``batch_format="arrow"``: the results of the records of ``messages`` and the
+        """A columnar ``batch_format``: the results of the records of ``messages`` and the
         message of each. The containers the column reader takes are one table; the rest
         (damaged, compressed, of another format) are decoded as records, and judged, as ever."""
         table, rows = self.columns.table([msg.value() for msg in messages])
