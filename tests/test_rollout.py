@@ -242,17 +242,30 @@ def test_an_update_to_a_version_that_fails_every_record_trips_the_brake_and_is_r
     produce(broker.bootstrap_servers, topic, [json.dumps({"id": i}).encode() for i in range(10)])
     assert len(outputs_of(broker, out, 10)) == 10
 
+    # The records for the new revision are written now, in a transaction left open:
+    # revision 1 (read_committed, as every consumer by default) cannot see them. It is
+    # committed the moment revision 1 has stopped, seconds before revision 2 can poll, so
+    # that revision 2's first polls find them (an empty poll would be "caught up").
+    from confluent_kafka import Producer
+
+    pending = Producer({"bootstrap.servers": broker.bootstrap_servers,
+                        "transactional.id": unique("feed"), "transaction.timeout.ms": 300_000})
+    pending.init_transactions(30)
+    pending.begin_transaction()
+    for i in range(10, 310):
+        pending.produce(topic, json.dumps({"id": i}).encode())
+    assert pending.flush(30) == 0
     fed = []
 
-    def feed_the_new_revision():  # records arrive once revision 1 has stopped
+    def feed_the_new_revision():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not fed:
-            if docker_client.containers.list(all=True, filters={"label": [
-                    f"org.mlflow-preproc.deployment={name}", "org.mlflow-preproc.revision=2"]}):
-                produce(broker.bootstrap_servers, topic,
-                        [json.dumps({"id": i}).encode() for i in range(10, 310)])
+            revision_1 = docker_client.containers.list(all=True, filters={"label": [
+                f"org.mlflow-preproc.deployment={name}", "org.mlflow-preproc.revision=1"]})
+            if revision_1 and all(c.status == "exited" for c in revision_1):
+                pending.commit_transaction(30)
                 fed.append(True)
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     feeder = threading.Thread(target=feed_the_new_revision, daemon=True)
     feeder.start()
