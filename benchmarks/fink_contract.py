@@ -11,6 +11,8 @@ The user function is ``examples/fink_contract/preprocessing.py`` (``FEATURE_NAME
 (3) run           ``mlflow-preproc run`` on an Avro container file of the alerts, to JSON Lines
                   (Avro decode + the contract + JSON encode + file I/O); process start-up
                   (the same command on one alert) is subtracted.
+(d0) fastavro     ``fastavro.reader`` decoding each of the stream's messages whole, in this
+                  process, CPU time: the full-decode ceiling the stream rows are held to.
 (4) stream        ``mlflow-preproc stream``, one alert per Kafka message (an Avro container,
                   as ZTF/Fink publish them), embedded broker on loopback: without and with
                   INPUT_FIELDS, decoded by fastavro (AVRO_COLUMNS=false) or polars-avro (the
@@ -111,6 +113,16 @@ def through_preprocessor(module, alerts: list[dict]) -> float:
     for i in range(0, len(alerts), 500):
         pre.process_each(alerts[i:i + 500])
     return time.perf_counter() - started
+
+
+def fastavro_ceiling(values: list[bytes]) -> float:
+    """CPU seconds of ``fastavro.reader`` decoding every message whole: the stream's
+    messages, with nothing else around them (row d0 of avro_decoders.py, on these)."""
+    started = time.process_time()
+    for value in values:
+        for _ in fastavro.reader(io.BytesIO(value)):
+            pass
+    return time.process_time() - started
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -259,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("(3) mlflow-preproc run, INPUT_FIELDS declared",
                      run_file(env, features, schema, alerts, workdir) / n, "alerts/s"))
         values = containers(schema, alerts)
+        d0 = fastavro_ceiling(values) / n
+        rows.append(("(d0) fastavro.reader of each message, whole, in process (no Kafka)", d0,
+                     "alerts/s", d0))
         with EmbeddedBroker() as broker:
             def stream(what: str, model: str, tag: str, prediction: str | None = None,
                        unit: str = "alerts/s", **settings: str) -> None:
