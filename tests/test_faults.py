@@ -647,18 +647,19 @@ def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_n
     for event in events:
         # A random moment of work: once the group has formed again after the last event
         # (Tansu's coordinator can wedge a group whose members die while it forms), then a
-        # random delay.
-        wait_for(lambda: all(s.events("assign") or s.proc.poll() is not None for s in live),
-                 90, "the group to form")
-        time.sleep(rng.uniform(0.2, 3.0))
+        # random delay. An instance that found the broker before the topic existed stops
+        # (exit 2); like an orchestrator, start another, before waiting, so that the victim
+        # is always a member at work (one signalled while it loads its model dies of it).
         for s in [s for s in live if s.proc.poll() is not None]:
-            # An instance that found the broker before the topic existed stops (exit 2);
-            # like an orchestrator, start another.
             own_exits.append((s.proc.returncode, s.text().strip().splitlines()[-1]))
             live.remove(s)
             live.append(streams(env))
             everyone.append(live[-1])
-        victim = rng.choice(live)
+        wait_for(lambda: all(s.events("assign") or s.proc.poll() is not None for s in live),
+                 90, "the group to form")
+        time.sleep(rng.uniform(0.2, 3.0))
+        working = [s for s in live if s.proc.poll() is None and s.events("assign")]
+        victim = rng.choice(working or live)
         if event == "SIGKILL":
             victim.stop(signal.SIGKILL)
         else:
