@@ -224,11 +224,7 @@ class KafkaLoop:
         """Send the outputs of ``source``, keyed like it, with its headers and the provenance
         headers. An output the client refuses (too large...) sends ``source`` to the
         dead-letter topic instead of the outputs not sent."""
-        # output_headers() inline: this runs for every input message (~0.1 µs less each,
-        # 1% of a 1 KB JSON record's CPU)
-        own, provenance = source.headers(), source_header(source)
-        headers = [*own, provenance, *self.extra_headers] if own else \
-            [provenance, *self.extra_headers]
+        headers = self.output_headers(source)
         # Delivery reports carry no headers, nor anything else that names the input an
         # output came from: the callback object, one per input message, is what does.
         on_delivery = _Delivery(self, source, headers)
@@ -250,7 +246,10 @@ class KafkaLoop:
 
     def output_headers(self, source: Message) -> Headers:
         """The headers of ``source``'s outputs: its own, where it came from, the provenance."""
-        return [*(source.headers() or []), source_header(source), *self.extra_headers]
+        # This runs for every input message: most have no headers of their own.
+        own, provenance = source.headers(), source_header(source)
+        return [*own, provenance, *self.extra_headers] if own else \
+            [provenance, *self.extra_headers]
 
     def dead_letter(self, source: Message, stage: str, error: BaseException | str,
                     error_type: str | None = None,
