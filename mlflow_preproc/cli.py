@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import textwrap
+from typing import IO
 
 from mlflow_preproc import config as settings
 
@@ -316,6 +317,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mlflow_preproc.runtime import batch_run
     from mlflow_preproc.runtime.avro_schemas import load_avro_schema
     from mlflow_preproc.runtime.flavor import load_preprocessing
+    from mlflow_preproc.runtime.output_files import (
+        Terminated,
+        refuse_inputs_as_outputs,
+        replaced_when_done,
+        terminate_by_exception,
+    )
 
     env = settings.load("run", args)
     drop = env.drop_fields()
@@ -336,19 +343,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if value:
             raise settings.ConfigError(f"{flag} needs --engine spark")
 
+    if args.output:
+        refuse_inputs_as_outputs(args.inputs, [("the output", args.output, "pass -o another "
+                                                "path: the input would be gone before it is "
+                                                "read")])
     loaded = load_preprocessing(args.model_uri)
     schema = load_avro_schema(args.output_schema) if args.output_schema \
         else loaded.output_avro_schema
-    out = open(args.output, "wb") if args.output else sys.stdout.buffer
+
+    def run_into(out: IO[bytes]) -> batch_run.RunCounts:
+        return batch_run.run(loaded.preprocessor, args.inputs, out,
+                             input_format=args.input_format, output_format=args.output_format,
+                             output_schema=schema, rejects_path=rejects, fields_to_drop=drop,
+                             progress=args.progress, max_decoded_bytes=env["MAX_DECODED_BYTES"])
+
+    # Written beside the target and renamed at the end: a run that fails or is stopped
+    # leaves the previous output as it was.
     try:
-        counts = batch_run.run(loaded.preprocessor, args.inputs, out,
-                               input_format=args.input_format, output_format=args.output_format,
-                               output_schema=schema, rejects_path=rejects, fields_to_drop=drop,
-                               progress=args.progress,
-                               max_decoded_bytes=env["MAX_DECODED_BYTES"])
-    finally:
-        if args.output:
-            out.close()
+        with terminate_by_exception():
+            if args.output:
+                with replaced_when_done(args.output) as out:
+                    counts = run_into(out)
+            else:
+                counts = run_into(sys.stdout.buffer)
+    except Terminated as exc:
+        return exc.exit_code
     print(f"mlflow-preproc run: {counts.summary()}", file=sys.stderr)
     return EXIT_RECORDS_FAILED if counts.failed else EXIT_OK
 

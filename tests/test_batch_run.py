@@ -297,3 +297,68 @@ def test_an_unknown_model_names_the_store_and_a_missing_store_is_not_created(tra
     err = proc.stderr.decode()
     assert "MLFLOW_TRACKING_URI is not set" in err and "export MLFLOW_TRACKING_URI=" in err, err
     assert sorted(p.name for p in elsewhere.iterdir()) == ["r.json"]
+
+
+# ---- #32 finding 1: run never damages a file it did not finish ------------------------------
+
+def test_an_output_that_is_one_of_the_inputs_is_refused_and_the_input_kept(model, tmp_path):
+    original = b'{"id": 1, "x": 2}\n{"id": 2, "x": 3}\n'
+    (tmp_path / "in.jsonl").write_bytes(original)
+    proc = run_cli("-m", model, "in.jsonl", "-o", "in.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr.decode()
+    assert proc.stderr.decode().strip().splitlines()[-1] == (
+        "mlflow-preproc run: error: the output in.jsonl is also an input; pass -o another "
+        "path: the input would be gone before it is read")
+    assert (tmp_path / "in.jsonl").read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(
+        ("mlflow", "mlruns"))) == ["in.jsonl"]
+
+
+def test_a_run_that_fails_leaves_the_previous_output_as_it_was(model, tmp_path):
+    (tmp_path / "out.jsonl").write_bytes(b'{"earlier": "run"}\n')
+    proc = run_cli("-m", model, "missing.jsonl", "-o", "out.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "cannot read input missing.jsonl" in proc.stderr.decode()
+    assert (tmp_path / "out.jsonl").read_bytes() == b'{"earlier": "run"}\n'
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def blocks_at_record_1500(record):
+    import os
+    import time
+
+    if record["id"] == 1500:  # the first batch of 1,000 outputs is written by now
+        open(os.environ["RUN_STARTED_MARKER"], "w").close()
+        while True:
+            time.sleep(0.1)
+    return {"id": record["id"]}
+
+
+def test_a_stopped_run_leaves_neither_a_truncated_output_nor_a_partial_file(tracking_uri,
+                                                                           tmp_path):
+    import os
+    import signal
+    import time
+
+    with mlflow.start_run():
+        uri = mlflow.preproc.log_model(blocks_at_record_1500, name="p").model_uri
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": {i}}}\n' for i in range(2000)))
+    (tmp_path / "out.jsonl").write_bytes(b'{"earlier": "run"}\n')
+    marker = tmp_path / "started"
+    proc = subprocess.Popen([str(BIN / "mlflow-preproc"), "run", "-m", uri, "in.jsonl",
+                             "-o", "out.jsonl"], cwd=tmp_path, stderr=subprocess.PIPE,
+                            env={**os.environ, "RUN_STARTED_MARKER": str(marker)})
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 128 + signal.SIGTERM, proc.stderr.read().decode()
+    assert (tmp_path / "out.jsonl").read_bytes() == b'{"earlier": "run"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(
+        ("mlflow", "mlruns"))) == ["in.jsonl", "out.jsonl", "started"]

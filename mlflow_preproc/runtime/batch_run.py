@@ -30,6 +30,7 @@ from mlflow_preproc.runtime.formats import (
     sniff_file_format,
 )
 from mlflow_preproc.runtime.jsonable import dumps
+from mlflow_preproc.runtime.output_files import PendingFile, refuse_inputs_as_outputs
 from mlflow_preproc.runtime.records import Preprocessor, RecordError
 
 BATCH_SIZE = 1000
@@ -59,28 +60,29 @@ class RunCounts:
 
 
 class _Rejects:
-    """The rejects file of this run, opened on the first failure only. One an earlier run
-    left at the same path is replaced, or removed by a run without failures, so what is there
-    after a run is always that run's (as its output is)."""
+    """The rejects file of this run, written beside its path and put in place when the run
+    finishes. One an earlier run left at the same path is replaced, or removed by a run
+    without failures, so what is there after a run is always that run's (as its output is);
+    a run cut short leaves it as it was."""
 
     def __init__(self, path: str):
         self.path = path
-        self._file: IO[bytes] | None = None
+        self._pending = PendingFile(path)
         self.earlier = os.path.isfile(path)
 
     def write(self, where: str, index: int, stage: str, error: Exception, record: Any) -> None:
-        if self._file is None:
-            self._file = open(self.path, "wb")
         line = {"input": where, "index": index, "stage": stage, "error": str(error),
                 "record": record}
-        self._file.write(dumps(line) + b"\n")
+        self._pending.open().write(dumps(line) + b"\n")
 
     def close(self, finished: bool) -> None:
-        """Close the file; a run that ``finished`` without failures removes an earlier one (a
-        run cut short leaves it: it has no rejects file of its own to replace it with)."""
-        if self._file is not None:
-            self._file.close()
-        elif self.earlier and finished:
+        """Put this run's rejects in place if it ``finished``; a run that finished without
+        failures removes an earlier run's file."""
+        if not finished:
+            self._pending.discard()
+        elif self._pending.opened:
+            self._pending.commit()
+        elif self.earlier:
             os.remove(self.path)
 
 
@@ -93,10 +95,9 @@ def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
 
     An Avro block decoding to more than ``max_decoded_bytes`` is one reject.
     """
-    if any(os.path.abspath(where) == os.path.abspath(rejects_path)
-           for where in inputs if where != "-"):
-        raise ValueError(f"the rejects file {rejects_path} is also an input; pass --rejects "
-                         "another path (or -o OUT, whose rejects go to OUT.rejects.jsonl)")
+    refuse_inputs_as_outputs(inputs, [(
+        "the rejects file", rejects_path, "pass --rejects another path (or -o OUT, whose "
+        "rejects go to OUT.rejects.jsonl)")])
     counts = RunCounts(rejects_path=rejects_path)
     writer = FileWriter(output, output_format, output_schema)
     rejects = _Rejects(rejects_path)
