@@ -45,6 +45,9 @@ setup(
         # (mlflow_preproc/runtime/avro_columns.py): the same records, ~4x less CPU.
         "columnar": ["polars-avro>=0.13,<0.14", "polars>=1.30"],
         "monitoring": ["grafana-foundation-sdk==1769699998!10.1.0"],  # mlflow-preproc dashboard
+        # Avro containers compressed with snappy, zstandard or lz4 (deflate, bzip2 and xz need
+        # nothing): without the package, such a block stops a stream naming it.
+        "codecs": ["cramjam>=2.7", "backports.zstd>=1.0; python_version<'3.14'", "lz4>=4.0"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.6",  # scripts/dev.sh test runs the suite on two workers
@@ -52,6 +55,7 @@ setup(
             "scikit-learn",
             "requests",
             "hypothesis>=6.100",  # tests/test_fuzz.py: damaged inputs for the decoders
+            "cramjam>=2.7", "backports.zstd>=1.0; python_version<'3.14'", "lz4>=4.0",
             # Offline validation of the Kubernetes manifests: the API's OpenAPI schemas, and
             # the KEDA / Prometheus Operator CRD types.
             "kubernetes-validate>=1.37",

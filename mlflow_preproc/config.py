@@ -110,9 +110,10 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
     Setting("DROP_FIELDS", "", "Comma-separated field paths dropped before preprocessing",
             modes=("stream", "run", "replay"), example="cutoutScience,candidate.pdiffimfilename"),
     Setting("MAX_DECODED_BYTES", MAX_DECODED_BYTES_DEFAULT, "Largest decoded size of an Avro "
-            "container block (of a whole message in stream and bridge); a block over it is a "
-            "dead letter or a reject, never an out-of-memory kill. Keep it well under the "
-            "memory limit", kind=int, modes=("stream", "bridge", "run", "replay"), example="268435456",
+            "container block in any codec (of a whole message in stream and bridge), and, "
+            "divided by 8, the most values one Avro record may decode to; a block or record "
+            "over it is a dead letter or a reject, never an out-of-memory kill or a hang. Keep "
+            "it well under the memory limit", kind=int, modes=("stream", "bridge", "run", "replay"), example="268435456",
             minimum=1024, maximum=2**40),
     Setting("AVRO_COLUMNS", True, "Read the Avro container messages of a batch in one call "
             "with polars-avro, when installed (pip install mlflow-preproc[columnar]): the same "

@@ -36,7 +36,10 @@ def test_avro_container_message_decodes_like_the_file():
     assert alert["objectId"].startswith("ZTF")
 
 
-@pytest.mark.parametrize("codec", ["null", "deflate", "bzip2"])
+CODECS = ["null", "deflate", "bzip2", "xz", "snappy", "zstandard", "lz4"]
+
+
+@pytest.mark.parametrize("codec", CODECS)
 def test_avro_container_messages_of_any_codec_and_many_records_decode_like_fastavro(codec):
     with open(PACKET, "rb") as f:
         reader = fastavro.reader(f)
@@ -113,7 +116,7 @@ def test_skipped_cutouts_equal_decode_then_drop_on_the_real_packets(packet):
         assert not set(ZTF_CUTOUTS) & set(alert)
 
 
-@pytest.mark.parametrize("codec", ["null", "deflate", "bzip2", "xz"])
+@pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("packet", PACKETS, ids=lambda p: p.stem)
 def test_skipping_equals_decode_then_drop_for_each_codec_and_many_records(packet, codec):
     # Several blocks of several records, as a producer batching alerts would write them.
@@ -134,12 +137,49 @@ def test_skipping_any_top_level_fields_equals_decode_then_drop(skip):
     assert MessageDecoder("avro", skip=skip).decode(raw) == _decoded_then_dropped(raw, skip)
 
 
-def test_codecs_outside_the_standard_library_fall_back_to_fastavro_and_still_drop(monkeypatch):
-    raw = _container(PACKET, "deflate", n=2)
-    # As if deflate were snappy: a codec the fast path does not know.
-    monkeypatch.setattr(formats, "_CODECS", (b"null",))
-    decoder = MessageDecoder("avro", skip=ZTF_CUTOUTS)
-    assert decoder.decode(raw) == _decoded_then_dropped(raw, ZTF_CUTOUTS)
+def test_a_codec_whose_package_is_missing_stops_with_the_package_named_not_a_dead_letter(
+        tmp_path):
+    # #32 finding 7: a zstandard container in an install without the package was a dead
+    # letter ("corrupt Avro container ... you need to install ..."), so every valid record of
+    # that codec was lost to the DLQ. Run where the codec packages cannot be imported.
+    import subprocess
+    import sys
+
+    (tmp_path / "z.avro").write_bytes(_container(PACKET, "zstandard"))
+    (tmp_path / "s.avro").write_bytes(_container(PACKET, "snappy"))
+    script = """
+import sys
+for name in ("backports.zstd", "compression.zstd", "cramjam", "lz4", "lz4.block"):
+    sys.modules[name] = None  # as if not installed
+from mlflow_preproc.runtime.dependencies import Misconfigured
+from mlflow_preproc.runtime.formats import MessageDecoder, read_records
+for path, package in (("z.avro", "backports.zstd"), ("s.avro", "cramjam")):
+    data = open(path, "rb").read()
+    try:
+        MessageDecoder("avro").decode(data)
+    except Misconfigured as exc:
+        assert f"pip install {package}" in str(exc), exc
+    else:
+        raise AssertionError("decoded without the package")
+    try:
+        list(read_records(open(path, "rb"), "avro", path))
+    except Misconfigured as exc:
+        assert f"pip install {package}" in str(exc), exc
+    else:
+        raise AssertionError("read without the package")
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_a_container_naming_no_avro_codec_is_the_records_problem():
+    raw = _container(PACKET, "deflate")
+    renamed = raw.replace(b"\x0edeflate", b"\x0edeflat3", 1)  # same length, unknown codec
+    assert renamed != raw
+    with pytest.raises(DecodeError, match=r"compressed with b'deflat3', which is no Avro codec"):
+        MessageDecoder("avro").decode(renamed)
 
 
 def test_skipping_schemaless_and_confluent_avro(tmp_path):
@@ -376,12 +416,12 @@ def _bomb(codec: str, stamp_bytes: int, good_around: bool = False) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("codec", ["deflate", "bzip2", "xz", "null"])
+@pytest.mark.parametrize("codec", CODECS)
 def test_a_block_decoding_past_max_decoded_bytes_is_a_decode_error(codec):
     limit = 1024 * 1024
     message = _bomb(codec, 4 * limit)
     if codec != "null":
-        assert len(message) < limit // 8  # the bound is on what the block inflates to
+        assert len(message) < limit // 4  # the bound is on what the block inflates to
     with pytest.raises(DecodeError, match=r"more than MAX_DECODED_BYTES=1048576 bytes; raise"):
         MessageDecoder("avro", max_decoded_bytes=limit).decode(message)
     # Under the bound, the same message decodes.
@@ -389,7 +429,7 @@ def test_a_block_decoding_past_max_decoded_bytes_is_a_decode_error(codec):
     assert alert["cutoutScience"]["stampData"] == bytes(4 * limit)
 
 
-@pytest.mark.parametrize("codec", ["deflate", "xz"])
+@pytest.mark.parametrize("codec", ["deflate", "xz", "snappy", "zstandard", "lz4"])
 def test_the_decoded_size_bound_holds_before_the_block_is_inflated(codec):
     import tracemalloc
 
@@ -488,16 +528,13 @@ class _Unseekable(io.RawIOBase):
         return len(chunk)
 
 
-def test_avro_files_read_the_same_from_a_pipe_and_with_a_codec_outside_the_fast_path(
-        monkeypatch):
-    data = _container(PACKET, "deflate", n=2)
+@pytest.mark.parametrize("codec", CODECS)
+def test_avro_files_of_every_codec_read_the_same_from_a_pipe(codec):
+    data = _container(PACKET, codec, n=2)
     expected = list(fastavro.reader(io.BytesIO(data)))
     read = lambda stream: list(read_records(stream, "avro", "in"))  # noqa: E731
     assert read(io.BufferedReader(io.BytesIO(data))) == expected
     assert read(io.BufferedReader(_Unseekable(data))) == expected
-    monkeypatch.setattr(formats, "_CODECS", (b"null",))  # as if deflate were snappy
-    assert read(io.BufferedReader(io.BytesIO(data))) == expected
-    assert read(io.BufferedReader(_Unseekable(data))) == expected  # its header written back
     [bad] = read(io.BytesIO(b"Obj\x02" + data[4:]))
     assert isinstance(bad, DecodeError) and "not an Avro object container file" in str(bad)
 
@@ -522,3 +559,91 @@ def _tree(paths: list[str]) -> dict:
         top, _, rest = p.partition(".")
         tree.setdefault(top, []).extend([rest] if rest else [])
     return tree
+
+
+# ---- #32 finding 2: no count in the bytes makes a decoder loop or allocate without bound ----
+
+NULLS = {"type": "record", "name": "A", "fields": [
+    {"name": "id", "type": "long"}, {"name": "nulls", "type": {"type": "array", "items": "null"}}]}
+
+
+def _one_block(schema: dict, body: bytes) -> bytes:
+    """A one-record container of ``schema`` whose record is ``body``, whatever it says."""
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [])
+    header = buf.getvalue()
+    sync = header[-16:]
+    return header + _long(1) + _long(len(body)) + body + sync
+
+
+def test_a_216_byte_message_asking_for_2_62_nulls_is_refused_at_once_not_an_oom():
+    # The finding: full decoding grew the process to 2.9 GB; with DROP_FIELDS the skipper
+    # looped for minutes. Now the counts are checked first: a decode error naming the bound.
+    message = _one_block(NULLS, _long(1) + _long(2**62) + _long(0))
+    assert len(message) < 300
+    for decoder in (MessageDecoder("avro"), MessageDecoder("avro", skip=["nulls"]),
+                    MessageDecoder("avro", skip=["id"])):
+        with pytest.raises(DecodeError, match=r"more than 8388608 values \(MAX_DECODED_BYTES"):
+            decoder.decode(message)
+    schemaless = MessageDecoder("avro", NULLS)
+    with pytest.raises(DecodeError, match="MAX_DECODED_BYTES"):
+        schemaless.decode(_long(1) + _long(2**62) + _long(0))
+    [reject] = read_records(io.BytesIO(message), "avro", "f.avro")
+    assert isinstance(reject, DecodeError) and "MAX_DECODED_BYTES" in str(reject)
+    # A sane count of the same type decodes, and the bound follows MAX_DECODED_BYTES.
+    fine = _one_block(NULLS, _long(1) + _long(1000) + _long(0))
+    assert MessageDecoder("avro").decode(fine) == [{"id": 1, "nulls": [None] * 1000}]
+    with pytest.raises(DecodeError, match="more than 128 values"):
+        MessageDecoder("avro", max_decoded_bytes=1024).decode(fine)
+
+
+def test_items_of_a_byte_that_decode_to_many_values_are_bounded_too():
+    wide = {"type": "record", "name": "W", "fields": [
+        {"name": "rows", "type": {"type": "array", "items": {
+            "type": "record", "name": "R", "fields": [
+                {"name": "x", "type": "int"},
+                *({"name": f"n{i}", "type": "null"} for i in range(200))]}}}]}
+    # 4,000 one-byte rows of 202 values each: 808,000 values from 4 kB.
+    message = _one_block(wide, _long(4000) + b"\x02" * 4000 + _long(0))
+    with pytest.raises(DecodeError, match="more than 131072 values"):
+        MessageDecoder("avro", max_decoded_bytes=1 << 20).decode(message)
+    [record] = MessageDecoder("avro").decode(message)
+    assert len(record["rows"]) == 4000 and record["rows"][0]["x"] == 1
+
+
+def test_real_alert_schemas_are_decoded_without_the_walk():
+    from mlflow_preproc.runtime.avro_bounds import amplifies
+
+    for packet in PACKETS:
+        with open(packet, "rb") as f:
+            schema = fastavro.parse_schema(fastavro.reader(f).writer_schema)
+        assert not amplifies(schema, schema["__named_schemas"])
+    assert amplifies(fastavro.parse_schema(NULLS), {})
+
+
+def test_a_header_whose_schema_text_is_over_its_bound_is_refused_before_it_is_read():
+    from mlflow_preproc.runtime.avro_bounds import MAX_SCHEMA_TEXT_BYTES
+
+    raw = PACKET.read_bytes()
+    # The schema's length prefix says 2^40 bytes: read as asked, a file would hand them over.
+    text = fastavro.reader(io.BytesIO(raw)).metadata["avro.schema"].encode()
+    at = raw.index(text)
+    length = _long(len(text))
+    assert raw[at - len(length):at] == length
+    damaged = raw[:at - len(length)] + _long(2**40) + raw[at:]
+    with pytest.raises(DecodeError, match=f"most {MAX_SCHEMA_TEXT_BYTES} bytes"):
+        MessageDecoder("avro").decode(damaged)
+    [reject] = read_records(io.BufferedReader(io.BytesIO(damaged)), "avro", "f.avro")
+    assert "not an Avro object container file" in str(reject) and "bound" in str(reject)
+
+
+@pytest.mark.parametrize("extra", [b"\x02", b"\xff", b"\x02\x08abcd"])
+def test_a_block_holding_bytes_after_its_records_is_damage(extra):
+    # #32 finding 13's message: fastavro reads the record and ignores the rest; polars-avro
+    # loops on it. The message decoder calls it what it is.
+    schema = {"type": "record", "name": "A", "fields": [{"name": "id", "type": "long"},
+                                                        {"name": "s", "type": "string"}]}
+    good = _one_block(schema, b"\x02\x08abcd")
+    assert MessageDecoder("avro").decode(good) == [{"id": 1, "s": "abcd"}]
+    with pytest.raises(DecodeError, match=r"holds \d+ byte\(s\) after its 1 record"):
+        MessageDecoder("avro").decode(_one_block(schema, b"\x02\x08abcd" + extra))

@@ -23,13 +23,10 @@ streams can send the record to the dead-letter topic with that reason.
 
 from __future__ import annotations
 
-import bz2
 import io
 import itertools
 import json
-import lzma
 import struct
-import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -38,6 +35,16 @@ import fastavro
 from orjson import loads  # strict and fast; its errors are ValueErrors
 
 from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT
+from mlflow_preproc.runtime.avro_binary import advance, skip_sized, zigzag
+from mlflow_preproc.runtime.avro_codecs import CODECS, inflate
+from mlflow_preproc.runtime.avro_bounds import (
+    MAX_SCHEMA_TEXT_BYTES,
+    ValuesOverBound,
+    amplifies,
+    max_values,
+    value_walker,
+    zero_width,
+)
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.input_fields import Tree, reader_schema
@@ -145,7 +152,9 @@ class MessageDecoder:
         self.any_json = any_json
         self._skip = frozenset(name for name in skip if "." not in name)
         self.fields = fields
-        self._reader = _RecordReader(schema, self._skip, fields) if schema else None
+        self._limit = max_decoded_bytes
+        self._reader = _RecordReader(schema, self._skip, fields, max_decoded_bytes) \
+            if schema else None
         self._by_id = _SchemaById(schema_dir, registry_url, registry_config)
         self._readers_by_id: dict[int, _RecordReader] = {}
         self._containers = _ContainerReader(self._skip, max_decoded_bytes, fields)
@@ -174,8 +183,8 @@ class MessageDecoder:
         (schema_id,) = struct.unpack(">I", value[1:5])
         reader = self._readers_by_id.get(schema_id)
         if reader is None:
-            reader = self._readers_by_id[schema_id] = _RecordReader(self._by_id.get(schema_id),
-                                                                    self._skip, self.fields)
+            reader = self._readers_by_id[schema_id] = _RecordReader(
+                self._by_id.get(schema_id), self._skip, self.fields, self._limit)
         return [_schemaless(value[5:], reader)]
 
 
@@ -201,6 +210,8 @@ def _schemaless(value: bytes, reader: _RecordReader) -> Record:
     buf = io.BytesIO(value)
     try:
         record = reader.read(value, buf)
+    except DecodeError:
+        raise
     except Exception as exc:  # fastavro raises EOFError, ValueError, IndexError... on bad bytes
         raise DecodeError(f"cannot decode Avro with the configured schema "
                           f"({type(exc).__name__}: {exc}); check the schema") from None
@@ -226,24 +237,34 @@ class _RecordReader:
     """
 
     def __init__(self, writer_schema: dict | list | str, skip: Collection[str] = (),
-                 fields: Tree | None = None):
+                 fields: Tree | None = None,
+                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT):
         """``writer_schema`` as JSON, or as ``fastavro.parse_schema`` returned it; with
         declared ``fields`` only those are read (Avro schema resolution against a reader
         schema of just them, done by fastavro's compiled reader, which steps over the rest:
-        measured in benchmarks/avro_decoders.py)."""
+        measured in benchmarks/avro_decoders.py). ``max_decoded_bytes`` bounds the values a
+        record may decode to, for a schema whose counts the bytes do not bound
+        (:mod:`~mlflow_preproc.runtime.avro_bounds`)."""
         self.schema = fastavro.parse_schema(writer_schema)  # returns a parsed one as it is
         self._projection = None
         self._steps = None
+        named = self.schema.get("__named_schemas", {}) if isinstance(self.schema, dict) else {}
+        self._walk = value_walker(self.schema, named) if amplifies(self.schema, named) else None
+        self._max_values = max_values(max_decoded_bytes)
         if fields is not None and isinstance(self.schema, dict) and \
                 self.schema.get("type") == "record":
             kept = {name: sub for name, sub in fields.items() if name not in skip}
             self._projection = fastavro.parse_schema(reader_schema(writer_schema, kept))
             return
-        named = self.schema.get("__named_schemas", {}) if isinstance(self.schema, dict) else {}
         self._steps = _plan_steps(self.schema, frozenset(skip), named)
 
     def read(self, data: bytes, buf: io.BytesIO) -> Record:
         """The next record of ``buf``, a stream over ``data`` positioned at it."""
+        if self._walk is not None:  # counts the bytes do not bound: checked before decoding
+            try:
+                self._walk(data, buf.tell(), self._max_values)
+            except ValuesOverBound as exc:
+                raise DecodeError(str(exc)) from None
         if self._steps is None:
             return fastavro.schemaless_reader(buf, self.schema, self._projection)
         record: Record = {}
@@ -318,11 +339,11 @@ def _skipper(schema: Any, named: dict[str, Any]) -> Skipper:
     kind = schema if isinstance(schema, str) else schema["type"]
     if kind in _FIXED_WIDTH or kind == "fixed":
         width = schema["size"] if kind == "fixed" else _FIXED_WIDTH[kind]
-        return lambda data, pos: _advance(data, pos, width)
+        return lambda data, pos: advance(data, pos, width)
     if kind in ("int", "long", "enum"):
         return lambda data, pos: zigzag(data, pos)[1]
     if kind in ("string", "bytes"):
-        return _skip_sized
+        return skip_sized
     if kind in ("record", "error"):
         fields = [_skipper(field["type"], named) for field in schema["fields"]]
 
@@ -332,9 +353,11 @@ def _skipper(schema: Any, named: dict[str, Any]) -> Skipper:
             return pos
         return skip_record
     if kind == "array":
+        if zero_width(schema["items"], named):
+            return _count_skipper  # 2^62 nulls are stepped over, not looped over
         return _block_skipper([_skipper(schema["items"], named)])
     if kind == "map":
-        return _block_skipper([_skip_sized, _skipper(schema["values"], named)])
+        return _block_skipper([skip_sized, _skipper(schema["values"], named)])
     if isinstance(schema, dict):  # a primitive with a logical type: {"type": "long", ...}
         return _skipper(kind, named)
     # A named type, by name: resolved on first use, as a recursive type refers to itself.
@@ -350,6 +373,17 @@ def _skipper(schema: Any, named: dict[str, Any]) -> Skipper:
 _FIXED_WIDTH = {"null": 0, "boolean": 1, "float": 4, "double": 8}
 
 
+def _count_skipper(data: bytes, pos: int) -> int:
+    """An array of items that take no bytes: only its block counts."""
+    while True:
+        count, pos = zigzag(data, pos)
+        if count == 0:
+            return pos
+        if count < 0:
+            size, pos = zigzag(data, pos)
+            pos = advance(data, pos, size)
+
+
 def _block_skipper(item: list[Skipper]) -> Skipper:
     """Arrays and maps: blocks of items (map entries: key, value), ending with an empty
     block. A writer may put a block's size in bytes before it (a negative count), which lets
@@ -361,41 +395,12 @@ def _block_skipper(item: list[Skipper]) -> Skipper:
                 return pos
             if count < 0:
                 size, pos = zigzag(data, pos)
-                pos = _advance(data, pos, size)
+                pos = advance(data, pos, size)
                 continue
             for _ in range(count):
                 for skip in item:
                     pos = skip(data, pos)
     return skip_blocks
-
-
-def _skip_sized(data: bytes, pos: int) -> int:
-    """Strings and bytes: a length, then that many bytes."""
-    size, pos = zigzag(data, pos)
-    return _advance(data, pos, size)
-
-
-def _advance(data: bytes, pos: int, size: int) -> int:
-    end = pos + size
-    if size < 0 or end > len(data):
-        available = max(0, len(data) - pos)
-        read = available if size < 0 else min(size, available)
-        raise EOFError(f"Expected {size} bytes, read {read}")
-    return end
-
-
-def zigzag(data: bytes, pos: int) -> tuple[int, int]:
-    """An Avro int or long (zigzag varint) at ``pos``, and the position after it."""
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise EOFError("Expected 1 bytes, read 0")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return (result >> 1) ^ -(result & 1), pos
-        shift += 7
 
 
 class _ContainerReader:
@@ -404,8 +409,8 @@ class _ContainerReader:
     Alert streams (ZTF, Fink) send every alert as a whole container: a header carrying the
     ~20 kB schema, then one block. ``fastavro.reader`` parses that schema for every message,
     a third of the decode time of a ZTF alert; here a :class:`_RecordReader` is kept per
-    schema text, and the last header is recognised by its bytes. Blocks compressed with a codec outside the standard library (snappy,
-    zstandard, lz4) go through ``fastavro.reader``, and skipped fields are dropped after it.
+    schema text, and the last header is recognised by its bytes. Blocks are inflated by
+    :mod:`~mlflow_preproc.runtime.avro_codecs`, within the bound.
     """
 
     _MAX_SCHEMAS = 64
@@ -426,7 +431,7 @@ class _ContainerReader:
     def read(self, value: bytes) -> list[Record]:
         try:
             return self._read(value)
-        except DecodeError:
+        except (DecodeError, Misconfigured):
             raise
         except Exception as exc:  # truncated or corrupt bytes fail anywhere inside fastavro
             raise DecodeError(f"corrupt Avro container ({type(exc).__name__}: {exc})") from None
@@ -441,13 +446,8 @@ class _ContainerReader:
             if len(sync) < 16:  # what fastavro says of a header cut short in the same place
                 raise EOFError(f"Expected 16 bytes, read {len(sync)}")
         else:
-            header = fastavro.schemaless_reader(buf, OCF_HEADER_SCHEMA, None)
-            codec = header["meta"].get("avro.codec", b"null")
-            if codec not in _CODECS:
-                records = list(fastavro.reader(io.BytesIO(value)))
-                return [_without(record, self._skip) for record in records]
-            reader = self._reader(header["meta"]["avro.schema"])
-            sync = header["sync"]
+            codec, text, sync = read_header(buf)
+            reader = self._reader(text)
             self._recent = [(value[:buf.tell() - len(sync)], codec, reader),
                             *self._recent[:self._RECENT_HEADERS - 1]]
         records: list[Record] = []
@@ -457,6 +457,7 @@ class _ContainerReader:
             decoded += len(data)
             block_buf = io.BytesIO(data)
             records.extend(reader.read(data, block_buf) for _ in range(count))
+            _check_consumed(block_buf, count)
         return records
 
     def _reader(self, text: bytes) -> _RecordReader:
@@ -465,17 +466,48 @@ class _ContainerReader:
             if len(self._readers) >= self._MAX_SCHEMAS:
                 self._readers.clear()
             reader = self._readers[text] = _RecordReader(json.loads(text), self._skip,
-                                                         self._fields)
+                                                         self._fields, self._limit)
         return reader
 
 
-# Raw deflate, as the Avro spec says; bzip2 and xz are whole streams. Each is decompressed
-# incrementally, so that a block over the bound is refused before more than the bound of it
-# is inflated.
-_DECOMPRESSORS: dict[bytes, Callable[[], Any]] = {
-    b"deflate": lambda: zlib.decompressobj(-15), b"bzip2": bz2.BZ2Decompressor,
-    b"xz": lzma.LZMADecompressor}
-_CODECS = (b"null", *_DECOMPRESSORS)
+def read_header(stream: IO[bytes]) -> tuple[bytes, bytes, bytes]:
+    """The codec, schema text and sync marker of the container header at ``stream``, left
+    after it. A header that is not one, names a codec no Avro library defines, or carries a
+    schema text over :data:`~mlflow_preproc.runtime.avro_bounds.MAX_SCHEMA_TEXT_BYTES` raises
+    :class:`DecodeError`; cut-short bytes raise EOFError."""
+    bounded = _Bounded(stream, MAX_SCHEMA_TEXT_BYTES + _HEADER_ROOM)
+    header = fastavro.schemaless_reader(bounded, OCF_HEADER_SCHEMA, None)
+    if header["magic"] != OCF_MAGIC:
+        raise DecodeError(f"it starts with {header['magic']!r}, not b'Obj\\x01'")
+    meta = header["meta"]
+    codec = meta.get("avro.codec", b"null")
+    if codec not in CODECS:
+        raise DecodeError(f"its blocks are compressed with {codec!r}, which is no Avro codec "
+                          f"(known: {', '.join(c.decode() for c in CODECS)})")
+    if "avro.schema" not in meta:
+        raise DecodeError("its header has no avro.schema")
+    return codec, meta["avro.schema"], header["sync"]
+
+
+# A header holds the schema, the codec and a few other entries besides.
+_HEADER_ROOM = 64 * 1024
+
+
+class _Bounded:
+    """``stream`` for reading a header: a read past ``limit`` bytes in all refuses the header
+    (fastavro asks for as many bytes as a damaged length says, and a file would hand them)."""
+
+    def __init__(self, stream: IO[bytes], limit: int):
+        self._stream, self._left = stream, limit
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > self._left:
+            raise DecodeError(f"its header is over {MAX_SCHEMA_TEXT_BYTES + _HEADER_ROOM} "
+                              "bytes, the bound of a container header (a schema text of at "
+                              f"most {MAX_SCHEMA_TEXT_BYTES} bytes)")
+        data = self._stream.read(size)
+        self._left -= len(data)
+        return data
 
 
 def _next_block(buf: IO[bytes], codec: bytes, sync: bytes, limit: int, decoded: int = 0
@@ -500,7 +532,7 @@ def _next_block(buf: IO[bytes], codec: bytes, sync: bytes, limit: int, decoded: 
         if len(data) < size:
             raise EOFError(f"Expected {size} bytes, read {len(data)}")
         if codec != b"null":
-            data = _inflate(codec, data, budget)
+            data = inflate(codec, data, budget)
     else:
         _step_over(buf, size)  # not even read into memory
     if buf.read(16) != sync:
@@ -517,26 +549,13 @@ def _next_block(buf: IO[bytes], codec: bytes, sync: bytes, limit: int, decoded: 
     return count, data
 
 
-def _inflate(codec: bytes, data: bytes, limit: int) -> bytes | None:
-    """A block decompressed, or None if it decodes to more than ``limit`` bytes.
-
-    Inflated in pieces of 1 MiB, so refusing a block holds no more than the bound.
-    """
-    decompressor = _DECOMPRESSORS[codec]()
-    pieces: list[bytes] = []
-    size = 0
-    while not decompressor.eof:
-        piece = decompressor.decompress(data, 1 << 20)
-        # zlib hands back the input it did not take yet; bzip2 and xz keep it themselves
-        data = getattr(decompressor, "unconsumed_tail", b"")
-        if not piece and not data:
-            raise DecodeError(f"corrupt Avro container (a {codec.decode()} block is cut "
-                              "short)")
-        size += len(piece)
-        if size > limit:
-            return None
-        pieces.append(piece)
-    return b"".join(pieces)
+def _check_consumed(block: io.BytesIO, count: int) -> None:
+    """A block's records end where the block does; bytes after them are damage (polars-avro
+    would loop on them for ever, fastavro would not notice)."""
+    left = len(block.getbuffer()) - block.tell()
+    if left:
+        raise DecodeError(f"corrupt Avro container (a block holds {left} byte(s) after its "
+                          f"{count} record(s))")
 
 
 def _read_long(buf: IO[bytes], first: bytes = b"") -> int:
@@ -769,17 +788,11 @@ def read_records(stream: IO[bytes], fmt: str, where: str,
 def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = None
                ) -> Iterator[Record | DecodeError]:
     try:
-        header = fastavro.schemaless_reader(stream, OCF_HEADER_SCHEMA, None)
-        if header["magic"] != b"Obj\x01":
-            raise ValueError(f"it starts with {header['magic']!r}, not b'Obj\\x01'")
-        codec, sync = header["meta"].get("avro.codec", b"null"), header["sync"]
-        reader = _file_reader(header["meta"]["avro.schema"], fields) \
-            if codec in _CODECS else None
+        codec, text, sync = read_header(stream)
+        reader = _file_reader(text, fields, limit)
     except Exception as exc:  # noqa: BLE001 -- fastavro raises many types on a bad header
-        yield DecodeError(f"{where} is not an Avro object container file ({exc})")
-        return
-    if reader is None:  # a codec outside the standard library: fastavro's own blocks
-        yield from _fastavro_records(fastavro.reader(_from_start(stream, header)), where)
+        detail = str(exc) if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
+        yield DecodeError(f"{where} is not an Avro object container file ({detail})")
         return
     count = 0
     while True:
@@ -788,6 +801,8 @@ def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = 
         except BlockTooLarge as exc:
             yield BlockTooLarge(exc.count, exc.limit, f"{where}: after record {count}, ")
             continue
+        except Misconfigured:
+            raise  # a codec's package missing here: every block would fail alike
         except Exception as exc:  # noqa: BLE001 -- truncated/corrupt framing: EOFError,
             # zlib.error, LZMAError... whatever the bytes make the codec do
             yield _damaged(where, count, exc)
@@ -812,54 +827,18 @@ def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = 
 # Readers of the files' writer schemas, by schema text and declared fields: an archive of
 # one-alert files (ZTF's) has one schema per version, and parsing it and deriving the
 # projection took more time than decoding the alert (benchmarks/avro_decoders.py, files).
-_FILE_READERS: dict[tuple[bytes, str], _RecordReader] = {}
+_FILE_READERS: dict[tuple[bytes, str, int], _RecordReader] = {}
 _MAX_FILE_READERS = 64
 
 
-def _file_reader(schema_text: bytes, fields: Tree | None) -> _RecordReader:
-    key = (schema_text, json.dumps(fields, sort_keys=True))
+def _file_reader(schema_text: bytes, fields: Tree | None, limit: int) -> _RecordReader:
+    key = (schema_text, json.dumps(fields, sort_keys=True), limit)
     reader = _FILE_READERS.get(key)
     if reader is None:
         if len(_FILE_READERS) >= _MAX_FILE_READERS:
             _FILE_READERS.clear()
-        reader = _FILE_READERS[key] = _RecordReader(json.loads(schema_text), (), fields)
+        reader = _FILE_READERS[key] = _RecordReader(json.loads(schema_text), (), fields, limit)
     return reader
-
-
-def _from_start(stream: IO[bytes], header: dict) -> IO[bytes]:
-    """``stream`` from its first byte again, its header read: rewound, or (stdin) the header
-    written back in front of the rest."""
-    if stream.seekable():
-        stream.seek(0)
-        return stream
-    head = io.BytesIO()
-    fastavro.schemaless_writer(head, OCF_HEADER_SCHEMA, header)
-    return io.BufferedReader(_Joined(head.getvalue(), stream))
-
-
-class _Joined(io.RawIOBase):
-    """``first`` then ``rest``, as one unseekable stream."""
-
-    def __init__(self, first: bytes, rest: IO[bytes]):
-        self._first, self._rest = io.BytesIO(first), rest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self._first.read(len(b)) or self._rest.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-
-def _fastavro_records(container: Iterator[Record], where: str) -> Iterator[Record | DecodeError]:
-    count = 0
-    try:
-        for record in container:
-            yield record
-            count += 1
-    except Exception as exc:  # noqa: BLE001 -- as in _avro_file
-        yield _damaged(where, count, exc)
 
 
 def _damaged(where: str, count: int, exc: Exception) -> DecodeError:
