@@ -137,6 +137,11 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             "scoring formats", choices=PAYLOAD_FORMATS, modes=("bridge",), example="inputs"),
     Setting("REQUEST_TIMEOUT_S", 30.0, "Timeout of one /invocations call", kind=float,
             modes=("bridge",), example="10", minimum=0.1, maximum=3600),
+    Setting("RECORD_ATTEMPTS", 3, "Times the bridge asks the model server again for one record "
+            "it fails alone (5xx, no answer in time, an answer with no prediction) while it "
+            "answers other records, before the record goes to the dead-letter topic; a server "
+            "failing every record is waited for instead", kind=int, modes=("bridge",),
+            example="5", minimum=1, maximum=1000),
     Setting("DLQ_BRAKE_RATIO", 0.5, "Dead-letter brake: when more than this share of the last "
             "DLQ_BRAKE_WINDOW records went to the dead-letter topic, stop committing, pause and "
             "fail /healthz (1: never)", kind=float, example="0.9", minimum=0, maximum=1),

@@ -14,8 +14,9 @@ from mlflow_preproc.streaming.bridge import Answer, judge
     (400, Answer.REFUSED_INPUT), (413, Answer.REFUSED_INPUT), (422, Answer.REFUSED_INPUT),
     # the server's state: wait and retry
     (408, Answer.UNAVAILABLE), (425, Answer.UNAVAILABLE), (429, Answer.UNAVAILABLE),
-    (500, Answer.UNAVAILABLE), (502, Answer.UNAVAILABLE), (503, Answer.UNAVAILABLE),
-    (504, Answer.UNAVAILABLE),
+    (503, Answer.UNAVAILABLE),
+    # the records' or the server's: asked again, halved, the canary asked (#32 finding 3)
+    (500, Answer.FAILED), (502, Answer.FAILED), (504, Answer.FAILED), (599, Answer.FAILED),
     # the bridge's configuration: stop, commit nothing
     (401, Answer.MISCONFIGURED), (403, Answer.MISCONFIGURED), (404, Answer.MISCONFIGURED),
     (405, Answer.MISCONFIGURED), (415, Answer.MISCONFIGURED),
@@ -119,7 +120,9 @@ def test_healthz_fails_for_a_consumer_with_lag_that_fetches_nothing():
     ok, reason = stats.health(now, stall_s=120)
     assert not ok and "1200 records wait on partitions [0]" in reason
     stats.waiting_for = "model server"  # a dependency down: restarting would not help
-    assert stats.health(now, stall_s=120) == (True, "waiting for the model server")
+    stats.waiting_why = "HTTP 503: the model is reloading"
+    assert stats.health(now, stall_s=120) == (
+        True, "waiting for the model server: HTTP 503: the model is reloading")
     stats.waiting_for = None
     stats.lag = {("in", 0): 0}  # caught up: nothing to fetch is fine
     assert stats.health(now, stall_s=120) == (True, "ok")

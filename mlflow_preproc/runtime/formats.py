@@ -50,6 +50,7 @@ from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.input_fields import Tree, reader_schema
 from mlflow_preproc.runtime.jsonable import dumps
 from mlflow_preproc.runtime.model_input import scoring_records
+from mlflow_preproc.secrets import redact_url
 
 Record = dict[str, Any]
 
@@ -599,6 +600,7 @@ class _SchemaById:
                  registry_config: dict | None):
         self._dir = Path(schema_dir) if schema_dir else None
         self._registry_url = registry_url
+        self._shown_url = redact_url(registry_url or "")  # what messages may say
         # The stream retries with its own backoff while polling the group; the client's own
         # retries would only block the loop longer.
         self._registry_config = {"max.retries": 1, "timeout": 10, **(registry_config or {})}
@@ -657,10 +659,10 @@ class _SchemaById:
         try:
             return request(self._registry())
         except SchemaRegistryError as exc:
-            raise _registry_failure(exc, what, self._registry_url) from None
+            raise _registry_failure(exc, what, self._shown_url) from None
         except Exception as exc:  # noqa: BLE001 -- httpx's transport errors, timeouts...
-            raise Unavailable("schema registry", f"{self._registry_url}: "
-                              f"{type(exc).__name__}: {exc}") from None
+            raise Unavailable("schema registry", redact_url(
+                f"{self._shown_url}: {type(exc).__name__}: {exc}", self._registry_url)) from None
 
     @staticmethod
     def _json(text: str, what: str) -> dict:

@@ -138,6 +138,9 @@ def not_found(uri: str, exc: MlflowException) -> ModelNotFound:
 
 
 def _tracking_uri() -> str:
+    """The tracking URI as messages may show it (credentials in it redacted)."""
     import mlflow
 
-    return mlflow.get_tracking_uri()
+    from mlflow_preproc.secrets import redact_url
+
+    return redact_url(mlflow.get_tracking_uri())

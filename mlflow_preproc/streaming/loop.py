@@ -290,6 +290,7 @@ class KafkaLoop:
                 # The loop is healthy, its dependency is not: /healthz must not restart us.
                 self.stats.alive()
                 self.stats.waiting_for = exc.dependency
+                self.stats.waiting_why = exc.problem
                 logger.warning(f"{exc.dependency} unavailable; retrying", extra={
                     "event": "dependency_unavailable", "dependency": exc.dependency,
                     "error": exc.problem, "retry_in_s": delay})

@@ -54,6 +54,7 @@ class LoopStats:
     last_fetch: float = field(default_factory=time.monotonic)
     lag: dict[tuple[str, int], int] = field(default_factory=dict)  # owned partitions only
     waiting_for: str | None = None  # a dependency the loop waits for
+    waiting_why: str = ""  # what it answered (or did not), credentials redacted
     brake: str | None = None  # why the dead-letter brake engaged
     # A rollout waits for a verdict on the new version: it has caught up (a poll found
     # nothing) or handled a full dead-letter brake window, which the brake has judged.
@@ -172,7 +173,7 @@ class LoopStats:
             return False, (f"{lagging} records wait on partitions {self.partitions} but "
                            f"nothing was fetched for {starved:.0f} s")
         if self.waiting_for:
-            return True, f"waiting for the {self.waiting_for}"
+            return True, f"waiting for the {self.waiting_for}: {self.waiting_why[:300]}"
         return True, "ok"
 
     def on_librdkafka_stats(self, stats_json: str) -> None:
