@@ -212,7 +212,7 @@ def test_a_retriable_delivery_failure_pauses_input_and_blocks_commits_until_rede
 
 def test_a_permanent_delivery_failure_dead_letters_the_input_with_the_error_code():
     def fail(topic, value, attempt):
-        return KafkaError.TOPIC_AUTHORIZATION_FAILED if (topic, value) == ("out", b"b") else None
+        return KafkaError.INVALID_RECORD if (topic, value) == ("out", b"b") else None
 
     consumer = FakeConsumer([[msg(0, 0, b"a"), msg(0, 1, b"b", key=b"kb")]])
     producer = FakeProducer(fail)
@@ -221,10 +221,28 @@ def test_a_permanent_delivery_failure_dead_letters_the_input_with_the_error_code
     [(value, headers)] = [(v, h) for t, v, h in producer.delivered if t == f"{TOPIC}-dlq"]
     assert value == b"b"
     assert headers["x-preproc-stage"] == b"produce"
-    assert headers["x-preproc-error-type"] == b"TOPIC_AUTHORIZATION_FAILED"
+    assert headers["x-preproc-error-type"] == b"INVALID_RECORD"
     assert headers["x-preproc-source"] == b"in/0/1"
     assert consumer.commits == [[(0, 2)]]
     assert loop.stats.counts["out"] == 1 and loop.stats.counts["failed"] == 1
+
+
+@pytest.mark.parametrize("error", [KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                                   KafkaError._UNKNOWN_TOPIC, KafkaError.TOPIC_EXCEPTION])
+def test_an_output_topic_that_refuses_this_client_stops_the_loop_uncommitted(error):
+    # #32 finding 6: TOPIC_AUTHORIZATION_FAILED on every output made 50 of 50 records dead
+    # letters (stage produce) and committed them. The topic refuses the client, not the
+    # records: stop (exit 2) naming the fix, nothing committed, nothing dead-lettered.
+    def fail(topic, value, attempt):
+        return error if topic == "out" else None
+
+    consumer = FakeConsumer([[msg(0, 0, b"a"), msg(0, 1, b"b")], [msg(0, 2, b"c")]])
+    producer = FakeProducer(fail)
+    with pytest.raises(FatalError, match=r"cannot write to the output topic out \(.*record "
+                                         r"in/0/0 stays uncommitted"):
+        Echo(consumer, producer).run()
+    assert consumer.commits == []
+    assert outputs(producer, f"{TOPIC}-dlq") == []
 
 
 def test_a_record_too_large_for_the_producer_reaches_the_dead_letter_topic_truncated():

@@ -1,9 +1,14 @@
 """Sorting the producer's delivery errors: what is worth retrying and what is not.
 
-A delivery can fail for three kinds of reasons, and each asks for a different answer:
+A delivery can fail for four kinds of reasons, and each asks for a different answer:
 
-- **permanent**: the record itself can never be written (too large, invalid, not authorised).
-  Retrying cannot help; its input goes to the dead-letter topic with the broker's error code.
+- **permanent**: the record itself can never be written (too large, invalid). Retrying cannot
+  help; its input goes to the dead-letter topic with the broker's error code.
+- **topic refused**: the topic refuses this client, whatever the record (no write ACL, the
+  topic gone or never created, an invalid name). Every record would fail alike: dead-lettering
+  them would drain the input into the DLQ and commit it (#32: a missing ACL on the output
+  topic made 50 of 50 records dead letters). The loop stops (exit 2) naming the fix, with
+  the record uncommitted, as it does when the dead-letter topic itself refuses it.
 - **broken producer**: the idempotent producer lost its sequence state (fenced, unknown
   producer id, out-of-order sequence, fatal). The record is fine but this producer instance
   will refuse everything from now on: a new producer sends it again.
@@ -26,6 +31,7 @@ from confluent_kafka import KafkaError
 
 class Failure(Enum):
     PERMANENT = "permanent"
+    TOPIC_REFUSED = "topic refused"
     BROKEN_PRODUCER = "broken producer"
     RETRIABLE = "retriable"
 
@@ -33,9 +39,12 @@ class Failure(Enum):
 _PERMANENT = {
     KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
     KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG, KafkaError.INVALID_MSG_SIZE,
-    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.TOPIC_EXCEPTION,
     KafkaError.POLICY_VIOLATION, KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
     KafkaError._INVALID_ARG, KafkaError._BAD_MSG,
+}
+_TOPIC_REFUSED = {
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.TOPIC_EXCEPTION, KafkaError._UNKNOWN_TOPIC,
 }
 _BROKEN_PRODUCER = {
     KafkaError.PRODUCER_FENCED, KafkaError._FENCED, KafkaError._FATAL,
@@ -49,9 +58,21 @@ def classify(err: KafkaError) -> Failure:
     code = err.code()
     if code in _PERMANENT:
         return Failure.PERMANENT
+    if code in _TOPIC_REFUSED:
+        return Failure.TOPIC_REFUSED
     if code in _BROKEN_PRODUCER or err.fatal():
         return Failure.BROKEN_PRODUCER
     return Failure.RETRIABLE
+
+
+def topic_refused_fix(err: KafkaError) -> str:
+    """What to change when a topic refuses this client with ``err``."""
+    if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                      KafkaError.CLUSTER_AUTHORIZATION_FAILED):
+        return "grant this client write access to it (ACLs)"
+    if err.code() in (KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART):
+        return "create it, or set AUTO_CREATE_TOPICS=true"
+    return "fix the broker or topic settings named in the error"
 
 
 def is_size_error(err: KafkaError) -> bool:

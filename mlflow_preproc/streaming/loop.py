@@ -56,7 +56,13 @@ from mlflow_preproc.runtime.model_identity import HEADER
 from mlflow_preproc.streaming.brake import DeadLetterBrake
 from mlflow_preproc.streaming.checkpoint import Checkpoint
 from mlflow_preproc.streaming.client_logs import client_logger
-from mlflow_preproc.streaming.delivery import Failure, Redelivery, classify, is_size_error
+from mlflow_preproc.streaming.delivery import (
+    Failure,
+    Redelivery,
+    classify,
+    is_size_error,
+    topic_refused_fix,
+)
 from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
 from mlflow_preproc.streaming.shutdown import Shutdown
 
@@ -240,8 +246,12 @@ class KafkaLoop:
                     self._send(topic, value, key, headers, on_delivery)
                 sent += 1
         except KafkaException as exc:
+            err = exc.args[0]
+            if classify(err) is Failure.TOPIC_REFUSED:
+                self._output_refused(source, topic, err)
+                raise self._fatal from None
             self.dead_letter(source, "produce", f"cannot produce to {self.output_topic}: "
-                                                f"{exc.args[0].str()}", exc.args[0].name())
+                                                f"{err.str()}", err.name())
         self.stats.counts["out"] += sent
 
     def output_headers(self, source: Message) -> Headers:
@@ -554,7 +564,10 @@ class KafkaLoop:
 
     def _delivery_failed(self, delivery: _Delivery, err: KafkaError, msg: Message) -> None:
         kind = classify(err)
-        if kind is Failure.PERMANENT:
+        if kind is Failure.TOPIC_REFUSED and not delivery.dead_letter:
+            self._output_refused(delivery.source, msg.topic(), err)
+            return
+        if kind in (Failure.PERMANENT, Failure.TOPIC_REFUSED):
             if delivery.dead_letter:
                 self._dead_letter_refused(delivery.source, msg.value(), delivery.headers, err)
             else:
@@ -612,18 +625,20 @@ class KafkaLoop:
             size = (HEADER + "original-size", str(len(source.value() or b"")).encode())
             self._send_dead_letter(source, b"", headers if size in headers else [*headers, size])
             return
-        if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED,
-                          KafkaError.CLUSTER_AUTHORIZATION_FAILED):
-            fix = "grant this client write access to it (ACLs)"
-        elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-            fix = "create it, or set AUTO_CREATE_TOPICS=true"
-        else:
-            fix = "fix the broker or topic settings named in the error"
         # Committing past this record would lose it: stop, so a restart retries it.
         self._fatal = FatalError(
             f"cannot write to the dead-letter topic {self.dlq_topic} ({err.name()}: "
             f"{err.str()}); record {source.topic()}/{source.partition()}/{source.offset()} "
-            f"stays uncommitted; {fix}")
+            f"stays uncommitted; {topic_refused_fix(err)}")
+
+    def _output_refused(self, source: Message, topic: str, err: KafkaError) -> None:
+        # The topic refuses this client, not the record: every output would fail alike.
+        # Stop with the record uncommitted rather than dead-letter (and commit) them all.
+        if self._fatal is None:
+            self._fatal = FatalError(
+                f"cannot write to the output topic {topic} ({err.name()}: {err.str()}); "
+                f"record {source.topic()}/{source.partition()}/{source.offset()} stays "
+                f"uncommitted; {topic_refused_fix(err)}")
 
     def _too_large(self, value: bytes, key: bytes | None, headers: Headers) -> bool:
         return len(value) + _overhead(key, headers) > self._max_message_bytes
