@@ -141,7 +141,8 @@ def serve_on_loopback(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPSer
 
 class FakeSchemaRegistry:
     """A Confluent Schema Registry on loopback, speaking its REST API for what a consumer asks
-    (``GET /schemas/ids/{id}``, ``GET /subjects/{subject}/versions/{version}``). No real
+    (``GET /schemas/ids/{id}``, ``GET /subjects/{subject}/versions/{version}``) and a
+    producer registers (``POST /subjects/{subject}/versions``). No real
     registry installs here (FIELD-NOTES 8). ``down`` makes it answer 503, as a registry
     losing its backing Kafka cluster does; ``requests`` counts what it was asked."""
 
@@ -172,6 +173,23 @@ class FakeSchemaRegistry:
                     return self.answer(404, {"error_code": 40401,
                                              "message": f"Subject '{parts[1]}' not found."})
                 self.answer(404, {"error_code": 40403, "message": "Schema not found"})
+
+            def do_POST(self):  # noqa: N802 -- POST /subjects/{subject}/versions: register
+                outer.requests += 1
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.down:
+                    return self.answer(503, {"error_code": 50003,
+                                             "message": "Error while forwarding the request"})
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[0] != "subjects" or parts[2:] != ["versions"]:
+                    return self.answer(404, {"error_code": 404, "message": "HTTP 404 Not Found"})
+                found = next((i for i, s in outer.by_id.items()
+                              if s["schema"] == body["schema"]), None)
+                if found is None:
+                    found = max(outer.by_id, default=0) + 1
+                    outer.by_id[found] = {"schema": body["schema"], "references": []}
+                outer.by_subject[(parts[1], 1)] = found
+                self.answer(200, {"id": found})
 
         self.server = serve_on_loopback(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"

@@ -664,6 +664,15 @@ class _SchemaById:
             raise Unavailable("schema registry", redact_url(
                 f"{self._shown_url}: {type(exc).__name__}: {exc}", self._registry_url)) from None
 
+    def ask_register(self, subject: str, schema: Any) -> int:
+        """Register ``schema`` under ``subject``; its id. The registry refusing it (an
+        incompatible change, 409/422) is a configuration to fix, not a record's fault."""
+        what = f"the output schema under {subject}"
+        try:
+            return self._ask(what, lambda client: client.register_schema(subject, schema))
+        except DecodeError as exc:
+            raise Misconfigured(str(exc)) from None
+
     @staticmethod
     def _json(text: str, what: str) -> dict:
         try:
@@ -703,6 +712,10 @@ def _registry_failure(exc, what: str, url: str) -> Exception:
         return Misconfigured(f"the schema registry at {url} refused this client with HTTP "
                              f"{status} ({exc.error_message}); give the stream credentials "
                              "it accepts (basic.auth.user.info...) or check SCHEMA_REGISTRY_URL")
+    if status in (409, 422):
+        return Misconfigured(f"the schema registry at {url} refused {what} with HTTP {status} "
+                             f"({exc.error_message}); make the schema compatible with the "
+                             "subject's versions, or change the subject's compatibility")
     if 400 <= status < 500 and status not in (408, 425, 429):
         return Misconfigured(f"the schema registry at {url} answered HTTP {status} to a "
                              f"request for {what} ({exc.error_message}); check "
@@ -711,7 +724,11 @@ def _registry_failure(exc, what: str, url: str) -> Exception:
 
 
 class MessageEncoder:
-    """Encodes one output record as a Kafka message value."""
+    """Encodes one output record as a Kafka message value.
+
+    ``confluent-avro`` registers the output schema under ``<topic>-value`` on first use
+    (:meth:`prepare`), not when the encoder is made: a registry that is down at start-up
+    is waited for like the input side's, not a fatal error."""
 
     def __init__(self, fmt: str, schema: dict | None = None, registry_url: str | None = None,
                  registry_config: dict | None = None, topic: str | None = None):
@@ -728,14 +745,33 @@ class MessageEncoder:
         self.fmt = fmt
         self._schema = fastavro.parse_schema(schema) if schema else None
         self._prefix = b""
+        self._registration = None
         if fmt == "confluent-avro":
-            client = _registry_client_class()({"url": registry_url, **(registry_config or {})})
-            from confluent_kafka.schema_registry import Schema
+            self._registration = (_SchemaById(None, registry_url, registry_config),
+                                  f"{topic}-value", json.dumps(schema))
 
-            schema_id = client.register_schema(f"{topic}-value", Schema(json.dumps(schema), "AVRO"))
-            self._prefix = struct.pack(">bI", _CONFLUENT_MAGIC, schema_id)
+    @property
+    def prepared(self) -> bool:
+        """Whether :meth:`encode` can run (the output schema is registered, if it must be)."""
+        return self._registration is None
+
+    def prepare(self) -> None:
+        """Register the output schema: raises
+        :class:`~mlflow_preproc.runtime.dependencies.Unavailable` while the registry does not
+        answer, :class:`~mlflow_preproc.runtime.dependencies.Misconfigured` if it refuses
+        this client or the schema (the stream waits for the one, stops on the other)."""
+        if self._registration is None:
+            return
+        registry, subject, text = self._registration
+        from confluent_kafka.schema_registry import Schema
+
+        schema_id = registry.ask_register(subject, Schema(text, "AVRO"))
+        self._prefix = struct.pack(">bI", _CONFLUENT_MAGIC, schema_id)
+        self._registration = None
 
     def encode(self, record: Record) -> bytes:
+        if self._registration is not None:
+            self.prepare()
         if self.fmt == "json":
             try:
                 return dumps(record)

@@ -110,6 +110,8 @@ class Stream(KafkaLoop):
                 results = self._predict(records, results)
 
         # encode and produce, message by message (an Avro container may hold many records)
+        if not self.encoder.prepared:  # the output schema registered, the registry waited for
+            self.when_available(self.encoder.prepare)
         encode, produce = self.encoder.encode, self.produce
         dropped = 0
         for msg, first, last in _spans(owners, messages):
