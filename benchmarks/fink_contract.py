@@ -147,7 +147,8 @@ def log_models(workdir: Path, module, alerts: list[dict]) -> tuple[str, str, str
     with mlflow.start_run():
         features = mlflow.preproc.log_model(str(EXAMPLE), name="features").model_uri
         columnar = mlflow.preproc.log_model(str(COLUMNAR), name="columnar",
-                                            batch_format="arrow").model_uri
+                                            batch_format="arrow",
+                                            input_example=without_cutouts(alerts[0])).model_uri
         every_field = mlflow.preproc.log_model(str(undeclared), name="all").model_uri
         model = mlflow.sklearn.log_model(classifier, name="classifier",
                                          input_example=train.head(3),

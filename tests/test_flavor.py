@@ -283,7 +283,8 @@ def test_batch_mode_records_and_pandas(tracking_uri):
     def listwise(records):
         return [None if r["x"] < 0 else {"y": r["x"]} for r in records]
 
-    pandas_model = mlflow.pyfunc.load_model(log(vectorised, batch_format="pandas").model_uri)
+    pandas_model = mlflow.pyfunc.load_model(log(vectorised, batch_format="pandas",
+                                                input_example={"x": 1}).model_uri)
     assert pandas_model.predict([{"x": 1}, {"x": -1}, {"x": 3}]) == [
         {"x": 1, "y": 2}, {"x": 3, "y": 6}]
     records_model = mlflow.pyfunc.load_model(log(listwise, batch_format="records").model_uri)

@@ -86,8 +86,10 @@ def test_spark_udf_output_equals_pyfunc_predict(spark, tracking_uri, batch_forma
     fn = {None: ztf_features, "pandas": ztf_features_batch,
           "arrow": ztf_features_table}[batch_format]
     with mlflow.start_run():
+        # A batch's column types: the alert schema's (its example leaves some fields null)
         info = mlflow.preproc.log_model(fn, name="f", batch_format=batch_format,
-                                        output_avro_schema=FEATURES_SCHEMA)
+                                        output_avro_schema=FEATURES_SCHEMA,
+                                        avro_schema=DATA / "alert.avsc")
     result_type = mps.result_type(info.model_uri)
     assert result_type.simpleString() == (
         "struct<objectId:string,candid:bigint,fid:int,magpsf:float,n_prv:int,"
@@ -241,8 +243,8 @@ def test_declared_input_fields_prune_what_spark_reads_of_parquet(spark, tracking
 
 
 def columnar_magnitudes(table):
-    """Over Spark's own Arrow columns: float32 as Parquet holds them (a table rebuilt from
-    records would have doubles); fails on the alert without history."""
+    """Over Spark's own Arrow columns (cast to the model's batch schema: Parquet's float32
+    magnitudes as the example's doubles); fails on the alert without history."""
     import pyarrow.compute as pc
 
     magpsf = pc.struct_field(table.column("candidate"), "magpsf")
@@ -288,8 +290,9 @@ def test_a_columnar_model_takes_sparks_arrow_batches_and_rejects_a_row_alone(
     result = mps.transform(spark.read.parquet(str(tmp_path / "a.parquet")), model).persist()
     try:
         outputs = [json.loads(r.value) for r in result.output.collect()]
+        # the type of the example's magnitudes, as in every other mode (#32 finding 9)
         assert outputs == [{"objectId": a["objectId"], "mag": a["candidate"]["magpsf"],
-                            "n": len(a["prv_candidates"]), "type": "float"} for a in batch]
+                            "n": len(a["prv_candidates"]), "type": "double"} for a in batch]
         [reject] = [r.asDict() for r in result.rejects.collect()]
         assert reject["stage"] == "preprocess" and "an alert without history" in reject["error"]
         assert json.loads(reject["record"])["objectId"] == "ZTFnohistory"

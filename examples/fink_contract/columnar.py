@@ -7,7 +7,7 @@ are written. Log it with ``batch_format="arrow"``; with the columnar extra insta
 with no record built in between::
 
     mlflow.preproc.log_model("examples/fink_contract/columnar.py", name="features",
-                             batch_format="arrow")
+                             batch_format="arrow", input_example=alert)
 """
 
 import polars as pl

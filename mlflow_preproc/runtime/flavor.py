@@ -56,20 +56,27 @@ from mlflow.utils.model_utils import (
 )
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-from mlflow_preproc.runtime import code_capture
+from mlflow_preproc.runtime import batch_schema, code_capture
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.input_fields import parse as parse_input_fields
 from mlflow_preproc.runtime.input_fields import paths as input_fields_paths
+from mlflow_preproc.runtime.input_fields import project
 from mlflow_preproc.runtime.jsonable import to_jsonable
 from mlflow_preproc.runtime.model_identity import not_found, require_store
-from mlflow_preproc.runtime.records import BATCH_FORMATS, Preprocessor, RecordError, as_records
+from mlflow_preproc.runtime.records import (
+    BATCH_FORMATS,
+    COLUMNAR_FORMATS,
+    Preprocessor,
+    RecordError,
+    as_records,
+)
 
 FLAVOR_NAME = "preprocessing"
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # What a model carries in its code/ folder: the runtime, not the control plane (deploy/,
 # builds/, spark/), which runs where models are built and deployed, never inside them.
-_RUNTIME_PARTS = ("__init__.py", "_mlflow_hook.py", "cli.py", "config.py", "runtime", "streaming",
-                  "image")
+_RUNTIME_PARTS = ("__init__.py", "_mlflow_hook.py", "cli.py", "config.py", "secrets.py",
+                  "runtime", "streaming", "image")
 _INPUT_SCHEMA_FILE = "input_schema.avsc"
 _OUTPUT_SCHEMA_FILE = "output_schema.avsc"
 
@@ -137,7 +144,9 @@ def save_model(
             it. Checked on ``input_example``: the outputs must not change. See
             docs/guides/input-fields.md.
         avro_schema: Avro schema of the input records (dict, JSON string or ``.avsc`` path),
-            stored with the model so streams of schemaless Avro can be decoded.
+            stored with the model so streams of schemaless Avro can be decoded; with a
+            pandas or columnar ``batch_format``, the types of a batch's columns (else the
+            ``input_example``'s).
         output_avro_schema: Avro schema of the output records, for Avro output.
         conda_env: A Conda environment (dict or path to a YAML file).
         code_paths: Extra local files or folders to put on ``sys.path`` when loading.
@@ -185,10 +194,12 @@ def save_model(
                 code_capture.load(path, captured.to_conf())
             feature_names = _feature_names(feature_names, loaded or pre_processing)
             input_fields = _input_fields(input_fields, loaded or pre_processing)
+            schema_of_batch = _batch_schema(batch_format, input_example, input_fields,
+                                            input_schema)
             if input_example is not None:
                 example_outputs = _check_runs_on_example(
                     loaded or code_capture.load(path, captured.to_conf()), batch_format,
-                    feature_names, input_example, input_fields)
+                    feature_names, input_example, input_fields, schema_of_batch)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # don't leave a half-written model behind
         raise
@@ -223,6 +234,8 @@ def save_model(
         flavor_conf["feature_names"] = feature_names
     if input_fields is not None:
         flavor_conf["input_fields"] = input_fields
+    if schema_of_batch is not None:
+        flavor_conf["batch_schema"] = batch_schema.save(schema_of_batch, path)
     for schema, filename, key in (
         (input_schema, _INPUT_SCHEMA_FILE, "avro_schema"),
         (output_schema, _OUTPUT_SCHEMA_FILE, "output_avro_schema"),
@@ -263,12 +276,36 @@ def _load_schema_arg(source: Any, name: str) -> dict | None:
         raise MlflowException(f"{name}: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
 
 
+def _batch_schema(batch_format: str | None, input_example: Any,
+                  input_fields: list[str] | None, avro_schema: dict | None) -> Any:
+    """The schema every pandas or columnar batch is built to: the Avro schema's types, else
+    the input example's."""
+    if batch_format not in ("pandas", *COLUMNAR_FORMATS):
+        return None
+    fields = parse_input_fields(input_fields)
+    try:
+        if avro_schema is not None:
+            return batch_schema.from_avro(avro_schema, fields)
+        if input_example is None:
+            raise batch_schema.BatchSchemaError(
+                f"batch_format={batch_format!r} needs an input_example (or avro_schema=): the "
+                "columns of a batch and their types are taken from it, so that a record's "
+                "outputs never depend on the other records of its batch. Pass "
+                "input_example=<a record or a list of records>")
+        return batch_schema.from_example([project(r, fields)
+                                          for r in as_records(input_example)])
+    except batch_schema.BatchSchemaError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+
+
 def _check_runs_on_example(fn, batch_format, feature_names, input_example,
-                           input_fields=None) -> list[Any]:
+                           input_fields=None, schema_of_batch=None) -> list[Any]:
     records = as_records(input_example)
     untouched = copy.deepcopy(records)  # for the projected run: fn may change its input
     try:
-        outputs = Preprocessor(fn, batch_format, feature_names).process(records)
+        outputs = Preprocessor(fn, batch_format, feature_names,
+                               batch_schema=_unprojected(schema_of_batch, records,
+                                                         input_fields)).process(records)
     except (RecordError, TypeError) as exc:
         raise MlflowException(
             f"pre_processing fails on the input example, {exc}; fix the function, or pass an "
@@ -276,14 +313,28 @@ def _check_runs_on_example(fn, batch_format, feature_names, input_example,
             error_code=INVALID_PARAMETER_VALUE,
         ) from exc
     if input_fields is not None:
-        _check_projection(fn, batch_format, feature_names, untouched, input_fields, outputs)
+        _check_projection(fn, batch_format, feature_names, untouched, input_fields, outputs,
+                          schema_of_batch)
     return [out for per_input in outputs for out in per_input]
 
 
-def _check_projection(fn, batch_format, feature_names, records, input_fields, outputs) -> None:
+def _unprojected(schema_of_batch: Any, records: list[dict], input_fields: Any) -> Any:
+    """For the check against the declared fields, the batch schema of the run that sees every
+    field of the example: read off the example (types it leaves null are of no use to it)."""
+    if schema_of_batch is None or input_fields is None:
+        return schema_of_batch
+    try:
+        return batch_schema.from_example(records)
+    except batch_schema.BatchSchemaError:
+        return None
+
+
+def _check_projection(fn, batch_format, feature_names, records, input_fields, outputs,
+                      schema_of_batch=None) -> None:
     """The function gives the same outputs on the example with only its input fields."""
     try:
-        projected = Preprocessor(fn, batch_format, feature_names, input_fields).process(records)
+        projected = Preprocessor(fn, batch_format, feature_names, input_fields,
+                                 schema_of_batch).process(records)
     except RecordError as exc:
         raise MlflowException(
             f"pre_processing fails on the input example restricted to input_fields, {exc}",
@@ -568,7 +619,8 @@ def _load_from_dir(model_dir: str) -> LoadedPreprocessing:
 
     return LoadedPreprocessing(
         Preprocessor(fn, conf.get("batch_format"), conf.get("feature_names"),
-                     conf.get("input_fields")),
+                     conf.get("input_fields"),
+                     batch_schema.load(model_dir, conf.get("batch_schema"))),
         model_dir,
         schema("avro_schema"),
         schema("output_avro_schema"),

@@ -92,11 +92,15 @@ class ProjectedRecord(dict):
         return twin
 
     def _undeclared(self, key: object) -> UndeclaredFieldError:
-        name = f"{self.path}.{key}" if self.path else str(key)
-        return UndeclaredFieldError(
-            f"pre_processing read {name!r}, which is not one of the model's input_fields; "
-            f"add {name!r} to input_fields (log_model(..., input_fields=[...]) or INPUT_FIELDS) "
-            "and log the model again")
+        return undeclared(f"{self.path}.{key}" if self.path else str(key))
+
+
+def undeclared(name: str) -> UndeclaredFieldError:
+    """The error of a read of ``name``, a field outside the input fields."""
+    return UndeclaredFieldError(
+        f"pre_processing read {name!r}, which is not one of the model's input_fields; "
+        f"add {name!r} to input_fields (log_model(..., input_fields=[...]) or INPUT_FIELDS) "
+        "and log the model again")
 
 
 def project(value: Any, tree: Tree | None, path: str = "") -> Any:

@@ -44,6 +44,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
+from mlflow_preproc.runtime import batch_schema
 from mlflow_preproc.runtime.input_fields import parse as parse_fields
 from mlflow_preproc.runtime.input_fields import plain, project
 
@@ -81,9 +82,12 @@ class Preprocessor:
 
     def __init__(self, fn: Callable[[Any], Any], batch_format: str | None = None,
                  feature_names: Sequence[str] | None = None,
-                 input_fields: Sequence[str] | None = None):
+                 input_fields: Sequence[str] | None = None, batch_schema: Any = None):
         """``input_fields``: the fields ``fn`` reads (dotted paths); each record is projected
-        to them (:mod:`~mlflow_preproc.runtime.input_fields`) before the call."""
+        to them (:mod:`~mlflow_preproc.runtime.input_fields`) before the call.
+        ``batch_schema``: the ``pyarrow.Schema`` every pandas or columnar batch is built to
+        (:mod:`~mlflow_preproc.runtime.batch_schema`); None (a model logged without one):
+        read off each batch, as before."""
         if batch_format not in BATCH_FORMATS:
             raise ValueError(
                 f"batch_format={batch_format!r} is not supported; use one of {BATCH_FORMATS}"
@@ -92,6 +96,7 @@ class Preprocessor:
         self.batch_format = batch_format
         self.feature_names = list(feature_names) if feature_names else None
         self.fields = parse_fields(input_fields)  # the tree decoders read
+        self.batch_schema = batch_schema
 
     def process(self, records: Sequence[Record]) -> list[list[Any]]:
         """Return the outputs of each input record; raise :class:`RecordError` on a failure."""
@@ -137,6 +142,11 @@ class Preprocessor:
         (Spark's Arrow batches, the DataFrame cut to them; a stream's polars-avro read): no
         record is built, unless to name one that fails."""
         n = table.num_rows
+        if self.batch_schema is not None:
+            try:
+                table = batch_schema.conform(table, self.batch_schema)
+            except Exception:  # noqa: BLE001 -- a value that cannot be cast: find its record
+                return self.process_each(table.to_pylist())
         if n > 1:
             try:
                 return self._call_on(self._columns(table), n)
@@ -163,14 +173,22 @@ class Preprocessor:
 
     def _call_batch(self, records: Sequence[Record]) -> list[list[Any]]:
         if self.batch_format == "pandas":
-            import pandas as pd
-
-            batch: Any = pd.DataFrame.from_records(list(records))
+            batch: Any = self._frame(records)
         elif self.batch_format in COLUMNAR_FORMATS:
-            batch = self._columns(_table(records))
+            batch = self._columns(_table(records, self.batch_schema))
         else:
             batch = list(records)
         return self._call_on(batch, len(records))
+
+    def _frame(self, records: Sequence[Record]) -> Any:
+        import pandas as pd
+
+        if self.batch_schema is None:
+            return pd.DataFrame.from_records(list(records))
+        try:
+            return batch_schema.frame(records, self.batch_schema, self.fields)
+        except Exception as exc:  # noqa: BLE001 -- pyarrow's errors on a value of a batch
+            raise _unfit(records, exc) from exc
 
     def _columns(self, table: Any) -> Any:
         """A columnar batch as the function takes it: the table, or polars' frame of it."""
@@ -230,19 +248,26 @@ def _named(vector: Any, index: int, names: list[str]) -> dict[str, Any]:
     return dict(zip(names, values))
 
 
-def _table(records: Sequence[Record]) -> Any:
-    """The records as one Arrow table; a record Arrow cannot hold (a value of no Arrow type,
-    or of another type than the same field's in the other records) fails the batch, and
-    alone, that record."""
+def _table(records: Sequence[Record], schema: Any = None) -> Any:
+    """The records as one Arrow table of ``schema`` (None: of the types found in them); a
+    record Arrow cannot hold (a value of no Arrow type, or not of its column's type) fails
+    the batch, and alone, that record."""
     import pyarrow as pa
 
     try:
+        if schema is not None:
+            return batch_schema.table(records, schema)
         return pa.Table.from_pylist([plain(r) for r in records])
     except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
-        index = 0 if len(records) == 1 else None
-        raise RecordError(index, f"the record(s) cannot be read as Arrow columns "
-                          f"({type(exc).__name__}: {exc}); give a field one type in every "
-                          "record, or use batch_format='records'") from exc
+        raise _unfit(records, exc) from exc
+
+
+def _unfit(records: Sequence[Record], exc: Exception) -> RecordError:
+    index = 0 if len(records) == 1 else None
+    return RecordError(index, f"the record(s) cannot be read as the batch's columns "
+                       f"({type(exc).__name__}: {exc}); the columns and types are the input "
+                       "example's: log the model with an input example whose values have "
+                       "the types the records have, or use batch_format='records'")
 
 
 def _split_batch_output(out: Any, n_inputs: int, feature_names: list[str] | None = None
