@@ -59,6 +59,23 @@ def _first_block(container: bytes) -> int:
     return buf.tell()
 
 
+def _one_byte_after_the_records(container: bytes) -> bytes:
+    """``container`` (one block) with a byte more in its block, after the records."""
+    from mlflow_preproc.runtime.formats import zigzag
+
+    at = _first_block(container)
+    count, pos = zigzag(container, at)
+    size, pos = zigzag(container, pos)
+
+    def long(n):
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, fastavro.parse_schema("long"), n)
+        return buf.getvalue()
+
+    data, sync = container[pos:pos + size], container[pos + size:pos + size + 16]
+    return container[:at] + long(count) + long(size + 1) + data + b"\x02" + sync
+
+
 def same(a, b) -> bool:
     """Equal values of equal types, NaN equal to NaN."""
     if isinstance(a, float) and isinstance(b, float):
@@ -301,3 +318,97 @@ def test_the_columnar_fink_example_gives_the_per_record_examples_vectors():
 def _flat(result) -> list[float]:
     """The feature values of one record's outputs, in FEATURE_NAMES order."""
     return [float(v) for out in result for v in (out.values() if isinstance(out, dict) else out)]
+
+
+# ---- #32 finding 13: bytes after a block's records never hang the column reader ------------
+
+HANG_SCRIPT = """
+import io
+import fastavro
+from mlflow_preproc.runtime.avro_columns import ColumnReader
+from mlflow_preproc.runtime.formats import MessageDecoder, DecodeError
+
+ColumnReader.BUDGET_S = 1.0  # what a real read never comes near (~30 ms for 500 alerts)
+schema = {"type": "record", "name": "A", "fields": [{"name": "id", "type": "long"},
+                                                    {"name": "s", "type": "string"}]}
+buf = io.BytesIO()
+fastavro.writer(buf, schema, [])
+header, sync = buf.getvalue(), buf.getvalue()[-16:]
+
+def one(body):  # a one-record container whose block is body, whatever it holds
+    return header + bytes([2, 2 * len(body)]) + body + sync
+
+good = [one(b"\\x02\\x08abcd"), one(b"\\x04\\x02x")]
+for extra in (b"\\x02", b"\\xff", b"\\x02\\x08abcd"):
+    bad = one(b"\\x06\\x08abcd" + extra)
+    reader = ColumnReader(None)
+    assert reader.records(good) == [[{"id": 1, "s": "abcd"}], [{"id": 2, "s": "x"}]]
+    assert reader.records([good[0], bad, good[1]]) == [None, None, None]  # all to the decoder
+    assert "did not read 3 Avro message(s)" in reader.stuck, reader.stuck
+    assert reader.records(good) == [None, None]  # and from now on
+    decoder = MessageDecoder("avro")
+    assert [decoder.decode(g) for g in good] == [[{"id": 1, "s": "abcd"}], [{"id": 2, "s": "x"}]]
+    try:
+        decoder.decode(bad)
+    except DecodeError as exc:
+        assert "after its 1 record" in str(exc)
+    else:
+        raise AssertionError("decoded")
+print("ok")
+"""
+
+
+def test_a_block_holding_bytes_after_its_record_is_left_to_the_message_decoder_not_a_hang():
+    # The finding: polars-avro looped for ever on the leftover bytes (nothing raised, the
+    # fallback never ran, the consumer blocked inside the batch). Run apart, with a timeout.
+    import subprocess
+    import sys
+
+    pytest.importorskip("polars_avro")
+    proc = subprocess.run([sys.executable, "-c", HANG_SCRIPT], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_stream_whose_column_reader_got_stuck_goes_on_and_asks_to_be_restarted(
+        broker, tracking_uri, streams):
+    import json
+    import urllib.error
+    import urllib.request
+
+    import mlflow
+
+    from conftest import committed_offsets, consume, free_port, headers_of, produce, stream_env
+    from conftest import unique
+
+    def ident(record):
+        return {"candid": record["candid"]}
+
+    with mlflow.start_run():
+        uri = mlflow.preproc.log_model(ident, name="i", input_fields=["candid"]).model_uri
+    good = _batch(3)
+    bad = _one_byte_after_the_records(good[1])
+    topic, out = unique("stuck"), unique("stuck-out")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [good[0], bad, good[2]], linger_ms=200)
+    port = free_port()
+    env = stream_env(broker.bootstrap_servers, uri, topic, OUTPUT_TOPIC=out,
+                     INPUT_FORMAT="avro", METRICS_PORT=str(port), METRICS_HOST="127.0.0.1")
+    stream = streams(env)
+    outputs = consume(broker.bootstrap_servers, out, 2, timeout=90)
+    [letter] = consume(broker.bootstrap_servers, f"{topic}-dlq", 1, timeout=30)
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        status, body = 200, ""
+    except urllib.error.HTTPError as err:
+        status, body = err.code, err.read().decode()
+    assert stream.stop() == 0, stream.text()[-2000:]
+    assert sorted(json.loads(m.value())["candid"] for m in outputs) == sorted(
+        next(fastavro.reader(io.BytesIO(v)))["candid"] for v in (good[0], good[2]))
+    assert headers_of(letter)["x-preproc-stage"] == b"decode"
+    assert b"after its 1 record" in headers_of(letter)["x-preproc-error"]
+    assert status == 503 and "polars-avro did not read" in body, body
+    assert committed_offsets(broker.bootstrap_servers, env["CONSUMER_GROUP_ID"], topic) == [3]
+    assert stream.events("column_reader_stuck")

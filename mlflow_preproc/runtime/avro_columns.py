@@ -19,7 +19,14 @@ What comes here is read exactly as the message decoder reads it; the rest goes t
 - a writer schema whose read part holds a type polars would hand back as another value (maps,
   enums, fixed, unions of two types or more, logical types);
 - a group polars refuses (bytes damaged inside a record): it is halved until the messages at
-  fault stand alone, and those go to the message decoder, which dead-letters them, alone.
+  fault stand alone, and those go to the message decoder, which dead-letters them, alone;
+- a group polars does not read within its time budget (:attr:`ColumnReader.BUDGET_S`, and a
+  little more per message): polars-avro's reader loops for ever on a block holding bytes after
+  its records (#32: one damaged alert stalled a stream for good, nothing raised), and Rust
+  code cannot be interrupted. Reads run on a thread of their own; when one overruns, the
+  reader stops taking messages (every one goes to the message decoder, which judges the
+  damaged one) and :attr:`ColumnReader.stuck` says why, which fails the stream's ``/healthz``
+  so that an orchestrator restarts it and frees the core the stuck thread spins on.
 
 One difference is known, found by fuzzing (tests/test_avro_columns.py): a union index outside
 its union, which only damage writes, is read by polars-avro as the null branch (or, for
@@ -32,6 +39,8 @@ from __future__ import annotations
 
 import io
 import json
+import queue
+import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +49,7 @@ import fastavro
 from fastavro.schema import expand_schema
 
 from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT
+from mlflow_preproc.runtime.avro_bounds import amplifies
 from mlflow_preproc.runtime.formats import OCF_HEADER_SCHEMA, OCF_MAGIC, Record, zigzag
 from mlflow_preproc.runtime.input_fields import Tree
 from mlflow_preproc.runtime.input_fields import parse as parse_fields
@@ -87,12 +97,18 @@ class ColumnReader:
 
     _MAX_SCHEMAS = 64
     _RECENT_HEADERS = 4
+    # A read of 500 ZTF alerts takes ~30 ms of CPU: the budget is for a reader that will
+    # never return, not for a slow one (a machine under load, a cold start).
+    BUDGET_S = 10.0
+    BUDGET_PER_MESSAGE_S = 0.02
 
     def __init__(self, fields: Tree | None = None, drop: Collection[str] = (),
                  max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT):
         if polars_avro is None:
             raise RuntimeError("decoding Avro into columns needs polars-avro; install "
                                "mlflow-preproc[columnar]")
+        self.stuck: str | None = None  # why reads stopped: a read that never returned
+        self._reads: queue.Queue | None = None
         self._fields = fields
         self._drop = parse_fields(list(drop)) or {}
         self._limit = max_decoded_bytes
@@ -156,8 +172,33 @@ class ColumnReader:
                 group.blocks.append(blocks)
         read: list[tuple[_Group, Any]] = []
         for group in groups.values():
-            read.extend(_decoded(group))
+            if self.stuck is not None:
+                break
+            read.extend(self._decoded_in_time(group))
         return read
+
+    def _decoded_in_time(self, group: _Group) -> list[tuple[_Group, Any]]:
+        """:func:`_decoded` on the reading thread, within the budget; nothing past it."""
+        if self._reads is None:
+            self._reads = queue.Queue()
+            # A daemon thread: one stuck for ever must not keep the process from exiting.
+            threading.Thread(target=_serve, args=(self._reads,), name="polars-avro",
+                             daemon=True).start()
+        answer: queue.Queue = queue.Queue(1)
+        self._reads.put((group, answer))
+        budget = self.BUDGET_S + self.BUDGET_PER_MESSAGE_S * len(group.indexes)
+        try:
+            outcome = answer.get(timeout=budget)
+        except queue.Empty:
+            self.stuck = (f"polars-avro did not read {len(group.indexes)} Avro message(s) "
+                          f"within {budget:.0f} s (it loops for ever on some damaged "
+                          "messages); every message is decoded by the message decoder from now "
+                          "on. Restart the stream to free the CPU the stuck read spins on, or "
+                          "set AVRO_COLUMNS=false")
+            return []
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def _frame(self, value: bytes | None) -> tuple[_Plan, list[Any], int] | None:
         """The plan, blocks and record count of a container message taken here, else None."""
@@ -215,6 +256,16 @@ class ColumnReader:
         return prefix, self._plans[text]
 
 
+def _serve(reads: queue.Queue) -> None:
+    """The reading thread: :func:`_decoded` of each group put on ``reads``."""
+    while True:
+        group, answer = reads.get()
+        try:
+            answer.put(_decoded(group))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller to raise
+            answer.put(exc)
+
+
 def _decoded(group: _Group) -> list[tuple[_Group, Any]]:
     """``group`` read; a part polars refuses is halved until its messages stand alone, and
     those are left out (the message decoder judges them)."""
@@ -242,6 +293,11 @@ class _Plan:
         expanded = _unique_names(expand_schema(writer), {})
         if not (isinstance(expanded, dict) and expanded.get("type") == "record"):
             raise Unfaithful("the writer schema is not a record")
+        parsed = fastavro.parse_schema(writer)
+        if amplifies(parsed, parsed.get("__named_schemas", {})):
+            # collections whose counts the bytes do not bound: the message decoder walks
+            # them within MAX_DECODED_BYTES first (runtime/avro_bounds.py)
+            raise Unfaithful("items that may take no bytes")
         self.columns: list[str] = []
         self.exprs: list[Any] = []
         for name, value_type in ((f["name"], f["type"]) for f in expanded["fields"]):

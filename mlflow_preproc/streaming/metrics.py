@@ -56,6 +56,7 @@ class LoopStats:
     waiting_for: str | None = None  # a dependency the loop waits for
     waiting_why: str = ""  # what it answered (or did not), credentials redacted
     brake: str | None = None  # why the dead-letter brake engaged
+    degraded: str | None = None  # why the process should be restarted (it works on)
     # A rollout waits for a verdict on the new version: it has caught up (a poll found
     # nothing) or handled a full dead-letter brake window, which the brake has judged.
     handled: int = 0
@@ -164,6 +165,8 @@ class LoopStats:
         """Whether the loop is healthy, and why not."""
         if self.brake:
             return False, f"dead-letter brake engaged: {self.brake}"
+        if self.degraded:
+            return False, self.degraded
         idle = now - self.last_progress
         if idle >= stall_s:
             return False, f"the loop made no progress for {idle:.0f} s"

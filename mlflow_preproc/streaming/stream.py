@@ -15,6 +15,7 @@ Run it with ``mlflow-preproc stream`` or, from Python, ``Stream.from_config(conf
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 
 from confluent_kafka import Consumer, Message, Producer
@@ -35,6 +36,8 @@ from mlflow_preproc.runtime.model_identity import (
 )
 from mlflow_preproc.runtime.prediction import PredictionError, Predictor
 from mlflow_preproc.runtime.records import COLUMNAR_FORMATS, RecordError
+
+logger = logging.getLogger("mlflow_preproc")
 
 
 class Stream(KafkaLoop):
@@ -108,6 +111,11 @@ class Stream(KafkaLoop):
             # predict, with a prediction model: every output of the batch at once
             if self.predictor is not None:
                 results = self._predict(records, results)
+
+        if self.columns is not None and self.columns.stuck and not self.stats.degraded:
+            self.stats.degraded = self.columns.stuck
+            logger.error("the column reader is stuck; decoding goes on without it", extra={
+                "event": "column_reader_stuck", "error": self.columns.stuck})
 
         # encode and produce, message by message (an Avro container may hold many records)
         if not self.encoder.prepared:  # the output schema registered, the registry waited for
