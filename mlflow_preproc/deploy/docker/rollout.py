@@ -48,20 +48,29 @@ def start(containers: Containers, specs: list[ContainerSpec], d: Deployment) -> 
 def swap(containers: Containers, old: list, d: Deployment, specs: list[ContainerSpec]) -> None:
     """Replace the revision ``old`` runs by ``d``'s; roll back if ``d`` is not healthy."""
     previous = revision_of(old[0])
+    # Their names, kept: docker-py does not refresh container.name after rename(), and a
+    # name cut back at "-r<n>" breaks a deployment whose own name contains it ("rvw-r1").
+    names = [c.name for c in old]
     steps.note(f"stopping revision {previous} (its consumers commit first)")
     containers.stop(old, stop_timeout(options_of(old[0])))
-    for container in old:
-        container.rename(f"{container.name}-r{previous}")
+    for container, original in zip(old, names):
+        container.rename(f"{original}-r{previous}")
     steps.step(2, f"starting revision {d.revision}: {steps.count(d.replicas, 'container')}")
     try:
         start(containers, specs, d)
     except BaseException as exc:
-        for container in old:
-            container.rename(container.name.rsplit(f"-r{previous}", 1)[0])
+        for container, original in zip(old, names):
+            container.rename(original)
             container.start()
         steps.note(f"revision {d.revision} failed; starting revision {previous} again")
-        containers.wait_healthy([(c, spec_of(c)) for c in old],
-                                float(options_of(old[0])["health_timeout"]))
+        try:
+            containers.wait_healthy([(c, spec_of(c)) for c in old],
+                                    float(options_of(old[0])["health_timeout"]))
+        except NotHealthy as again:
+            raise DeploymentError(
+                f"update of {d.name} to revision {d.revision} failed ({exc}), and revision "
+                f"{previous}, started again, is not healthy either: {again}; mlflow "
+                f"deployments get -t preproc --name {d.name} shows its state") from None
         if isinstance(exc, NotHealthy):
             raise DeploymentError(
                 f"update of {d.name} to revision {d.revision} failed and was rolled back: "
