@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 
 from mlflow_preproc.deploy.image_build import LABEL
+from mlflow_preproc.deploy.resources import docker_limits
 from mlflow_preproc.deploy.spec import DEPLOYMENT_LABEL, REVISION_LABEL, ContainerSpec
 
 # The entrypoint exits when a child dies (a stream without its broker for a minute exits 2).
@@ -55,11 +56,16 @@ class Containers:
 
     def run(self, spec: ContainerSpec, network_mode: str):
         """Start ``spec`` (detached); a container that exits is restarted until it is stopped."""
+        from docker.types import Mount
+
         return self.client.containers.run(
             spec.image, name=spec.name, detach=True, network_mode=network_mode,
             environment=spec.env, labels=spec.labels, restart_policy=_RESTARTS,
-            volumes={source: {"bind": target, "mode": "ro"}
-                     for target, source in spec.mounts.items()})
+            # A list, not the volumes dict: that one is keyed by the host path, so two mounts
+            # of one file kept only the last.
+            mounts=[Mount(target, source, type="bind", read_only=True)
+                    for target, source in spec.mounts.items()],
+            **docker_limits(spec.resources.get("limits", {})))
 
     def wait_healthy(self, pairs: list[tuple[object, ContainerSpec]], timeout: float,
                      on_progress=None) -> None:

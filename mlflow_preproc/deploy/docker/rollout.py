@@ -9,6 +9,7 @@ starts the old one again with its image, settings and consumer group.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from mlflow_preproc import config as settings
 from mlflow_preproc.deploy import steps
@@ -85,9 +86,8 @@ def trial_serve(containers: Containers, d: Deployment) -> None:
     port = free_ports(1)
     trial = Deployment(d.name, d.model_uri, d.identity, d.image,
                        {**d.options, "mode": "serve", "port": str(port)}, d.revision)
-    spec = container_spec(trial, 0, port, None)
-    spec = ContainerSpec(f"{d.name}-trial", spec.image, spec.env, {f"{LABEL}.trial": d.name},
-                         port, [], spec.mounts)
+    spec = replace(container_spec(trial, 0, port, None), name=f"{d.name}-trial",
+                   labels={f"{LABEL}.trial": d.name})
     container = containers.run(spec, d.options["network_mode"])
     try:
         containers.wait_healthy([(container, spec)], float(d.options["health_timeout"]))
