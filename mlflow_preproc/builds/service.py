@@ -30,12 +30,14 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from mlflow_preproc.builds import webhooks
-from mlflow_preproc.builds.auth import (SECRET_ENV, TOKEN_ENV, api_token,
-                                        check_unsigned_webhooks, require_token)
+from mlflow_preproc.builds.auth import (SECRET_ENV, TOKEN_ENV, TOKEN_REFUSED, api_token,
+                                        check_unsigned_webhooks, require_token, token_matches)
+from mlflow_preproc.builds.bodies import GuardedBodies, Refusal
 from mlflow_preproc.builds.store import STATUSES, Build, BuildStore
 from mlflow_preproc.deploy.image_build import docker_reference
 
 logger = logging.getLogger("mlflow_preproc")
+WEBHOOK_PATH = "/webhooks/mlflow"
 
 
 class BuildRequest(BaseModel):
@@ -170,6 +172,25 @@ def create_app(db_path: str, secret: str | None, token: str, allow_unsigned: boo
     app.state.store, app.state.builder = store, builder
     authorized = [Depends(require_token(token))]
 
+    def authenticate(request: Request) -> None:
+        """Before a body is read: a webhook delivery's signature headers, else the token."""
+        if request.url.path != WEBHOOK_PATH:
+            if not token_matches(request.headers.get("authorization"), token):
+                raise Refusal(401, TOKEN_REFUSED, {"WWW-Authenticate": "Bearer"})
+            return
+        try:
+            webhooks.check_headers(request.headers, secret, allow_unsigned)
+        except webhooks.Rejected as exc:
+            refused(request, exc)
+            raise Refusal(401, str(exc)) from None
+
+    def refused(request: Request, exc: Exception) -> None:
+        logger.warning("webhook delivery refused", extra={
+            "event": "webhook_refused", "reason": str(exc),
+            "client": request.client.host if request.client else None})
+
+    app.add_middleware(GuardedBodies, authenticate=authenticate)
+
     def queue(kind: str, model_uri: str, config: dict[str, Any],
               event_key: str | None = None) -> tuple[Build, bool]:
         build, created = store.add(kind, model_uri, config, event_key)
@@ -249,15 +270,13 @@ def create_app(db_path: str, secret: str | None, token: str, allow_unsigned: boo
         detail = "" if plan else "this version has no preprocessing model; nothing to build"
         return {"queued": queued, "detail": detail}
 
-    @app.post("/webhooks/mlflow", status_code=202, summary="MLflow model-registry webhook")
+    @app.post(WEBHOOK_PATH, status_code=202, summary="MLflow model-registry webhook")
     async def mlflow_webhook(request: Request) -> dict:
-        body = await request.body()
+        body = await request.body()  # its headers were checked and its size capped already
         try:
             webhooks.verify(body, request.headers, secret, allow_unsigned)
         except webhooks.Rejected as exc:
-            logger.warning("webhook delivery refused", extra={
-                "event": "webhook_refused", "reason": str(exc),
-                "client": request.client.host if request.client else None})
+            refused(request, exc)
             raise HTTPException(401, str(exc)) from None
         try:
             event = webhooks.parse(body)
