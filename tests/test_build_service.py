@@ -234,6 +234,33 @@ def test_api_validation_history_across_restarts_and_delete(mlflow_server, servic
     assert b"/webhooks/mlflow" in docs
 
 
+def test_the_history_never_holds_a_deployments_secret_also_when_the_build_fails(
+        tracking_uri, services, tmp_path):
+    # The deploy keys were stored verbatim in SQLite and returned by GET /builds/{id}, while
+    # the deployment target masks the same keys in its labels (#33, finding 3).
+    with mlflow.start_run():
+        mlflow.preproc.log_model(features, name="p", registered_model_name="secret-prep")
+    # No Docker engine at this address: the build fails fast, after its deploy keys were
+    # stored.
+    service = services(tracking_uri, env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    secrets = {"env.LIBRDKAFKA_SASL_PASSWORD": "hunter2-sasl",
+               "env.AWS_SECRET_ACCESS_KEY": "s3cr3t-aws-key"}
+    deploy = {"name": "secret-prep", "env.FEATURE_STORE_USER": "alice", **secrets}
+    done = service.api.post(f"{service.url}/build/sync", timeout=120, json={
+        "model_uri": "models:/secret-prep/1", "deploy": deploy}).json()
+    assert done["status"] == "failed" and "cannot reach a Docker engine" in done["error"]
+    shown = [done, service.api.get(f"{service.url}/builds/{done['id']}", timeout=10).json(),
+             service.api.get(f"{service.url}/builds", timeout=10).json()]
+    from mlflow_preproc.deploy.options import redacted
+
+    assert shown[1]["config"]["deploy"] == redacted(deploy) == {
+        **deploy, **{k: "<redacted>" for k in secrets}}  # the deployment labels' rule
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("builds.db*"))  # with its WAL
+    for value in secrets.values():
+        assert value not in json.dumps(shown) and value.encode() not in stored
+    assert b"alice" in stored  # not a secret: kept as given
+
+
 @pytest.mark.docker
 def test_a_successful_build_can_deploy_it(mlflow_server, services, docker_client):
     with mlflow.start_run():
@@ -243,8 +270,13 @@ def test_a_successful_build_can_deploy_it(mlflow_server, services, docker_client
     try:
         build = service.api.post(f"{service.url}/build/sync", timeout=300, json={
             "model_uri": "models:/deploy-prep/1",
-            "deploy": {"name": name, "port": str(port)}}).json()
+            "deploy": {"name": name, "port": str(port), "env.FEATURE_STORE_TOKEN": "t0k3n"}}
+                                 ).json()
         assert build["status"] == "succeeded" and build["deployment"] == name, build
+        # The history holds the secret redacted; the deployment got its value.
+        assert build["config"]["deploy"]["env.FEATURE_STORE_TOKEN"] == "<redacted>"
+        env = docker_client.containers.get(f"{name}-0").attrs["Config"]["Env"]
+        assert "FEATURE_STORE_TOKEN=t0k3n" in env
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=30,
                                json={"inputs": [{"magpsf": 17.5}]}).json()
         assert answer == {"predictions": [{"mag": 17.5}]}

@@ -367,6 +367,11 @@ def redacted(options: dict[str, str]) -> dict[str, str]:
     return {k: REDACTED if is_secret(k) else v for k, v in options.items()}
 
 
+def secret_values(options: dict[str, str]) -> list[str]:
+    """The values :func:`redacted` hides, to take out of text that may quote them."""
+    return [v for k, v in options.items() if is_secret(k) and v and v != REDACTED]
+
+
 def restore_secrets(stored: dict[str, str], env: dict[str, str]) -> dict[str, str]:
     """Stored options with the redacted values taken back from ``env``, the running
     container's environment (which is where they are needed); one that is not there is
