@@ -195,6 +195,80 @@ def test_docker_runs_what_the_options_say_mounts_limits_and_values_verbatim(
     assert "t0ken-42" not in elsewhere
 
 
+def test_concurrent_creates_and_updates_of_one_deployment_one_wins_the_other_says_so(
+        tracking_uri, deployments, docker_client):
+    # Two creates both found the name free, and the second to start its container died on
+    # Docker's raw 409; two updates raced for the trial container and the renames (#33).
+    import subprocess as sp
+    import threading
+
+    with mlflow.start_run():
+        mlflow.preproc.log_model(v1, name="p", registered_model_name="race-prep")
+    name, port = deployments(), free_port()
+
+    def at_once(*args: str) -> list[sp.CompletedProcess]:
+        start, done = threading.Barrier(2), [None, None]
+
+        def run(i):
+            start.wait()
+            done[i] = cli("deployments", *args)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(900)
+        return done
+
+    def running():
+        found = docker_client.containers.list(
+            all=True, filters={"label": f"org.mlflow-preproc.deployment={name}"})
+        return sorted((c.name, c.labels["org.mlflow-preproc.revision"], c.status)
+                      for c in found)
+
+    def one_line_errors(procs):
+        for proc in (p for p in procs if p.returncode != 0):
+            assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            assert proc.stderr.rstrip().splitlines()[-1].startswith("Error: "), \
+                proc.stderr[-3000:]
+            assert "another create or update of" in proc.stderr or \
+                f"a deployment named {name} already exists" in proc.stderr, proc.stderr[-3000:]
+
+    created = at_once("create", "-t", "preproc", "--name", name, "-m", "models:/race-prep/1",
+                      "-C", f"port={port}")
+    assert sorted(p.returncode == 0 for p in created) == [False, True], \
+        [p.stderr[-2000:] for p in created]
+    one_line_errors(created)
+    assert running() == [(f"{name}-0", "1", "running")]
+
+    updated = at_once("update", "-t", "preproc", "--name", name, "-m", "models:/race-prep/1")
+    wins = sum(p.returncode == 0 for p in updated)
+    assert wins >= 1, [p.stderr[-2000:] for p in updated]
+    one_line_errors(updated)
+    # One revision runs, the one the winners made; nothing is left of the others.
+    assert running() == [(f"{name}-0", str(1 + wins), "running")]
+    assert post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": [{"id": 1}]}) == (
+        200, {"predictions": [{"id": 1, "version": 1}]})
+
+    # Which of the two reaches the trial container first varies; the claim behind it does
+    # not: of two updates that read the same revision, the second to set it aside stops.
+    from mlflow_preproc.deploy.docker import rollout
+    from mlflow_preproc.deploy.docker.containers import Containers
+    from mlflow_preproc.deploy.errors import DeploymentError
+
+    read_by_both = Containers(docker_client).current(name)
+    names = [c.name for c in read_by_both]
+    rollout.set_aside(read_by_both, names, name)
+    try:
+        with pytest.raises(DeploymentError, match=f"another create or update of {name} is "
+                                                  "under way"):
+            rollout.set_aside(read_by_both, names, name)
+    finally:
+        for container, original in zip(read_by_both, names):
+            container.rename(original)
+    assert running() == [(f"{name}-0", str(1 + wins), "running")]
+
+
 def test_stock_build_docker_image_serves_and_streams_with_env_only(tracking_uri, broker,
                                                                    docker_client):
     with mlflow.start_run():

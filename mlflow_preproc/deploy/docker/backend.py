@@ -19,6 +19,7 @@ from mlflow_preproc.deploy.docker import rollout
 from mlflow_preproc.deploy.docker.containers import (
     Containers,
     NotHealthy,
+    busy,
     free_ports,
     options_of,
     port_free,
@@ -77,6 +78,11 @@ class DockerDeployments:
         old = self.containers.current(name)
         if not old:
             raise not_found(name)
+        revisions = sorted({revision_of(c) for c in self.containers.containers(name)})
+        if len(revisions) > 1:  # an update sets the running revision aside while it starts
+            raise busy(name, f"revisions {' and '.join(map(str, revisions))} both exist "
+                       "(docker rm -f the containers of the one you do not want, if no "
+                       "update runs)")
         # Secret values are not in the stored options: the running container has them.
         previous = opts.restore_secrets(options_of(old[0]), spec_of(old[0]).env)
         previous, ignored = opts.applied_by(previous, self.name)

@@ -16,6 +16,7 @@ from mlflow_preproc.deploy import steps
 from mlflow_preproc.deploy.docker.containers import (
     Containers,
     NotHealthy,
+    busy,
     free_ports,
     options_of,
     revision_of,
@@ -52,10 +53,9 @@ def swap(containers: Containers, old: list, d: Deployment, specs: list[Container
     # Their names, kept: docker-py does not refresh container.name after rename(), and a
     # name cut back at "-r<n>" breaks a deployment whose own name contains it ("rvw-r1").
     names = [c.name for c in old]
+    set_aside(old, names, d.name)
     steps.note(f"stopping revision {previous} (its consumers commit first)")
     containers.stop(old, stop_timeout(options_of(old[0])))
-    for container, original in zip(old, names):
-        container.rename(f"{original}-r{previous}")
     steps.step(2, f"starting revision {d.revision}: {steps.count(d.replicas, 'container')}")
     try:
         start(containers, specs, d)
@@ -79,6 +79,25 @@ def swap(containers: Containers, old: list, d: Deployment, specs: list[Container
                 f"and consumer group) is running again. The new revision: {exc}") from None
         raise
     containers.remove(old)
+
+
+def set_aside(old: list, names: list[str], deployment: str) -> None:
+    """Rename the running revision ``<name>-r<n>``, freeing its names for the next one. The
+    first rename is the update's claim on the deployment: of two updates that read the same
+    revision, the second finds it renamed (or removed) and stops, having touched nothing."""
+    from docker.errors import APIError
+
+    suffix = f"-r{revision_of(old[0])}"
+    done = []
+    try:
+        for container, original in zip(old, names):
+            container.rename(original + suffix)
+            done.append((container, original))
+    except APIError as exc:
+        for container, original in done:
+            container.rename(original)
+        raise busy(deployment, f"revision {revision_of(old[0])} changed while this update "
+                   f"was prepared ({exc.explanation or exc})") from None
 
 
 def trial_serve(containers: Containers, d: Deployment) -> None:
