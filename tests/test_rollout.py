@@ -227,22 +227,56 @@ def test_a_failing_update_is_rolled_back_and_the_old_version_consumes_again_losi
     assert {v for i, v in got if i >= 20} == {1}  # the old version consumes again
 
 
-def test_a_rollback_restores_every_replica_of_a_name_that_contains_the_revision_suffix(
+def at_once(*args: str) -> list[subprocess.CompletedProcess]:
+    """``mlflow deployments ARGS`` twice, started together."""
+    start, done = threading.Barrier(2), [None, None]
+
+    def run(i):
+        start.wait()
+        done[i] = cli("deployments", *args)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(900)
+    return done
+
+
+def test_racing_rollouts_and_a_rollback_keep_every_replica_of_a_name_like_a_revisions(
         registered, deployments, docker_client):
+    # REST only: rollouts and rollbacks are the same in every mode.
+    from mlflow_preproc.deploy.docker import rollout
+    from mlflow_preproc.deploy.docker.containers import Containers, free_ports
+    from mlflow_preproc.deploy.errors import DeploymentError
+
+    name, port = deployments("-r1-2"), free_ports(2)
+
+    def state():
+        return sorted((c.name, c.labels["org.mlflow-preproc.revision"], c.status)
+                      for c in containers_of(docker_client, name))
+
+    def one_line_errors(procs):
+        for proc in (p for p in procs if p.returncode != 0):
+            assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            assert error_line(proc).startswith((
+                f"Error: another create or update of {name} is under way",
+                f"Error: a deployment named {name} already exists")), proc.stderr[-3000:]
+
+    # Two creates at once both found the name free, and the second to start a container died
+    # on Docker's raw 409 (#33): one wins, the other says so.
+    created = at_once("create", "-t", "preproc", "--name", name, "-m", f"{registered}/1",
+                      "-C", f"port={port}", "-C", "replicas=2")
+    assert sorted(p.returncode == 0 for p in created) == [False, True], \
+        [p.stderr[-2000:] for p in created]
+    one_line_errors(created)
+    before = {c.name: c.id for c in containers_of(docker_client, name)}
+    assert state() == [(f"{name}-0", "1", "running"), (f"{name}-1", "1", "running")]
+
     # The old containers are renamed <name>-<i>-r1 while the new revision starts; the
     # rollback rebuilt their names from docker-py's stale container.name, cut at the first
     # "-r1" (which belongs to this name): both became "<name>", the second rename failed with
-    # Docker's raw 409 and half the replicas stayed down (#33, finding 1). REST only: the
-    # rollback is the same in every mode.
-    from mlflow_preproc.deploy.docker.containers import free_ports
-
-    name, port = deployments("-r1-2"), free_ports(2)
-    created = cli("deployments", "create", "-t", "preproc", "--name", name,
-                  "-m", f"{registered}/1", "-C", f"port={port}", "-C", "replicas=2")
-    assert created.returncode == 0, created.stderr[-3000:]
-    before = {c.name: c.id for c in containers_of(docker_client, name)}
-    assert sorted(before) == [f"{name}-0", f"{name}-1"]
-
+    # Docker's raw 409 and half the replicas stayed down (#33, finding 1).
     killed = []
     killer = threading.Thread(target=kill_revision, args=(docker_client, name, 2, killed),
                               daemon=True)
@@ -251,16 +285,38 @@ def test_a_rollback_restores_every_replica_of_a_name_that_contains_the_revision_
                  "-m", f"{registered}/2")
     killer.join(5)
     assert killed, "the new revision never ran"
-    assert update.returncode != 0
     assert f"update of {name} to revision 2 failed and was rolled back" in error_line(update)
-    after = containers_of(docker_client, name)
     # The same containers, under their own names again, every one running and serving.
-    assert {c.name: c.id for c in after} == before
-    assert {c.status for c in after} == {"running"}
+    assert {c.name: c.id for c in containers_of(docker_client, name)} == before
+    assert {status for _, _, status in state()} == {"running"}
     for replica in (0, 1):
         assert post_json(f"http://127.0.0.1:{port + replica}/invocations",
                          {"inputs": [{"id": 3}]}) == (200, {"predictions": [{"id": 3,
                                                                              "version": 1}]})
+
+    # Two updates at once raced for the trial container and the renames (#33).
+    updated = at_once("update", "-t", "preproc", "--name", name, "-m", f"{registered}/2")
+    wins = sum(p.returncode == 0 for p in updated)
+    assert wins >= 1, [p.stderr[-2000:] for p in updated]
+    one_line_errors(updated)
+    revision = str(1 + wins)  # one revision runs, the winners'; nothing is left of another
+    assert state() == [(f"{name}-0", revision, "running"), (f"{name}-1", revision, "running")]
+    assert post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": [{"id": 4}]}) == (
+        200, {"predictions": [{"id": 4, "version": 2}]})
+
+    # Which of the two reaches the trial container first varies; the claim behind it does
+    # not: of two updates that read the same revision, the second to set it aside stops.
+    read_by_both = Containers(docker_client).current(name)
+    names = [c.name for c in read_by_both]
+    rollout.set_aside(read_by_both, names, name)
+    try:
+        with pytest.raises(DeploymentError, match=f"another create or update of {name} is "
+                                                  "under way"):
+            rollout.set_aside(read_by_both, names, name)
+    finally:
+        for container, original in zip(read_by_both, names):
+            container.rename(original)
+    assert state() == [(f"{name}-0", revision, "running"), (f"{name}-1", revision, "running")]
 
 
 def v3_broken(record):

@@ -1,10 +1,12 @@
 """The ``-C key=value`` options of the ``preproc`` deployment target, and their first check.
 
 Options are the keys below, every setting of the settings table by its lowercase name
-(``-C input_topic=fink-alert``), and three prefixes: ``env.NAME`` (a container variable),
-``label.NAME`` (a Docker label) and ``mount.PATH`` (a host file or folder, read-only, at PATH
-in the container). :func:`resolve` refuses unknown keys and malformed values; the settings
-themselves are checked by the settings table when the container environment is made
+(``-C input_topic=fink-alert``), and the prefixes :data:`PREFIXES`: ``env.NAME`` (a container
+variable), ``label.NAME``, ``mount.PATH`` (read-only at PATH in the container) and, on
+Kubernetes, ``secret_env.NAME``. Each key is applied by the backends its :class:`Option` names and refused
+by the others (:func:`backends_of`): none is accepted and ignored. :func:`resolve` refuses
+unknown keys, keys of the other backend and malformed values; the settings themselves are
+checked by the settings table when the container environment is made
 (:mod:`mlflow_preproc.deploy.spec`), before anything is built or stopped.
 
 The options are stored with a deployment (a Docker label, a Kubernetes annotation) and shown
