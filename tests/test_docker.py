@@ -137,12 +137,15 @@ def test_deployment_errors_are_one_clear_line(tracking_uri, deployments, docker_
         (create(deployments(), "models:/ok-prep/1", "-C", "docker_host=unix:///nope.sock"),
          "cannot reach a Docker engine at unix:///nope.sock"),
         (create(deployments(), "models:/bad-reqs/1"), "image build failed at Step"),
+        # Docker would refuse it when the container starts, after the build (#33).
+        (create(deployments(), "models:/ok-prep/1", "-C", "cpu_limit=1000"),
+         "cpu_limit=1000 is more than the"),
     ]
     for proc, message in cases:
         assert proc.returncode != 0
         assert "Error: " in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
-    build_failure = cases[-1][0].stderr
+    build_failure = cases[-2][0].stderr
     assert "no-such-package-mlflow-preproc" in build_failure  # the failing step's log tail
 
     name = deployments()
