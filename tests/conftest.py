@@ -289,14 +289,14 @@ def docker_client():
 
 @pytest.fixture
 def deployments(docker_client):
-    """Names to deploy under with the preproc target; whatever is left is deleted by its
-    Docker label."""
+    """Names to deploy under with the preproc target (``make("-r1-2")`` ends one with that);
+    whatever is left is deleted by its Docker label."""
     import uuid
 
     names = []
 
-    def make() -> str:
-        names.append(f"t{uuid.uuid4().hex[:8]}")
+    def make(suffix: str = "") -> str:
+        names.append(f"t{uuid.uuid4().hex[:8]}{suffix}")
         return names[-1]
 
     yield make

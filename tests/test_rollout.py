@@ -18,7 +18,7 @@ import uuid
 import mlflow
 import pytest
 
-from conftest import BIN, FAST_GROUP_ENV, consume, free_port, produce, unique
+from conftest import BIN, FAST_GROUP_ENV, consume, free_port, post_json, produce, unique
 
 pytestmark = [pytest.mark.docker, pytest.mark.kafka, pytest.mark.slow]
 
@@ -182,6 +182,18 @@ def test_a_stream_whose_only_kafka_settings_come_from_a_mounted_properties_file(
     assert outputs_of(broker, out, 1) == [(7, 1)]
 
 
+def kill_revision(docker_client, name, revision, killed, timeout=300):
+    """Kill ``name``'s containers of ``revision`` as they start (a revision never healthy)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not killed:
+        for c in docker_client.containers.list(filters={"label": [
+                f"org.mlflow-preproc.deployment={name}",
+                f"org.mlflow-preproc.revision={revision}"]}):
+            c.kill()
+            killed.append(c.name)
+        time.sleep(0.2)
+
+
 def test_a_failing_update_is_rolled_back_and_the_old_version_consumes_again_losing_nothing(
         broker, registered, deployments, docker_client):
     name, topic, out = deployments(), unique("raw"), unique("out")
@@ -192,17 +204,8 @@ def test_a_failing_update_is_rolled_back_and_the_old_version_consumes_again_losi
     assert len(outputs_of(broker, out, 10)) == 10
 
     killed = []
-
-    def kill_the_new_revision():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            for c in docker_client.containers.list(filters={"label": [
-                    f"org.mlflow-preproc.deployment={name}", "org.mlflow-preproc.revision=2"]}):
-                c.kill()
-                killed.append(c.name)
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_the_new_revision, daemon=True)
+    killer = threading.Thread(target=kill_revision, args=(docker_client, name, 2, killed),
+                              daemon=True)
     killer.start()
     update = subprocess.Popen([str(BIN / "mlflow"), "deployments", "update", "-t", "preproc",
                                "--name", name, "-m", f"{registered}/2"],
@@ -222,6 +225,98 @@ def test_a_failing_update_is_rolled_back_and_the_old_version_consumes_again_losi
     got = outputs_of(broker, out, 30, timeout=120)
     assert sorted({i for i, _ in got}) == list(range(30))  # no record lost
     assert {v for i, v in got if i >= 20} == {1}  # the old version consumes again
+
+
+def at_once(*args: str) -> list[subprocess.CompletedProcess]:
+    """``mlflow deployments ARGS`` twice, started together."""
+    start, done = threading.Barrier(2), [None, None]
+
+    def run(i):
+        start.wait()
+        done[i] = cli("deployments", *args)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(900)
+    return done
+
+
+def test_racing_rollouts_and_a_rollback_keep_every_replica_of_a_name_like_a_revisions(
+        registered, deployments, docker_client):
+    # REST only: rollouts and rollbacks are the same in every mode.
+    from mlflow_preproc.deploy.docker import rollout
+    from mlflow_preproc.deploy.docker.containers import Containers, free_ports
+    from mlflow_preproc.deploy.errors import DeploymentError
+
+    name, port = deployments("-r1-2"), free_ports(2)
+
+    def state():
+        return sorted((c.name, c.labels["org.mlflow-preproc.revision"], c.status)
+                      for c in containers_of(docker_client, name))
+
+    def one_line_errors(procs):
+        for proc in (p for p in procs if p.returncode != 0):
+            assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            assert error_line(proc).startswith((
+                f"Error: another create or update of {name} is under way",
+                f"Error: a deployment named {name} already exists")), proc.stderr[-3000:]
+
+    # Two creates at once both found the name free, and the second to start a container died
+    # on Docker's raw 409 (#33): one wins, the other says so.
+    created = at_once("create", "-t", "preproc", "--name", name, "-m", f"{registered}/1",
+                      "-C", f"port={port}", "-C", "replicas=2")
+    assert sorted(p.returncode == 0 for p in created) == [False, True], \
+        [p.stderr[-2000:] for p in created]
+    one_line_errors(created)
+    before = {c.name: c.id for c in containers_of(docker_client, name)}
+    assert state() == [(f"{name}-0", "1", "running"), (f"{name}-1", "1", "running")]
+
+    # The old containers are renamed <name>-<i>-r1 while the new revision starts; the
+    # rollback rebuilt their names from docker-py's stale container.name, cut at the first
+    # "-r1" (which belongs to this name): both became "<name>", the second rename failed with
+    # Docker's raw 409 and half the replicas stayed down (#33, finding 1).
+    killed = []
+    killer = threading.Thread(target=kill_revision, args=(docker_client, name, 2, killed),
+                              daemon=True)
+    killer.start()
+    update = cli("deployments", "update", "-t", "preproc", "--name", name,
+                 "-m", f"{registered}/2")
+    killer.join(5)
+    assert killed, "the new revision never ran"
+    assert f"update of {name} to revision 2 failed and was rolled back" in error_line(update)
+    # The same containers, under their own names again, every one running and serving.
+    assert {c.name: c.id for c in containers_of(docker_client, name)} == before
+    assert {status for _, _, status in state()} == {"running"}
+    for replica in (0, 1):
+        assert post_json(f"http://127.0.0.1:{port + replica}/invocations",
+                         {"inputs": [{"id": 3}]}) == (200, {"predictions": [{"id": 3,
+                                                                             "version": 1}]})
+
+    # Two updates at once raced for the trial container and the renames (#33).
+    updated = at_once("update", "-t", "preproc", "--name", name, "-m", f"{registered}/2")
+    wins = sum(p.returncode == 0 for p in updated)
+    assert wins >= 1, [p.stderr[-2000:] for p in updated]
+    one_line_errors(updated)
+    revision = str(1 + wins)  # one revision runs, the winners'; nothing is left of another
+    assert state() == [(f"{name}-0", revision, "running"), (f"{name}-1", revision, "running")]
+    assert post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": [{"id": 4}]}) == (
+        200, {"predictions": [{"id": 4, "version": 2}]})
+
+    # Which of the two reaches the trial container first varies; the claim behind it does
+    # not: of two updates that read the same revision, the second to set it aside stops.
+    read_by_both = Containers(docker_client).current(name)
+    names = [c.name for c in read_by_both]
+    rollout.set_aside(read_by_both, names, name)
+    try:
+        with pytest.raises(DeploymentError, match=f"another create or update of {name} is "
+                                                  "under way"):
+            rollout.set_aside(read_by_both, names, name)
+    finally:
+        for container, original in zip(read_by_both, names):
+            container.rename(original)
+    assert state() == [(f"{name}-0", revision, "running"), (f"{name}-1", revision, "running")]
 
 
 def v3_broken(record):

@@ -55,16 +55,23 @@ def check_unsigned_webhooks(host: str, secret: str | None,
                           "deliveries would bypass the secret; drop --allow-unsigned")
 
 
+TOKEN_REFUSED = (f"this endpoint needs 'Authorization: Bearer <token>' with the service's "
+                 f"{TOKEN_ENV} (or the token it logged at start)")
+
+
+def token_matches(authorization: str | None, token: str) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <token>``."""
+    scheme, _, given = (authorization or "").partition(" ")
+    # compare_digest: the time taken says nothing about how much of the token matched
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                              token.encode())
+
+
 def require_token(token: str) -> Callable[..., None]:
     """A FastAPI dependency: the request carries ``Authorization: Bearer <token>``."""
 
     def check(authorization: str | None = Header(None, description="Bearer <token>")) -> None:
-        scheme, _, given = (authorization or "").partition(" ")
-        # compare_digest: the time taken says nothing about how much of the token matched
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                 token.encode()):
-            raise HTTPException(401, f"this endpoint needs 'Authorization: Bearer <token>' "
-                                f"with the service's {TOKEN_ENV} (or the token it logged at "
-                                "start)", headers={"WWW-Authenticate": "Bearer"})
+        if not token_matches(authorization, token):
+            raise HTTPException(401, TOKEN_REFUSED, headers={"WWW-Authenticate": "Bearer"})
 
     return check

@@ -30,12 +30,15 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from mlflow_preproc.builds import webhooks
-from mlflow_preproc.builds.auth import (SECRET_ENV, TOKEN_ENV, api_token,
-                                        check_unsigned_webhooks, require_token)
+from mlflow_preproc.builds.auth import (SECRET_ENV, TOKEN_ENV, TOKEN_REFUSED, api_token,
+                                        check_unsigned_webhooks, require_token, token_matches)
+from mlflow_preproc.builds.bodies import GuardedBodies, Refusal
 from mlflow_preproc.builds.store import STATUSES, Build, BuildStore
+from mlflow_preproc.deploy import options as opts
 from mlflow_preproc.deploy.image_build import docker_reference
 
 logger = logging.getLogger("mlflow_preproc")
+WEBHOOK_PATH = "/webhooks/mlflow"
 
 
 class BuildRequest(BaseModel):
@@ -61,20 +64,31 @@ class Builder:
         self._futures: dict[str, Future] = {}
         self._lock = threading.Lock()
 
-    def submit(self, build: Build) -> Future:
-        future = self._pool.submit(self._run, build)
+    def submit(self, build: Build, deploy: dict[str, str] | None = None) -> Future:
+        """Queue ``build``; ``deploy``: its deployment keys with their secret values, which
+        the history holds redacted."""
+        future = self._pool.submit(self._run, build, deploy)
         with self._lock:
             self._futures[build.id] = future
         return future
 
-    def _run(self, build: Build) -> None:
+    def _run(self, build: Build, deploy: dict[str, str] | None = None) -> None:
         import time
 
         tail: deque[str] = deque(maxlen=40)
+        deploy = deploy or build.config.get("deploy") or (
+            self.deploy if build.kind == "preprocessing" else None)
+        secrets = opts.secret_values(deploy or {})
         self.store.update(build.id, status="running", started_at=time.time())
         logger.info("build started", extra={"event": "build_started", "build": build.id,
                                             "kind": build.kind, "model_uri": build.model_uri})
         try:
+            lost = sorted(k for k, v in (deploy or {}).items() if v == opts.REDACTED)
+            if lost:  # queued before a restart: the values were in that process only
+                raise RuntimeError(
+                    f"the values of {', '.join(lost)} were kept in memory only (the history "
+                    "never holds a secret) and the service restarted before this build "
+                    "ran; submit it again")
             if build.kind == "preprocessing":
                 image = self._build_preprocessing(build, tail)
             else:
@@ -83,16 +97,15 @@ class Builder:
                               finished_at=time.time(), log_tail="".join(tail))
             logger.info("build succeeded", extra={"event": "build_succeeded",
                                                   "build": build.id, "image": image})
-            deploy = build.config.get("deploy") or (self.deploy if build.kind ==
-                                                    "preprocessing" else None)
             if deploy:
                 self.store.update(build.id, deployment=self._deploy(build, deploy))
         except Exception as exc:  # a failed build is a record, not a crash of the service
-            reason = failure_reason(exc)
+            # A deployment's error may quote what a container printed: no secret in it.
+            reason = _scrubbed(failure_reason(exc), secrets)
             logger.warning("build failed", extra={"event": "build_failed", "build": build.id,
                                                   "error": reason})
             self.store.update(build.id, status="failed", finished_at=time.time(),
-                              error=reason, log_tail="".join(tail))
+                              error=reason, log_tail=_scrubbed("".join(tail), secrets))
 
     def _build_preprocessing(self, build: Build, tail: deque) -> str:
         from mlflow_preproc.deploy.target import PreprocDeploymentClient
@@ -148,6 +161,12 @@ class Builder:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _scrubbed(text: str, secrets: list[str]) -> str:
+    for value in secrets:
+        text = text.replace(value, opts.REDACTED)
+    return text
+
+
 def failure_reason(exc: BaseException) -> str:
     """A failed build's reason: the error's first line, or its type when it has no message."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
@@ -170,25 +189,47 @@ def create_app(db_path: str, secret: str | None, token: str, allow_unsigned: boo
     app.state.store, app.state.builder = store, builder
     authorized = [Depends(require_token(token))]
 
-    def queue(kind: str, model_uri: str, config: dict[str, Any],
-              event_key: str | None = None) -> tuple[Build, bool]:
-        build, created = store.add(kind, model_uri, config, event_key)
+    def authenticate(request: Request) -> None:
+        """Before a body is read: a webhook delivery's signature headers, else the token."""
+        if request.url.path != WEBHOOK_PATH:
+            if not token_matches(request.headers.get("authorization"), token):
+                raise Refusal(401, TOKEN_REFUSED, {"WWW-Authenticate": "Bearer"})
+            return
+        try:
+            webhooks.check_headers(request.headers, secret, allow_unsigned)
+        except webhooks.Rejected as exc:
+            refused(request, exc)
+            raise Refusal(401, str(exc)) from None
+
+    def refused(request: Request, exc: Exception) -> None:
+        logger.warning("webhook delivery refused", extra={
+            "event": "webhook_refused", "reason": str(exc),
+            "client": request.client.host if request.client else None})
+
+    app.add_middleware(GuardedBodies, authenticate=authenticate)
+
+    def queue(kind: str, model_uri: str, config: dict[str, Any], event_key: str | None = None,
+              deploy: dict[str, str] | None = None) -> tuple[Build, bool]:
+        # Stored as the deployment target stores its options: secret values redacted, by
+        # the same rule (options.redacted); the builder gets them from memory.
+        stored = {**config, **({"deploy": opts.redacted(deploy)} if deploy else {})}
+        build, created = store.add(kind, model_uri, stored, event_key)
         if created:
-            builder.submit(build)
+            builder.submit(build, deploy)
         return build, created
 
     @app.post("/build", status_code=202, summary="Queue an image build",
              dependencies=authorized)
     def post_build(request: BuildRequest) -> dict:
-        build, _ = queue(request.kind, request.model_uri,
-                         {"image": request.image, "deploy": request.deploy})
+        build, _ = queue(request.kind, request.model_uri, {"image": request.image},
+                         deploy=request.deploy)
         return {"id": build.id, "status": build.status}
 
     @app.post("/build/sync", summary="Build and wait for the result",
              dependencies=authorized)
     def post_build_sync(request: BuildRequest) -> dict:
-        build, _ = queue(request.kind, request.model_uri,
-                         {"image": request.image, "deploy": request.deploy})
+        build, _ = queue(request.kind, request.model_uri, {"image": request.image},
+                         deploy=request.deploy)
         builder.wait(build.id)
         return store.get(build.id).to_json()
 
@@ -249,15 +290,13 @@ def create_app(db_path: str, secret: str | None, token: str, allow_unsigned: boo
         detail = "" if plan else "this version has no preprocessing model; nothing to build"
         return {"queued": queued, "detail": detail}
 
-    @app.post("/webhooks/mlflow", status_code=202, summary="MLflow model-registry webhook")
+    @app.post(WEBHOOK_PATH, status_code=202, summary="MLflow model-registry webhook")
     async def mlflow_webhook(request: Request) -> dict:
-        body = await request.body()
+        body = await request.body()  # its headers were checked and its size capped already
         try:
             webhooks.verify(body, request.headers, secret, allow_unsigned)
         except webhooks.Rejected as exc:
-            logger.warning("webhook delivery refused", extra={
-                "event": "webhook_refused", "reason": str(exc),
-                "client": request.client.host if request.client else None})
+            refused(request, exc)
             raise HTTPException(401, str(exc)) from None
         try:
             event = webhooks.parse(body)

@@ -38,13 +38,15 @@ class VersionCreated:
     run_id: str | None
 
 
-def verify(body: bytes, headers: Mapping[str, str], secret: str | None,
-           allow_unsigned: bool = False, now: float | None = None) -> None:
-    """Raise :class:`Rejected` unless the delivery is signed with ``secret`` and fresh."""
+def check_headers(headers: Mapping[str, str], secret: str | None, allow_unsigned: bool = False,
+                  now: float | None = None) -> bool:
+    """Raise :class:`Rejected` unless the headers may belong to a delivery signed with
+    ``secret`` and fresh; returns whether it is signed (False: unsigned, and allowed). Needs
+    no body: the service refuses with it before reading one."""
     signature = headers.get("x-mlflow-signature")
     if not signature:
         if allow_unsigned:
-            return
+            return False
         raise Rejected("unsigned delivery: create the MLflow webhook with a secret, or start "
                        "the service with --allow-unsigned")
     if not secret:
@@ -58,12 +60,22 @@ def verify(body: bytes, headers: Mapping[str, str], secret: str | None,
                        "Unix seconds")
     age = (time.time() if now is None else now) - int(timestamp)
     if abs(age) > MAX_AGE_S:
-        raise Rejected(f"timestamp is {int(age)} s old, outside the {MAX_AGE_S} s window: a "
-                       "replayed or delayed delivery")
+        when = f"{round(age)} s old" if age > 0 else f"{round(-age)} s ahead of this clock"
+        raise Rejected(f"timestamp is {when}, outside the {MAX_AGE_S} s window: a replayed "
+                       "or delayed delivery, or clocks apart (synchronise them with NTP)")
+    return True
+
+
+def verify(body: bytes, headers: Mapping[str, str], secret: str | None,
+           allow_unsigned: bool = False, now: float | None = None) -> None:
+    """Raise :class:`Rejected` unless the delivery is signed with ``secret`` and fresh."""
+    if not check_headers(headers, secret, allow_unsigned, now):
+        return
+    delivery_id, timestamp = headers["x-mlflow-delivery-id"], headers["x-mlflow-timestamp"]
     digest = hmac.new(secret.encode(), f"{delivery_id}.{timestamp}.".encode() + body,
                       hashlib.sha256).digest()
     expected = "v1," + base64.b64encode(digest).decode()
-    if not hmac.compare_digest(signature.encode(), expected.encode()):
+    if not hmac.compare_digest(headers["x-mlflow-signature"].encode(), expected.encode()):
         raise Rejected("signature does not match: forged, or signed with another secret")
 
 

@@ -71,6 +71,9 @@ class ContainerSpec:
     rest_port: int | None  # the scoring server (/ping, /health, /invocations)
     metrics_ports: list[int] = field(default_factory=list)  # /healthz and /metrics, per consumer
     mounts: dict[str, str] = field(default_factory=dict)  # container path -> host path
+    # Kubernetes' resources ({"limits": {"cpu": "500m", "memory": "256Mi"}, "requests": ...});
+    # Docker applies the limits (requests are refused there).
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def default_consumer_group(name: str) -> str:
@@ -131,7 +134,17 @@ def container_spec(d: Deployment, replica: int, rest_port: int,
         name=f"{d.name}-{replica}", image=d.image, env=env, labels=labels,
         rest_port=rest_port if d.serving else None,
         metrics_ports=[metrics_port + j for j in range(d.consumers)] if metrics_port else [],
-        mounts=mounts(d.options))
+        mounts=mounts(d.options), resources=resources(d.options))
+
+
+def resources(options: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The ``cpu_request``... ``memory_limit`` options as Kubernetes' container resources."""
+    found: dict[str, dict[str, str]] = {}
+    for kind in ("request", "limit"):
+        for what in ("cpu", "memory"):
+            if options.get(f"{what}_{kind}"):
+                found.setdefault(f"{kind}s", {})[what] = options[f"{what}_{kind}"]
+    return found
 
 
 def check_settings(spec: ContainerSpec) -> settings.Config | None:

@@ -19,6 +19,7 @@ from mlflow_preproc.deploy.docker import rollout
 from mlflow_preproc.deploy.docker.containers import (
     Containers,
     NotHealthy,
+    busy,
     free_ports,
     options_of,
     port_free,
@@ -28,6 +29,7 @@ from mlflow_preproc.deploy.docker.containers import (
 from mlflow_preproc.deploy.engine import Engine
 from mlflow_preproc.deploy.errors import DeploymentError, not_found
 from mlflow_preproc.deploy.image_build import LABEL
+from mlflow_preproc.deploy.resources import nano_cpus
 from mlflow_preproc.deploy.spec import (
     ContainerSpec,
     Deployment,
@@ -62,6 +64,7 @@ class DockerDeployments:
             raise DeploymentError(f"a deployment named {name} already exists; use mlflow "
                                   f"deployments update --name {name}, or delete it first")
         _check_host(d, specs, consumer_settings)
+        self._check_cpus(d)
         model_image.build(self.engine.client, d)
         steps.step(2, f"starting {steps.count(d.replicas, 'container')} ({d.mode})")
         try:
@@ -75,18 +78,23 @@ class DockerDeployments:
         old = self.containers.current(name)
         if not old:
             raise not_found(name)
+        revisions = sorted({revision_of(c) for c in self.containers.containers(name)})
+        if len(revisions) > 1:  # an update sets the running revision aside while it starts
+            raise busy(name, f"revisions {' and '.join(map(str, revisions))} both exist "
+                       "(docker rm -f the containers of the one you do not want, if no "
+                       "update runs)")
         # Secret values are not in the stored options: the running container has them.
         previous = opts.restore_secrets(options_of(old[0]), spec_of(old[0]).env)
-        ignored = sorted(k for k in previous if k.startswith("secret_env."))
-        if ignored:  # accepted (and never set) before Docker refused them: not kept
-            steps.note(f"dropping {', '.join(ignored)}: secret_env is for Kubernetes only and "
-                       "was never set in these containers; use -C env.NAME=VALUE")
-            previous = {k: v for k, v in previous.items() if k not in ignored}
+        previous, ignored = opts.applied_by(previous, self.name)
+        if ignored:  # accepted (and never applied) before Docker refused them: not kept
+            steps.note(f"dropping {', '.join(ignored)}: Kubernetes only, never applied to "
+                       "these containers")
         options = planner.resolve_options(None, {**previous, **given})
         model_uri = model_uri or old[0].labels[f"{LABEL}.model-uri"]
         d = planner.plan(name, model_uri, options, revision_of(old[0]) + 1)
         specs, consumer_settings = _checked_specs(d)
         _check_host(d, specs, consumer_settings, replacing=old)
+        self._check_cpus(d)
         _note_kept_topic(d, previous, given)
         model_image.build(self.engine.client, d)
         if d.serving:
@@ -95,6 +103,17 @@ class DockerDeployments:
             rollout.trial_serve(self.containers, d)
         rollout.swap(self.containers, old, d, specs)
         return self.get(name)
+
+    def _check_cpus(self, d: Deployment) -> None:
+        """A CPU limit the engine has the CPUs for (Docker refuses more at start, after the
+        build)."""
+        if not d.options.get("cpu_limit"):
+            return
+        available = self.engine.client.info().get("NCPU")
+        if available and nano_cpus(d.options["cpu_limit"]) > available * 10**9:
+            raise DeploymentError(f"cpu_limit={d.options['cpu_limit']} is more than the "
+                                  f"{available} CPUs of the Docker engine; pass -C "
+                                  f"cpu_limit={available} or less")
 
     def delete(self, name: str, options: dict[str, str]) -> None:
         containers = self.containers.containers(name)  # every revision

@@ -15,7 +15,9 @@ import time
 import urllib.error
 import urllib.request
 
+from mlflow_preproc.deploy.errors import DeploymentError
 from mlflow_preproc.deploy.image_build import LABEL
+from mlflow_preproc.deploy.resources import docker_limits
 from mlflow_preproc.deploy.spec import DEPLOYMENT_LABEL, REVISION_LABEL, ContainerSpec
 
 # The entrypoint exits when a child dies (a stream without its broker for a minute exits 2).
@@ -54,12 +56,27 @@ class Containers:
         return [c for c in found if revision_of(c) == newest]
 
     def run(self, spec: ContainerSpec, network_mode: str):
-        """Start ``spec`` (detached); a container that exits is restarted until it is stopped."""
-        return self.client.containers.run(
-            spec.image, name=spec.name, detach=True, network_mode=network_mode,
-            environment=spec.env, labels=spec.labels, restart_policy=_RESTARTS,
-            volumes={source: {"bind": target, "mode": "ro"}
-                     for target, source in spec.mounts.items()})
+        """Start ``spec`` (detached); a container that exits is restarted until it is stopped.
+        Raises :class:`~mlflow_preproc.deploy.errors.DeploymentError` when its name is taken:
+        names are the engine's one atomic claim, so of two rollouts racing for a deployment
+        the second to name a container stops there."""
+        from docker.errors import APIError
+        from docker.types import Mount
+
+        try:
+            return self.client.containers.run(
+                spec.image, name=spec.name, detach=True, network_mode=network_mode,
+                environment=spec.env, labels=spec.labels, restart_policy=_RESTARTS,
+                # A list, not the volumes dict: that one is keyed by the host path, so two
+                # mounts of one file kept only the last.
+                mounts=[Mount(target, source, type="bind", read_only=True)
+                        for target, source in spec.mounts.items()],
+                **docker_limits(spec.resources.get("limits", {})))
+        except APIError as exc:
+            if exc.status_code != 409:
+                raise
+            raise busy(deployment_of(spec.labels), f"container {spec.name} exists (docker "
+                       f"rm -f {spec.name} if nothing is under way)") from None
 
     def wait_healthy(self, pairs: list[tuple[object, ContainerSpec]], timeout: float,
                      on_progress=None) -> None:
@@ -116,6 +133,18 @@ def spec_of(container) -> ContainerSpec:
         container.name, container.labels.get(f"{LABEL}.image", ""), env, dict(container.labels),
         int(container.labels[f"{LABEL}.port"]) if mode in ("serve", "both") else None,
         [metrics + j for j in range(consumers)] if metrics and mode != "serve" else [])
+
+
+def busy(name: str, why: str) -> DeploymentError:
+    """The error of a rollout that lost the race for deployment ``name`` to another one."""
+    return DeploymentError(f"another create or update of {name} is under way, or was "
+                           f"interrupted: {why}; this one stopped before touching what runs. "
+                           f"mlflow deployments get -t preproc --name {name} shows it")
+
+
+def deployment_of(labels: dict[str, str]) -> str:
+    """The deployment a container belongs to (a trial container's too)."""
+    return labels.get(DEPLOYMENT_LABEL) or labels.get(f"{LABEL}.trial", "?")
 
 
 def revision_of(container) -> int:

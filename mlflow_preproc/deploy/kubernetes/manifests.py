@@ -18,7 +18,6 @@ Pure: no Kubernetes client is needed to render.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
 from typing import Any
@@ -47,9 +46,6 @@ def kubernetes_spec(d: Deployment) -> ContainerSpec:
     if not d.serving:  # no scoring server in the pod: no PORT for it
         env.pop("PORT", None)
         labels.pop(f"{LABEL}.port", None)
-    # The stored settings, without the Docker backend's keys (network_mode, no_cache...).
-    stored = json.loads(labels[f"{LABEL}.config"])
-    labels[f"{LABEL}.config"] = json.dumps(opts.shown(stored, "kubernetes"))
     return replace(spec, env=env, labels=labels)
 
 
@@ -108,9 +104,8 @@ def _deployment(d, spec: ContainerSpec, labels, annotations, selector) -> dict:
         "ports": _ports(spec),
         **_probes(spec),
     }
-    resources = _resources(d.options)
-    if resources:
-        container["resources"] = resources
+    if spec.resources:
+        container["resources"] = spec.resources
     volumes, mounts = _volumes(spec)
     if mounts:
         container["volumeMounts"] = mounts
@@ -154,16 +149,6 @@ def _probes(spec: ContainerSpec) -> dict:
         "readinessProbe": {**ready, "periodSeconds": 10},
         "livenessProbe": {**alive, "periodSeconds": 20, "failureThreshold": 3},
     }
-
-
-def _resources(options: dict[str, str]) -> dict:
-    resources: dict[str, dict[str, str]] = {}
-    for kind in ("request", "limit"):
-        for what in ("cpu", "memory"):
-            value = options.get(f"{what}_{kind}")
-            if value:
-                resources.setdefault(f"{kind}s", {})[what] = value
-    return resources
 
 
 def _volumes(spec: ContainerSpec) -> tuple[list[dict], list[dict]]:
