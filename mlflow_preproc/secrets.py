@@ -13,12 +13,28 @@ import re
 
 REDACTED = "<redacted>"
 
+# A variable whose name has one of these words holds a credential (LIBRDKAFKA_SASL_PASSWORD,
+# AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN, LIBRDKAFKA_SASL_JAAS_CONFIG...).
+_SECRET_WORD = re.compile(r"(?:^|_)(?:PASSWORD|PASSWD|PWD|SECRET|TOKEN|KEY|APIKEY|CREDENTIALS?|"
+                          r"SASL)(?:_|$)")
+
 # scheme://user:password@host -> the password; scheme://token@host -> the token
 _USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s?#]+)@")
 # ?token=..., &api_key=..., &X-Amz-Signature=...: query values whose names say secret
 _SECRET_PARAM = re.compile(
     r"(?P<name>[?&;][^=&\s#]*(?:token|key|secret|password|passwd|pwd|signature|sig|auth|"
     r"credential)[^=&\s#]*=)(?P<value>[^&\s#'\"]+)", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a variable named ``name`` holds a credential, by the words of its name."""
+    return _SECRET_WORD.search(name.upper()) is not None
+
+
+def shown_value(name: str, value: str) -> str:
+    """``value`` of the variable ``name`` as it may be shown: :data:`REDACTED` if the name
+    says it is a credential, else with any URL credentials in it redacted."""
+    return REDACTED if is_secret_name(name) else redact_url(value)
 
 
 def redact_url(text: str, secrets_of: str | None = None) -> str:

@@ -1,6 +1,6 @@
 """Build service: MLflow webhooks and a REST API turn model versions into images.
 
-    mlflow-preproc builds serve --port 8765      # OpenAPI docs at /docs
+    mlflow-preproc builds serve --port 8765      # its OpenAPI document: /openapi.json
 
 - ``POST /webhooks/mlflow`` receives MLflow model-registry webhook deliveries. Each is
   verified (HMAC signature and timestamp, secret from ``MLFLOW_PREPROC_WEBHOOK_SECRET``);
@@ -184,8 +184,11 @@ def create_app(db_path: str, secret: str | None, token: str, allow_unsigned: boo
     # Builds queued before a restart never started: queue them again.
     for queued in store.list(status="queued"):
         builder.submit(queued)
+    # The API's description is the token's too: no /docs or /redoc pages (a browser could
+    # not send the token), /openapi.json with the token.
     app = FastAPI(title="mlflow-preproc build service",
-                  description=__doc__.split("\n\n")[0], version="1")
+                  description=__doc__.split("\n\n")[0], version="1", docs_url=None,
+                  redoc_url=None, openapi_url=None)
     app.state.store, app.state.builder = store, builder
     authorized = [Depends(require_token(token))]
 
@@ -257,6 +260,10 @@ def create_app(db_path: str, secret: str | None, token: str, allow_unsigned: boo
                                 "has finished")
         store.delete(build_id)
         return Response(status_code=204)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=authorized)
+    def openapi() -> dict:
+        return app.openapi()
 
     @app.get("/health", summary="Liveness (no token: for probes)")
     def health() -> dict:

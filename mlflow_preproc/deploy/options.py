@@ -30,6 +30,7 @@ from mlflow_preproc.deploy.resources import (
     nano_cpus,
     quantity,
 )
+from mlflow_preproc.secrets import REDACTED, is_secret_name, redact_url
 
 MODES = ("serve", "kafka", "both", "run", "bridge")
 CONSUMING_MODES = ("kafka", "both", "bridge")
@@ -133,11 +134,6 @@ _NUMBERS = ("port", "replicas", "consumers", "health_timeout", "lag_threshold", 
 # Labels the target sets itself: a user's label.* must not replace them (list, get, update
 # and the Kubernetes selector find a deployment's containers by them).
 _OWN_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/managed-by")
-# A variable whose name has one of these words holds a credential (LIBRDKAFKA_SASL_PASSWORD,
-# AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN, LIBRDKAFKA_SASL_JAAS_CONFIG...).
-_SECRET_WORD = re.compile(r"(?:^|_)(?:PASSWORD|PASSWD|PWD|SECRET|TOKEN|KEY|APIKEY|CREDENTIALS?|"
-                          r"SASL)(?:_|$)")
-REDACTED = "<redacted>"
 # Names Docker and Kubernetes accept; refused here, before anything is built (Docker's own
 # refusal would come as an APIError after the build, a Kubernetes API server's at apply).
 _DOCKER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
@@ -344,7 +340,7 @@ def is_secret(key: str) -> bool:
     value is not stored with the deployment. (``secret_env.*`` values are only references
     to a Secret's key, and are stored.)"""
     name = env_name(key)
-    return name is not None and _SECRET_WORD.search(name.upper()) is not None
+    return name is not None and is_secret_name(name)
 
 
 def shown(options: dict[str, str], backend: str) -> dict[str, str]:
@@ -365,8 +361,9 @@ def applied_by(options: dict[str, str], backend: str) -> tuple[dict[str, str], l
 
 
 def redacted(options: dict[str, str]) -> dict[str, str]:
-    """``options`` as stored and shown: secret values replaced by :data:`REDACTED`."""
-    return {k: REDACTED if is_secret(k) else v for k, v in options.items()}
+    """``options`` as stored and shown: secret values replaced by :data:`REDACTED`, URL
+    credentials in the others too (the one rule of :mod:`mlflow_preproc.secrets`)."""
+    return {k: REDACTED if is_secret(k) else redact_url(v) for k, v in options.items()}
 
 
 def secret_values(options: dict[str, str]) -> list[str]:
