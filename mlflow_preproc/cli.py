@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import textwrap
-from typing import IO
 
 from mlflow_preproc import config as settings
 
@@ -314,6 +313,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import contextlib
+
     from mlflow_preproc.runtime import batch_run
     from mlflow_preproc.runtime.avro_schemas import load_avro_schema
     from mlflow_preproc.runtime.flavor import load_preprocessing
@@ -347,25 +348,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         refuse_inputs_as_outputs(args.inputs, [("the output", args.output, "pass -o another "
                                                 "path: the input would be gone before it is "
                                                 "read")])
-    loaded = load_preprocessing(args.model_uri)
-    schema = load_avro_schema(args.output_schema) if args.output_schema \
-        else loaded.output_avro_schema
-
-    def run_into(out: IO[bytes]) -> batch_run.RunCounts:
-        return batch_run.run(loaded.preprocessor, args.inputs, out,
-                             input_format=args.input_format, output_format=args.output_format,
-                             output_schema=schema, rejects_path=rejects, fields_to_drop=drop,
-                             progress=args.progress, max_decoded_bytes=env["MAX_DECODED_BYTES"])
-
     # Written beside the target and renamed at the end: a run that fails or is stopped
-    # leaves the previous output as it was.
+    # leaves the previous output as it was. Opened first, so an output that cannot be
+    # written is said before the model is downloaded.
     try:
-        with terminate_by_exception():
-            if args.output:
-                with replaced_when_done(args.output) as out:
-                    counts = run_into(out)
-            else:
-                counts = run_into(sys.stdout.buffer)
+        with terminate_by_exception(), (replaced_when_done(args.output) if args.output
+                                        else contextlib.nullcontext(sys.stdout.buffer)) as out:
+            loaded = load_preprocessing(args.model_uri)
+            schema = load_avro_schema(args.output_schema) if args.output_schema \
+                else loaded.output_avro_schema
+            counts = batch_run.run(loaded.preprocessor, args.inputs, out,
+                                   input_format=args.input_format,
+                                   output_format=args.output_format, output_schema=schema,
+                                   rejects_path=rejects, fields_to_drop=drop,
+                                   progress=args.progress,
+                                   max_decoded_bytes=env["MAX_DECODED_BYTES"])
     except Terminated as exc:
         return exc.exit_code
     print(f"mlflow-preproc run: {counts.summary()}", file=sys.stderr)
@@ -566,6 +563,7 @@ def _is_user_error(exc: Exception) -> bool:
     from mlflow.exceptions import MlflowException
 
     from mlflow_preproc.runtime.avro_schemas import SchemaError
+    from mlflow_preproc.runtime.dependencies import Misconfigured
     from mlflow_preproc.streaming.embedded_broker import BrokerError
     from mlflow_preproc.streaming.loop import FatalError
     from mlflow_preproc.runtime.model_identity import ModelNotFound
@@ -574,7 +572,7 @@ def _is_user_error(exc: Exception) -> bool:
 
     return isinstance(exc, (settings.ConfigError, FatalError, ModelNotFound, MlflowException,
                             SchemaError, FileNotFoundError, ValueError, BrokerError,
-                            DeadLetterError, StatusError))
+                            DeadLetterError, StatusError, Misconfigured))
 
 
 def _one_line(exc: Exception) -> str:

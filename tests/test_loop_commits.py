@@ -534,3 +534,29 @@ def test_records_are_matched_to_their_messages_however_many_each_holds():
     # the columnar path: the messages it read first, the others after
     assert list(_spans([c, a], [a, b, c])) == [(c, 0, 1), (a, 1, 2)]
     assert list(_spans([], [a])) == []
+
+
+@pytest.mark.parametrize("code", [KafkaError.GROUP_AUTHORIZATION_FAILED,
+                                  KafkaError.TOPIC_AUTHORIZATION_FAILED])
+def test_a_group_or_input_topic_this_client_may_not_read_stops_the_loop(code):
+    # #32's table: an ACL refusing the group or the input topic was a warning logged for
+    # ever ("consume error"), the loop spinning without progress and /healthz green.
+    refused = Message(topic=TOPIC, partition=0, offset=0, error=KafkaError(code))
+    consumer = FakeConsumer([[msg(0, 0, b"a")], [refused], [msg(0, 1, b"b")]])
+    producer = FakeProducer()
+    with pytest.raises(FatalError, match=r"the broker refuses this client .* grant it read "
+                                         r"access \(ACLs"):
+        Echo(consumer, producer).run()
+    assert outputs(producer) == [b"a"] and consumer.commits == [[(0, 1)]]
+
+
+def test_a_commit_the_broker_refuses_for_the_groups_acl_stops_the_loop():
+    class RefusingCommits(FakeConsumer):
+        def commit(self, offsets=None, asynchronous=True):
+            on_commit(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED), offsets)
+
+    consumer = RefusingCommits([[msg(0, 0, b"a")], [msg(0, 1, b"b")]])
+    loop = Echo(consumer, FakeProducer())
+    on_commit = loop._on_commit  # what librdkafka calls with the commit's outcome
+    with pytest.raises(FatalError, match="the consumer group"):
+        loop.run()

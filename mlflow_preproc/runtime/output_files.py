@@ -22,6 +22,10 @@ class InputOverwritten(ValueError):
     """An output path names one of the run's inputs."""
 
 
+class CannotWrite(ValueError):
+    """The folder of an output cannot take a new file; the message says which and why."""
+
+
 def refuse_inputs_as_outputs(inputs: Iterable[str],
                              outputs: Iterable[tuple[str, str, str]]) -> None:
     """Raise :class:`InputOverwritten` if an output ``(what, path, fix)`` is one of ``inputs``
@@ -55,7 +59,14 @@ class PendingFile:
         """The temporary file, open for binary writing."""
         if self._file is None:
             folder, name = os.path.split(os.path.abspath(self.path))
-            fd, self._tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+            try:
+                fd, self._tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial",
+                                                 dir=folder)
+            except OSError as exc:
+                fix = "create it" if isinstance(exc, FileNotFoundError) else \
+                    "write somewhere this user may, or fix the folder's permissions"
+                raise CannotWrite(f"cannot write {self.path}: {exc.strerror} (the folder "
+                                  f"{folder}); {fix}") from None
             self._file = os.fdopen(fd, "wb")
         return self._file
 

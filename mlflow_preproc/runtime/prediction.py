@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mlflow_preproc.runtime.dependencies import Misconfigured
 from mlflow_preproc.runtime.model_input import model_input, per_record
 
 PREDICTION_FIELD = "prediction"
@@ -39,7 +40,14 @@ class Predictor:
         from mlflow_preproc.runtime.model_identity import local_identity
 
         name = local_identity(model_uri).uri if os.path.isdir(model_uri) else model_uri
-        return cls(mlflow.pyfunc.load_model(model_uri), name, keep_fields)
+        try:
+            model = mlflow.pyfunc.load_model(model_uri)
+        except ImportError as exc:  # refused at start, before any record is read
+            raise Misconfigured(f"the prediction model {name} needs {exc.name or exc!s}, which "
+                                f"cannot be imported here ({exc}); install the model's "
+                                "requirements (mlflow models prepare-env, or its "
+                                "requirements.txt) where the stream runs") from None
+        return cls(model, name, keep_fields)
 
     def predict_each(self, features: Sequence[Any]) -> list[Any]:
         """One prediction per feature record; a record the model fails on gets a

@@ -45,6 +45,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
 from mlflow_preproc.runtime import batch_schema
+from mlflow_preproc.runtime.dependencies import Misconfigured
 from mlflow_preproc.runtime.input_fields import parse as parse_fields
 from mlflow_preproc.runtime.input_fields import plain, project
 
@@ -163,6 +164,8 @@ class Preprocessor:
     def _call_one(self, index: int, record: Record) -> list[Any]:
         try:
             out = self.fn(record)
+        except ImportError as exc:
+            raise missing_library(exc) from exc
         except Exception as exc:
             raise RecordError(index, f"pre_processing raised {type(exc).__name__}: {exc}") from exc
         if self.fields is not None:
@@ -204,10 +207,22 @@ class Preprocessor:
             out = self.fn(batch)
             if self.fields is not None and isinstance(out, (list, dict)):
                 out = plain(out)
+        except ImportError as exc:
+            raise missing_library(exc) from exc
         except Exception as exc:
             raise RecordError(0 if n == 1 else None,
                               f"pre_processing raised {type(exc).__name__}: {exc}") from exc
         return _split_batch_output(out, n, self.feature_names)
+
+
+def missing_library(exc: ImportError) -> Misconfigured:
+    """``pre_processing`` imports a module this environment lacks: every record would fail
+    alike, so it is no record's verdict (#32: a dead letter is never one on the environment)."""
+    name = exc.name or str(exc)
+    return Misconfigured(f"pre_processing needs {name!r}, which cannot be imported here "
+                         f"({type(exc).__name__}: {exc}); install it, or add it to the model's "
+                         "requirements (log_model(..., extra_pip_requirements=[...])) and build "
+                         "the image again")
 
 
 _SCALARS = (str, int, float, bool)

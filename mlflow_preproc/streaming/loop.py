@@ -82,6 +82,10 @@ _FRAMING_BYTES = 512
 
 Headers = list[tuple[str, bytes]]
 
+# The broker refuses this client the input topic, the group or the cluster: an ACL to fix.
+_UNAUTHORIZED = (KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                 KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED)
+
 SOURCE_HEADER = HEADER + "source"
 
 
@@ -464,6 +468,7 @@ class KafkaLoop:
         for err in (msg.error() for msg in messages):
             if err is None or err.code() == KafkaError._PARTITION_EOF:
                 continue
+            self._refuse_if_unauthorized(err)
             if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                 raise FatalError(f"input topic {self.input_topic} does not exist on "
                                  f"{self.config['KAFKA_BOOTSTRAP_SERVERS']}; create it or fix "
@@ -505,8 +510,24 @@ class KafkaLoop:
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if err is not None:
+            self._refuse_if_unauthorized(err, raise_now=False)
             logger.warning("commit failed", extra={"event": "commit_failed", "error": err.str()})
             self.checkpoint.commit_failed(partitions)  # retried by the next commit
+
+    def _refuse_if_unauthorized(self, err: KafkaError, raise_now: bool = True) -> None:
+        """An ACL that refuses this client the group or the input topic stops the loop
+        naming it: retrying can only spin (and a commit retried for ever never happens)."""
+        if err.code() not in _UNAUTHORIZED:
+            return
+        what = {KafkaError.GROUP_AUTHORIZATION_FAILED: f"the consumer group {self.group_id}",
+                KafkaError.TOPIC_AUTHORIZATION_FAILED: f"the input topic {self.input_topic}"}
+        fatal = FatalError(f"the broker refuses this client {what.get(err.code(), 'access')} "
+                           f"({err.name()}: {err.str()}); grant it read access (ACLs: READ "
+                           "on the topic and the group) or fix the credentials; nothing was "
+                           "committed past what was delivered")
+        if raise_now:
+            raise fatal
+        self._fatal = self._fatal or fatal
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The assignment takes effect when this returns: it is settled on the next poll.
@@ -683,6 +704,9 @@ class KafkaLoop:
             self._on_consumer_error(err)
 
     def _on_consumer_error(self, err: KafkaError) -> None:
+        if err.code() in _UNAUTHORIZED:
+            self._refuse_if_unauthorized(err, raise_now=False)
+            return
         if err.fatal():
             self._fatal = FatalError(f"Kafka client failed: {err.str()}")
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
