@@ -150,12 +150,34 @@ class FakeSchemaRegistry:
         self.by_id: dict[int, dict] = {}  # id -> {"schema": str, "references": [...]}
         self.by_subject: dict[tuple[str, int], int] = {}  # (subject, version) -> id
         self.down = False
+        self.delay = 0.0  # seconds before each answer: a registry that is slow
+        self.garbage = False  # 200 with a page that is no registry's answer
+        self.refuse: tuple[int, int] | None = None  # (status, error code) for every request
         self.requests = 0
         outer = self
 
         class Handler(JsonHandler):
+            def odd(self) -> bool:
+                """Answer as the test made the registry misbehave; whether it did."""
+                time.sleep(outer.delay)
+                if outer.garbage:
+                    page = b"<html>Service Unavailable</html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return True
+                if outer.refuse:
+                    self.answer(outer.refuse[0], {"error_code": outer.refuse[1],
+                                                  "message": "refused by the test"})
+                    return True
+                return False
+
             def do_GET(self):  # noqa: N802
                 outer.requests += 1
+                if self.odd():
+                    return
                 if outer.down:
                     return self.answer(503, {"error_code": 50003,
                                              "message": "Error while forwarding the request"})
@@ -177,6 +199,8 @@ class FakeSchemaRegistry:
             def do_POST(self):  # noqa: N802 -- POST /subjects/{subject}/versions: register
                 outer.requests += 1
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.odd():
+                    return
                 if outer.down:
                     return self.answer(503, {"error_code": 50003,
                                              "message": "Error while forwarding the request"})

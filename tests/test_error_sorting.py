@@ -67,6 +67,69 @@ def test_a_registry_nobody_listens_on_is_unavailable():
         decoder.decode(framed(3, {"id": 1}, OBS))
 
 
+def test_a_slow_registry_or_one_answering_no_registry_answer_is_unavailable(schema_registry):
+    # #32's table: schema registry in and out, dependency slow and an answer not of its
+    # protocol (a proxy's page with 200): waited for, never a record's dead letter
+    from mlflow_preproc.runtime.dependencies import Unavailable
+    from mlflow_preproc.runtime.formats import MessageDecoder, MessageEncoder
+
+    schema_registry.register(3, OBS)
+    fast = {"timeout": 1}
+    decoder = MessageDecoder("confluent-avro", registry_url=schema_registry.url,
+                             registry_config=fast)
+    encoder = MessageEncoder("confluent-avro", OBS, schema_registry.url, fast, topic="out")
+    schema_registry.delay = 2.5
+    with pytest.raises(Unavailable, match="schema registry unavailable: .*Timeout"):
+        decoder.decode(framed(3, {"id": 1}, OBS))
+    with pytest.raises(Unavailable, match="Timeout"):
+        encoder.prepare()
+    schema_registry.delay, schema_registry.garbage = 0.0, True
+    with pytest.raises(Unavailable, match="schema registry unavailable"):
+        decoder.decode(framed(3, {"id": 1}, OBS))
+    with pytest.raises(Unavailable):
+        encoder.prepare()
+    schema_registry.garbage = False
+    assert decoder.decode(framed(3, {"id": 1}, OBS)) == [{"id": 1}]
+    encoder.prepare()
+    assert encoder.encode({"id": 1})[:1] == b"\x00"
+
+
+@pytest.mark.parametrize("status, code", [(401, 40101), (403, 40301), (409, 409)])
+def test_a_registry_refusing_the_output_schema_or_this_client_is_misconfigured(
+        schema_registry, status, code):
+    from mlflow_preproc.runtime.dependencies import Misconfigured
+    from mlflow_preproc.runtime.formats import MessageEncoder
+
+    schema_registry.refuse = (status, code)
+    encoder = MessageEncoder("confluent-avro", OBS, schema_registry.url, topic="out")
+    with pytest.raises(Misconfigured, match=f"HTTP {status}"):
+        encoder.prepare()
+
+
+def test_a_registry_client_library_missing_is_refused_at_start():
+    import subprocess
+    import sys
+
+    script = """
+import sys
+sys.modules["authlib"] = None  # confluent-kafka's schemaregistry extra, not installed
+from mlflow_preproc.runtime.formats import MessageDecoder, MessageEncoder
+OBS = {"type": "record", "name": "Obs", "fields": [{"name": "id", "type": "long"}]}
+for make in (lambda: MessageDecoder("confluent-avro", registry_url="http://r:8081"),
+             lambda: MessageEncoder("confluent-avro", OBS, "http://r:8081", topic="t")):
+    try:
+        make()
+    except ValueError as exc:
+        assert "schemaregistry extra" in str(exc), exc
+    else:
+        raise AssertionError("made without the library")
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("status, code, kind", [
     (404, 40403, "DecodeError"),  # schema not found: the record names an id nobody has
     (401, 40101, "Misconfigured"), (403, 40301, "Misconfigured"),
