@@ -41,6 +41,9 @@ class FakeScoringServer:
         self.poison: set[int] = set()
         self.poison_status = 504
         self.everything: tuple[int, bytes, str] | None = None
+        self.delay = 0.0  # seconds before answering: a server slow for every request
+        self.max_records: int | None = None  # more in one request: 413 (too large)
+        self.too_large: set[int] = set()  # x values refused with 413 even alone
         self.requests: list[list[int]] = []  # the x of each request's records
         outer = self
 
@@ -50,6 +53,10 @@ class FakeScoringServer:
                 split = body["dataframe_split"]
                 xs = [dict(zip(split["columns"], row))["x"] for row in split["data"]]
                 outer.requests.append(xs)
+                time.sleep(outer.delay)
+                if outer.max_records and len(xs) > outer.max_records or \
+                        outer.too_large & set(xs):
+                    return self.answer(413, {"message": "payload too large"})
                 if outer.everything:
                     return self.raw(*outer.everything)
                 if outer.poison & set(xs):
@@ -232,3 +239,32 @@ def test_a_record_that_hangs_a_real_model_server_is_dead_lettered_not_a_stall(
     assert sorted(json.loads(m.value()) for m in predictions) == [1, 2, 4, 5, 6]
     assert json.loads(dead.value()) == {"x": 13}
     assert b"failed this record 2 times" in headers_of(dead)["x-preproc-error"]
+
+
+def test_a_server_too_slow_for_every_request_is_waited_for_and_a_body_too_large_split(
+        broker, streams, scoring_server):
+    # #32's table, bridge call: a dependency slow for everything is waited for (no record
+    # dead-lettered); a batch the server finds too large (413) is asked record by record,
+    # and a record too large alone is that record's dead letter.
+    topic = unique("features")
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [json.dumps({"x": 0}).encode()])
+    env = bridge_env(broker.bootstrap_servers, topic, scoring_server.url, REQUEST_TIMEOUT_S="1",
+                     RECORD_ATTEMPTS="1")
+    bridge = streams(env, command="bridge")
+    predictions = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 1)  # a canary known
+    scoring_server.delay = 1.5
+    asked = len(scoring_server.requests)
+    produce(broker.bootstrap_servers, topic, [json.dumps({"x": i}).encode() for i in range(1, 6)])
+    wait_for(lambda: len(scoring_server.requests) >= asked + 4, 60, "retries")
+    assert consume(broker.bootstrap_servers, f"{topic}-dlq", 1, timeout=1) == []
+    scoring_server.delay = 0.0
+    scoring_server.max_records, scoring_server.too_large = 2, {7}
+    produce(broker.bootstrap_servers, topic, [json.dumps({"x": i}).encode() for i in range(6, 9)],
+            linger_ms=200)
+    predictions = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], 8, timeout=60)
+    [dead] = consume(broker.bootstrap_servers, f"{topic}-dlq", 1)
+    assert bridge.stop() == 0, bridge.text()[-2000:]
+    assert sorted(json.loads(m.value()) for m in predictions) == [0, 1, 2, 3, 4, 5, 6, 8]
+    assert json.loads(dead.value()) == {"x": 7}
+    assert b"HTTP 413" in headers_of(dead)["x-preproc-error"]
