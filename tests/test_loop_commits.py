@@ -560,3 +560,18 @@ def test_a_commit_the_broker_refuses_for_the_groups_acl_stops_the_loop():
     on_commit = loop._on_commit  # what librdkafka calls with the commit's outcome
     with pytest.raises(FatalError, match="the consumer group"):
         loop.run()
+
+
+def test_a_commit_the_broker_fails_is_retried_with_the_next_not_lost_and_not_fatal():
+    class FailingOnce(FakeConsumer):
+        failed = False
+
+        def commit(self, offsets=None, asynchronous=True):
+            if not self.failed:
+                self.failed = True
+                raise KafkaException(KafkaError(KafkaError.REQUEST_TIMED_OUT))
+            super().commit(offsets, asynchronous)
+
+    consumer = FailingOnce([[msg(0, 0, b"a")], [msg(0, 1, b"b")]])
+    Echo(consumer, FakeProducer()).run()
+    assert consumer.commits == [[(0, 2)]]  # the first commit's offsets came with the next
