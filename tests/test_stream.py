@@ -351,6 +351,43 @@ def test_metrics_and_health_endpoints(broker, model, streams):
     assert stream.stop() == 0
 
 
+def test_a_partition_whose_records_are_not_fetched_yet_is_not_caught_up(broker, model, streams):
+    # A rollout's verdict on a new version waits for "caught up". The broker holds the first
+    # fetch (fetch.min.bytes it cannot fill, for fetch.wait.max.ms): the stream owns the
+    # partition, polls and finds nothing, while ten records wait on the broker. Caught up is
+    # its position at the partition's end, not an empty poll (it was, and read "settled").
+    topic, out, port = unique("raw"), unique("clean"), free_port()
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": i}).encode()
+                                              for i in range(10)])
+    stream = streams(stream_env(broker.bootstrap_servers, model, topic, OUTPUT_TOPIC=out,
+                                METRICS_PORT=str(port), METRICS_HOST="127.0.0.1",
+                                LIBRDKAFKA_FETCH_MIN_BYTES="1000000",
+                                LIBRDKAFKA_FETCH_WAIT_MAX_MS="6000"))
+
+    def health() -> dict:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                return json.loads(r.read())
+        except OSError:
+            return {}
+
+    seen = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        answer = health()
+        if answer.get("joined"):
+            seen.append((answer["in"], answer["settled"]))
+            if answer["in"] == 10 and answer["settled"]:
+                break
+        time.sleep(0.1)
+    assert seen and seen[-1] == (10, True), f"never caught up: {seen[-5:]}\n{stream.text()[-2000:]}"
+    waiting = [settled for records_in, settled in seen if records_in == 0]
+    assert waiting and not any(waiting), "read as caught up before the records were fetched"
+    assert len(consume(broker.bootstrap_servers, out, 10)) == 10
+    assert stream.stop() == 0
+
+
 @pytest.mark.parametrize("env, message", [
     ({"INPUT_TOPIC": "no-such-topic"}, "input topic no-such-topic does not exist"),
     ({"MODEL_URI": "models:/no-such-model/3"}, "models:/no-such-model/3 was not found"),
