@@ -364,6 +364,9 @@ def embedded_broker():
 @pytest.fixture(params=["apache-kafka", "embedded"])
 def any_broker(request):
     """Each broker of the suite in turn: the smoke tests that keep them from drifting."""
+    if request.param == "embedded" and GROUP_PROTOCOL == "consumer":
+        pytest.skip("the embedded broker (Tansu 0.6) never assigns partitions to a KIP-848 "
+                    "consumer group")
     return request.getfixturevalue("broker" if request.param == "apache-kafka"
                                    else "embedded_broker")
 
