@@ -664,8 +664,8 @@ def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_n
     sigterm_exits, own_exits = [], []
     for event in events:
         # A random moment of work: once the group has formed again after the last event
-        # (Tansu's coordinator can wedge a group whose members die while it forms), then a
-        # random delay. An instance that found the broker before the topic existed stops
+        # (every member signalled is one at work, not one still joining), then a random
+        # delay. An instance that found the broker before the topic existed stops
         # (exit 2); like an orchestrator, start another, before waiting, so that the victim
         # is always a member at work (one signalled while it loads its model dies of it).
         for s in [s for s in live if s.proc.poll() is not None]:
