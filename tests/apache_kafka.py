@@ -17,6 +17,7 @@ two of their timeout, the JVM at C1 with a small heap (start-up on two shared co
 
 from __future__ import annotations
 
+import atexit
 import base64
 import functools
 import os
@@ -408,6 +409,7 @@ def _format(log_dir: Path, cluster_id: str, node_id: int, properties: Path) -> N
         if done.returncode != 0:
             raise KafkaUnavailable(f"kafka-storage format failed: {done.stdout}{done.stderr}")
         _TEMPLATE.append(template)
+        atexit.register(shutil.rmtree, template.parent, True)
     shutil.copytree(_TEMPLATE[0], log_dir)
     meta = log_dir / "meta.properties"
     lines = [line for line in meta.read_text().splitlines()
