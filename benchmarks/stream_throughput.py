@@ -2,7 +2,10 @@
 instead, the Avro decode ceiling, more processes, and REST serving: one table, one run.
 
 Kafka rows run on the embedded broker (Tansu on loopback, see
-:mod:`mlflow_preproc.streaming.embedded_broker`), each loop in its own process:
+:mod:`mlflow_preproc.streaming.embedded_broker`), or with ``--broker apache-kafka`` on Apache
+Kafka (a single-node KRaft broker on loopback, ``tests/apache_kafka.py``, with the JVM settings
+of Kafka's own start script), or on both in one run (``--broker embedded,apache-kafka``: each
+row once per broker, the Apache Kafka ones marked ``[AK]``); each loop in its own process:
 
 (a)  raw       a plain confluent-kafka consume -> produce loop, no parsing. ``consume(500)``,
                each value produced unchanged (``produce`` + ``poll(0)``), an asynchronous
@@ -53,7 +56,7 @@ processes under test (with their children) used between the first and the last o
 
 Peers live in virtualenvs under ``benchmarks/.venvs/`` that ``--setup`` creates (their pins
 never touch this project's); a peer whose virtualenv is missing, or that cannot run on the
-embedded broker, gets a row saying why. The repeats run in rounds (every row once, then
+broker, gets a row saying why. The repeats run in rounds (every row once, then
 again), so that the load of a shared machine drifting weighs on every row alike.
 
 Usage::
@@ -62,11 +65,13 @@ Usage::
     python benchmarks/stream_throughput.py              # full size, 3 rounds (~20 minutes)
     python benchmarks/stream_throughput.py --quick      # a small run, one round (~3 minutes)
     python benchmarks/stream_throughput.py --only c,q   # some rows
+    python benchmarks/stream_throughput.py --only "a',c,q" --broker embedded,apache-kafka
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import io
 import json
@@ -95,6 +100,8 @@ from mlflow_preproc.runtime.jsonable import dumps as jsonable_dumps
 from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
+import apache_kafka  # noqa: E402 -- the test suite's Apache Kafka broker
 import throughput_peers as peers  # noqa: E402 -- beside this script
 import throughput_rest as rest  # noqa: E402
 from throughput_common import (  # noqa: E402
@@ -652,7 +659,7 @@ def run_rows(rows: list[Row], repeat: int) -> list[RowResult]:
 
 # ---- the table ---------------------------------------------------------------------------
 
-def machine_info() -> str:
+def machine_info(brokers: list[str]) -> str:
     cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -665,14 +672,18 @@ def machine_info() -> str:
     return (f"machine: nproc={os.cpu_count()}{' (' + cpu + ')' if cpu else ''}, "
             f"load average {load}, python {platform.python_version()}, "
             f"confluent-kafka {confluent_kafka.__version__}, "
-            f"librdkafka {confluent_kafka.libversion()[0]}, broker: Tansu (embedded, loopback)")
+            f"librdkafka {confluent_kafka.libversion()[0]}, brokers (loopback): "
+            + ", ".join(BROKERS[b][0] for b in brokers)
+            + (f"; Apache Kafka {apache_kafka.kafka_version()}" if "apache-kafka" in brokers
+               else ""))
 
 
 def _fmt(x: float | None, spec: str) -> str:
     return "" if x is None or x != x else format(x, spec)
 
 
-def print_table(results: list[RowResult], repeat: int, load_before: str, wall_s: float) -> None:
+def print_table(results: list[RowResult], repeat: int, load_before: str, wall_s: float,
+                brokers: list[str]) -> None:
     header = (f"{'row':<40} {'records':>8} {'seconds':>7} {'rate':>9} {'spread':>15} "
               f"{'MB/s':>6} {'CPU':>4} {'/core':>7} {'broker':>6} {'p50 ms':>6} {'p99 ms':>6}")
     print()
@@ -698,11 +709,17 @@ def print_table(results: list[RowResult], repeat: int, load_before: str, wall_s:
           "alerts/s for (d*); REST rows count records (100 per request). CPU: cores used "
           "meanwhile by the processes under test (/core = rate per core of them), broker: by "
           "the broker.")
-    print_goals({rr.row.key: rr.median for rr in results if rr.median is not None})
+    for broker in brokers:
+        suffix = BROKERS[broker][1]
+        if len(brokers) > 1:
+            print(f"on {BROKERS[broker][0]}:")
+        print_goals({rr.row.key.removesuffix(suffix): rr.median for rr in results
+                     if rr.median is not None and rr.row.key.endswith(suffix)
+                     and (suffix or "@" not in rr.row.key)})
     for rr in results:
         if rr.median is not None and rr.median.notes:
             print(f"  {rr.row.label.split(' ')[0]} " + "; ".join(rr.median.notes))
-    print(machine_info())
+    print(machine_info(brokers))
     print(f"load average before the run: {load_before}; total wall time: {wall_s:.0f} s")
 
 
@@ -759,6 +776,22 @@ def print_goals(by_key: dict[str, Result]) -> None:
 
 # ---- main --------------------------------------------------------------------------------
 
+# name -> (what the table calls it, the suffix of its rows' keys, of their labels)
+BROKERS = {"embedded": ("Tansu (embedded)", "", ""),
+           "apache-kafka": ("Apache Kafka (KRaft, one node)", "@ak", " [AK]")}
+# Rows without a broker (decoding, REST): run once, with the first broker's rows.
+NO_BROKER_ROWS = {"d0", "d1", "rp", "rf"}
+
+
+def start_broker(name: str):
+    """The broker ``name`` of ``--broker``, started; a context manager that stops it."""
+    if name == "embedded":
+        return EmbeddedBroker()
+    if name == "apache-kafka":
+        return apache_kafka.ApacheKafka(jvm_flags=apache_kafka.KAFKA_START_JVM_FLAGS)
+    raise SystemExit(f"--broker {name}: not one of {', '.join(BROKERS)}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # A few seconds per run at ~100k records/s: shorter runs are dominated by noise here.
@@ -779,6 +812,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="runs of each row; the table shows the median run (default 3)")
     p.add_argument("--only", type=lambda s: set(s.split(",")), default=None,
                    help="comma-separated row keys: a,a',b,c,q,m,d,d0,d1,s1,s2,s4,rp,rf")
+    p.add_argument("--broker", type=lambda s: s.split(","), default=["embedded"],
+                   help="the broker(s) of the Kafka rows, comma-separated: embedded (Tansu), "
+                        "apache-kafka (fetched by scripts/kafka-broker.sh; needs Java 17 "
+                        "and Maven) (default embedded)")
     p.add_argument("--setup", action="store_true",
                    help="create the peers' virtualenvs under benchmarks/.venvs and exit")
     p.add_argument("--alerts-dir", type=Path, default=DEFAULT_ALERTS_DIR,
@@ -829,12 +866,18 @@ def main(argv: list[str] | None = None) -> int:
     started, load_before = time.monotonic(), ", ".join(f"{x:.1f}" for x in os.getloadavg())
     inputs = make_inputs(args)
     work_dir = Path(tempfile.mkdtemp(prefix="stream-throughput-"))
-    with EmbeddedBroker() as broker:
+    with contextlib.ExitStack() as running:
         tracking_uri, models = log_models(work_dir)
-        rows = build_rows(args, inputs, broker.bootstrap_servers, broker, tracking_uri, models,
-                          work_dir)
+        rows = []
+        for name in args.broker:
+            broker = running.enter_context(start_broker(name))
+            rows += [Row(r.key + BROKERS[name][1], r.label + BROKERS[name][2], r.run, r.unit,
+                         r.skipped)
+                     for r in build_rows(args, inputs, broker.bootstrap_servers, broker,
+                                         tracking_uri, models, work_dir)
+                     if name == args.broker[0] or r.key not in NO_BROKER_ROWS]
         results = run_rows(rows, args.repeat)
-    print_table(results, args.repeat, load_before, time.monotonic() - started)
+    print_table(results, args.repeat, load_before, time.monotonic() - started, args.broker)
     failed = [rr for rr in results if rr.error and not rr.row.skipped]
     if args.keep_logs or failed:
         print(f"logs: {work_dir}")

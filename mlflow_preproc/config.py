@@ -334,10 +334,13 @@ def kafka_settings(config_file: str | None, environ: Mapping[str, str]
 
 def client_config_error(config: Config, message: str) -> ConfigError:
     """A librdkafka refusal of a property (``No such configuration property: "port"``,
-    ``Invalid value ... for configuration property "linger.ms"``) as a ConfigError naming the
-    variable or file line that set it."""
-    match = re.search(r'property:? "([^"]+)"', message)
-    prop = match.group(1) if match else None
+    ``Invalid value ... for configuration property "linger.ms"``, ```session.timeout.ms` is not
+    supported for `group.protocol=consumer` ...``) as a ConfigError naming the variable or
+    file line that set it."""
+    # Unknown properties and bad values are named in double quotes; the classic group
+    # settings that group.protocol=consumer (KIP-848) refuses, in backquotes.
+    match = re.search(r'property:? "([^"]+)"|`([a-z0-9.]+)`', message)
+    prop = (match.group(1) or match.group(2)) if match else None
     where = config.kafka_sources.get(prop) if prop else None
     if where is None:
         return ConfigError(f"librdkafka refused the Kafka client configuration: {message}; "

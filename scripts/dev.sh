@@ -9,7 +9,8 @@
 # Everything it needs is installed here: a virtualenv in .venv (PYTHON picks the interpreter)
 # with the package, its test tools and its optional extras (Kubernetes client, Spark), and for
 # the tests Java 17 for Spark and Prometheus (apt-get, when missing) and a Docker engine plus the
-# local base image (scripts/docker-engine.sh, scripts/base-image.sh).
+# local base image (scripts/docker-engine.sh, scripts/base-image.sh), and Apache Kafka's broker,
+# fetched with Maven into a cache folder (scripts/kafka-broker.sh; the Kafka tests start it).
 # MLFLOW_PREPROC_SKIP_DOCKER=1 skips the engine locally; the Docker tests then skip, except
 # under CI=true where a missing engine fails them.
 set -euo pipefail
@@ -31,11 +32,16 @@ setup() {
     fi
 }
 
-# Spark (the spark extra) runs on the system's Java; the alert rules are checked by a real
-# Prometheus and its promtool (Debian's package; its service is not started).
+# Spark (the spark extra) and Apache Kafka's broker run on the system's Java, and Maven fetches
+# the broker; the alert rules are checked by a real Prometheus and its promtool (Debian's
+# package; its service is not started).
 install_system_packages() {
     if ! command -v java >/dev/null 2>&1 && [[ -z "${JAVA_HOME:-}" ]]; then
         apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y openjdk-17-jre-headless
+    fi
+    if ! command -v mvn >/dev/null 2>&1; then
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+            --no-install-recommends maven
     fi
     if ! command -v promtool >/dev/null 2>&1; then
         apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
@@ -65,6 +71,7 @@ case "${1:-}" in
         shift
         setup
         install_system_packages
+        bash scripts/kafka-broker.sh >/dev/null
         start_docker
         export PATH="$VENV/bin:$PATH"
         # Every temporary file of the run (pytest's, MLflow's downloads, broker logs, build

@@ -330,16 +330,37 @@ def deployments(docker_client):
             c.remove(force=True)
 
 
-# ---- Kafka: the embedded Tansu broker, real clients, real consumer groups -----------------
+# ---- Kafka: Apache Kafka (and the embedded broker), real clients, real consumer groups ----
 
-# Tansu takes about session.timeout.ms/2 to form a group: keep it short in tests.
+# The tests of a Kafka guarantee run on Apache Kafka (tests/apache_kafka.py: the broker our
+# users run, fetched by scripts/kafka-broker.sh); the embedded Tansu broker keeps the tests of
+# `mlflow-preproc broker` and of the documented quickstart, and a smoke subset of the stream
+# tests runs on both (the `any_broker` fixture).
+
+# A member killed without leaving the group holds its partitions until its session expires
+# (librdkafka's default: 45 s); with the classic protocol the client sets it. With
+# group.protocol=consumer (KIP-848) the broker does (tests/apache_kafka.py), and librdkafka
+# refuses these settings: STREAM_GROUP_ENV is what a test's stream processes get.
 FAST_GROUP_ENV = {"LIBRDKAFKA_SESSION_TIMEOUT_MS": "6000",
                   "LIBRDKAFKA_HEARTBEAT_INTERVAL_MS": "1000"}
+# LIBRDKAFKA_GROUP_PROTOCOL=consumer runs every stream of the suite in KIP-848 groups.
+GROUP_PROTOCOL = os.environ.get("LIBRDKAFKA_GROUP_PROTOCOL", "classic")
+
+
+def group_env(protocol: str = GROUP_PROTOCOL) -> dict[str, str]:
+    """The consumer group settings of a test's stream process for ``protocol``."""
+    if protocol == "consumer":
+        return {"LIBRDKAFKA_GROUP_PROTOCOL": "consumer"}
+    return dict(FAST_GROUP_ENV)
+
+
+STREAM_GROUP_ENV = group_env()
 _names = iter(range(10**6))
 
 
 def unique(prefix: str) -> str:
-    """A fresh topic or group name: a reused group can get stuck on Tansu."""
+    """A fresh topic or group name: tests sharing a broker never see each other's records,
+    offsets or members."""
     return f"{prefix}-{os.getpid()}-{next(_names)}"
 
 
@@ -350,12 +371,71 @@ def stream_env(bootstrap: str, model_uri: str, input_topic: str, **extra: str) -
             "INPUT_TOPIC": input_topic, "CONSUMER_GROUP_ID": unique("group"), **extra}
 
 
+def _apache_kafka_or_skip():
+    """tests/apache_kafka.py, once Java and the broker's jars are there; a skip naming what
+    to install otherwise (a failure under CI=true, which installs both)."""
+    import apache_kafka
+
+    try:
+        apache_kafka.java()
+        apache_kafka.kafka_libs()
+    except apache_kafka.KafkaUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    return apache_kafka
+
+
 @pytest.fixture(scope="session")
 def broker():
+    """One Apache Kafka broker for the tests that can share it (under pytest-xdist, one per
+    worker); isolation comes from unique topic and group names."""
+    with _apache_kafka_or_skip().ApacheKafka() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def embedded_broker():
+    """The embedded Tansu broker (`mlflow-preproc broker`, the quickstart)."""
     from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
 
     with EmbeddedBroker() as b:
         yield b
+
+
+@pytest.fixture(params=["apache-kafka", "embedded"])
+def any_broker(request):
+    """Each broker of the suite in turn: the smoke tests that keep them from drifting."""
+    if request.param == "embedded" and GROUP_PROTOCOL == "consumer":
+        pytest.skip("the embedded broker (Tansu 0.6) never assigns partitions to a KIP-848 "
+                    "consumer group")
+    return request.getfixturevalue("broker" if request.param == "apache-kafka"
+                                   else "embedded_broker")
+
+
+@pytest.fixture
+def own_broker():
+    """An Apache Kafka broker of this test's own, to kill, freeze (SIGSTOP), restart or start
+    late: ``own_broker(port=None, start=True)``."""
+    apache_kafka = _apache_kafka_or_skip()
+    started = []
+
+    def make(port: int | None = None, start: bool = True):
+        b = apache_kafka.ApacheKafka(port)
+        started.append(b)
+        return b.start() if start else b
+
+    yield make
+    for b in started:
+        b.close()
+
+
+@pytest.fixture
+def kafka_cluster():
+    """Three Apache Kafka brokers of this test's own: replication factor 3,
+    min.insync.replicas=2."""
+    with _apache_kafka_or_skip().KafkaCluster() as cluster:
+        yield cluster
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes] | None = None,
@@ -421,25 +501,6 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int = 
     return [tp.offset for tp in sorted(found, key=lambda tp: tp.partition)]
 
 
-@pytest.fixture
-def own_broker():
-    """A broker of this test's own, to freeze (SIGSTOP) or to start late."""
-    from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
-
-    started = []
-
-    def make(port: int | None = None, start: bool = True) -> EmbeddedBroker:
-        b = EmbeddedBroker(port)
-        started.append(b)
-        return b.start() if start else b
-
-    yield make
-    for b in started:
-        if b.process is not None and b.process.poll() is None:
-            os.kill(b.process.pid, signal.SIGCONT)  # a frozen broker cannot stop
-        b.stop()
-
-
 # ---- mlflow-preproc stream/bridge processes -----------------------------------------------
 
 class StreamProcess:
@@ -451,7 +512,8 @@ class StreamProcess:
         self.proc = subprocess.Popen(
             [str(BIN / "mlflow-preproc"), command, *args],
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, **FAST_GROUP_ENV, "LOG_FORMAT": "json", "BATCH_TIMEOUT_MS": "200",
+            env={**os.environ, **group_env(env.get("LIBRDKAFKA_GROUP_PROTOCOL", GROUP_PROTOCOL)),
+                 "LOG_FORMAT": "json", "BATCH_TIMEOUT_MS": "200",
                  "STATS_INTERVAL_S": "1", **env},
         )
 

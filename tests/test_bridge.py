@@ -1,4 +1,4 @@
-"""`mlflow-preproc bridge` between the embedded broker and a real `mlflow models serve`."""
+"""`mlflow-preproc bridge` between Apache Kafka and a real `mlflow models serve`."""
 
 from __future__ import annotations
 

@@ -70,6 +70,25 @@ def test_a_property_librdkafka_refuses_names_the_variable_that_set_it():
                                  "configuration property")
 
 
+@pytest.mark.parametrize("variable, prop", [
+    ("LIBRDKAFKA_SESSION_TIMEOUT_MS", "session.timeout.ms"),
+    ("LIBRDKAFKA_PARTITION_ASSIGNMENT_STRATEGY", "partition.assignment.strategy")])
+def test_a_classic_group_setting_with_the_consumer_group_protocol_names_its_variable(
+        variable, prop):
+    # KIP-848 groups (group.protocol=consumer, Kafka 4's protocol) leave sessions and
+    # assignment to the broker; librdkafka refuses the classic settings, naming them in
+    # backquotes, not in double quotes like an unknown property.
+    from confluent_kafka import Consumer, KafkaException
+
+    cfg = config.load("stream", environ={"LIBRDKAFKA_GROUP_PROTOCOL": "consumer",
+                                         variable: "6000" if "TIMEOUT" in variable else "range"})
+    with pytest.raises(KafkaException) as refused:
+        Consumer({**cfg.kafka, "group.id": "g"})
+    error = config.client_config_error(cfg, refused.value.args[0].str())
+    assert str(error).startswith(f"{variable} sets the librdkafka property {prop!r}, which "
+                                 "librdkafka refuses"), error
+
+
 def test_flags_override_environment():
     import argparse
 

@@ -1,11 +1,9 @@
 """dlq inspect and replay read a dead-letter topic to its end, and nothing but the end stops
 them: a broker that stops answering for a while is waited for; dead letters that cannot be
-replayed whole are named, not sent. In process, on embedded brokers of their own."""
+replayed whole are named, not sent. In process, on Apache Kafka."""
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 
@@ -15,7 +13,6 @@ from confluent_kafka import Producer
 from conftest import consume, produce, unique
 from mlflow_preproc.streaming import dead_letters
 from mlflow_preproc.streaming.dead_letters import Selection
-from mlflow_preproc.streaming.embedded_broker import EmbeddedBroker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -26,29 +23,28 @@ def stream_headers(source: str, error_type: str = "KeyError") -> list[tuple[str,
             ("x-preproc-source", source.encode())]
 
 
-def test_a_broker_that_pauses_mid_read_is_waited_for_not_taken_for_the_end():
-    with EmbeddedBroker() as broker:
-        servers, topic = broker.bootstrap_servers, unique("paused-dlq")
-        broker.create_topics(topic)
-        producer = Producer({"bootstrap.servers": servers})
-        for i in range(60):  # one record batch each: every fetch brings one
-            producer.produce(topic, b"v%d" % i, headers=stream_headers(f"raw/0/{i}"))
-            producer.flush(10)
-        del producer  # closed: Tansu's shutdown waits for open connections
-        # fetch one small batch at a time, so most of the topic is still on the broker when
-        # it stops answering
-        kafka = {"bootstrap.servers": servers, "fetch.max.bytes": 1024, "message.max.bytes": 1000,
-                 "max.partition.fetch.bytes": 1024, "queued.max.messages.kbytes": 1,
-                 "queued.min.messages": 1, "fetch.queue.backoff.ms": 200}
-        reading = dead_letters.read(kafka, topic)
-        first = next(reading)
-        os.kill(broker.process.pid, signal.SIGSTOP)
-        threading.Timer(3, os.kill, (broker.process.pid, signal.SIGCONT)).start()
-        try:
-            rest = list(reading)
-        finally:
-            os.kill(broker.process.pid, signal.SIGCONT)
-        assert [d.offset for d in [first, *rest]] == list(range(60))
+def test_a_broker_that_pauses_mid_read_is_waited_for_not_taken_for_the_end(own_broker):
+    broker = own_broker()
+    servers, topic = broker.bootstrap_servers, unique("paused-dlq")
+    broker.create_topics(topic)
+    producer = Producer({"bootstrap.servers": servers})
+    for i in range(60):  # one record batch each: every fetch brings one
+        producer.produce(topic, b"v%d" % i, headers=stream_headers(f"raw/0/{i}"))
+        producer.flush(10)
+    # fetch one small batch at a time, so most of the topic is still on the broker when it
+    # stops answering
+    kafka = {"bootstrap.servers": servers, "fetch.max.bytes": 1024, "message.max.bytes": 1000,
+             "max.partition.fetch.bytes": 1024, "queued.max.messages.kbytes": 1,
+             "queued.min.messages": 1, "fetch.queue.backoff.ms": 200}
+    reading = dead_letters.read(kafka, topic)
+    first = next(reading)
+    broker.freeze()
+    threading.Timer(3, broker.thaw).start()
+    try:
+        rest = list(reading)
+    finally:
+        broker.thaw()
+    assert [d.offset for d in [first, *rest]] == list(range(60))
 
 
 def test_truncated_dead_letters_are_named_not_replayed_and_two_ranges_of_a_partition_count(

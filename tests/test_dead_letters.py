@@ -1,5 +1,6 @@
-"""`mlflow-preproc dlq inspect|replay` on the dead letters a real stream wrote, on the embedded
-broker: the operator's loop of looking at what failed and sending it through again."""
+"""`mlflow-preproc status` and `mlflow-preproc dlq inspect|replay` on the dead letters a real
+stream wrote, on Apache Kafka: the operator's loop of looking at what failed and sending it
+through again."""
 
 from __future__ import annotations
 
@@ -60,17 +61,18 @@ def test_inspect_counts_what_failed_and_replay_sends_it_back_once(broker, tracki
     # status: the group from the broker, the instance from its metrics endpoint
     deadline = time.monotonic() + 60
     while True:  # until the stream has committed past the 40 records
-        shown = subprocess.run(
-            [str(BIN / "mlflow-preproc"), "status", "--group", env["CONSUMER_GROUP_ID"],
-             "--topic", topic, "--metrics", f"http://127.0.0.1:{port}", "--interval", "0.5",
-             "--json"], capture_output=True, text=True, timeout=60,
-            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": servers})
-        assert shown.returncode == 0, shown.stderr
-        found = json.loads(shown.stdout)
+        found = status(env["CONSUMER_GROUP_ID"], topic, servers, "--metrics",
+                       f"http://127.0.0.1:{port}", "--interval", "0.5")
         if found["partitions"][0]["committed"] == 40 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert [(p["partition"], p["committed"]) for p in found["partitions"]] == [(0, 40)]
+    # from the broker: the group's one member and what it owns, committed and end offsets,
+    # and the lag between them
+    assert found["partitions"] == [{"topic": topic, "partition": 0, "committed": 40,
+                                    "end": 40, "lag": 0}], found
+    assert found["state"] == "STABLE", found
+    (member,) = found["members"]
+    assert member["partitions"] == f"{topic}/0" and member["host"], member
     (instance,) = found["instances"]
     assert instance["partitions"] == 1 and instance["error"] is None
     assert instance["records"]["in"] == 40 and instance["records"]["failed"] == 7
@@ -154,6 +156,22 @@ def test_inspect_counts_what_failed_and_replay_sends_it_back_once(broker, tracki
                  "--to", unique("retry"), bootstrap=servers)
     assert "topic(s) retry" in forced.stderr and "do not exist" in forced.stderr
     assert len(consume(servers, topic, 44, timeout=3)) == 43
+
+    # status of the stopped stream: a group without members, and the three replayed records
+    # waiting for it as lag, in offsets: each of the two replays' transactions ended with a
+    # commit marker, which takes an offset of its own
+    found = status(env["CONSUMER_GROUP_ID"], topic, servers)
+    assert (found["state"], found["members"]) == ("EMPTY", []), found
+    assert found["partitions"] == [{"topic": topic, "partition": 0, "committed": 40,
+                                    "end": 45, "lag": 5}], found
+
+
+def status(group: str, topic: str, bootstrap: str, *args: str) -> dict:
+    shown = subprocess.run([str(BIN / "mlflow-preproc"), "status", "--group", group, "--topic",
+                            topic, "--json", *args], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap})
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)
 
 
 def test_a_missing_topic_and_a_bad_option_are_one_line(broker):

@@ -12,7 +12,7 @@ import time
 import mlflow
 import pytest
 
-from conftest import FAST_GROUP_ENV, consume, free_port, post_json, produce, unique, wait_http
+from conftest import consume, free_port, post_json, produce, unique, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def model_dir(tracking_uri):
 def entrypoint(model_dir, env, **kwargs):
     return subprocess.Popen(
         [sys.executable, "-m", "mlflow_preproc.image.entrypoint", *kwargs.pop("args", [])],
-        env={**os.environ, **FAST_GROUP_ENV, "MLFLOW_PREPROC_MODEL_PATH": model_dir,
+        env={**os.environ, "MLFLOW_PREPROC_MODEL_PATH": model_dir,
              "LOG_FORMAT": "json", **env},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kwargs)
 

@@ -1,10 +1,10 @@
-"""The stream and the bridge under faults, against the embedded broker, as real processes.
+"""The stream and the bridge under faults, against Apache Kafka, as real processes.
 
 Each test reproduces one finding of the fault review: a path on which offsets were committed
 for records that produced nothing, a poison record that halted a partition, or a signal that
 was ignored. Faults the broker cannot produce on demand are made by the test: a broker frozen
-with SIGSTOP (a real outage: the process is there, nothing answers) and FakeFlakyModelServer,
-a model server that refuses and fails when the test says so.
+with SIGSTOP (a real outage: the process is there, nothing answers) or killed in a cluster of
+three, and FakeFlakyModelServer, a model server that refuses and fails when the test says so.
 """
 
 from __future__ import annotations
@@ -411,41 +411,58 @@ def test_the_kafka_config_file_flag_configures_the_clients(broker, model, stream
     assert stream.stop() == 0, stream.text()[-2000:]
 
 
-# ---- 5. topics it creates get the broker's replication factor ------------------------------
+# ---- 5. a broker killed in a cluster; the topics it creates get the cluster's replication factor
 
-def test_created_topics_leave_the_replication_factor_to_the_broker(broker, monkeypatch):
-    # Tansu is one broker: every topic has one replica whatever is asked, so what is checked
-    # is the request itself (recorded on its way to the real broker, which then creates it).
+def test_a_broker_killed_while_the_stream_runs_loses_nothing_and_created_topics_have_3_replicas(
+        kafka_cluster, model, streams):
+    # Three brokers, every topic three replicas, min.insync.replicas=2, acks=all (librdkafka's
+    # default). The leader of an input partition dies mid-stream (SIGKILL, as a lost machine);
+    # its leadership moves, the stream goes on, and comes back: nothing is lost or
+    # dead-lettered. The topics the stream creates ask for no replication factor (#5): they
+    # get the cluster's default, three.
+    from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient
 
-    from mlflow_preproc import config
-    from mlflow_preproc.streaming.loop import KafkaLoop
+    cluster = kafka_cluster
+    topic = unique("raw")
+    cluster.create_topics(topic, partitions=2)
+    env = env_for(cluster.bootstrap_servers, model, topic, COMMIT_INTERVAL_MS="500")
+    n = 3000
 
-    requested = []
-    real_create_topics = AdminClient.create_topics
+    def feed():  # alerts keep arriving through the fault
+        producer = Producer({"bootstrap.servers": cluster.bootstrap_servers, "linger.ms": 5})
+        started = time.monotonic()
+        for i in range(n):
+            producer.produce(topic, json.dumps({"id": i, "x": i}).encode(), str(i).encode())
+            if i % 50 == 0:
+                producer.poll(0)
+                time.sleep(max(0.0, started + i / 300 - time.monotonic()))  # ~300 records/s
+        assert producer.flush(60) == 0
 
-    def recording_create_topics(self, new_topics, **kwargs):
-        requested.extend(new_topics)
-        return real_create_topics(self, new_topics, **kwargs)
-
-    topic, out = unique("raw"), unique("out")
-    broker.create_topics(topic, partitions=3)
-    monkeypatch.setattr(AdminClient, "create_topics", recording_create_topics)
-    loop = KafkaLoop(config.load("bridge", environ={
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}), topic, out)
-    try:
-        loop._check_topics()
-    finally:
-        loop.consumer.close()
-    assert sorted(t.topic for t in requested) == sorted([out, f"{topic}-dlq"])
-    assert {(t.num_partitions, t.replication_factor) for t in requested} == {(3, -1)}
-    assert out in consume_metadata(broker.bootstrap_servers)
-
-
-def consume_metadata(bootstrap: str) -> set[str]:
-    from confluent_kafka.admin import AdminClient
-
-    return set(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics)
+    stream = streams(env)
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    assert len(consume(cluster.bootstrap_servers, env["OUTPUT_TOPIC"], 300, timeout=90)) >= 300
+    victim = cluster.leader_of(topic, 0)
+    victim.kill()
+    wait_for(lambda: cluster.leader_of(topic, 0) is not victim, 30, "the leadership to move")
+    time.sleep(2)
+    victim.start()  # the same port and log directory: it catches up and rejoins
+    feeder.join(60)
+    every_id = lambda got: set(ids(got)) == set(range(n))  # noqa: E731
+    outputs = consume(cluster.bootstrap_servers, env["OUTPUT_TOPIC"], n, timeout=120,
+                      until=every_id)
+    assert set(ids(outputs)) == set(range(n)), \
+        f"{len(set(ids(outputs)))} of {n}\n" + stream.text()[-3000:]
+    assert stream.proc.poll() is None, stream.text()[-3000:]  # never gave up
+    assert stream.stop() == 0, stream.text()[-3000:]
+    assert consume(cluster.bootstrap_servers, f"{topic}-dlq", 1, timeout=2) == []
+    assert sum(committed_offsets(cluster.bootstrap_servers, env["CONSUMER_GROUP_ID"], topic,
+                                 partitions=2)) == n
+    meta = AdminClient({"bootstrap.servers": cluster.bootstrap_servers}).list_topics(timeout=10)
+    for created in (env["OUTPUT_TOPIC"], f"{topic}-dlq"):
+        partitions = meta.topics[created].partitions.values()
+        assert len(partitions) == 2 and {len(p.replicas) for p in partitions} == {3}, created
 
 
 # ---- 7. and 14. signals during start-up ------------------------------------------------------
@@ -493,7 +510,8 @@ def test_a_record_larger_than_the_producer_allows_is_dead_lettered_truncated_and
     from confluent_kafka import Producer
 
     topic = unique("raw")
-    broker.create_topics(topic)
+    # Apache Kafka refuses records over 1 MB (message.max.bytes) unless the topic allows them
+    broker.create_topics(topic, config={"max.message.bytes": "2000000"})
     big = json.dumps({"id": 1, "blob": "x" * 1_500_000}).encode()
     producer = Producer({"bootstrap.servers": broker.bootstrap_servers,
                          "message.max.bytes": 2_000_000})
@@ -646,8 +664,8 @@ def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_n
     sigterm_exits, own_exits = [], []
     for event in events:
         # A random moment of work: once the group has formed again after the last event
-        # (Tansu's coordinator can wedge a group whose members die while it forms), then a
-        # random delay. An instance that found the broker before the topic existed stops
+        # (every member signalled is one at work, not one still joining), then a random
+        # delay. An instance that found the broker before the topic existed stops
         # (exit 2); like an orchestrator, start another, before waiting, so that the victim
         # is always a member at work (one signalled while it loads its model dies of it).
         for s in [s for s in live if s.proc.poll() is not None]:

@@ -308,8 +308,6 @@ def _example_module(monkeypatch):
 @pytest.mark.docker
 def test_a_deployment_with_a_prediction_model_bakes_it_in_and_predicts_in_one_hop(
         fink, broker, deployments):
-    from conftest import FAST_GROUP_ENV
-
     alerts = ztf_alerts(12)
     topic, out, name = unique("fink-alert"), unique("predictions"), deployments()
     broker.create_topics(topic)
@@ -319,8 +317,7 @@ def test_a_deployment_with_a_prediction_model_bakes_it_in_and_predicts_in_one_ho
          "-C", "prediction_model_uri=models:/fink-classifier/1",
          "-C", "keep_fields=objectId,candid", "-C", "input_format=avro",
          "-C", "skip_cutouts=true", "-C", f"input_topic={topic}", "-C", f"output_topic={out}",
-         "-C", f"kafka_bootstrap_servers={broker.bootstrap_servers}",
-         *[arg for k, v in FAST_GROUP_ENV.items() for arg in ("-C", f"env.{k}={v}")]],
+         "-C", f"kafka_bootstrap_servers={broker.bootstrap_servers}"],
         capture_output=True, text=True, timeout=900)
     assert create.returncode == 0, create.stderr[-3000:]
     produce(broker.bootstrap_servers, topic, [as_container(a) for a in alerts],

@@ -25,7 +25,6 @@ import pytest
 from conftest import (
     BIN,
     DATA,
-    FAST_GROUP_ENV,
     JsonHandler,
     consume,
     free_port,
@@ -298,8 +297,7 @@ def test_the_deployment_container_runs_on_docker_as_written(registered, broker, 
         registered, mode="both", input_topic=topic, output_topic=out, input_format="avro",
         skip_cutouts="true", kafka_bootstrap_servers=broker.bootstrap_servers,
         port=str(rest), metrics_port=str(metrics), autoscaling="false",
-        **{"secret_env.LOG_FORMAT": "logging/format",
-           **{f"env.{k}": v for k, v in FAST_GROUP_ENV.items()}})}
+        **{"secret_env.LOG_FORMAT": "logging/format"})}
     container = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     repository = container["image"].split(":")[0]
     PreprocDeploymentClient("preproc").build_image(registered, {"image": repository})

@@ -1,4 +1,5 @@
-"""`mlflow-preproc stream` against the embedded Kafka-protocol broker, as real processes."""
+"""`mlflow-preproc stream` against Apache Kafka, as real processes; the smoke tests
+(``any_broker``) on the embedded broker too."""
 
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ def model(tracking_uri):
     return "models:/stream-prep/1"
 
 
-def test_json_stream_keeps_keys_adds_provenance_and_dead_letters_poison(broker, model, streams):
+def test_json_stream_keeps_keys_adds_provenance_and_dead_letters_poison(any_broker, model,
+                                                                        streams):
+    broker = any_broker
     topic, out = unique("raw"), unique("clean")
     broker.create_topics(topic)
     records = [{"id": i, "x": i} for i in range(100)]
@@ -88,7 +91,8 @@ def test_json_stream_keeps_keys_adds_provenance_and_dead_letters_poison(broker, 
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill-when-idle"])
-def test_restart_resumes_after_the_last_commit(broker, model, streams, stop):
+def test_restart_resumes_after_the_last_commit(any_broker, model, streams, stop):
+    broker = any_broker
     topic, out, group = unique("raw"), unique("clean"), unique("group")
     broker.create_topics(topic)
     produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": 1}).encode()
@@ -105,7 +109,10 @@ def test_restart_resumes_after_the_last_commit(broker, model, streams, stop):
     produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": 1}).encode()
                                               for i in range(50, 60)])
     second = streams(env)
-    outputs = consume(broker.bootstrap_servers, out, 61, timeout=25)
+    # One partition, outputs in input order: once the last new record's output is there, so
+    # is any record the restart read again.
+    outputs = consume(broker.bootstrap_servers, out, 61, timeout=60,
+                      until=lambda got: 59 in {json.loads(m.value())["id"] for m in got})
     assert second.stop() == 0
     # Everything was committed: the restart reads only the 10 new records.
     assert sorted(json.loads(m.value())["id"] for m in outputs) == list(range(60))
@@ -141,8 +148,11 @@ def test_two_instances_share_partitions_and_process_each_record_once(broker, mod
     broker.create_topics(topic, partitions=4)
     env = stream_env(broker.bootstrap_servers, model, topic, OUTPUT_TOPIC=out, CONSUMER_GROUP_ID=group)
     a, b = streams(env), streams(env)
-    # Let both join before data arrives, so the group's assignment splits the partitions.
-    time.sleep(12)
+    # Both in the group before data arrives, so the group's assignment splits the partitions.
+    deadline = time.monotonic() + 60
+    while not (a.events("assign") and b.events("assign")):
+        assert time.monotonic() < deadline, a.text()[-2000:] + b.text()[-2000:]
+        time.sleep(0.2)
     produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": i}).encode()
                                               for i in range(2000)],
             keys=[str(i).encode() for i in range(2000)])
@@ -351,6 +361,43 @@ def test_metrics_and_health_endpoints(broker, model, streams):
     assert stream.stop() == 0
 
 
+def test_a_partition_whose_records_are_not_fetched_yet_is_not_caught_up(broker, model, streams):
+    # A rollout's verdict on a new version waits for "caught up". The broker holds the first
+    # fetch (fetch.min.bytes it cannot fill, for fetch.wait.max.ms): the stream owns the
+    # partition, polls and finds nothing, while ten records wait on the broker. Caught up is
+    # its position at the partition's end, not an empty poll (it was, and read "settled").
+    topic, out, port = unique("raw"), unique("clean"), free_port()
+    broker.create_topics(topic)
+    produce(broker.bootstrap_servers, topic, [json.dumps({"id": i, "x": i}).encode()
+                                              for i in range(10)])
+    stream = streams(stream_env(broker.bootstrap_servers, model, topic, OUTPUT_TOPIC=out,
+                                METRICS_PORT=str(port), METRICS_HOST="127.0.0.1",
+                                LIBRDKAFKA_FETCH_MIN_BYTES="1000000",
+                                LIBRDKAFKA_FETCH_WAIT_MAX_MS="6000"))
+
+    def health() -> dict:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                return json.loads(r.read())
+        except OSError:
+            return {}
+
+    seen = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        answer = health()
+        if answer.get("joined"):
+            seen.append((answer["in"], answer["settled"]))
+            if answer["in"] == 10 and answer["settled"]:
+                break
+        time.sleep(0.1)
+    assert seen and seen[-1] == (10, True), f"never caught up: {seen[-5:]}\n{stream.text()[-2000:]}"
+    waiting = [settled for records_in, settled in seen if records_in == 0]
+    assert waiting and not any(waiting), "read as caught up before the records were fetched"
+    assert len(consume(broker.bootstrap_servers, out, 10)) == 10
+    assert stream.stop() == 0
+
+
 @pytest.mark.parametrize("env, message", [
     ({"INPUT_TOPIC": "no-such-topic"}, "input topic no-such-topic does not exist"),
     ({"MODEL_URI": "models:/no-such-model/3"}, "models:/no-such-model/3 was not found"),
@@ -369,36 +416,30 @@ def test_fatal_errors_stop_with_one_clear_line(broker, model, streams, env, mess
     assert "Traceback" not in stream.text()
 
 
-def test_output_the_broker_refuses_dead_letters_its_input_injected_delivery_error(broker):
-    # Tansu accepts any message size, so the broker's refusal of a delivered output cannot be
-    # produced on demand: the delivery report is injected (a real KafkaError, the real
-    # callback the loop registers) and everything after it is real.
-    from confluent_kafka import KafkaError, Message
-
-    from mlflow_preproc import config
-    from mlflow_preproc.streaming.loop import KafkaLoop, _Delivery
-
-    topic = unique("raw")
+def test_an_output_the_broker_refuses_dead_letters_its_input_and_the_stream_goes_on(
+        broker, model, streams):
+    # The output topic takes record batches of up to 1,000 bytes: the producer (1 MB) sends
+    # the output of record 1 (1.2 kB), and the broker refuses it (MESSAGE_TOO_LARGE). The
+    # broker refuses a whole record batch: record 1 is sent once record 0's output is in, so
+    # that they are not in one (a refused batch dead-letters the inputs of all its outputs).
+    topic, out = unique("raw"), unique("clean")
     broker.create_topics(topic)
-    loop = KafkaLoop(config.load("bridge", environ={
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}), topic, unique("clean"))
-    source = Message(topic=topic, partition=0, offset=7, key=b"k7", value=b'{"id": 7}',
-                     headers=[("trace", b"t7")])
-    try:
-        headers = [("trace", b"t7")]
-        _Delivery(loop, source, headers)(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE),
-                                         Message(topic=loop.output_topic, value=b"out"))
-        assert loop.producer.flush(10) == 0
-    finally:
-        loop.consumer.close()
-        del loop.producer  # its last reference: the client closes now, not at broker shutdown
-
+    broker.create_topics(out, config={"max.message.bytes": "1000"})
+    values = [b'{"id": 0, "x": 1}', json.dumps({"id": 1, "x": "x" * 600}).encode()]
+    produce(broker.bootstrap_servers, topic, values[:1], keys=[b"k0"],
+            headers=[[("trace", b"t0")]])
+    stream = streams(stream_env(broker.bootstrap_servers, model, topic, OUTPUT_TOPIC=out))
+    [output] = consume(broker.bootstrap_servers, out, 1)
+    produce(broker.bootstrap_servers, topic, values[1:], keys=[b"k1"],
+            headers=[[("trace", b"t1")]])
     [dead] = consume(broker.bootstrap_servers, f"{topic}-dlq", 1)
-    assert (dead.key(), dead.value()) == (b"k7", b'{"id": 7}')
+    assert stream.stop() == 0, stream.text()[-2000:]
+    assert json.loads(output.value()) == {"id": 0, "double": 2}
+    assert (dead.key(), dead.value()) == (b"k1", values[1])
     h = headers_of(dead)
-    assert h["trace"] == b"t7"
+    assert h["trace"] == b"t1"
     assert h["x-preproc-stage"] == b"produce"
     assert b"Message size too large" in h["x-preproc-error"]
     assert h["x-preproc-error-type"] == b"MSG_SIZE_TOO_LARGE"  # the broker's error code
-    assert h["x-preproc-source"] == f"{topic}/0/7".encode()
-    assert loop.stats.counts["failed"] == 1
+    assert h["x-preproc-source"] == f"{topic}/0/1".encode()
+    assert stream.events("stop")[-1]["failed"] == 1

@@ -171,7 +171,7 @@ class KafkaLoop:
             "group.id": self.group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": config["AUTO_OFFSET_RESET"],
-            "statistics.interval.ms": 5000 if config["METRICS_PORT"] else 0,
+            "statistics.interval.ms": 1000 if config["METRICS_PORT"] else 0,
             "stats_cb": self.stats.on_librdkafka_stats,
             "error_cb": self._on_consumer_error,
             "on_commit": self._on_commit,
@@ -448,11 +448,10 @@ class KafkaLoop:
     def _consume(self, batch_size: int, timeout: float) -> list[Message]:
         if self._unsettled:
             self._settle_assignment()
-        owned_before = bool(self._owned)
         messages = self.consumer.consume(batch_size, timeout)
-        # Caught up: an empty poll of partitions owned before it (one that brought the
-        # assignment has not fetched yet), or nothing owned at all.
-        self.stats.caught_up = not messages and (owned_before or not self._owned)
+        # Caught up: nothing in hand, and every owned partition read to its end (librdkafka's
+        # statistics, METRICS_PORT); an empty poll alone is not (a fetch may be on its way).
+        self.stats.caught_up = not messages and self.stats.at_end_of(self._owned)
         good = [msg for msg in messages if msg.error() is None]
         if len(good) < len(messages):
             self._consume_errors(messages)

@@ -57,10 +57,14 @@ class LoopStats:
     waiting_why: str = ""  # what it answered (or did not), credentials redacted
     brake: str | None = None  # why the dead-letter brake engaged
     degraded: str | None = None  # why the process should be restarted (it works on)
-    # A rollout waits for a verdict on the new version: it has caught up (a poll found
-    # nothing) or handled a full dead-letter brake window, which the brake has judged.
+    # A rollout waits for a verdict on the new version: it has caught up (read every owned
+    # partition to its end) or handled a full dead-letter brake window, which the brake has
+    # judged.
     handled: int = 0
     caught_up: bool = False
+    # Per owned partition, from librdkafka's last statistics: whether its fetcher had reached
+    # the partition's end with nothing left in its queue.
+    fetched_to_end: dict[tuple[str, int], bool] = field(default_factory=dict)
     verdict_after: int = 200
     in_flight: int = 0  # the producer's queue, as of the last iteration
     deployment: str = ""  # the preproc target's deployment and revision (0: not deployed)
@@ -148,11 +152,18 @@ class LoopStats:
         self.joined = True
         self.partitions = sorted(p for _, p in owned)
         self.lag = {key: lag for key, lag in self.lag.items() if key in owned}
+        self.fetched_to_end = {key: done for key, done in self.fetched_to_end.items()
+                               if key in owned and key not in added}
         for topic, partition in self._lag_series - owned:  # another member's lag now
             self._lag.remove(topic, str(partition))
         self._lag_series &= owned
         if added:
             self.last_fetch = time.monotonic()  # new partitions: give them time to fetch
+
+    def at_end_of(self, owned: set[tuple[str, int]]) -> bool:
+        """Whether every partition of ``owned`` was read to its end, as of librdkafka's last
+        statistics (none yet, or new partitions since: not at their end)."""
+        return all(self.fetched_to_end.get(key, False) for key in owned)
 
     def settled(self) -> bool:
         """Whether a rollout can stop watching this version: it caught up, handled a full
@@ -180,13 +191,22 @@ class LoopStats:
         return True, "ok"
 
     def on_librdkafka_stats(self, stats_json: str) -> None:
-        """``stats_cb`` of the consumer: per-partition lag as librdkafka computes it."""
+        """``stats_cb`` of the consumer: per-partition lag as librdkafka computes it, and
+        whether the fetcher reached each partition's end."""
         stats = json.loads(stats_json)
         owned = set(self.partitions)
         for topic, t in stats.get("topics", {}).items():
             for pid, p in t.get("partitions", {}).items():
                 # librdkafka reports a revoked partition for a while: only the owned count
-                if pid != "-1" and int(pid) in owned and p.get("consumer_lag", -1) >= 0:
+                if pid == "-1" or int(pid) not in owned:
+                    continue
+                # The end is the last stable offset: under read_committed (librdkafka's
+                # default) an open transaction's records cannot be read yet; it is the high
+                # watermark otherwise. Unknown (-1001) until a fetch response brought it.
+                end = p.get("ls_offset", -1001)
+                self.fetched_to_end[(topic, int(pid))] = \
+                    0 <= end <= p.get("next_offset", -1001) and p.get("fetchq_cnt", 1) == 0
+                if p.get("consumer_lag", -1) >= 0:
                     self._lag.labels(topic, pid).set(p["consumer_lag"])
                     self._lag_series.add((topic, int(pid)))
                     self.lag[(topic, int(pid))] = p["consumer_lag"]
