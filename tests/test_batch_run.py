@@ -11,6 +11,7 @@ import mlflow
 import pytest
 
 from conftest import BIN, DATA
+from verdict_cells import verdict
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +72,7 @@ def test_json_array_and_object_files_to_a_file(model, tmp_path):
         {"id": 1, "double": 2}, {"id": 2, "double": 4}, {"id": 3, "double": 6}]
 
 
+@verdict("pre_processing", "bad record")
 def test_failed_records_go_to_the_rejects_file_and_set_the_exit_code(model, tmp_path):
     data = b'{"id": 1, "x": 1}\n{"id": 2}\nnot json\n{"id": 4, "x": 4}\n'
     (tmp_path / "in.jsonl").write_bytes(data)
@@ -161,6 +163,8 @@ def test_cutout_bytes_are_base64_in_json_output(tracking_uri, tmp_path):
     assert base64.b64decode(jsonl(proc.stdout)[0]["stamp"]) == stamp
 
 
+@verdict("encode", "bad record")
+@verdict("file write", "bad record")
 def test_avro_output_file(model, tmp_path):
     # Record 1 fails the output schema half way ("id" fits, "double" does not): a reject,
     # and no partial bytes left in the file to shift the records after it.
@@ -175,6 +179,7 @@ def test_avro_output_file(model, tmp_path):
     assert (reject["index"], reject["stage"]) == (1, "encode")
 
 
+@verdict("file read", "dependency down")
 def test_a_missing_input_file_is_one_clear_line(model, tmp_path):
     proc = run_cli("-m", model, "nope.jsonl", cwd=tmp_path)
     assert proc.returncode == 2
@@ -182,6 +187,7 @@ def test_a_missing_input_file_is_one_clear_line(model, tmp_path):
         "mlflow-preproc run: error: cannot read input nope.jsonl: No such file or directory")
 
 
+@verdict("decode", "bad record")
 def test_a_bad_first_line_is_one_reject_and_the_other_lines_are_read(model, tmp_path):
     lines = b'not json\n{"id": 1, "x": 1}\n{"id": 2, "x": 2}\n{"id": 3, "x": 3}\n'
     for args, stdin in (((), lines), (("in.json",), b"")):
@@ -314,6 +320,7 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_and_the_input_kept(model
         ("mlflow", "mlruns"))) == ["in.jsonl"]
 
 
+@verdict("file read", "dependency down")
 def test_a_run_that_fails_leaves_the_previous_output_as_it_was(model, tmp_path):
     (tmp_path / "out.jsonl").write_bytes(b'{"earlier": "run"}\n')
     proc = run_cli("-m", model, "missing.jsonl", "-o", "out.jsonl", cwd=tmp_path)
@@ -334,6 +341,8 @@ def blocks_at_record_1500(record):
     return {"id": record["id"]}
 
 
+@verdict("file read", "signal")
+@verdict("file write", "signal")
 def test_a_stopped_run_leaves_neither_a_truncated_output_nor_a_partial_file(tracking_uri,
                                                                            tmp_path):
     import os

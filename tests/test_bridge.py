@@ -10,6 +10,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from conftest import consume, headers_of, produce, unique
+from verdict_cells import verdict
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -23,6 +24,7 @@ def classifier_url(tracking_uri, serve_model):
     return serve_model(info.model_uri)
 
 
+@verdict("bridge call", "bad record")
 def test_bridge_predicts_every_record_keyed_like_its_input(broker, classifier_url, streams):
     topic, out = unique("features"), unique("predictions")
     broker.create_topics(topic)

@@ -26,6 +26,7 @@ from conftest import (
     serve_on_loopback,
     unique,
 )
+from verdict_cells import verdict
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -107,6 +108,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+@verdict("bridge call", "bad record")
 def test_a_record_the_server_fails_alone_is_dead_lettered_and_the_others_predicted(
         broker, streams, scoring_server):
     # Finding 3: one record answered 504 stalled the bridge for good behind a green /healthz
@@ -130,6 +132,8 @@ def test_a_record_the_server_fails_alone_is_dead_lettered_and_the_others_predict
     assert "HTTP 504" in error
 
 
+@verdict("bridge call", "not its protocol")
+@verdict("bridge call", "dependency down")
 def test_a_server_failing_every_record_or_answering_no_prediction_is_waited_for(
         broker, streams, scoring_server):
     # Finding 5: a 200 that is not a prediction (a maintenance page) dead-lettered and
@@ -165,6 +169,8 @@ def test_a_server_failing_every_record_or_answering_no_prediction_is_waited_for(
     assert consume(broker.bootstrap_servers, f"{topic}-dlq", 1, timeout=1) == []
 
 
+@verdict("bridge call", "not its protocol")
+@verdict("bridge call", "auth/ACL refused")
 def test_a_503_whose_body_is_no_json_object_is_waited_for_and_no_secret_is_logged(
         broker, streams, scoring_server):
     # Finding 4: a 503 with the JSON body "overloaded" crashed the bridge (exit 2,
@@ -214,6 +220,7 @@ mlflow.models.set_model(Hangs())
 """
 
 
+@verdict("bridge call", "bad record")
 def test_a_record_that_hangs_a_real_model_server_is_dead_lettered_not_a_stall(
         tracking_uri, broker, streams, serve_model, monkeypatch, tmp_path):
     # Finding 3 as it was found: MLflow's scoring server answers 504 when a prediction
@@ -241,6 +248,8 @@ def test_a_record_that_hangs_a_real_model_server_is_dead_lettered_not_a_stall(
     assert b"failed this record 2 times" in headers_of(dead)["x-preproc-error"]
 
 
+@verdict("bridge call", "dependency slow")
+@verdict("bridge call", "resource bound exceeded")
 def test_a_server_too_slow_for_every_request_is_waited_for_and_a_body_too_large_split(
         broker, streams, scoring_server):
     # #32's table, bridge call: a dependency slow for everything is waited for (no record

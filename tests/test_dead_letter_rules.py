@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mlflow_preproc.streaming.dead_letters import DeadLetter, Selection
+from verdict_cells import verdict
 
 
 def letter(headers, partition=0, offset=7, timestamp_ms=1000) -> DeadLetter:
@@ -59,6 +60,8 @@ def test_times_and_offset_ranges_read_as_an_operator_writes_them():
     assert args.offsets == [(0, (1, 2)), (0, (5, 6))]
 
 
+@verdict("replay", "dependency down")
+@verdict("replay", "dependency slow")
 def test_a_dependency_that_does_not_answer_stops_a_replay_through_a_model(tracking_uri):
     """A schema registry that is down is the environment's fault: the replay stops with the
     reason, and no dead letter is judged failed (the stream would wait instead)."""

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import (BIN, committed_offsets, consume, free_port, headers_of, produce,
                       stream_env, unique)
+from verdict_cells import verdict
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -37,6 +38,7 @@ def dlq(*args: str, bootstrap: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap})
 
 
+@verdict("replay", "bad record")
 def test_inspect_counts_what_failed_and_replay_sends_it_back_once(broker, tracking_uri,
                                                                   streams):
     with mlflow.start_run():

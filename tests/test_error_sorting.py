@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mlflow_preproc.streaming.bridge import Answer, judge
+from verdict_cells import verdict
 
 
 @pytest.mark.parametrize("status, answer", [
@@ -67,6 +68,10 @@ def test_a_registry_nobody_listens_on_is_unavailable():
         decoder.decode(framed(3, {"id": 1}, OBS))
 
 
+@verdict("schema registry in", "dependency slow")
+@verdict("schema registry in", "not its protocol")
+@verdict("schema registry out", "dependency slow")
+@verdict("schema registry out", "not its protocol")
 def test_a_slow_registry_or_one_answering_no_registry_answer_is_unavailable(schema_registry):
     # #32's table: schema registry in and out, dependency slow and an answer not of its
     # protocol (a proxy's page with 200): waited for, never a record's dead letter
@@ -94,6 +99,7 @@ def test_a_slow_registry_or_one_answering_no_registry_answer_is_unavailable(sche
     assert encoder.encode({"id": 1})[:1] == b"\x00"
 
 
+@verdict("schema registry out", "auth/ACL refused")
 @pytest.mark.parametrize("status, code", [(401, 40101), (403, 40301), (409, 409)])
 def test_a_registry_refusing_the_output_schema_or_this_client_is_misconfigured(
         schema_registry, status, code):
@@ -106,6 +112,8 @@ def test_a_registry_refusing_the_output_schema_or_this_client_is_misconfigured(
         encoder.prepare()
 
 
+@verdict("schema registry in", "missing library or codec")
+@verdict("schema registry out", "missing library or codec")
 def test_a_registry_client_library_missing_is_refused_at_start():
     import subprocess
     import sys
@@ -137,6 +145,7 @@ print("ok")
     (500, 50001, "Unavailable"), (503, 50003, "Unavailable"), (429, -1, "Unavailable"),
     (408, -1, "Unavailable"),
 ])
+@verdict("schema registry in", "auth/ACL refused")
 def test_registry_answers_are_sorted_by_whose_fault_they_are(status, code, kind):
     from confluent_kafka.schema_registry.error import SchemaRegistryError
 

@@ -33,6 +33,7 @@ from conftest import (
     stream_env,
     unique,
 )
+from verdict_cells import verdict
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -75,6 +76,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 # ---- 1. an exception while handling a batch commits nothing -----------------------------
 
+@verdict("schema registry in", "bad record")
 def test_a_schema_that_cannot_be_used_dead_letters_its_records_and_the_stream_goes_on(
         broker, model, streams, tmp_path):
     schemas = tmp_path / "schemas"
@@ -110,6 +112,8 @@ def test_a_schema_that_cannot_be_used_dead_letters_its_records_and_the_stream_go
     assert "Traceback" not in stream.text()
 
 
+@verdict("schema registry in", "bad record")
+@verdict("schema registry in", "dependency down")
 def test_a_schema_registry_outage_is_waited_for_and_only_unknown_ids_are_dead_lettered(
         broker, model, streams, schema_registry):
     # The writer schema uses a type registered under another subject (a schema reference).
@@ -216,6 +220,7 @@ def bridge_env(bootstrap, topic, url, **extra):
             **extra}
 
 
+@verdict("bridge call", "signal")
 def test_sigterm_while_the_bridge_retries_a_refused_batch_commits_none_of_it(
         broker, streams, model_server):
     topic = unique("features")
@@ -242,6 +247,7 @@ def test_sigterm_while_the_bridge_retries_a_refused_batch_commits_none_of_it(
     assert sorted(json.loads(m.value()) for m in predictions) == [0, 1, 2, 3, 4]
 
 
+@verdict("bridge call", "dependency down")
 def test_the_bridge_keeps_its_group_membership_while_the_model_server_is_down(
         broker, streams, model_server):
     topic = unique("features")
@@ -263,6 +269,7 @@ def test_the_bridge_keeps_its_group_membership_while_the_model_server_is_down(
     assert sorted(json.loads(m.value()) for m in predictions) == list(range(20))  # once each
 
 
+@verdict("bridge call", "dependency down")
 def test_a_rate_limited_model_server_is_waited_for_not_dead_lettered(
         broker, streams, model_server):
     # 429 judges the server's load, not the records: every record is predicted once the
@@ -280,6 +287,7 @@ def test_a_rate_limited_model_server_is_waited_for_not_dead_lettered(
     assert len(bridge.events("dependency_unavailable")) == 4
 
 
+@verdict("bridge call", "auth/ACL refused")
 def test_a_wrong_api_endpoint_stops_the_bridge_and_commits_nothing(
         broker, streams, model_server):
     # 404 says API_ENDPOINT is wrong; dead-lettering would drain the topic (#18.2).
@@ -301,6 +309,8 @@ def test_a_wrong_api_endpoint_stops_the_bridge_and_commits_nothing(
 
 # ---- 3. a broker outage longer than message.timeout.ms is not poison ----------------------
 
+@verdict("produce output", "dependency down")
+@verdict("produce output", "dependency slow")
 def test_outputs_that_time_out_while_the_broker_is_frozen_are_sent_again_not_dead_lettered(
         own_broker, model, streams, tmp_path):
     # Frozen past message.timeout.ms (outputs time out) and session.timeout.ms (the group
@@ -342,6 +352,7 @@ def test_outputs_that_time_out_while_the_broker_is_frozen_are_sent_again_not_dea
     assert stream.events("redeliver"), "the timed-out outputs were not sent again"
 
 
+@verdict("produce output", "signal")
 def test_sigterm_while_the_producer_queue_is_full_and_the_broker_away_exits_in_time(
         own_broker, model, streams, tmp_path):
     # The local queue fills (50 messages) while the broker is frozen: the produce loop must
@@ -505,6 +516,8 @@ def test_librdkafka_lines_are_structured_and_rate_limited_while_the_broker_is_do
 
 # ---- 11. a record too large to produce reaches the dead-letter topic ----------------------
 
+@verdict("produce output", "bad record")
+@verdict("produce output", "resource bound exceeded")
 def test_a_record_larger_than_the_producer_allows_is_dead_lettered_truncated_and_the_stream_goes_on(
         broker, model, streams):
     from confluent_kafka import Producer
@@ -567,6 +580,11 @@ def confluent(record: dict) -> bytes:
     return buf.getvalue()
 
 
+@verdict("decode", "signal")
+@verdict("schema registry in", "signal")
+@verdict("pre_processing", "signal")
+@verdict("encode", "signal")
+@verdict("produce dead letter", "signal")
 def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_no_record(
         own_broker, tracking_uri, streams, schema_registry, model_server):
     # input -> stream (killed and signalled at random; its schema registry goes down at

@@ -24,6 +24,7 @@ from mlflow_preproc.runtime.formats import (
     drop_fields,
     read_records,
 )
+from verdict_cells import verdict
 
 PACKET = DATA / "472263571115115000.avro"
 
@@ -137,6 +138,7 @@ def test_skipping_any_top_level_fields_equals_decode_then_drop(skip):
     assert MessageDecoder("avro", skip=skip).decode(raw) == _decoded_then_dropped(raw, skip)
 
 
+@verdict("decode", "missing library or codec")
 def test_a_codec_whose_package_is_missing_stops_with_the_package_named_not_a_dead_letter(
         tmp_path):
     # #32 finding 7: a zstandard container in an install without the package was a dead
@@ -416,6 +418,7 @@ def _bomb(codec: str, stamp_bytes: int, good_around: bool = False) -> bytes:
     return buf.getvalue()
 
 
+@verdict("decode", "resource bound exceeded")
 @pytest.mark.parametrize("codec", CODECS)
 def test_a_block_decoding_past_max_decoded_bytes_is_a_decode_error(codec):
     limit = 1024 * 1024
@@ -576,6 +579,7 @@ def _one_block(schema: dict, body: bytes) -> bytes:
     return header + _long(1) + _long(len(body)) + body + sync
 
 
+@verdict("decode", "resource bound exceeded")
 def test_a_216_byte_message_asking_for_2_62_nulls_is_refused_at_once_not_an_oom():
     # The finding: full decoding grew the process to 2.9 GB; with DROP_FIELDS the skipper
     # looped for minutes. Now the counts are checked first: a decode error naming the bound.

@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from verdict_cells import verdict
 
 FUZZ = Path(__file__).parent / "fuzz_decoders.py"
 
 
+@verdict("decode", "resource bound exceeded")
+@verdict("decode", "bad record")
 @pytest.mark.slow
 def test_damaged_inputs_end_as_records_or_decode_errors_within_memory_and_time():
     proc = subprocess.run([sys.executable, str(FUZZ), "150"], capture_output=True, text=True,

@@ -14,6 +14,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from mlflow_preproc import config
 from mlflow_preproc.streaming.loop import Abandon, FatalError, KafkaLoop
+from verdict_cells import verdict
 
 TOPIC = "in"
 
@@ -210,6 +211,7 @@ def test_a_retriable_delivery_failure_pauses_input_and_blocks_commits_until_rede
     assert consumer.commits == [[(0, 2)], [(0, 3)]]
 
 
+@verdict("produce output", "bad record")
 def test_a_permanent_delivery_failure_dead_letters_the_input_with_the_error_code():
     def fail(topic, value, attempt):
         return KafkaError.INVALID_RECORD if (topic, value) == ("out", b"b") else None
@@ -229,6 +231,7 @@ def test_a_permanent_delivery_failure_dead_letters_the_input_with_the_error_code
 
 @pytest.mark.parametrize("error", [KafkaError.TOPIC_AUTHORIZATION_FAILED,
                                    KafkaError._UNKNOWN_TOPIC, KafkaError.TOPIC_EXCEPTION])
+@verdict("produce output", "auth/ACL refused")
 def test_an_output_topic_that_refuses_this_client_stops_the_loop_uncommitted(error):
     # #32 finding 6: TOPIC_AUTHORIZATION_FAILED on every output made 50 of 50 records dead
     # letters (stage produce) and committed them. The topic refuses the client, not the
@@ -245,6 +248,8 @@ def test_an_output_topic_that_refuses_this_client_stops_the_loop_uncommitted(err
     assert outputs(producer, f"{TOPIC}-dlq") == []
 
 
+@verdict("produce output", "resource bound exceeded")
+@verdict("produce dead letter", "resource bound exceeded")
 def test_a_record_too_large_for_the_producer_reaches_the_dead_letter_topic_truncated():
     big = b"x" * 5000
     consumer = FakeConsumer([[msg(0, 0, big, key=b"k"), msg(0, 1, b"after")]])
@@ -258,6 +263,7 @@ def test_a_record_too_large_for_the_producer_reaches_the_dead_letter_topic_trunc
     assert consumer.commits == [[(0, 2)]]
 
 
+@verdict("produce dead letter", "bad record")
 def test_a_dead_letter_the_broker_still_refuses_for_size_is_sent_as_headers_only():
     def fail(topic, value, attempt):
         if topic == "out" and value == b"big":
@@ -274,6 +280,7 @@ def test_a_dead_letter_the_broker_still_refuses_for_size_is_sent_as_headers_only
     assert consumer.commits == [[(0, 1)]]
 
 
+@verdict("produce dead letter", "auth/ACL refused")
 def test_a_dead_letter_topic_this_client_may_not_write_to_is_fatal_and_uncommitted():
     def fail(topic, value, attempt):
         if topic == "out":
@@ -538,6 +545,7 @@ def test_records_are_matched_to_their_messages_however_many_each_holds():
 
 @pytest.mark.parametrize("code", [KafkaError.GROUP_AUTHORIZATION_FAILED,
                                   KafkaError.TOPIC_AUTHORIZATION_FAILED])
+@verdict("commit", "auth/ACL refused")
 def test_a_group_or_input_topic_this_client_may_not_read_stops_the_loop(code):
     # #32's table: an ACL refusing the group or the input topic was a warning logged for
     # ever ("consume error"), the loop spinning without progress and /healthz green.
@@ -550,6 +558,7 @@ def test_a_group_or_input_topic_this_client_may_not_read_stops_the_loop(code):
     assert outputs(producer) == [b"a"] and consumer.commits == [[(0, 1)]]
 
 
+@verdict("commit", "auth/ACL refused")
 def test_a_commit_the_broker_refuses_for_the_groups_acl_stops_the_loop():
     class RefusingCommits(FakeConsumer):
         def commit(self, offsets=None, asynchronous=True):
@@ -562,6 +571,8 @@ def test_a_commit_the_broker_refuses_for_the_groups_acl_stops_the_loop():
         loop.run()
 
 
+@verdict("commit", "dependency down")
+@verdict("commit", "dependency slow")
 def test_a_commit_the_broker_fails_is_retried_with_the_next_not_lost_and_not_fatal():
     class FailingOnce(FakeConsumer):
         failed = False
@@ -575,3 +586,29 @@ def test_a_commit_the_broker_fails_is_retried_with_the_next_not_lost_and_not_fat
     consumer = FailingOnce([[msg(0, 0, b"a")], [msg(0, 1, b"b")]])
     Echo(consumer, FakeProducer()).run()
     assert consumer.commits == [[(0, 2)]]  # the first commit's offsets came with the next
+
+
+@verdict("produce dead letter", "dependency down")
+@verdict("produce dead letter", "dependency slow")
+def test_a_dead_letter_the_broker_did_not_take_in_time_is_sent_again_before_any_commit():
+    def fail(topic, value, attempt):
+        if topic == "out" and value == b"poison":
+            return KafkaError.INVALID_RECORD  # the record's: it goes to the dead-letter topic
+        if topic == f"{TOPIC}-dlq" and attempt == 2:  # its first try at the dead-letter topic
+            return KafkaError._MSG_TIMED_OUT  # the broker away past message.timeout.ms
+        return None
+
+    committed_while_failing = []
+    consumer = FakeConsumer([[msg(0, 0, b"poison"), msg(0, 1, b"fine")]])
+    real_commit = consumer.commit
+
+    def commit(offsets=None, asynchronous=True):
+        committed_while_failing.append(producer.attempts.get(b"poison", 0))
+        real_commit(offsets, asynchronous)
+
+    consumer.commit = commit
+    producer = FakeProducer(fail)
+    Echo(consumer, producer).run()
+    assert outputs(producer, f"{TOPIC}-dlq") == [b"poison"]  # once, the second time
+    assert outputs(producer) == [b"fine"]
+    assert consumer.commits == [[(0, 2)]] and committed_while_failing == [3]

@@ -13,6 +13,7 @@ import mlflow
 import pytest
 
 from conftest import consume, produce, stream_env, unique
+from verdict_cells import verdict
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -24,6 +25,8 @@ def doubled(record):
     return {"id": record["id"], "double": record["id"] * 2}
 
 
+@verdict("schema registry out", "dependency down")
+@verdict("schema registry out", "signal")
 def test_a_registry_down_at_start_up_is_waited_for_then_outputs_carry_the_registered_id(
         tracking_uri, broker, streams, schema_registry):
     # The finding: exit 2 after 9 s (ConnectError) when the registry was down at start,

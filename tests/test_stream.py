@@ -15,6 +15,7 @@ import mlflow
 import pytest
 
 from conftest import DATA, consume, free_port, headers_of, produce, stream_env, unique
+from verdict_cells import verdict
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -43,6 +44,8 @@ def model(tracking_uri):
     return "models:/stream-prep/1"
 
 
+@verdict("decode", "bad record")
+@verdict("pre_processing", "bad record")
 def test_json_stream_keeps_keys_adds_provenance_and_dead_letters_poison(any_broker, model,
                                                                         streams):
     broker = any_broker
@@ -90,6 +93,9 @@ def test_json_stream_keeps_keys_adds_provenance_and_dead_letters_poison(any_brok
     assert (stopped["in"], stopped["out"], stopped["dropped"], stopped["failed"]) == (100, 96, 1, 3)
 
 
+@verdict("pre_processing", "signal")
+@verdict("commit", "signal")
+@verdict("in-process predict", "signal")
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill-when-idle"])
 def test_restart_resumes_after_the_last_commit(any_broker, model, streams, stop):
     broker = any_broker
@@ -262,6 +268,7 @@ def test_a_container_message_with_failing_records_is_one_dead_letter_naming_them
     assert stopped["failed"] == 1
 
 
+@verdict("pre_processing", "dependency down")
 def test_a_version_that_fails_every_record_trips_the_brake_instead_of_draining_the_topic(
         broker, model, streams):
     topic = unique("raw")
