@@ -78,7 +78,7 @@ trap 'exit 130' INT TERM
 import importlib.metadata as md, json, platform, sys
 work = sys.argv[1]
 # What a preprocessing model's requirements.txt names, so image builds need no download.
-from mlflow_preproc.runtime.flavor import RUNTIME_PACKAGES
+from mlflow_preproc.runtime.flavor import RUNTIME_EXTRAS, RUNTIME_PACKAGES
 wanted = ["mlflow", *RUNTIME_PACKAGES, "gunicorn", "wheel"]
 def version(name):
     try:
@@ -91,7 +91,8 @@ reqs = []
 for name in wanted:
     v = version(name)
     # gunicorn[gevent]: mlflow's container runs `pip install gunicorn[gevent]` at build time.
-    spec = "gunicorn[gevent]" if name == "gunicorn" else name
+    spec = "gunicorn[gevent]" if name == "gunicorn" else \
+        f"{name}[{RUNTIME_EXTRAS[name]}]" if name in RUNTIME_EXTRAS else name
     reqs.append(f"{spec}=={v}" if v else spec)
 constraints = {}
 for dist in md.distributions():

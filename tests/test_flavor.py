@@ -137,8 +137,8 @@ def test_a_requirements_pin_beside_the_code_wins_over_the_installed_version(trac
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     requirements = (local / "requirements.txt").read_text().split()
     assert [r for r in requirements if r.startswith("numpy")] == [f"numpy=={pinned}"]
-    assert {"cloudpickle", "fastavro", "confluent-kafka"} <= {r.split("==")[0]
-                                                              for r in requirements}
+    assert {"cloudpickle", "fastavro", "confluent-kafka[schemaregistry]"} <= {
+        r.split("==")[0] for r in requirements}
 
 
 @pytest.mark.parametrize("form", ["file", "folder"])
@@ -295,7 +295,8 @@ def test_user_pip_requirements_keep_the_runtime_dependencies(tracking_uri):
     info = log(band, pip_requirements=["pandas"])
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     names = {line.split("==")[0] for line in (local / "requirements.txt").read_text().split()}
-    assert {"pandas", "mlflow", "cloudpickle", "fastavro", "confluent-kafka",
+    # the registry client's extra too: an image streaming confluent-avro needs it (#32)
+    assert {"pandas", "mlflow", "cloudpickle", "fastavro", "confluent-kafka[schemaregistry]",
             "prometheus-client"} <= names
     assert "mlflow-preproc" not in names  # not on any index: it travels in code/
     assert (local / "code" / "mlflow_preproc" / "runtime" / "flavor.py").is_file()

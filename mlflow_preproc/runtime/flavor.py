@@ -83,6 +83,10 @@ _OUTPUT_SCHEMA_FILE = "output_schema.avsc"
 # What the runtime imports: the flavor itself, the stream and file modes of the serving image.
 RUNTIME_PACKAGES = ("cloudpickle", "fastavro", "confluent-kafka", "prometheus-client", "orjson",
                      "ijson", "python-json-logger", "tqdm", "requests")
+# Extras a model's image needs with them: an image streaming confluent-avro from a schema
+# registry imports SchemaRegistryClient, which needs authlib and httpx (without them a
+# stream of such an image was refused at start).
+RUNTIME_EXTRAS = {"confluent-kafka": "schemaregistry"}
 
 _logger = logging.getLogger(__name__)
 
@@ -93,7 +97,9 @@ def get_default_pip_requirements() -> list[str]:
     MLflow itself is added by MLflow. This package is not listed: it travels inside the
     model's ``code/`` directory.
     """
-    return [_get_pinned_requirement(p) for p in RUNTIME_PACKAGES]
+    pins = [_get_pinned_requirement(p) for p in RUNTIME_PACKAGES]
+    return [pin.replace(name, f"{name}[{RUNTIME_EXTRAS[name]}]", 1)
+            if (name := _requirement_name(pin)) in RUNTIME_EXTRAS else pin for pin in pins]
 
 
 def get_default_conda_env() -> dict[str, Any]:
