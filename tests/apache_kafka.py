@@ -90,8 +90,12 @@ def _random_id() -> str:
 
 
 def server_properties(node_id: int, port: int, controller_port: int, voters: str,
-                      log_dir: Path, replicas: int = 1) -> str:
-    """A broker-and-controller node for tests; ``replicas`` is the cluster's size."""
+                      log_dir: Path, replicas: int = 1, sasl: tuple[int, dict] | None = None
+                      ) -> str:
+    """A broker-and-controller node for tests; ``replicas`` is the cluster's size.
+    ``sasl``: (port, {user: password}) adds a SASL/PLAIN listener for those users and the
+    standard authorizer (ACLs), the PLAINTEXT listener's anonymous clients super users (the
+    tests' own admin, the controller)."""
     min_isr = 2 if replicas >= 3 else 1
     settings = {
         "process.roles": "broker,controller",
@@ -132,6 +136,22 @@ def server_properties(node_id: int, port: int, controller_port: int, voters: str
         "background.threads": 2,
         "log.cleaner.enable": "false",
     }
+    if sasl is not None:
+        sasl_port, users = sasl
+        jaas = " ".join(f'user_{user}="{password}"' for user, password in users.items())
+        settings.update({
+            "listeners": f"PLAINTEXT://127.0.0.1:{port},SASL_PLAINTEXT://127.0.0.1:{sasl_port},"
+                         f"CONTROLLER://127.0.0.1:{controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port},"
+                                    f"SASL_PLAINTEXT://127.0.0.1:{sasl_port}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:"
+                                              "SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {jaas};",
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": "User:ANONYMOUS",
+        })
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
 
@@ -147,8 +167,13 @@ class ApacheKafka:
     def __init__(self, port: int | None = None, *, node_id: int = 1,
                  controller_port: int | None = None, voters: str | None = None,
                  replicas: int = 1, cluster_id: str | None = None,
-                 workdir: Path | None = None, jvm_flags: tuple[str, ...] = TEST_JVM_FLAGS):
+                 workdir: Path | None = None, jvm_flags: tuple[str, ...] = TEST_JVM_FLAGS,
+                 sasl_users: dict[str, str] | None = None):
         self.port = port or _free_port()
+        # With sasl_users, a second listener where those users authenticate and ACLs apply
+        self.sasl_users = sasl_users
+        self.sasl_port = _free_port() if sasl_users else None
+        self.sasl_bootstrap_servers = f"127.0.0.1:{self.sasl_port}" if sasl_users else None
         self.controller_port = controller_port or _free_port()
         self.node_id = node_id
         self.voters = voters or f"{node_id}@127.0.0.1:{self.controller_port}"
@@ -172,7 +197,7 @@ class ApacheKafka:
         if not self.properties.exists():
             self.properties.write_text(server_properties(
                 self.node_id, self.port, self.controller_port, self.voters, self.log_dir,
-                self.replicas))
+                self.replicas, (self.sasl_port, self.sasl_users) if self.sasl_users else None))
             _format(self.log_dir, self.cluster_id, self.node_id, self.properties)
         started = time.monotonic()
         with open(self.log_path, "ab") as log:
@@ -403,8 +428,10 @@ def _format(log_dir: Path, cluster_id: str, node_id: int, properties: Path) -> N
         done = subprocess.run(
             [java(), "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-XX:-UsePerfData",
              "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn", "-cp", f"{kafka_libs()}/*",
-             "kafka.tools.StorageTool", "format", "-t", cluster_id,
-             "-c", str(template.parent / "format.properties")],
+             # --cluster-id=: an id may start with "-", which the tool's parser would read
+             # as an option of its own (a usage error, one process in 64)
+             "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+             f"--config={template.parent / 'format.properties'}"],
             capture_output=True, text=True)
         if done.returncode != 0:
             raise KafkaUnavailable(f"kafka-storage format failed: {done.stdout}{done.stderr}")
