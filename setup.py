@@ -65,7 +65,7 @@ setup(
         # mlflow-preproc run --engine spark, mlflow_preproc.spark; Java 17+ comes from the
         # system (Debian: openjdk-17-jre-headless).
         "spark": [
-            "pyspark>=4.0,<5",
+            "pyspark>=4.2,<4.3",  # 4.2: its Kafka source (spark-sql-kafka-0-10) is published
         ],
     },
     entry_points={

@@ -58,6 +58,8 @@ examples:
   cat records.jsonl | mlflow-preproc run -m models:/fink-preproc/1 > out.jsonl
   mlflow-preproc run -m models:/fink-preproc/1 batch.json --output-format avro -o out.avro
   mlflow-preproc run --engine spark -m models:/fink-preproc/1 archive/ -o features
+  mlflow-preproc run --engine spark -m models:/fink-preproc/1 kafka:fink-alert \
+      -o kafka:fink-features --checkpoint-location ck/ --trigger '10 seconds'
 """
 _STATUS_EXAMPLES = """\
 examples:
@@ -144,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--master", help="Spark master (--engine spark; default local[*])")
     run.add_argument("--partition-by", default="", metavar="FIELD[,FIELD]",
                      help="write the output partitioned by these fields (--engine spark)")
+    run.add_argument("--checkpoint-location", metavar="DIR",
+                     help="--engine spark kafka:TOPIC: the query's offsets and state, kept "
+                     "for the next run")
+    run.add_argument("--trigger", default="available-now",
+                     help="--engine spark kafka:TOPIC: available-now (what the topic holds, "
+                     "then end) or a micro-batch interval ('10 seconds'), until SIGTERM")
     # --skip-cutouts, --drop-fields, --max-decoded-bytes: the settings table's, as on stream
     # (the env file of `docker run -i --env-file ... IMAGE < alerts` sets them too).
     settings.add_arguments(run, "run")
@@ -328,6 +336,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     env = settings.load("run", args)
     drop = env.drop_fields()
     rejects = args.rejects or (f"{args.output}.rejects.jsonl" if args.output else "rejects.jsonl")
+    if args.engine == "spark" and args.inputs[:1] and args.inputs[0].startswith("kafka:"):
+        from mlflow_preproc.spark import kafka
+
+        if len(args.inputs) > 1:
+            raise settings.ConfigError("a Kafka query reads one topic: pass kafka:TOPIC alone")
+        batches = kafka.run(args.model_uri, args.inputs[0], args.output,
+                            master=args.master or "local[*]",
+                            checkpoint=args.checkpoint_location, rejects_path=args.rejects,
+                            trigger=args.trigger, progress=args.progress)
+        print(f"mlflow-preproc run: {batches} micro-batch(es)", file=sys.stderr)
+        return EXIT_OK
     if args.engine == "spark":
         from mlflow_preproc.spark import files
 
