@@ -174,7 +174,18 @@ def _cut(column: Any, data_type: Any, sub: dict | None) -> Any:
     if sub is None:
         return column
     if isinstance(data_type, ArrayType):
-        return F.transform(column, lambda item: _cut(item, data_type.elementType, sub))
+        element = data_type.elementType
+        if isinstance(element, StructType) and \
+                all(sub[f.name] is None for f in element.fields if f.name in sub):
+            # Leaf fields of the structs: zipped from their own columns (``array.field``),
+            # the form Spark 4.2 prunes from Parquet (through ``transform`` it reads whole
+            # structs: ZTF's 30-field history for one magnitude). The price: an element
+            # that is null itself (never in an Avro alert: items are records) arrives as a
+            # record of nulls.
+            kept = [f.name for f in element.fields if f.name in sub]
+            if kept:
+                return F.arrays_zip(*[column[name].alias(name) for name in kept])
+        return F.transform(column, lambda item: _cut(item, element, sub))
     if not isinstance(data_type, StructType):
         return column  # a map or a leaf: whole, as the Avro decoders read map values whole
     kept = [f for f in data_type.fields if f.name in sub]
