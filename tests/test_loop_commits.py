@@ -468,6 +468,36 @@ def test_start_up_says_when_it_gives_up_on_kafka_and_that_it_is_joining_a_group(
     assert f"joining consumer group {loop.group_id}" in lines["start"].getMessage()
 
 
+class NoBrokerConsumer(FakeConsumer):
+    """No broker ever answers."""
+
+    def list_topics(self, timeout=None):
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Connection refused"))
+
+
+@pytest.mark.parametrize("servers, local", [
+    ("127.0.0.1:9092", "mlflow-preproc broker runs one there"),
+    ("localhost:9", "mlflow-preproc broker --port 9 runs one there"),
+    ("kafka.example:9092", None)])
+def test_a_broker_that_never_answers_is_one_line_naming_the_local_broker_on_loopback(
+        monkeypatch, servers, local):
+    """A newcomer who did not start `mlflow-preproc broker` learns that it exists (#37)."""
+    import mlflow_preproc.streaming.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "_STARTUP_WAIT_S", 0.0)
+    loop = Echo(NoBrokerConsumer([]), FakeProducer(), KAFKA_BOOTSTRAP_SERVERS=servers)
+    with pytest.raises(FatalError) as failed:
+        loop.run()
+    text = str(failed.value)
+    assert text.startswith(f"cannot reach Kafka at {servers} (Connection refused); check "
+                           "KAFKA_BOOTSTRAP_SERVERS (--kafka-bootstrap-servers) and that the "
+                           "broker is up"), text
+    if local:
+        assert text.endswith(f"; to try things on this machine, {local}"), text
+    else:
+        assert "mlflow-preproc broker" not in text
+
+
 def test_a_loop_the_target_starts_exports_its_deployment_and_revision():
     """What PreprocRolloutRolledBack compares: the revision of each running member."""
     from prometheus_client import generate_latest

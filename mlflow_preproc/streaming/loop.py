@@ -64,6 +64,7 @@ from mlflow_preproc.streaming.delivery import (
     topic_refused_fix,
 )
 from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
+from mlflow_preproc.streaming.no_broker import cannot_reach
 from mlflow_preproc.streaming.shutdown import Shutdown
 
 if TYPE_CHECKING:
@@ -782,10 +783,8 @@ class KafkaLoop:
                 return self.consumer.list_topics(timeout=1)
             except KafkaException as exc:
                 if time.monotonic() > deadline:
-                    raise FatalError(
-                        f"cannot reach Kafka at {self.config['KAFKA_BOOTSTRAP_SERVERS']} "
-                        f"({exc.args[0].str()}); check KAFKA_BOOTSTRAP_SERVERS and that the "
-                        "broker is up") from None
+                    raise FatalError(cannot_reach(self.config["KAFKA_BOOTSTRAP_SERVERS"],
+                                                  exc.args[0].str())) from None
                 left = max(0.0, deadline - time.monotonic())
                 logger.warning(
                     f"waiting for Kafka at {self.config['KAFKA_BOOTSTRAP_SERVERS']}; giving up "

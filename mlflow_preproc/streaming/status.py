@@ -16,10 +16,13 @@ from its fetch responses) is the one to trust then.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
+
+from mlflow_preproc.streaming.no_broker import cannot_reach
 
 
 class StatusError(RuntimeError):
@@ -100,6 +103,10 @@ def _from_broker(kafka: dict, group: str, topic: str | None, result: GroupStatus
 
     admin = AdminClient(kafka)
     servers = kafka.get("bootstrap.servers")
+    try:  # first, whether a broker answers at all (the group calls would only time out)
+        meta = admin.list_topics(topic, timeout=10) if topic else admin.list_topics(timeout=10)
+    except KafkaException as exc:
+        raise StatusError(cannot_reach(servers, exc.args[0].str())) from None
     try:
         described = admin.describe_consumer_groups([group])[group].result(15)
         result.state = described.state.name
@@ -108,20 +115,24 @@ def _from_broker(kafka: dict, group: str, topic: str | None, result: GroupStatus
             for m in described.members]
         if not topic:
             return
-        meta = admin.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
+        found = meta.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
             raise StatusError(f"topic {topic} does not exist on {servers}; pass the stream's "
                               "INPUT_TOPIC")
-        wanted = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        wanted = [TopicPartition(topic, p) for p in sorted(found.partitions)]
         committed = admin.list_consumer_group_offsets(
             [ConsumerGroupTopicPartitions(group, wanted)])[group].result(15)
-        ends = admin.list_offsets({tp: OffsetSpec.latest() for tp in wanted})
-    except KafkaException as exc:
-        raise StatusError(f"cannot read group {group} from {servers} ({exc.args[0].str()}); "
-                          "check --bootstrap-servers") from None
+        ends = {tp: future.result(15) for tp, future in admin.list_offsets(
+            {tp: OffsetSpec.latest() for tp in wanted}).items()}
+    except KafkaException as exc:  # e.g. an ACL: the broker's reason says it
+        raise StatusError(f"cannot read group {group} from {servers} "
+                          f"({exc.args[0].str()})") from None
+    except concurrent.futures.TimeoutError:
+        raise StatusError(f"cannot read group {group} from {servers}: the broker did not "
+                          "answer in 15 s; run it again") from None
     by_partition = {tp.partition: tp.offset for tp in committed.topic_partitions}
-    for tp, future in ends.items():
-        end = future.result(15).offset
+    for tp, answer in ends.items():
+        end = answer.offset
         done = by_partition.get(tp.partition, -1001)
         done = None if done < 0 else done
         result.partitions.append({"topic": tp.topic, "partition": tp.partition,
