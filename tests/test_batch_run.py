@@ -305,6 +305,38 @@ def test_an_unknown_model_names_the_store_and_a_missing_store_is_not_created(tra
     assert sorted(p.name for p in elsewhere.iterdir()) == ["r.json"]
 
 
+@pytest.mark.slow
+def test_no_command_creates_the_store_it_reads_a_model_from(tmp_path):
+    """stream, manifests and a prediction model with no store configured: the same line as
+    run, and no ./mlflow.db (stream made one, empty, then said "not found"; from then on run
+    in that folder lost its message too) (#37 item 3)."""
+    import os
+
+    import mlflow_preproc
+
+    local = tmp_path / "prep"  # a model on disk: only the prediction model needs the store
+    mlflow_preproc.save_model(lambda r: r, str(local))
+    nothing_listens = "127.0.0.1:9"
+    commands = {
+        "stream": ["stream", "-m", "models:/quickstart/1", "--input-topic", "alerts"],
+        "manifests": ["manifests", "-m", "models:/quickstart/1", "--name", "q"],
+        "prediction": ["stream", "-m", str(local), "--input-topic", "alerts",
+                       "--prediction-model-uri", "models:/classifier/1"]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    running = {}
+    for name, argv in commands.items():
+        (tmp_path / name).mkdir()
+        running[name] = subprocess.Popen(
+            [str(BIN / "mlflow-preproc"), *argv], cwd=tmp_path / name, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**env, "KAFKA_BOOTSTRAP_SERVERS": nothing_listens})
+    for name, proc in running.items():
+        err = proc.communicate(timeout=300)[1]
+        assert proc.returncode == 2, (name, err[-2000:])
+        assert "MLFLOW_TRACKING_URI is not set" in err, (name, err[-2000:])
+        assert list((tmp_path / name).iterdir()) == [], name
+
+
 # ---- #32 finding 1: run never damages a file it did not finish ------------------------------
 
 def test_an_output_that_is_one_of_the_inputs_is_refused_and_the_input_kept(model, tmp_path):
