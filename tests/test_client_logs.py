@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from conftest import BIN, free_port
-from mlflow_preproc.streaming.client_logs import RateLimit
+from mlflow_preproc.streaming.client_logs import OtherClientsProperty, RateLimit
 
 
 def record(message: str, **extra) -> logging.LogRecord:
@@ -40,6 +40,17 @@ def test_the_error_field_makes_a_kind_of_its_own():
     assert limit.filter(record("kafka client error", error="Local: Broker transport failure"))
     assert limit.filter(record("kafka client error", error="Local: Authentication failure"))
     assert not limit.filter(record("kafka client error", error="Local: Authentication failure"))
+
+
+
+def test_a_consumer_property_the_producer_ignores_is_no_warning():
+    """LIBRDKAFKA_SESSION_TIMEOUT_MS (the quickstart's) reaches the producer too (#37)."""
+    ignored = record("CONFWARN [rdkafka#producer-2] [thrd:app]: Configuration property "
+                     "session.timeout.ms is a consumer property and will be ignored by this "
+                     "producer instance")
+    assert not OtherClientsProperty().filter(ignored)
+    assert OtherClientsProperty().filter(record("CONFWARN [rdkafka#consumer-1] [thrd:app]: "
+                                                "Configuration property foo is unknown"))
 
 
 @pytest.mark.slow
