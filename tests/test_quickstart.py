@@ -12,7 +12,7 @@ import time
 import mlflow
 import pytest
 
-from conftest import BIN
+from conftest import BIN, committed_offsets, consume, free_port, produce
 from test_docs import ROOT, blocks
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -69,22 +69,25 @@ def test_the_reader_gives_up_with_the_streams_error_when_the_stream_died(embedde
         reader.stderr[-2000:]
 
 
-def test_the_stream_joins_its_group_in_seconds_with_the_readmes_settings(embedded_broker,
-                                                                         tracking_uri,
-                                                                         tmp_path):
+def test_the_stream_joins_in_seconds_and_status_says_what_the_broker_gets_wrong(
+        embedded_broker, tracking_uri, tmp_path):
     """The quickstart's first output took 27.5 s, most of it the embedded broker waiting half
-    librdkafka's 45 s session timeout before it forms a group; the README's settings cut
-    the wait (troubleshooting.md says which)."""
+    librdkafka's 45 s session timeout before it forms a group: the README's settings cut the
+    wait (troubleshooting.md says which). Then `status` on that stream: the embedded broker
+    lists no members and end offsets behind the committed ones, which status printed as
+    facts (lag 0), and a group it has never seen read EMPTY, like a stopped stream."""
     with mlflow.start_run():
         model = mlflow.preproc.log_model(lambda r: r, name="p").model_uri
     servers = embedded_broker.bootstrap_servers
     topic = f"alerts-{os.getpid()}"
+    group = f"group-{topic}"
     embedded_broker.create_topics(topic)
     env, _ = readme_stream_command()
-    log = tmp_path / "stream.log"
+    log, port = tmp_path / "stream.log", free_port()
     stream = subprocess.Popen(
         [str(BIN / "mlflow-preproc"), "stream", "-m", model, "--input-topic", topic,
-         "--output-topic", f"{topic}-out", "--consumer-group-id", f"group-{topic}"],
+         "--output-topic", f"{topic}-out", "--consumer-group-id", group,
+         "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
         stderr=open(log, "w"), env={**newcomer_env(servers), "MLFLOW_TRACKING_URI": tracking_uri,
                                     "LOG_FORMAT": "json", **env})
     try:
@@ -96,9 +99,37 @@ def test_the_stream_joins_its_group_in_seconds_with_the_readmes_settings(embedde
         (joining,) = _events(log, "start")
         waited = _at(events[0]) - _at(joining)
         assert waited < 10, f"the group formed {waited:.0f} s after the stream joined it"
+
+        produce(servers, topic, [json.dumps({"id": i}).encode() for i in range(3)])
+        consume(servers, f"{topic}-out", 3)
+        while committed_offsets(servers, group, topic) != [3] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        shown = status("--group", group, "--topic", topic, "--metrics",
+                       f"http://127.0.0.1:{port}", "--interval", "0.5", bootstrap=servers)
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        said = shown.stdout.splitlines()[1]
+        assert said.startswith("the broker's answers are inconsistent ("), shown.stdout
+        for contradiction in (f"{topic}/0 is committed up to 3, past its end offset",
+                              "the group is STABLE but the broker lists no members",
+                              f"http://127.0.0.1:{port} own partitions but the broker lists "
+                              "no members"):
+            assert contradiction in said, shown.stdout
+        assert said.endswith("the instances' own lag is (--metrics)"), shown.stdout
+
+        misspelled = status("--group", group + "x", "--topic", topic, bootstrap=servers)
+        assert misspelled.returncode == 2 and misspelled.stderr.strip() == (
+            f"mlflow-preproc status: error: group {group}x does not exist on {servers} (the "
+            "broker has never seen it, or its offsets expired); pass the stream's "
+            "CONSUMER_GROUP_ID (default mlflow-preproc-{model name})"), misspelled.stderr
     finally:
         stream.terminate()
         stream.wait(60)
+
+
+def status(*args: str, bootstrap: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "mlflow-preproc"), "status", *args,
+                           "--kafka-bootstrap-servers", bootstrap],
+                          capture_output=True, text=True, timeout=120)
 
 
 def _events(log, name: str) -> list[dict]:
