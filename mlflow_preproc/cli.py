@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: when stderr is a terminal)")
     run.add_argument("--engine", choices=("local", "spark"), default="local",
-                     help="spark: on Apache Spark (pip install 'mlflow-preproc[spark]'); "
+                     help="spark: on Apache Spark (pip install '.[spark]' in the "
+                     "mlflow-preproc clone); "
                      "FILE may be a folder or a glob, -o a folder of part files")
     run.add_argument("--master", help="Spark master (--engine spark; default local[*])")
     run.add_argument("--partition-by", default="", metavar="FIELD[,FIELD]",
@@ -290,8 +291,8 @@ def _parser() -> argparse.ArgumentParser:
     board = sub.add_parser("dashboard", help="a Grafana dashboard for the streams",
                            description=_wrap(
                                "Print a Grafana dashboard (JSON, to import) of the streams' "
-                               "metrics, per job and instance. Needs pip install "
-                               "'mlflow-preproc[monitoring]'."),
+                               "metrics, per job and instance. Needs the monitoring "
+                               "extra: pip install '.[monitoring]' in the mlflow-preproc clone."),
                            epilog="examples:\n  mlflow-preproc dashboard > preproc.json\n",
                            **plain)
     board.set_defaults(handler=_cmd_dashboard)
@@ -301,7 +302,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_BROKER_EXAMPLES,
         description=_wrap("Run a memory-only Kafka-protocol broker (Tansu) on 127.0.0.1 in the "
                           "foreground, until Ctrl-C. For trying stream and bridge: data is "
-                          "lost when it stops. Needs pip install 'mlflow-preproc[broker]'."),
+                          "lost when it stops. Needs pip install '.[broker]' in the "
+                          "mlflow-preproc clone."),
         **plain)
     broker.add_argument("--port", type=int, default=9092,
                         help="port on 127.0.0.1 (default 9092: the KAFKA_BOOTSTRAP_SERVERS "
@@ -526,7 +528,8 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("grafana_foundation_sdk"):
             raise settings.ConfigError("the dashboard is built with grafana-foundation-sdk: "
-                                       "pip install 'mlflow-preproc[monitoring]'") from None
+                                       "pip install '.[monitoring]' in the "
+                                       "mlflow-preproc clone") from None
         raise
     return EXIT_OK
 

@@ -69,3 +69,50 @@ def test_every_setting_a_message_names_exists():
                      if name not in SETTINGS and name not in used and name not in OTHER_NAMES
                      and not name.startswith(LIBRDKAFKA_PREFIX))
     assert not unknown, "no setting has these names:\n" + "\n".join(unknown)
+
+
+# ---- #37 item 6: install instructions name extras that exist, installed from the clone -------
+
+ROOT = PACKAGE.parent
+_EXTRA = re.compile(r"""pip install (?:-e )?['"]?([\w.-]*)\[([\w,-]+)\]""")
+
+
+def extras() -> set[str]:
+    """The extras setup.py declares."""
+    (call,) = [node for node in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
+               if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup"]
+    (declared,) = [k.value for k in call.keywords if k.arg == "extras_require"]
+    return {key.value for key in declared.keys}
+
+
+def install_texts() -> Iterator[tuple[str, str]]:
+    """(where, text) of the package's sources, the README, the guides and the scripts."""
+    files = [*PACKAGE.rglob("*.py"), ROOT / "README.md", *(ROOT / "docs").rglob("*.md"),
+             *(ROOT / "scripts").glob("*.sh"), *(ROOT / "examples").rglob("*")]
+    for path in sorted(p for p in files if p.is_file() and p.suffix in (".py", ".md", ".sh")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            yield f"{path.relative_to(ROOT)}:{number}", line
+
+
+def test_every_extra_a_text_names_exists_and_installs_from_the_clone():
+    """The package is on no index: `pip install 'mlflow-preproc[spark]'` fails for everyone;
+    `pip install '.[spark]'` in the clone is what works."""
+    wrong = []
+    for where, line in [*install_texts(), *texts()]:  # texts: a message split over lines
+        for package, named in _EXTRA.findall(line):
+            if package == "mlflow-preproc":
+                wrong.append(f"{where}: {package}[{named}] is on no index; '.[{named}]' in "
+                             "the clone")
+            elif package in (".", "") and not set(named.split(",")) <= extras():
+                wrong.append(f"{where}: setup.py has no extra {set(named.split(',')) - extras()}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_readme_lists_every_extra_and_what_demo_installs():
+    readme = (ROOT / "README.md").read_text()
+    listed = readme[readme.index("Optional parts are extras"):].split("\n\n")[0]
+    assert {e for e in extras() if e != "test"} <= set(re.findall(r"'\.\[(\w+)\]'", listed)), \
+        listed
+    (installs,) = re.findall(r'pip install --quiet (-e "\.\[[\w,]+\]")',
+                             (ROOT / "scripts" / "dev.sh").read_text())
+    assert f"`pip install {installs}`" in readme, f"the README does not say demo runs {installs}"

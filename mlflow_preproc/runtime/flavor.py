@@ -179,7 +179,7 @@ def save_model(
     if batch_format == "polars" and importlib.util.find_spec("polars") is None:
         raise MlflowException(
             "batch_format='polars' needs polars, which is not installed; install the "
-            "columnar extra (pip install 'mlflow-preproc[columnar]') or use "
+            "columnar extra (pip install '.[columnar]' in the mlflow-preproc clone) or use "
             "batch_format='arrow'", error_code=INVALID_PARAMETER_VALUE)
     input_schema = _load_schema_arg(avro_schema, "avro_schema")
     output_schema = _load_schema_arg(output_avro_schema, "output_avro_schema")
