@@ -11,6 +11,7 @@ Each command's --help shows its flags and examples.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -114,10 +115,26 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, 88)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose commands refuse a flag they do not know themselves, with their own
+    usage and the closest flag: argparse hands unknown flags up to the top parser, which
+    printed the list of commands and no hint."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown and not self._subparsers:  # a command, not the list of commands
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            close = [m for word in unknown if word.startswith("--")
+                     for m in difflib.get_close_matches(word.split("=")[0], flags, n=1)]
+            hint = f" (did you mean {' or '.join(dict.fromkeys(close))}?)" if close else ""
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        return parsed, unknown
+
+
 def _parser() -> argparse.ArgumentParser:
     # allow_abbrev=False everywhere: --skip-cutout must be an error, not --skip-cutouts.
     plain = {"formatter_class": argparse.RawDescriptionHelpFormatter, "allow_abbrev": False}
-    parser = argparse.ArgumentParser(prog="mlflow-preproc", description=__doc__, **plain)
+    parser = _Parser(prog="mlflow-preproc", description=__doc__, **plain)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="preprocess files or stdin", epilog=_RUN_EXAMPLES,

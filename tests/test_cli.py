@@ -72,6 +72,26 @@ def test_abbreviated_flags_are_refused_everywhere(capsys):
     assert "unrecognized arguments: --input-top" in refused(capsys, "stream", "--input-top", "t")
 
 
+@pytest.mark.parametrize("argv, usage, said", [
+    (["run", "-m", "models:/m/1", "--ouput", "out.jsonl", "in.json"], "mlflow-preproc run",
+     "unrecognized arguments: --ouput (did you mean --output?)"),
+    (["stream", "--input-topic", "t", "--kafka-bootstrap-server", "b:9092"],
+     "mlflow-preproc stream",
+     "unrecognized arguments: --kafka-bootstrap-server b:9092 (did you mean "
+     "--kafka-bootstrap-servers?)"),
+    (["dlq", "replay", "t-dlq", "--froce"], "mlflow-preproc dlq replay",
+     "unrecognized arguments: --froce (did you mean --force?)"),
+    (["status", "--group", "g", "--xyzzy"], "mlflow-preproc status",
+     "unrecognized arguments: --xyzzy"),
+])
+def test_a_mistyped_flag_shows_its_commands_usage_and_the_closest_flag(capsys, argv, usage,
+                                                                        said):
+    """The top-level usage and no suggestion were all a typo got (#37 item 7)."""
+    err = refused(capsys, *argv).strip().splitlines()
+    assert err[0].startswith(f"usage: {usage} "), err
+    assert err[-1] == f"{usage}: error: {said}", err
+
+
 @pytest.mark.parametrize("command", [["run", "-m", "models:/m/1"], ["stream"]])
 def test_skip_cutouts_is_a_flag_in_run_and_stream_and_the_variable_still_works(command):
     mode = command[0]
