@@ -116,3 +116,14 @@ def test_the_readme_lists_every_extra_and_what_demo_installs():
     (installs,) = re.findall(r'pip install --quiet (-e "\.\[[\w,]+\]")',
                              (ROOT / "scripts" / "dev.sh").read_text())
     assert f"`pip install {installs}`" in readme, f"the README does not say demo runs {installs}"
+
+
+def test_setup_py_gives_its_license_once_as_an_spdx_expression():
+    """A "License ::" classifier beside license= made every build of the package (demo's
+    install, pip install '.[broker]') print setuptools' deprecation banner, four times (#37)."""
+    (call,) = [node for node in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
+               if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup"]
+    given = {k.arg: ast.literal_eval(k.value) for k in call.keywords
+             if k.arg in ("license", "classifiers")}
+    assert given["license"] == "Apache-2.0"
+    assert not [c for c in given["classifiers"] if c.startswith("License ::")], given
