@@ -588,20 +588,26 @@ def _configure_logging(config: settings.Config) -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+# The errors that are the user's to fix (printed as one line), by module: looked up only in
+# the modules already imported, since an error class whose module was never imported cannot
+# have been raised. Importing them all imported MLflow (seconds) to print status's line.
+_USER_ERRORS = (
+    ("mlflow.exceptions", "MlflowException"),
+    ("mlflow_preproc.runtime.avro_schemas", "SchemaError"),
+    ("mlflow_preproc.runtime.dependencies", "Misconfigured"),
+    ("mlflow_preproc.streaming.embedded_broker", "BrokerError"),
+    ("mlflow_preproc.streaming.loop", "FatalError"),
+    ("mlflow_preproc.runtime.model_identity", "ModelNotFound"),
+    ("mlflow_preproc.streaming.dead_letters", "DeadLetterError"),
+    ("mlflow_preproc.streaming.status", "StatusError"),
+)
+
+
 def _is_user_error(exc: Exception) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    from mlflow_preproc.runtime.avro_schemas import SchemaError
-    from mlflow_preproc.runtime.dependencies import Misconfigured
-    from mlflow_preproc.streaming.embedded_broker import BrokerError
-    from mlflow_preproc.streaming.loop import FatalError
-    from mlflow_preproc.runtime.model_identity import ModelNotFound
-    from mlflow_preproc.streaming.dead_letters import DeadLetterError
-    from mlflow_preproc.streaming.status import StatusError
-
-    return isinstance(exc, (settings.ConfigError, FatalError, ModelNotFound, MlflowException,
-                            SchemaError, FileNotFoundError, ValueError, BrokerError,
-                            DeadLetterError, StatusError, Misconfigured))
+    kinds = [settings.ConfigError, FileNotFoundError, ValueError]
+    kinds += [getattr(sys.modules[module], name) for module, name in _USER_ERRORS
+              if module in sys.modules]
+    return isinstance(exc, tuple(kinds))
 
 
 def _one_line(exc: Exception) -> str:

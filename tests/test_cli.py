@@ -114,3 +114,12 @@ def test_on_stream_m_is_the_preprocessing_model_and_the_classifier_flag_says_so(
                          environ={})["MODEL_URI"] == "models:/prep/1"
     # --model read as the classifier beside -m as the preprocessing model: one meaning too many
     assert "unrecognized arguments: --model" in refused(capsys, "stream", "--model", "x")
+
+
+def test_every_error_class_the_command_prints_as_one_line_exists():
+    """cli._USER_ERRORS names them by module and class, so that printing status's or dlq's
+    line does not import MLflow (7 s): a renamed class would make its errors tracebacks."""
+    import importlib
+
+    for module, name in cli._USER_ERRORS:
+        assert isinstance(getattr(importlib.import_module(module), name), type), (module, name)
