@@ -15,7 +15,7 @@ setup(
     description="Data preprocessing as a first-class MLflow model: REST, Docker and Kafka",
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    license="Apache-2.0",
+    license="Apache-2.0",  # SPDX; a "License ::" classifier makes setuptools warn at every build
     python_requires=">=3.10",
     packages=find_packages(include=["mlflow_preproc", "mlflow_preproc.*"]),
     include_package_data=True,
@@ -83,7 +83,6 @@ setup(
     },
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: Apache Software License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )
