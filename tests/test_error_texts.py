@@ -25,6 +25,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--cpus": "docker run", "--memory": "docker run",
     "--env-manager": "mlflow models serve", "--flavor": "mlflow deployments create",
     "--requirement": "pip install", "--no-cache-dir": "pip install",
+    "--jars": "spark-submit", "--packages": "spark-submit",
 }
 # Upper-case names in messages that are other programs' settings or placeholders.
 OTHER_NAMES = {
@@ -32,6 +33,7 @@ OTHER_NAMES = {
     "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "MLflow's",
     "PIP_DISABLE_PIP_VERSION_CHECK": "pip's, in a Dockerfile",
     "HOST_FILE": "a placeholder in -C mount.PATH=HOST_FILE",
+    "PYSPARK_SUBMIT_ARGS": "pyspark's (spark-submit's arguments)",
 }
 
 
