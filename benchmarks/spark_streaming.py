@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def row(name, wall, cpu, startup=None, latency=None):
             total = sum(cpu.values())
-            rate = n / (wall - startup) if startup is not None else None
+            # a start-up measured longer than the run itself: a machine too busy to say
+            rate = n / (wall - startup) if startup is not None and wall > startup else None
             rows.append((name, wall, n / wall, startup, rate, total / n * 1e6,
                          " / ".join(f"{cpu[k]:.1f}" for k in ("driver", "jvm", "workers")),
                          latency))
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs = _input_times(bootstrap, topic)
             lat = [m.timestamp()[1] - inputs[dict(m.headers())[SOURCE]] for m in outputs]
             row(f"({'d' if trigger == '1 second' else 'e'}) query, trigger {trigger}, {rate:.0f} alerts/s in", wall, cpu,
-                latency=(percentile(lat, 50) / 1000, percentile(lat, 99) / 1000))
+                latency=(percentile(lat, 0.5) / 1000, percentile(lat, 0.99) / 1000))
 
     print(f"\n{n} ZTF alerts on Apache Kafka, {platform.machine()}, {os.cpu_count()} CPUs\n")
     print("| run | wall s | alerts/s | start-up s | alerts/s after start-up | CPU µs/alert | "
