@@ -247,7 +247,7 @@ class KafkaLoop:
                     # waited for or fatal. Only then through when_available, which costs
                     # ~0.3 µs a record on the common path.
                     decoded = self.when_available(decode, msg.value())
-            except (Abandon, FatalError):
+            except (Abandon, FatalError, Rewound):  # the loop's, not the record's
                 raise
             except Exception as exc:  # noqa: BLE001 -- whatever the bytes do to a decoder,
                 # it is this record's problem, not the partition's
@@ -433,7 +433,8 @@ class KafkaLoop:
                     "are assigned", extra={
                         "event": "start", "command": self.command,
                         "input_topic": self.input_topic, "output_topic": self.output_topic,
-                        "dlq_topic": self.dlq_topic, "group_id": self.group_id})
+                        "dlq_topic": self.dlq_topic, "group_id": self.group_id,
+                        "processing_guarantee": self.config["PROCESSING_GUARANTEE"]})
         batch_size = self.config["BATCH_SIZE"]
         timeout = self.config["BATCH_TIMEOUT_MS"] / 1000
         commit_interval = self.config["COMMIT_INTERVAL_MS"] / 1000
@@ -657,6 +658,13 @@ class KafkaLoop:
             self.handle_batch(messages)
         except Rewound:
             return False
+        except Abandon:
+            # Shutting down in the middle of the batch: it is given up uncommitted, for the
+            # next owner. What it produced is in the open transaction, which cannot commit
+            # without the rest of the batch: all of it is aborted.
+            if self.transaction.batch_sent:
+                self._abort_and_rewind("the batch in flight was given up at shutdown")
+            raise
         except TransactionError as exc:  # begin_transaction refused, inside produce
             self._transaction_failed(exc)
             return False
