@@ -85,20 +85,29 @@ def quix_row(args, inputs, bootstrap: str, broker, work_dir: Path) -> PeerRow:
     return PeerRow(label, lambda: run_quix(inputs, bootstrap, broker, work_dir))
 
 
-def run_quix(inputs, bootstrap: str, broker, work_dir: Path) -> Result:
-    """Fill a fresh topic, start the Quix app on it, watch its outputs, SIGTERM it."""
+def start_quix(bootstrap: str, input_topic: str, output_topic: str, log,
+               app_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """The Quix app (``peers/quix_app.py``) on ``input_topic``, in a fresh group, its output
+    to the file ``log``."""
+    return subprocess.Popen(
+        [str(venv_python("quix")), str(HERE / "peers" / "quix_app.py"),
+         "--bootstrap", bootstrap, "--input-topic", input_topic,
+         "--output-topic", output_topic, "--group", fresh_name("group"),
+         "--consumer-config", json.dumps(GROUP_SETTINGS), *app_args],
+        stdout=log, stderr=subprocess.STDOUT, env=_clean_env())
+
+
+def run_quix(inputs, bootstrap: str, broker, work_dir: Path, app_args: tuple[str, ...] = ()
+             ) -> Result:
+    """Fill a fresh topic, start the Quix app on it (with ``app_args``: its guarantee, its
+    commit interval), watch its outputs, SIGTERM it."""
     values = inputs.json_values
     input_topic, output_topic = fresh_name("in"), fresh_name("out")
     create_topics(bootstrap, [input_topic, output_topic])
     fill_topic(bootstrap, input_topic, values)
     log_path = work_dir / f"{fresh_name('quix')}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(venv_python("quix")), str(HERE / "peers" / "quix_app.py"),
-             "--bootstrap", bootstrap, "--input-topic", input_topic,
-             "--output-topic", output_topic, "--group", fresh_name("group"),
-             "--consumer-config", json.dumps(GROUP_SETTINGS)],
-            stdout=log, stderr=subprocess.STDOUT, env=_clean_env())
+        proc = start_quix(bootstrap, input_topic, output_topic, log, app_args)
     meter, broker_meter = CpuMeter([proc.pid]), CpuMeter([broker.process.pid])
     try:
         w = watch_output(bootstrap, output_topic, len(values), [proc], [meter, broker_meter])

@@ -124,9 +124,19 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             "/invocations call)", kind=int, example="100", minimum=1, maximum=1_000_000),
     Setting("BATCH_TIMEOUT_MS", 1000, "Longest wait to fill a batch", kind=int, example="200",
             minimum=0, maximum=3_600_000),
+    Setting("PROCESSING_GUARANTEE", "at-least-once", "at-least-once: outputs are delivered, "
+            "then their input offsets committed; a crash or rebalance may produce some outputs "
+            "twice. exactly-once: outputs, dead letters and input offsets of each commit "
+            "interval are one Kafka transaction, committed together or not at all, and the "
+            "input is read with isolation.level=read_committed (Apache Kafka 2.5+; readers of "
+            "the outputs see each record once with read_committed, later by up to "
+            "COMMIT_INTERVAL_MS)", choices=("at-least-once", "exactly-once"),
+            example="exactly-once"),
     Setting("COMMIT_INTERVAL_MS", 1000, "Commit input offsets at most this often, once every "
             "output so far is acknowledged (0: after every batch); a crash reprocesses at most "
-            "this much", kind=int, example="5000", minimum=0, maximum=3_600_000),
+            "this much. Exactly-once: the length of a transaction, so also how long its "
+            "outputs wait to be visible", kind=int, example="5000", minimum=0,
+            maximum=3_600_000),
     Setting("AUTO_CREATE_TOPICS", True, "Create missing output and dead-letter topics "
             "(false: a missing topic is a fatal error)", kind=bool, example="false"),
     Setting("API_URL", None, "Model server base URL", modes=("bridge",),

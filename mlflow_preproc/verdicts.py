@@ -38,6 +38,7 @@ BOUNDARIES = (
 FAULTS = (
     "bad record", "dependency down", "dependency slow", "not its protocol",
     "auth/ACL refused", "missing library or codec", "resource bound exceeded", "signal",
+    "fenced",
 )
 
 
@@ -51,6 +52,7 @@ class Outcome(Enum):
     BRAKE = "brake"  # dead letters until most of DLQ_BRAKE_WINDOW fail: then stop committing
     RESTART = "restart"  # the process goes on but /healthz fails saying why
     FINISH = "finish"  # a signal: the batch finished, delivered, committed; exit 0
+    ABORT = "abort"  # exactly-once: the open transaction aborted, none of it visible
     NOT_APPLICABLE = "n/a"  # the fault cannot arise at this boundary (the note says why)
 
 
@@ -69,6 +71,9 @@ NA = Outcome.NOT_APPLICABLE
 _SIGNAL = _v(Outcome.FINISH, "SIGTERM/SIGINT: the batch in flight is finished, delivered and "
                              "committed, a wait given up uncommitted; exit 0")
 _NO_DEPENDENCY = "no dependency of its own at this boundary"
+# "fenced": another member owns the partitions now (this one was frozen or cut off past its
+# session, a zombie). Only a commit can tell, and only a commit can do harm.
+_FENCED_AT_COMMIT = _v(NA, "the group's coordinator judges a zombie when it commits")
 
 TABLE: dict[tuple[str, str], Verdict] = {
     # ---- file read: run opening its inputs
@@ -85,6 +90,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                      "bounds are decode's"),
     ("file read", "signal"): _v(Outcome.FINISH, "run stops, exit 128+n, its outputs and "
                                                 "rejects left as they were (never truncated)"),
+    ("file read", "fenced"): _v(NA, "run reads files, in no consumer group"),
     # ---- decode: bytes to records (stream, bridge, run, Spark)
     ("decode", "bad record"): _v(DL, "stage decode, the decoder's reason"),
     ("decode", "dependency down"): _v(NA, _NO_DEPENDENCY + " (the registry is its own)"),
@@ -97,6 +103,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                   "MAX_DECODED_BYTES/8 values, a schema text "
                                                   "over 1 MiB: the bound named"),
     ("decode", "signal"): _SIGNAL,
+    ("decode", "fenced"): _FENCED_AT_COMMIT,
     # ---- schema registry in: confluent-avro input
     ("schema registry in", "bad record"): _v(DL, "an id the registry does not know, a schema "
                                                  "that cannot be used: stage decode"),
@@ -112,6 +119,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                               "its references nest at most 32 "
                                                               "deep"),
     ("schema registry in", "signal"): _SIGNAL,
+    ("schema registry in", "fenced"): _FENCED_AT_COMMIT,
     # ---- pre_processing: the user's function
     ("pre_processing", "bad record"): _v(DL, "stage preprocess, the exception named"),
     ("pre_processing", "dependency down"): _v(Outcome.BRAKE, "a service the function calls is "
@@ -129,6 +137,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("pre_processing", "resource bound exceeded"): _v(DL, "a MemoryError on a record: that "
                                                           "record's, found alone"),
     ("pre_processing", "signal"): _SIGNAL,
+    ("pre_processing", "fenced"): _FENCED_AT_COMMIT,
     # ---- in-process predict: stream --prediction-model-uri
     ("in-process predict", "bad record"): _v(DL, "stage predict, found alone"),
     ("in-process predict", "dependency down"): _v(NA, "the model runs in the process"),
@@ -140,6 +149,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("in-process predict", "resource bound exceeded"): _v(DL, "a MemoryError on a record: that "
                                                               "record's, found alone"),
     ("in-process predict", "signal"): _SIGNAL,
+    ("in-process predict", "fenced"): _FENCED_AT_COMMIT,
     # ---- bridge call: a model server over HTTP
     ("bridge call", "bad record"): _v(DL, "400/413/422 on the record alone; a record the server "
                                           "fails alone RECORD_ATTEMPTS times while it answers "
@@ -157,6 +167,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                        "record by record; a record too large "
                                                        "alone is its dead letter"),
     ("bridge call", "signal"): _SIGNAL,
+    ("bridge call", "fenced"): _FENCED_AT_COMMIT,
     # ---- encode: records to bytes
     ("encode", "bad record"): _v(DL, "an output that does not fit its format: stage encode"),
     ("encode", "dependency down"): _v(NA, _NO_DEPENDENCY + " (the registry is its own)"),
@@ -168,6 +179,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("encode", "resource bound exceeded"): _v(NA, "an output's size is judged when it is "
                                                   "produced"),
     ("encode", "signal"): _SIGNAL,
+    ("encode", "fenced"): _FENCED_AT_COMMIT,
     # ---- schema registry out: confluent-avro output
     ("schema registry out", "bad record"): _v(NA, "the output schema is the model's, not a "
                                                   "record's"),
@@ -181,6 +193,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                                     "schemaregistry extra"),
     ("schema registry out", "resource bound exceeded"): _v(NA, "one schema, registered once"),
     ("schema registry out", "signal"): _SIGNAL,
+    ("schema registry out", "fenced"): _FENCED_AT_COMMIT,
     # ---- produce output
     ("produce output", "bad record"): _v(DL, "a delivery error about the record (invalid, too "
                                              "large): stage produce, the broker's code"),
@@ -199,6 +212,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                           "if need be"),
     ("produce output", "signal"): _v(Outcome.FINISH, "delivered within SHUTDOWN_TIMEOUT_S, "
                                                      "else uncommitted; exit 0"),
+    ("produce output", "fenced"): _FENCED_AT_COMMIT,
     # ---- produce dead letter
     ("produce dead letter", "bad record"): _v(DL, "a dead letter the broker refuses for size: "
                                                   "sent as headers only"),
@@ -212,15 +226,21 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("produce dead letter", "resource bound exceeded"): _v(DL, "truncated to the limit, with "
                                                                "its size and digest"),
     ("produce dead letter", "signal"): _SIGNAL,
+    ("produce dead letter", "fenced"): _FENCED_AT_COMMIT,
     # ---- commit
     ("commit", "bad record"): _v(NA, "commits carry offsets, no record"),
     ("commit", "dependency down"): _v(WAIT, "a commit that fails is retried with the next"),
-    ("commit", "dependency slow"): _v(WAIT, "a commit that fails is retried with the next"),
+    ("commit", "dependency slow"): _v(WAIT, "a commit that fails is retried with the next; "
+                                            "exactly-once: resumed until the transaction "
+                                            "timeout, then aborted and its input read again"),
     ("commit", "not its protocol"): _v(NA, "librdkafka speaks Kafka"),
     ("commit", "auth/ACL refused"): _v(STOP, "the group or the input topic refused: exit 2"),
     ("commit", "missing library or codec"): _v(NA, "librdkafka is the core install"),
     ("commit", "resource bound exceeded"): _v(NA, "offsets are small"),
     ("commit", "signal"): _v(Outcome.FINISH, "what was delivered is committed, then exit 0"),
+    ("commit", "fenced"): _v(Outcome.ABORT, "exactly-once: the coordinator refuses a zombie's offsets "
+                                  "(KIP-447), its transaction is aborted, none of it visible; "
+                                  "at-least-once: its commit is refused, its outputs stay"),
     # ---- file write: run's outputs and rejects
     ("file write", "bad record"): _v(DL, "a record the output format cannot hold: a reject, "
                                          "stage encode"),
@@ -235,6 +255,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                       "stops, the old output kept"),
     ("file write", "signal"): _v(Outcome.FINISH, "nothing replaced: outputs are renamed into "
                                                  "place only when the run ends"),
+    ("file write", "fenced"): _v(NA, "run writes files, in no consumer group"),
     # ---- replay: dlq replay [--through MODEL]
     ("replay", "bad record"): _v(DL, "a dead letter that fails again through the model stays "
                                      "where it is, reported"),
@@ -246,6 +267,8 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("replay", "missing library or codec"): _v(NA, "as the stream's decode boundary"),
     ("replay", "resource bound exceeded"): _v(NA, "dead letters were bounded when written"),
     ("replay", "signal"): _v(NA, "each replay transaction commits or aborts whole"),
+    ("replay", "fenced"): _v(STOP, "a second replay of the same topic fences the first: it "
+                                  "stops, what it committed recorded as replayed"),
 }
 
 

@@ -462,8 +462,9 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60,
     """
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+    # read_committed (librdkafka's default, said here): what exactly once is judged by
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("reader"),
-                         "enable.auto.commit": False})
+                         "enable.auto.commit": False, "isolation.level": "read_committed"})
     got = []
     deadline = time.monotonic() + timeout
     try:

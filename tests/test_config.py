@@ -151,3 +151,28 @@ def test_every_numeric_setting_has_a_range():
     unbounded = [s.env for s in config.SETTINGS.values()
                  if s.kind in (int, float) and s.minimum is None]
     assert unbounded == []
+
+
+def test_the_processing_guarantee_is_one_setting_of_the_stream_bridge_target_and_manifests():
+    # issue 35: PROCESSING_GUARANTEE from the table reaches every place a setting goes: the
+    # flags of stream and bridge, the environment, the -C keys of the target (and so its
+    # containers and Kubernetes manifests) and `mlflow deployments help -t preproc`.
+    import argparse
+
+    from mlflow_preproc.deploy import options
+
+    for mode in ("stream", "bridge"):
+        parser = argparse.ArgumentParser()
+        config.add_arguments(parser, mode)
+        assert config.load(mode, parser.parse_args([]), environ={})[
+            "PROCESSING_GUARANTEE"] == "at-least-once"
+        assert config.load(mode, parser.parse_args(
+            ["--processing-guarantee", "exactly-once"]), environ={})[
+            "PROCESSING_GUARANTEE"] == "exactly-once"
+        assert config.load(mode, environ={"PROCESSING_GUARANTEE": "exactly-once"})[
+            "PROCESSING_GUARANTEE"] == "exactly-once"
+    with pytest.raises(config.ConfigError, match="PROCESSING_GUARANTEE='exactly_once' is not "
+                                                 "one of at-least-once, exactly-once"):
+        config.load("stream", environ={"PROCESSING_GUARANTEE": "exactly_once"})
+    assert "processing_guarantee" in options.setting_keys()
+    assert "-C processing_guarantee=exactly-once" in options.help_text()

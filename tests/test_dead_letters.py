@@ -185,3 +185,24 @@ def test_a_missing_topic_and_a_bad_option_are_one_line(broker):
         "DLQ_TOPIC names another")
     bad = dlq("replay", "x-dlq", "--offsets", "0:5", bootstrap=broker.bootstrap_servers)
     assert bad.returncode == 2 and "'0:5' is not PARTITION:FROM-TO; e.g. 0:100-250" in bad.stderr
+
+
+@verdict("replay", "fenced")
+def test_a_replay_fenced_by_a_second_replay_of_the_topic_stops_and_sends_nothing(broker):
+    # Both replays of one dead-letter topic share a transactional id: the second one's start
+    # fences the first, whose next transaction fails whole (#35: the fenced cell).
+    from types import SimpleNamespace
+
+    from mlflow_preproc.streaming.dead_letters import DeadLetterError, _Sender
+
+    kafka = {"bootstrap.servers": broker.bootstrap_servers}
+    topic, source = unique("dlq"), unique("source")
+    broker.create_topics(topic, source)
+    letter = SimpleNamespace(key=b"k", where="0/0")
+    first = _Sender(kafka, topic, f"{topic}-replayed").__enter__()
+    second = _Sender(kafka, topic, f"{topic}-replayed").__enter__()
+    with pytest.raises(DeadLetterError, match="the replay stopped after"):
+        first.send([(letter, [(source, b"from the first", [])])])
+    second.send([(letter, [(source, b"from the second", [])])])
+    assert [m.value() for m in consume(broker.bootstrap_servers, source, 2, timeout=5)] == \
+        [b"from the second"]

@@ -33,6 +33,7 @@ from conftest import (
     stream_env,
     unique,
 )
+from apache_kafka import KafkaCluster
 from verdict_cells import verdict
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -568,6 +569,16 @@ POISON_VALUES = {"not-json": b"{not json", "array": b"[1, 2]", "tombstone": None
 POISON_RECORDS = ("raise", "unencodable", "oversized")
 
 
+def guarantee_env(guarantee: str) -> dict[str, str]:
+    """The settings of a stream or bridge with ``guarantee``. Exactly once with a 10 s
+    transaction timeout: the open transaction of an instance killed with SIGKILL holds back
+    read_committed readers until the broker aborts it (the default: a minute past the
+    commit interval)."""
+    if guarantee == "at-least-once":
+        return {}
+    return {"PROCESSING_GUARANTEE": guarantee, "LIBRDKAFKA_TRANSACTION_TIMEOUT_MS": "10000"}
+
+
 CHAOS_SCHEMA = {"type": "record", "name": "Obs", "fields": [
     {"name": "id", "type": "long"}, {"name": "x", "type": "long"},
     {"name": "poison", "type": ["null", "string"], "default": None}]}
@@ -581,6 +592,13 @@ def confluent(record: dict) -> bytes:
     return buf.getvalue()
 
 
+# (records, SIGKILLs, SIGTERMs) at CI's size: each event costs a process start and a group
+# join, under exactly-once also the dead instance's transaction timeout (10 s), so the
+# exactly-once runs are smaller to fit CI's time (about two minutes each on two cores).
+CI_SIZE = (5000, 6, 2)
+CI_SIZE_EXACTLY_ONCE = (3000, 4, 2)
+
+
 @verdict("decode", "signal")
 @verdict("schema registry in", "signal")
 @verdict("pre_processing", "signal")
@@ -591,6 +609,39 @@ def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_n
     # input -> stream (killed and signalled at random; its schema registry goes down at
     # random) -> bridge -> a model server with outages and 429 storms -> predictions. Every
     # input ends as a prediction or a dead letter, and only poison is dead-lettered.
+    # At least once: some are there twice (the run prints how many).
+    chaos(own_broker(free_port(), start=False), streams, schema_registry, model_server,
+          "at-least-once", CI_SIZE)
+
+
+@verdict("commit", "signal")
+@verdict("produce output", "signal")
+def test_exactly_once_under_random_kills_signals_poison_and_outages_every_record_is_out_once(
+        own_broker, tracking_uri, streams, schema_registry, model_server):
+    # The same run with PROCESSING_GUARANTEE=exactly-once for the stream and the bridge:
+    # every input is a prediction or a dead letter exactly once, read with read_committed:
+    # 0 lost, 0 duplicates (#35).
+    chaos(own_broker(free_port(), start=False), streams, schema_registry, model_server,
+          "exactly-once", CI_SIZE_EXACTLY_ONCE)
+
+
+def test_exactly_once_holds_with_a_broker_of_three_killed_during_the_kills(
+        kafka_cluster, tracking_uri, streams, schema_registry, model_server):
+    # The exactly-once run on three brokers (replication factor 3, min.insync.replicas=2),
+    # the leader of an input partition killed in the middle of it and started again later:
+    # its transactions' coordinator or partitions move, and still 0 lost, 0 duplicates.
+    chaos(kafka_cluster, streams, schema_registry, model_server, "exactly-once",
+          CI_SIZE_EXACTLY_ONCE, kill_a_broker=True)
+
+
+def chaos(broker, streams, schema_registry, model_server, guarantee: str,
+          size: tuple[int, int, int], kill_a_broker: bool = False) -> None:
+    """The randomized crash run: records with poison among them fed at a steady rate into 4
+    partitions, two stream instances killed (SIGKILL) and stopped (SIGTERM) at random moments
+    and started again, a schema registry and a model server failing at random, and a bridge
+    after the stream. ``size`` is CI's (records, SIGKILLs, SIGTERMs), which proves the
+    property in a few minutes; CHAOS_RECORDS=20000 CHAOS_KILLS=20 CHAOS_SIGTERMS=5 is the
+    issue's larger run (README, Contributing), CHAOS_SEED replays one."""
     import random
 
     seed = int(os.environ.get("CHAOS_SEED", time.time()))
@@ -599,9 +650,7 @@ def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_n
     with mlflow.start_run():
         model_uri = mlflow.preproc.log_model(chaos_features, name="chaos").model_uri
 
-    # CI's size proves the property in about a third of the time; CHAOS_RECORDS=20000
-    # CHAOS_KILLS=20 CHAOS_SIGTERMS=5 is the larger run (README, Contributing).
-    n = int(os.environ.get("CHAOS_RECORDS", 8000))
+    n = int(os.environ.get("CHAOS_RECORDS", size[0]))
     keys = [str(i).encode() for i in range(n)]
     values: list[bytes | None] = [confluent({"id": i, "x": i, "poison": None})
                                   for i in range(n)]
@@ -611,23 +660,23 @@ def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_n
             confluent({"id": i, "x": i, "poison": kind})
     dropped = {keys[poison_at[-1]]}
 
-    broker = own_broker(free_port(), start=False)
     topic = unique("chaos")
     env = {"MODEL_URI": model_uri, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
            "INPUT_TOPIC": topic, "OUTPUT_TOPIC": unique("chaos-out"),
            "CONSUMER_GROUP_ID": unique("chaos-group"), "COMMIT_INTERVAL_MS": "500",
            "BATCH_SIZE": "200", "INPUT_FORMAT": "confluent-avro",
-           "SCHEMA_REGISTRY_URL": schema_registry.url}
+           "SCHEMA_REGISTRY_URL": schema_registry.url, **guarantee_env(guarantee)}
     schema_registry.register(1, CHAOS_SCHEMA)
     live = [streams(env), streams(env)]  # before the broker is up: they wait for it
     everyone = list(live)
-    time.sleep(4)
-    broker.start()
+    if not isinstance(broker, KafkaCluster):
+        time.sleep(4)
+        broker.start()  # late: the instances wait for it
     broker.create_topics(topic, partitions=4)
     broker.create_topics(env["OUTPUT_TOPIC"], partitions=4)
     model_server.field = "id"
     benv = bridge_env(broker.bootstrap_servers, env["OUTPUT_TOPIC"], model_server.url,
-                      BATCH_SIZE="100")
+                      BATCH_SIZE="100", **guarantee_env(guarantee))
     bridge = streams(benv, command="bridge")
 
     from confluent_kafka import Producer
@@ -677,9 +726,14 @@ def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_n
 
     threading.Thread(target=registry_outages, daemon=True).start()
     threading.Thread(target=model_server_outages, daemon=True).start()
-    events = ["SIGKILL"] * int(os.environ.get("CHAOS_KILLS", 10)) + \
-        ["SIGTERM"] * int(os.environ.get("CHAOS_SIGTERMS", 3))
+    events = ["SIGKILL"] * int(os.environ.get("CHAOS_KILLS", size[1])) + \
+        ["SIGTERM"] * int(os.environ.get("CHAOS_SIGTERMS", size[2]))
     rng.shuffle(events)
+    if kill_a_broker:  # in the middle of the run, back three events later
+        middle = len(events) // 2
+        events[middle:middle] = ["kill a broker"]
+        events[middle + 4:middle + 4] = ["restart the broker"]
+    victim_broker = None
     sigterm_exits, own_exits = [], []
     for event in events:
         # A random moment of work: once the group has formed again after the last event
@@ -695,6 +749,13 @@ def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_n
         wait_for(lambda: all(s.events("assign") or s.proc.poll() is not None for s in live),
                  90, "the group to form")
         time.sleep(rng.uniform(0.2, 3.0))
+        if event == "kill a broker":
+            victim_broker = broker.leader_of(topic, rng.randrange(4))
+            victim_broker.kill()
+            continue
+        if event == "restart the broker":
+            victim_broker.start()
+            continue
         working = [s for s in live if s.proc.poll() is None and s.events("assign")]
         victim = rng.choice(working or live)
         if event == "SIGKILL":
@@ -733,6 +794,10 @@ def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_n
           f"{len(missing)} missing; instances that stopped by themselves: {own_exits}; "
           f"{waits} waits for the registry")
     assert not missing, f"lost {len(missing)} records, e.g. {sorted(missing)[:10]}"
+    if guarantee == "exactly-once":
+        assert duplicates == 0, f"{duplicates} duplicates under exactly-once"
+        aborted = sum(len(s.events("transaction_aborted")) for s in [*everyone, bridge])
+        print(f"chaos: {aborted} transactions aborted and processed again")
     assert waits, "no instance met a registry outage: the test did not test it"
     assert sigterm_exits == [0] * len(sigterm_exits)
     assert all(code == 2 and "does not exist" in line for code, line in own_exits), own_exits
@@ -751,3 +816,62 @@ def test_random_kills_signals_poison_a_late_broker_and_dependency_outages_lose_n
     for key, kind in poison_keys.items():
         if kind in POISON_VALUES:
             assert by_key[key] == POISON_VALUES[kind]  # byte-exact copies of the input
+
+
+# ---- exactly once: a zombie ------------------------------------------------------------------
+
+@verdict("commit", "fenced")
+def test_a_frozen_instance_whose_partitions_moved_commits_nothing_when_thawed(
+        broker, model, streams):
+    # KIP-447 on Apache Kafka: instance A, in the middle of a transaction with outputs in
+    # it, is frozen (SIGSTOP) past its session; B takes its partitions and processes from
+    # A's last commit. Thawed, A is a zombie: the group refuses its offsets (or tells it its
+    # partitions are lost), it aborts, and none of its transaction is visible: every
+    # record is out exactly once under read_committed (#35).
+    from confluent_kafka import Producer
+
+    topic = unique("zombie")
+    broker.create_topics(topic, partitions=2)
+    env = env_for(broker.bootstrap_servers, model, topic, PROCESSING_GUARANTEE="exactly-once",
+                  COMMIT_INTERVAL_MS="6000", BATCH_SIZE="20")
+    n = 3000
+    fed = threading.Event()
+
+    def feed():  # ~100 records/s through the freeze and the thaw
+        producer = Producer({"bootstrap.servers": broker.bootstrap_servers, "linger.ms": 5})
+        started = time.monotonic()
+        for i in range(n):
+            producer.produce(topic, json.dumps({"id": i, "x": i}).encode(), str(i).encode())
+            if i % 10 == 0:
+                producer.poll(0)
+                time.sleep(max(0.0, started + i / 100 - time.monotonic()))
+        assert producer.flush(30) == 0
+        fed.set()
+
+    a = streams(env)
+    wait_for(lambda: a.events("assign"), 90, "A to be assigned")
+    threading.Thread(target=feed, daemon=True).start()
+    # A's first transaction is open for 6 s: frozen in the middle of it, with outputs in it
+    wait_for(lambda: any(e["in"] >= 200 for e in a.events("stats")), 30, "A to have outputs")
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        b = streams(env)
+        # A's session (6 s) expires; B gets both partitions and produces
+        wait_for(lambda: sum(len(e.get("partitions", [])) for e in b.events("assign")) >= 2,
+                 90, "B to take both partitions")
+        wait_for(lambda: any(e["out"] > 0 for e in b.events("stats")), 30, "B to produce")
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    fed.wait(90)
+    every_id = lambda got: set(ids(got)) == set(range(n))  # noqa: E731
+    outputs = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], n, timeout=120,
+                      until=every_id)
+    time.sleep(3)  # anything a zombie might still commit
+    outputs = consume(broker.bootstrap_servers, env["OUTPUT_TOPIC"], n, timeout=20,
+                      until=lambda got: len(got) > n)
+    assert sorted(ids(outputs)) == list(range(n)), \
+        f"{len(outputs)} outputs, {len(set(ids(outputs)))} ids of {n}"
+    assert a.events("transaction_aborted"), a.text()[-3000:]  # thawed, it aborted
+    assert a.stop() == 0 and b.stop() == 0
+    assert sum(committed_offsets(broker.bootstrap_servers, env["CONSUMER_GROUP_ID"], topic,
+                                 partitions=2)) == n

@@ -244,17 +244,22 @@ def fink_stream_env(broker, topic: str, out: str, **extra: str) -> dict[str, str
 
 @pytest.mark.slow
 @pytest.mark.kafka
-def test_fink_alerts_to_predictions_in_one_process(fink, broker, streams):
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_fink_alerts_to_predictions_in_one_process(fink, broker, streams, guarantee):
+    # The one-hop stream in both modes (#35): under exactly-once its predictions are
+    # visible to a read_committed reader once their transaction commits.
     alerts = ztf_alerts(40)
     topic, out = unique("fink-alert"), unique("predictions")
     broker.create_topics(topic)
     produce(broker.bootstrap_servers, topic, [as_container(a) for a in alerts],
             keys=[str(a["candid"]).encode() for a in alerts])
-    stream = streams(fink_stream_env(broker, topic, out, KEEP_FIELDS="objectId,candid"),
+    stream = streams(fink_stream_env(broker, topic, out, KEEP_FIELDS="objectId,candid",
+                                     PROCESSING_GUARANTEE=guarantee),
                      args=("--prediction-model-uri", "models:/fink-classifier/1"))
     predictions = consume(broker.bootstrap_servers, out, len(alerts))
     assert stream.stop() == 0, stream.text()[-3000:]
     assert len(predictions) == len(alerts)
+    assert stream.events("start")[0]["processing_guarantee"] == guarantee
     by_key = {m.key(): m for m in predictions}
     for alert in alerts:
         message = by_key[str(alert["candid"]).encode()]  # the alert's key is kept

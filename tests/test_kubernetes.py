@@ -71,7 +71,8 @@ CASES = {
         "kafka_config_file": "/etc/kafka/client/client.properties",
         "cpu_request": "250m", "memory_request": "512Mi", "cpu_limit": "1",
         "memory_limit": "1Gi", "service_monitor": "true", "registry": "registry.example.org/fink",
-        "prometheus_rule": "true", "grafana_dashboard": "true"},
+        "prometheus_rule": "true", "grafana_dashboard": "true",
+        "processing_guarantee": "exactly-once"},
     "bridge": {"mode": "bridge", "input_topic": "features", "output_topic": "predictions",
                "api_url": "http://classifier.alerts:8080",
                "kafka_bootstrap_servers": "kafka.alerts:9092"},
@@ -168,6 +169,7 @@ def test_what_the_manifests_say(registered):
     assert env["MLFLOW_PREPROC_MODE"] == "both"
     assert env["CONSUMER_GROUP_ID"] == "mlflow-preproc-fink"
     assert env["OUTPUT_TOPIC"] == "kube-prep-1-preprocessed"
+    assert env["PROCESSING_GUARANTEE"] == "exactly-once"  # a setting, passed on (#35)
     assert env["LIBRDKAFKA_SASL_PASSWORD"] == {
         "secretKeyRef": {"name": "kafka-user", "key": "password"}}  # by reference only
     assert pod["terminationGracePeriodSeconds"] > 30  # SHUTDOWN_TIMEOUT_S

@@ -5,6 +5,8 @@ mlflow-preproc). ``Application`` with ``sdf.apply(...)`` and ``to_topic``, JSON 
 other setting at Quix's default except those the benchmark needs: the broker, a fresh group,
 ``auto_offset_reset="earliest"`` (the input is written before the app starts) and the group
 timeouts that make Tansu join in ~3 s. Stops on SIGTERM, as Quix apps do.
+``--processing-guarantee exactly-once`` and ``--commit-interval`` are for
+``benchmarks/exactly_once.py``.
 """
 
 from __future__ import annotations
@@ -28,10 +30,17 @@ def main() -> None:
     p.add_argument("--output-topic", required=True)
     p.add_argument("--group", required=True)
     p.add_argument("--consumer-config", default="{}", help="JSON: extra consumer settings")
+    p.add_argument("--processing-guarantee", default=None,
+                   help="at-least-once or exactly-once (default: Quix's, at-least-once)")
+    p.add_argument("--commit-interval", type=float, default=None,
+                   help="seconds (default: Quix's, 5.0)")
     args = p.parse_args()
+    optional = {"processing_guarantee": args.processing_guarantee,
+                "commit_interval": args.commit_interval}
     app = Application(broker_address=args.bootstrap, consumer_group=args.group,
                       auto_offset_reset="earliest", loglevel="WARNING",
-                      consumer_extra_config=json.loads(args.consumer_config))
+                      consumer_extra_config=json.loads(args.consumer_config),
+                      **{k: v for k, v in optional.items() if v is not None})
     source = app.topic(args.input_topic, value_deserializer="json")
     sink = app.topic(args.output_topic, value_serializer="json")
     sdf = app.dataframe(source)

@@ -10,6 +10,11 @@ A batch that is abandoned or fails half way is never marked, so whatever happens
 exception, a signal, a rebalance, a broker outage) its inputs stay uncommitted and the group
 processes them again: at least once, never "committed but lost". This is the rule Kafka
 Streams and Quix Streams follow: commit what was processed, not what was consumed.
+
+Exactly once (:mod:`~mlflow_preproc.streaming.transactions`) adds the way back: a transaction
+that is aborted takes every output since the last commit with it, so the loop reads each
+partition again from :meth:`Checkpoint.rewind`, the last committed offset or, before the first
+commit, the first offset consumed since the partition was assigned (:meth:`consumed`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,16 @@ class Checkpoint:
     def __init__(self) -> None:
         self._handled: dict[Partition, int] = {}
         self._committed: dict[Partition, int] = {}
+        self._first: dict[Partition, int] = {}  # exactly once: consumed first since assigned
+
+    def consumed(self, messages: Iterable[Message]) -> None:
+        """Exactly once: note the first offset consumed of each partition since it was
+        assigned, where :meth:`rewind` goes back to before anything is committed."""
+        first = self._first
+        for msg in messages:
+            key = (msg.topic(), msg.partition())
+            if key not in first:
+                first[key] = msg.offset()
 
     def mark_handled(self, messages: Iterable[Message], owned: set[Partition]) -> None:
         """Record that ``messages`` are handled; partitions not ``owned`` any more are skipped
@@ -62,6 +77,23 @@ class Checkpoint:
         for key in partitions:
             self._handled.pop(key, None)
             self._committed.pop(key, None)
+            self._first.pop(key, None)
+
+    def rewind(self, owned: Iterable[Partition]) -> list[TopicPartition]:
+        """The transaction since the last commit was aborted: everything handled since is
+        undone, and each ``owned`` partition read so far is read again from its last
+        committed offset (or its first consumed one). Returns where to seek."""
+        seeks = []
+        for key in owned:
+            offset = self._committed.get(key, self._first.get(key))
+            if offset is None:
+                continue  # nothing consumed from it yet
+            seeks.append(TopicPartition(key[0], key[1], offset))
+            if key in self._committed:
+                self._handled[key] = offset
+            else:
+                self._handled.pop(key, None)
+        return seeks
 
     def handled(self) -> dict[Partition, int]:
         """A copy of the handled offsets, for logs and tests."""

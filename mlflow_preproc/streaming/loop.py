@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from mlflow_preproc.config import Config, client_config_error
+from mlflow_preproc.config import Config, ConfigError, client_config_error
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.formats import MessageDecoder, drop_fields
 from mlflow_preproc.runtime.model_identity import HEADER
@@ -67,6 +67,13 @@ from mlflow_preproc.streaming.delivery import (
 from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
 from mlflow_preproc.streaming.no_broker import cannot_reach, local_broker_command
 from mlflow_preproc.streaming.shutdown import Shutdown
+from mlflow_preproc.streaming.transactions import (
+    Remedy,
+    TransactionalProducer,
+    TransactionError,
+    refused_fix,
+    transactional_settings,
+)
 
 if TYPE_CHECKING:
     from mlflow_preproc.runtime.avro_columns import ColumnReader
@@ -99,6 +106,11 @@ class FatalError(RuntimeError):
 class Abandon(Exception):
     """Raised by a handler to give up the batch in flight (shutting down while a dependency
     is down): nothing of that batch is committed, so the group processes it again."""
+
+
+class Rewound(Exception):
+    """Exactly once: the transaction was aborted while a batch was handled; the batch is
+    given up, and its input read again from the last commit with everything since."""
 
 
 def source_header(msg: Message) -> tuple[str, bytes]:
@@ -161,9 +173,16 @@ class KafkaLoop:
         self._producer_broken = False
         self._fatal: FatalError | None = None
         self._failed = False  # an exception ended the loop: commit nothing, not even on close
+        self.exactly_once = config["PROCESSING_GUARANTEE"] == "exactly-once"
+        # Exactly once: a batch is in flight, a rewind happened during it (it must be given
+        # up), a delivery failed so the open transaction must be aborted (the reason).
+        self._in_batch = False
+        self._rewound_in_batch = False
+        self._must_abort: str | None = None
         self._backoff = 0.0
         self._max_message_bytes = int(config.kafka.get("message.max.bytes",
                                                        _DEFAULT_MAX_MESSAGE_BYTES))
+        isolation = self._isolation()
         self.consumer = consumer if consumer is not None else self._client(Consumer, {
             # librdkafka stops fetching for fetch.queue.backoff.ms (default 1 s) whenever its
             # prefetch queue is full (64 MB: ~64k records of 1 KB); a loop that drains that in
@@ -174,13 +193,21 @@ class KafkaLoop:
             "group.id": self.group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": config["AUTO_OFFSET_RESET"],
+            **isolation,
             "statistics.interval.ms": 1000 if config["METRICS_PORT"] else 0,
             "stats_cb": self.stats.on_librdkafka_stats,
             "error_cb": self._on_consumer_error,
             "on_commit": self._on_commit,
             "logger": client_logger(),
         })
-        self.producer = producer if producer is not None else self._new_producer()
+        self.transaction: TransactionalProducer | None = None
+        if self.exactly_once:
+            given = [producer] if producer is not None else []
+            self.transaction = TransactionalProducer(
+                lambda: given.pop() if given else self._new_producer())
+            self.producer = self.transaction
+        else:
+            self.producer = producer if producer is not None else self._new_producer()
         self._metrics_server = None
 
     # ---- what subclasses implement -------------------------------------------------------
@@ -221,7 +248,7 @@ class KafkaLoop:
                     # waited for or fatal. Only then through when_available, which costs
                     # ~0.3 µs a record on the common path.
                     decoded = self.when_available(decode, msg.value())
-            except (Abandon, FatalError):
+            except (Abandon, FatalError, Rewound):  # the loop's, not the record's
                 raise
             except Exception as exc:  # noqa: BLE001 -- whatever the bytes do to a decoder,
                 # it is this record's problem, not the partition's
@@ -311,6 +338,8 @@ class KafkaLoop:
                 logger.warning(f"{exc.dependency} unavailable; retrying", extra={
                     "event": "dependency_unavailable", "dependency": exc.dependency,
                     "error": exc.problem, "retry_in_s": delay})
+                if self.transaction is not None:
+                    self._commit_before_wait()
                 self.wait(delay)
                 delay = min(delay * 2, _MAX_RETRY_BACKOFF_S)
             except Misconfigured as exc:
@@ -324,6 +353,8 @@ class KafkaLoop:
         past ``max.poll.interval.ms`` and rebalances are served. Returns early on shutdown."""
         with self._input_paused():
             self._poll_paused(seconds)
+        if self._rewound_in_batch:
+            raise Rewound  # a rebalance during the wait aborted the transaction
 
     @contextmanager
     def _input_paused(self) -> Iterator[None]:
@@ -389,6 +420,8 @@ class KafkaLoop:
     def _run(self) -> None:
         if not self._check_topics():
             return  # stopped while waiting for the broker
+        if self.transaction is not None and not self._start_transactions():
+            return  # stopped while waiting for the transaction coordinator
         if self.config["METRICS_PORT"]:
             self._metrics_server = serve_metrics(self.stats, self.config["METRICS_HOST"],
                                                  self.config["METRICS_PORT"],
@@ -401,7 +434,8 @@ class KafkaLoop:
                     "are assigned", extra={
                         "event": "start", "command": self.command,
                         "input_topic": self.input_topic, "output_topic": self.output_topic,
-                        "dlq_topic": self.dlq_topic, "group_id": self.group_id})
+                        "dlq_topic": self.dlq_topic, "group_id": self.group_id,
+                        "processing_guarantee": self.config["PROCESSING_GUARANTEE"]})
         batch_size = self.config["BATCH_SIZE"]
         timeout = self.config["BATCH_TIMEOUT_MS"] / 1000
         commit_interval = self.config["COMMIT_INTERVAL_MS"] / 1000
@@ -415,7 +449,10 @@ class KafkaLoop:
             if messages:
                 started = time.monotonic()
                 failed_before = self.stats.counts["failed"]
-                self.handle_batch(messages)  # an Abandon leaves it out of the checkpoint
+                if self.transaction is None:
+                    self.handle_batch(messages)  # an Abandon leaves it out of the checkpoint
+                elif not self._handle_in_transaction(messages):
+                    continue  # aborted: read again from the last commit
                 braking = self.brake.observe(len(messages),
                                              self.stats.counts["failed"] - failed_before)
                 if braking:
@@ -441,6 +478,8 @@ class KafkaLoop:
         """The dead-letter brake engaged: commit nothing from now on, take no input, say why
         on /healthz, until stopped."""
         self._failed = True  # no commit: not on a rebalance, not at shutdown
+        if self.transaction is not None:
+            self._abort_at_exit()  # nothing of the interval becomes visible
         self.stats.brake = reason
         logger.error("dead-letter brake engaged; input paused, nothing committed", extra={
             "event": "dead_letter_brake", "reason": reason})
@@ -489,6 +528,8 @@ class KafkaLoop:
         """
         if self._failed:
             return False
+        if self.transaction is not None:
+            return self._commit_transaction(flush_timeout)
         left = self.producer.flush(flush_timeout)
         if self._fatal is not None:
             return False  # a dead letter could not be written: its input stays uncommitted
@@ -544,15 +585,24 @@ class KafkaLoop:
         # Everything handled from these partitions is delivered, then committed, so the next
         # owner starts right after our last output. A batch in flight is not in the checkpoint.
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        self._commit(asynchronous=False, flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"],
-                     partitions=keys)
+        if self.transaction is not None:
+            self._revoke_in_transaction(keys)
+        else:
+            self._commit(asynchronous=False, flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"],
+                         partitions=keys)
         self._give_up(keys)
+        if self._in_batch:
+            self._rewind()  # exactly once: the batch in flight is given up
         self.stats.rebalanced("revoked", len(keys))
         logger.info("partitions revoked", extra={"event": "revoke",
                                                  "partitions": [p.partition for p in partitions]})
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member owns them already: committing would fail or overwrite its progress.
+        # Exactly once: the open transaction holds their outputs, which the new owner makes
+        # again: it is aborted (a zombie's commit would be refused anyway).
+        if self.transaction is not None and not self._failed:
+            self._abort_and_rewind("partitions lost: another member owns them now")
         self._give_up([(tp.topic, tp.partition) for tp in partitions])
         self.stats.rebalanced("lost", len(partitions))
         logger.warning("partitions lost", extra={"event": "lost",
@@ -562,6 +612,216 @@ class KafkaLoop:
         self._owned.difference_update(keys)
         self.checkpoint.forget(keys)
         self.stats.assigned([], self._owned)
+
+    # ---- exactly once: the checkpoint as a transaction (streaming/transactions.py) ------------
+
+    def _isolation(self) -> dict[str, str]:
+        """Exactly once reads committed input only: an upstream transaction that aborts never
+        reaches this stream, so a chain of exactly-once streams stays exactly once."""
+        if not self.exactly_once:
+            return {}
+        if self.config.kafka.get("isolation.level", "read_committed") != "read_committed":
+            where = self.config.kafka_sources.get("isolation.level", "isolation.level")
+            raise ConfigError(f"{where} sets isolation.level="
+                              f"{self.config.kafka['isolation.level']}, which "
+                              "PROCESSING_GUARANTEE=exactly-once cannot keep (it would read "
+                              "aborted records); remove it, or use at-least-once")
+        return {"isolation.level": "read_committed"}
+
+    def _start_transactions(self) -> bool:
+        """Register the transactional producer with its coordinator; False if stopped."""
+        deadline = time.monotonic() + _STARTUP_WAIT_S
+        while not self.shutdown.requested:
+            try:
+                self.transaction.start(_COMMIT_FLUSH_TIMEOUT_S)
+                return True
+            except TransactionError as exc:
+                if exc.remedy is not Remedy.RETRY:
+                    raise FatalError(f"cannot start the transactional producer ({exc}); "
+                                     f"{refused_fix(exc.error)}") from None
+                if time.monotonic() > deadline:
+                    raise FatalError(f"no transaction coordinator answered within "
+                                     f"{_STARTUP_WAIT_S:.0f} s ({exc}); exactly-once needs "
+                                     "Apache Kafka 2.5+ with transactions (its "
+                                     "__transaction_state topic) working") from None
+                logger.warning("waiting for the transaction coordinator", extra={
+                    "event": "waiting_for_kafka", "error": str(exc)})
+                self.shutdown.sleep(1.0)
+        return False
+
+    def _handle_in_transaction(self, messages: Sequence[Message]) -> bool:
+        """:meth:`handle_batch` into the open transaction; False if the batch was given up
+        because the transaction was aborted meanwhile (its input is read again)."""
+        self.checkpoint.consumed(messages)
+        self.transaction.mark_batch()
+        self._in_batch, self._rewound_in_batch = True, False
+        try:
+            self.handle_batch(messages)
+        except Rewound:
+            return False
+        except Abandon:
+            # Shutting down in the middle of the batch: it is given up uncommitted, for the
+            # next owner. What it produced is in the open transaction, which cannot commit
+            # without the rest of the batch: all of it is aborted.
+            if self.transaction.batch_sent:
+                self._abort_and_rewind("the batch in flight was given up at shutdown")
+            raise
+        except TransactionError as exc:  # begin_transaction refused, inside produce
+            self._transaction_failed(exc)
+            return False
+        finally:
+            self._in_batch = False
+        if self._rewound_in_batch:
+            # Rewound on a path that could not raise: what the batch produced since went
+            # into a transaction without the rest of it.
+            self._abort_and_rewind("the batch in flight was rewound")
+            return False
+        return True
+
+    def _commit_before_wait(self) -> None:
+        """A dependency is down: commit what earlier batches did, so that no transaction
+        stays open (holding back readers, timing out) while the loop waits. Not when the
+        batch in flight produced already: its outputs cannot be committed without it."""
+        if self.transaction.batch_sent or self._failed:
+            return
+        if self.transaction.open or self.checkpoint.to_commit():
+            self._commit(asynchronous=False, flush_timeout=_COMMIT_FLUSH_TIMEOUT_S)
+        if self._rewound_in_batch:
+            raise Rewound
+
+    def _commit_transaction(self, flush_timeout: float) -> bool:
+        """Commit the open transaction with the checkpoint's offsets (of every partition:
+        the outputs of all of them are in it). Returns whether everything handled so far is
+        committed; a transaction that cannot commit is aborted and its input read again."""
+        txn = self.transaction
+        offsets = self.checkpoint.to_commit()
+        if not offsets and not txn.open:
+            return True
+        left = txn.flush(flush_timeout)
+        if self._fatal is not None:
+            return False  # a topic refuses this client: nothing of it is committed
+        if self._must_abort:
+            self._abort_and_rewind(self._must_abort)
+            return False
+        if left:
+            logger.warning("outputs not delivered yet; not committing", extra={
+                "event": "commit_deferred", "outputs": left, "redeliveries": 0})
+            return False
+        backoff = 0.5
+        deadline = time.monotonic() + self._transaction_timeout_s()
+        while True:
+            try:
+                txn.commit(offsets, self.consumer.consumer_group_metadata(), flush_timeout)
+                break
+            except TransactionError as exc:
+                if exc.remedy is Remedy.RETRY and not self.shutdown.requested \
+                        and time.monotonic() < deadline:
+                    # The broker is away or its coordinator moving: the same call resumes.
+                    logger.warning("transaction commit failed; retrying", extra={
+                        "event": "commit_failed", "error": str(exc)})
+                    self.shutdown.sleep(backoff)
+                    backoff = min(backoff * 2, _MAX_RETRY_BACKOFF_S)
+                    continue
+                self._transaction_failed(exc)
+                return False
+        self.checkpoint.committed(offsets)
+        self.stats.committed()
+        return True
+
+    def _transaction_timeout_s(self) -> float:
+        timeout = self.config.kafka.get("transaction.timeout.ms")
+        return (int(timeout) if timeout else
+                transactional_settings("", self.config["COMMIT_INTERVAL_MS"], {})[
+                    "transaction.timeout.ms"]) / 1000
+
+    def _transaction_failed(self, exc: TransactionError) -> None:
+        if exc.remedy is Remedy.REFUSED:
+            if self._fatal is None:
+                self._fatal = FatalError(f"the broker refuses this client's transaction "
+                                         f"({exc}); {refused_fix(exc.error)}; nothing of it "
+                                         "was committed")
+            return
+        self._abort_and_rewind(str(exc), renew=exc.remedy is Remedy.RENEW)
+
+    def _abort_and_rewind(self, reason: str, renew: bool = False) -> None:
+        """Abort the open transaction (with a new producer if this one cannot go on) and
+        read every owned partition again from its last commit."""
+        txn = self.transaction
+        self._must_abort = None
+        if txn.open or renew or self.checkpoint.to_commit():
+            self.stats.aborted()
+            logger.warning("transaction aborted; its input is read again from the last "
+                           "commit", extra={"event": "transaction_aborted", "error": reason})
+        if renew:
+            txn.replace()
+        backoff = 0.5
+        while True:
+            try:
+                if renew:
+                    txn.start(_COMMIT_FLUSH_TIMEOUT_S)
+                else:
+                    txn.abort(_COMMIT_FLUSH_TIMEOUT_S)
+                break
+            except TransactionError as exc:
+                if exc.remedy is Remedy.REFUSED:
+                    self._transaction_failed(exc)
+                    break
+                if exc.remedy is not Remedy.RETRY and not renew:
+                    renew = True  # a fenced producer cannot abort: the broker does
+                    txn.replace()
+                    continue
+                if self.shutdown.requested:
+                    break  # the broker aborts it after the transaction timeout
+                self.shutdown.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_RETRY_BACKOFF_S)
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Seek every owned partition back to its last commit (see Checkpoint.rewind)."""
+        for tp in self.checkpoint.rewind(self._owned):
+            try:
+                self.consumer.seek(tp)
+            except KafkaException as exc:  # not fetching yet: it starts at the commit anyway
+                logger.info("seek failed", extra={"event": "seek_failed", "error": str(exc),
+                                                  "partition": tp.partition})
+        if self._in_batch:
+            self._rewound_in_batch = True
+
+    def _revoke_in_transaction(self, keys: list[tuple[str, int]]) -> None:
+        # Revoked partitions' outputs and offsets are committed together before another
+        # member takes them; with outputs of the batch in flight in the transaction (only
+        # a handler that produces before it waits), all of it is aborted instead.
+        if self._failed:
+            return
+        if self._in_batch and self.transaction.batch_sent:
+            self._abort_and_rewind("partitions revoked while a batch was in flight")
+        else:
+            self._commit(asynchronous=False, flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"])
+
+    def _delivery_failed_in_transaction(self, delivery: _Delivery, kind: Failure,
+                                        err: KafkaError, msg: Message) -> None:
+        # Any failed delivery fails the whole transaction (librdkafka: abortable). A
+        # refused record is remembered, so that read again it is dead-lettered at once.
+        if kind is Failure.TOPIC_REFUSED and not delivery.dead_letter:
+            self._output_refused(delivery.source, msg.topic(), err)
+            return
+        if delivery.dead_letter and kind in (Failure.PERMANENT, Failure.TOPIC_REFUSED) \
+                and not (is_size_error(err) and msg.value()):
+            self._dead_letter_refused(delivery.source, msg.value(), delivery.headers, err)
+            return
+        if kind is Failure.PERMANENT:
+            source = delivery.source
+            self.transaction.refuse(source.topic(), source.partition(), source.offset(),
+                                    msg.topic(), err)
+        self._must_abort = self._must_abort or \
+            f"a delivery to {msg.topic()} failed ({err.name()}: {err.str()})"
+
+    def _abort_at_exit(self) -> None:
+        """Abort the open transaction once, so readers need not wait for its timeout."""
+        try:
+            self.transaction.abort(min(5.0, self.config["SHUTDOWN_TIMEOUT_S"] or 5.0))
+        except TransactionError:
+            pass  # the broker aborts it after the transaction timeout
 
     # ---- delivery failures -------------------------------------------------------------------
 
@@ -587,6 +847,9 @@ class KafkaLoop:
 
     def _delivery_failed(self, delivery: _Delivery, err: KafkaError, msg: Message) -> None:
         kind = classify(err)
+        if self.transaction is not None:
+            self._delivery_failed_in_transaction(delivery, kind, err, msg)
+            return
         if kind is Failure.TOPIC_REFUSED and not delivery.dead_letter:
             self._output_refused(delivery.source, msg.topic(), err)
             return
@@ -690,6 +953,8 @@ class KafkaLoop:
             "enable.idempotence": True,
             "linger.ms": 5,
             **self.config.kafka,
+            **(transactional_settings(self.group_id, self.config["COMMIT_INTERVAL_MS"],
+                                      self.config.kafka) if self.exactly_once else {}),
             # Successes are known from flush(); see the module docstring.
             "delivery.report.only.error": True,
             "error_cb": self._on_producer_error,
@@ -697,7 +962,13 @@ class KafkaLoop:
         })
 
     def _on_producer_error(self, err: KafkaError) -> None:
-        if err.fatal():
+        if err.fatal() and self.transaction is not None:
+            # Fenced (its transaction timed out) or failed: the next transactional call
+            # fails too; the transaction is aborted there and a new producer made.
+            self._must_abort = self._must_abort or f"producer failed: {err.str()}"
+            logger.warning("transactional producer failed", extra={
+                "event": "producer_failed", "error": err.str()})
+        elif err.fatal():
             # The idempotent producer lost its sequence state: a new one sends what it held.
             self._producer_broken = True
             logger.warning("producer failed", extra={"event": "producer_failed",
@@ -746,6 +1017,8 @@ class KafkaLoop:
     def _close(self, commit: bool) -> None:
         done = commit and self._commit(asynchronous=False,
                                        flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"])
+        if self.transaction is not None and not done:
+            self._abort_at_exit()
         if commit and not done and self.stats.brake is None:
             logger.warning("outputs not delivered at shutdown; their inputs stay uncommitted "
                            "and will be processed again", extra={

@@ -86,6 +86,9 @@ class LoopStats:
                                      ["command", "stage", "error_type"], registry=self.registry)
         self._commits = Counter("mlflow_preproc_commits", "Offset commits sent", ["command"],
                                 registry=self.registry)
+        self._aborts = Counter("mlflow_preproc_transactions_aborted", "Exactly-once "
+                               "transactions aborted (their input processed again)",
+                               ["command"], registry=self.registry)
         self._rebalances = Counter("mlflow_preproc_rebalances", "Partitions assigned, revoked "
                                    "or lost by the group", ["command", "kind"],
                                    registry=self.registry)
@@ -142,6 +145,10 @@ class LoopStats:
     def committed(self) -> None:
         """An offset commit was sent."""
         self._commits.labels(self.command).inc()
+
+    def aborted(self) -> None:
+        """Exactly once: a transaction was aborted (its input is processed again)."""
+        self._aborts.labels(self.command).inc()
 
     def rebalanced(self, kind: str, partitions: int) -> None:
         """The group assigned, revoked or lost ``partitions`` of this member."""
