@@ -38,6 +38,7 @@ BOUNDARIES = (
 FAULTS = (
     "bad record", "dependency down", "dependency slow", "not its protocol",
     "auth/ACL refused", "missing library or codec", "resource bound exceeded", "signal",
+    "environment drift",
 )
 
 
@@ -69,6 +70,9 @@ NA = Outcome.NOT_APPLICABLE
 _SIGNAL = _v(Outcome.FINISH, "SIGTERM/SIGINT: the batch in flight is finished, delivered and "
                              "committed, a wait given up uncommitted; exit 0")
 _NO_DEPENDENCY = "no dependency of its own at this boundary"
+# Environment drift: the model's reference records give other outputs than where it was
+# logged (runtime/parity.py). Only where the model's code runs can it show.
+_NO_MODEL_CODE = _v(NA, "no model code runs here; the drift shows at pre_processing")
 
 TABLE: dict[tuple[str, str], Verdict] = {
     # ---- file read: run opening its inputs
@@ -85,6 +89,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                      "bounds are decode's"),
     ("file read", "signal"): _v(Outcome.FINISH, "run stops, exit 128+n, its outputs and "
                                                 "rejects left as they were (never truncated)"),
+    ("file read", "environment drift"): _NO_MODEL_CODE,
     # ---- decode: bytes to records (stream, bridge, run, Spark)
     ("decode", "bad record"): _v(DL, "stage decode, the decoder's reason"),
     ("decode", "dependency down"): _v(NA, _NO_DEPENDENCY + " (the registry is its own)"),
@@ -97,6 +102,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                   "MAX_DECODED_BYTES/8 values, a schema text "
                                                   "over 1 MiB: the bound named"),
     ("decode", "signal"): _SIGNAL,
+    ("decode", "environment drift"): _NO_MODEL_CODE,
     # ---- schema registry in: confluent-avro input
     ("schema registry in", "bad record"): _v(DL, "an id the registry does not know, a schema "
                                                  "that cannot be used: stage decode"),
@@ -112,6 +118,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                               "its references nest at most 32 "
                                                               "deep"),
     ("schema registry in", "signal"): _SIGNAL,
+    ("schema registry in", "environment drift"): _NO_MODEL_CODE,
     # ---- pre_processing: the user's function
     ("pre_processing", "bad record"): _v(DL, "stage preprocess, the exception named"),
     ("pre_processing", "dependency down"): _v(Outcome.BRAKE, "a service the function calls is "
@@ -129,6 +136,10 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("pre_processing", "resource bound exceeded"): _v(DL, "a MemoryError on a record: that "
                                                           "record's, found alone"),
     ("pre_processing", "signal"): _SIGNAL,
+    ("pre_processing", "environment drift"): _v(REFUSE, "the reference records give other "
+                                                        "outputs than logged: refused at start "
+                                                        "with the diff (PARITY_CHECK=warn: "
+                                                        "logged)"),
     # ---- in-process predict: stream --prediction-model-uri
     ("in-process predict", "bad record"): _v(DL, "stage predict, found alone"),
     ("in-process predict", "dependency down"): _v(NA, "the model runs in the process"),
@@ -140,6 +151,8 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("in-process predict", "resource bound exceeded"): _v(DL, "a MemoryError on a record: that "
                                                               "record's, found alone"),
     ("in-process predict", "signal"): _SIGNAL,
+    ("in-process predict", "environment drift"): _v(NA, "the prediction model is any pyfunc: "
+                                                            "it logs no reference outputs"),
     # ---- bridge call: a model server over HTTP
     ("bridge call", "bad record"): _v(DL, "400/413/422 on the record alone; a record the server "
                                           "fails alone RECORD_ATTEMPTS times while it answers "
@@ -157,6 +170,8 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                        "record by record; a record too large "
                                                        "alone is its dead letter"),
     ("bridge call", "signal"): _SIGNAL,
+    ("bridge call", "environment drift"): _v(NA, "the server's model is checked where it "
+                                                     "loads (mlflow models serve)"),
     # ---- encode: records to bytes
     ("encode", "bad record"): _v(DL, "an output that does not fit its format: stage encode"),
     ("encode", "dependency down"): _v(NA, _NO_DEPENDENCY + " (the registry is its own)"),
@@ -168,6 +183,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("encode", "resource bound exceeded"): _v(NA, "an output's size is judged when it is "
                                                   "produced"),
     ("encode", "signal"): _SIGNAL,
+    ("encode", "environment drift"): _NO_MODEL_CODE,
     # ---- schema registry out: confluent-avro output
     ("schema registry out", "bad record"): _v(NA, "the output schema is the model's, not a "
                                                   "record's"),
@@ -181,6 +197,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                                     "schemaregistry extra"),
     ("schema registry out", "resource bound exceeded"): _v(NA, "one schema, registered once"),
     ("schema registry out", "signal"): _SIGNAL,
+    ("schema registry out", "environment drift"): _NO_MODEL_CODE,
     # ---- produce output
     ("produce output", "bad record"): _v(DL, "a delivery error about the record (invalid, too "
                                              "large): stage produce, the broker's code"),
@@ -199,6 +216,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                           "if need be"),
     ("produce output", "signal"): _v(Outcome.FINISH, "delivered within SHUTDOWN_TIMEOUT_S, "
                                                      "else uncommitted; exit 0"),
+    ("produce output", "environment drift"): _NO_MODEL_CODE,
     # ---- produce dead letter
     ("produce dead letter", "bad record"): _v(DL, "a dead letter the broker refuses for size: "
                                                   "sent as headers only"),
@@ -212,6 +230,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("produce dead letter", "resource bound exceeded"): _v(DL, "truncated to the limit, with "
                                                                "its size and digest"),
     ("produce dead letter", "signal"): _SIGNAL,
+    ("produce dead letter", "environment drift"): _NO_MODEL_CODE,
     # ---- commit
     ("commit", "bad record"): _v(NA, "commits carry offsets, no record"),
     ("commit", "dependency down"): _v(WAIT, "a commit that fails is retried with the next"),
@@ -221,6 +240,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("commit", "missing library or codec"): _v(NA, "librdkafka is the core install"),
     ("commit", "resource bound exceeded"): _v(NA, "offsets are small"),
     ("commit", "signal"): _v(Outcome.FINISH, "what was delivered is committed, then exit 0"),
+    ("commit", "environment drift"): _NO_MODEL_CODE,
     # ---- file write: run's outputs and rejects
     ("file write", "bad record"): _v(DL, "a record the output format cannot hold: a reject, "
                                          "stage encode"),
@@ -235,6 +255,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                       "stops, the old output kept"),
     ("file write", "signal"): _v(Outcome.FINISH, "nothing replaced: outputs are renamed into "
                                                  "place only when the run ends"),
+    ("file write", "environment drift"): _NO_MODEL_CODE,
     # ---- replay: dlq replay [--through MODEL]
     ("replay", "bad record"): _v(DL, "a dead letter that fails again through the model stays "
                                      "where it is, reported"),
@@ -246,6 +267,8 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("replay", "missing library or codec"): _v(NA, "as the stream's decode boundary"),
     ("replay", "resource bound exceeded"): _v(NA, "dead letters were bounded when written"),
     ("replay", "signal"): _v(NA, "each replay transaction commits or aborts whole"),
+    ("replay", "environment drift"): _v(REFUSE, "--through a model that drifted: refused "
+                                                "before a dead letter is read"),
 }
 
 
