@@ -41,6 +41,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -75,6 +76,7 @@ _MAX_ERROR_HEADER = 4000
 _STARTUP_WAIT_S = 60.0
 # A periodic flush that cannot finish (broker down) gives up after this and commits later.
 _COMMIT_FLUSH_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 10.0  # leaving the group; see KafkaLoop._leave_group
 _MAX_RETRY_BACKOFF_S = 10.0
 # librdkafka's default message.max.bytes; room is kept for the headers and record framing.
 _DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
@@ -717,6 +719,25 @@ class KafkaLoop:
             client_logger().warning("kafka client error", extra={"event": "kafka_error",
                                                                  "error": err.str()})
 
+    def _leave_group(self, timeout: float) -> None:
+        """Close the consumer, waiting at most ``timeout`` s. With the group's coordinator
+        gone, librdkafka's close waits for it (a minute and more, seen on Apache Kafka):
+        past the bound the process exits without leaving, which loses nothing (what was
+        delivered is committed already), and the broker drops the member after its session
+        timeout."""
+        def close() -> None:
+            try:
+                self.consumer.close()
+            except RuntimeError:
+                pass  # already closed
+        closing = threading.Thread(target=close, name="consumer-close", daemon=True)
+        closing.start()
+        closing.join(timeout)
+        if closing.is_alive():
+            logger.warning("the consumer could not leave its group (no coordinator answers); "
+                           "the broker drops it after session.timeout.ms",
+                           extra={"event": "close_timeout", "timeout_s": timeout})
+
     def _raise_if_fatal(self) -> None:
         if self._fatal is not None:
             raise self._fatal
@@ -731,10 +752,7 @@ class KafkaLoop:
                                "redeliveries": len(self._redeliveries)})
         # Closing leaves the group, which runs on_revoke; after a failure it commits nothing.
         self._failed = True
-        try:
-            self.consumer.close()
-        except RuntimeError:
-            pass  # already closed
+        self._leave_group(timeout=CLOSE_TIMEOUT_S)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self.stats.log_dead_letters(time.monotonic() - self.stats.last_stats_at)
