@@ -361,7 +361,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            master=args.master or "local[*]", input_format=args.input_format,
                            output_format=args.output_format, output_schema=args.output_schema,
                            rejects_path=rejects, fields_to_drop=drop,
-                           partition_by=_split_list(args.partition_by), progress=args.progress)
+                           partition_by=_split_list(args.partition_by), progress=args.progress,
+                           parity_check=env["PARITY_CHECK"])
         print(f"mlflow-preproc run: {counts.summary()}", file=sys.stderr)
         return EXIT_RECORDS_FAILED if counts.failed else EXIT_OK
     for flag, value in (("--master", args.master), ("--partition-by", args.partition_by),
