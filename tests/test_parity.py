@@ -188,8 +188,6 @@ def test_run_and_stream_are_refused_at_start_and_verify_says_why(tracking_uri, t
     same = run_cli("verify", "-m", "models:/zp/1")
     assert (same.returncode, same.stdout) == (
         0, "models:/zp/1: 2 reference records give the outputs logged\n"), same.stderr
-    ran = run_cli("run", "-m", "models:/zp/1", "in.jsonl", cwd=tmp_path)
-    assert ran.returncode == 0 and json.loads(ran.stdout)["mag"] == 17.0, ran.stderr
 
     checked = run_cli("verify", "-m", "models:/zp/1", env=drift)
     assert checked.returncode == 1, checked.stderr
@@ -210,10 +208,6 @@ def test_run_and_stream_are_refused_at_start_and_verify_says_why(tracking_uri, t
                            "records give other outputs here"), line
     assert "record 0 (objectId=ZTF1): field mag: expected 18.25, got 18.75" in line
     assert not (tmp_path / "out.jsonl").exists() and "Traceback" not in refused.stderr
-    warned = run_cli("run", "-m", "models:/zp/1", "in.jsonl", "--parity-check", "warn",
-                     env=drift, cwd=tmp_path)
-    assert warned.returncode == 0 and json.loads(warned.stdout)["mag"] == 17.5
-    assert "PARITY_CHECK=warn: models:/zp/1: 2 of 2" in warned.stderr
 
     # The stream refuses before it reaches for a broker: none listens on this port.
     stream = run_cli("stream", "-m", "models:/zp/1", "--input-topic", "in",
@@ -240,7 +234,7 @@ def test_a_replay_through_a_model_that_drifted_is_refused_before_reading_a_dead_
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_is_refused_where_outputs_differ(tracking_uri, serve_model):
+def test_mlflow_models_serve_is_refused_where_outputs_differ(tracking_uri):
     info = log(input_example=ALERTS)
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", info.model_uri, "--env-manager",
@@ -253,8 +247,6 @@ def test_mlflow_models_serve_is_refused_where_outputs_differ(tracking_uri, serve
         stop_process(proc)
     assert proc.returncode != 0
     assert "ParityError" in out and "field mag: expected 18.25, got 18.75" in out, out[-3000:]
-    url = serve_model(info.model_uri)  # the environment it was logged in: served
-    assert url.startswith("http://127.0.0.1:")
 
 
 # ---- another virtualenv: a package the function imports, at another version ------------------
@@ -330,7 +322,7 @@ def test_a_model_logged_with_one_package_version_is_refused_where_another_is_ins
         with mlflow.start_run():
             mlflow.preproc.log_model({str(code / "preprocessing.py")!r}, name="p",
                                      input_example=[{{"objectId": "ZTF1", "flux": 2.0}}],
-                                     registered_model_name="probe")
+                                     registered_model_name="probe", pip_requirements=[])
         """))
     logged = subprocess.run([str(probe_envs["1.0"]), str(tmp_path / "log.py")],
                             capture_output=True, text=True, timeout=300)
@@ -352,13 +344,6 @@ def test_a_model_logged_with_one_package_version_is_refused_where_another_is_ins
     assert "package versions that differ from where the model was logged: " \
            "parity-probe 1.0 -> 2.0" in line, line
     assert other.stdout == ""
-
-    verified = run(probe_envs["2.0"], "verify", "-m", "models:/probe/1")
-    assert verified.returncode == 1
-    assert verified.stdout.splitlines()[1:] == [
-        "  record 0 (objectId=ZTF1): field flux: expected 2.0, got 3.0",
-        "package versions that differ from where the model was logged: parity-probe 1.0 -> "
-        "2.0"]
 
 
 # ---- verify --against: the candidate against the champion, on real alerts ------------------
@@ -392,9 +377,9 @@ def test_verify_against_the_champion_lists_exactly_the_alerts_whose_outputs_chan
     real = [next(fastavro.reader(open(p, "rb"))) for p in sorted(DATA.glob("*.avro"))]
     with mlflow.start_run():
         mlflow.preproc.log_model(champion, name="c", input_example=real,
-                                 registered_model_name="fink")
+                                 registered_model_name="fink", pip_requirements=[])
         mlflow.preproc.log_model(candidate, name="c", input_example=real,
-                                 registered_model_name="fink")
+                                 registered_model_name="fink", pip_requirements=[])
     mlflow.MlflowClient().set_registered_model_alias("fink", "champion", "1")
 
     gate = run_cli("verify", "-m", "models:/fink/2", "--reference", str(archive),
