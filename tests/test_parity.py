@@ -96,6 +96,10 @@ def test_log_model_refuses_reference_records_it_could_not_check_later(tracking_u
     assert "reference" not in mlmodel(quiet.model_uri)
     assert "no reference records stored: the input example's reference record 0 holds a " \
            "builtins.tuple at tags" in caplog.text
+    stamped = log(lambda r: {"n": next(calls)}, input_example=ALERTS[:1])  # a clock, say
+    assert "reference" not in mlmodel(stamped.model_uri)
+    assert "no reference records stored: pre_processing gives other outputs for the same " \
+           "record from one call to the next" in caplog.text
 
 
 def test_log_model_runs_no_parity_check_of_its_own(tracking_uri, caplog):

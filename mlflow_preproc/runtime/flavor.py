@@ -314,9 +314,10 @@ def _reference_records(given: Any, input_example: Any) -> list[dict]:
 
 def _reference(preprocessor: Preprocessor, records: list[dict],
                explicit: bool) -> parity.Reference | None:
-    """The reference records with their outputs and environment. Records of the input example
-    that cannot be stored as they are leave the model without reference records, saying so;
-    reference_records given that way are refused."""
+    """The reference records with their outputs and environment. An input example that
+    cannot be stored as it is, or whose outputs change from one call to the next, leaves the
+    model without reference records, saying so; reference_records given that way are
+    refused."""
     try:
         parity.encode_records(records)
     except parity.UnstorableRecord as exc:
@@ -330,7 +331,11 @@ def _reference(preprocessor: Preprocessor, records: list[dict],
     try:
         return parity.make_reference(preprocessor, records)
     except ValueError as exc:
-        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        if explicit:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        # A function that stamps its outputs (a clock, a uuid) logged as it always was.
+        _logger.warning("no reference records stored: %s", exc)
+        return None
 
 
 def _load_schema_arg(source: Any, name: str) -> dict | None:
