@@ -15,7 +15,7 @@ setup(
     description="Data preprocessing as a first-class MLflow model: REST, Docker and Kafka",
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    license="Apache-2.0",
+    license="Apache-2.0",  # SPDX; a "License ::" classifier makes setuptools warn at every build
     python_requires=">=3.10",
     packages=find_packages(include=["mlflow_preproc", "mlflow_preproc.*"]),
     include_package_data=True,
@@ -65,7 +65,7 @@ setup(
         # mlflow-preproc run --engine spark, mlflow_preproc.spark; Java 17+ comes from the
         # system (Debian: openjdk-17-jre-headless).
         "spark": [
-            "pyspark>=4.0,<5",
+            "pyspark>=4.2,<4.3",  # 4.2: its Kafka source (spark-sql-kafka-0-10) is published
         ],
     },
     entry_points={
@@ -83,7 +83,6 @@ setup(
     },
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: Apache Software License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )

@@ -12,6 +12,7 @@ Each command's --help shows its flags and examples.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -59,6 +60,8 @@ examples:
   cat records.jsonl | mlflow-preproc run -m models:/fink-preproc/1 > out.jsonl
   mlflow-preproc run -m models:/fink-preproc/1 batch.json --output-format avro -o out.avro
   mlflow-preproc run --engine spark -m models:/fink-preproc/1 archive/ -o features
+  mlflow-preproc run --engine spark -m models:/fink-preproc/1 kafka:fink-alert \
+      -o kafka:fink-features --checkpoint-location ck/ --trigger '10 seconds'
 """
 _STATUS_EXAMPLES = """\
 examples:
@@ -123,10 +126,26 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, 88)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose commands refuse a flag they do not know themselves, with their own
+    usage and the closest flag: argparse hands unknown flags up to the top parser, which
+    printed the list of commands and no hint."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown and not self._subparsers:  # a command, not the list of commands
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            close = [m for word in unknown if word.startswith("--")
+                     for m in difflib.get_close_matches(word.split("=")[0], flags, n=1)]
+            hint = f" (did you mean {' or '.join(dict.fromkeys(close))}?)" if close else ""
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        return parsed, unknown
+
+
 def _parser() -> argparse.ArgumentParser:
     # allow_abbrev=False everywhere: --skip-cutout must be an error, not --skip-cutouts.
     plain = {"formatter_class": argparse.RawDescriptionHelpFormatter, "allow_abbrev": False}
-    parser = argparse.ArgumentParser(prog="mlflow-preproc", description=__doc__, **plain)
+    parser = _Parser(prog="mlflow-preproc", description=__doc__, **plain)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="preprocess files or stdin", epilog=_RUN_EXAMPLES,
@@ -148,11 +167,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: when stderr is a terminal)")
     run.add_argument("--engine", choices=("local", "spark"), default="local",
-                     help="spark: on Apache Spark (pip install 'mlflow-preproc[spark]'); "
+                     help="spark: on Apache Spark (pip install '.[spark]' in the "
+                     "mlflow-preproc clone); "
                      "FILE may be a folder or a glob, -o a folder of part files")
     run.add_argument("--master", help="Spark master (--engine spark; default local[*])")
     run.add_argument("--partition-by", default="", metavar="FIELD[,FIELD]",
                      help="write the output partitioned by these fields (--engine spark)")
+    run.add_argument("--checkpoint-location", metavar="DIR",
+                     help="--engine spark kafka:TOPIC: the query's offsets and state, kept "
+                     "for the next run")
+    run.add_argument("--trigger", default="available-now",
+                     help="--engine spark kafka:TOPIC: available-now (what the topic holds, "
+                     "then end) or a micro-batch interval ('10 seconds'), until SIGTERM")
     # --skip-cutouts, --drop-fields, --max-decoded-bytes: the settings table's, as on stream
     # (the env file of `docker run -i --env-file ... IMAGE < alerts` sets them too).
     settings.add_arguments(run, "run")
@@ -299,8 +325,8 @@ def _parser() -> argparse.ArgumentParser:
     board = sub.add_parser("dashboard", help="a Grafana dashboard for the streams",
                            description=_wrap(
                                "Print a Grafana dashboard (JSON, to import) of the streams' "
-                               "metrics, per job and instance. Needs pip install "
-                               "'mlflow-preproc[monitoring]'."),
+                               "metrics, per job and instance. Needs the monitoring "
+                               "extra: pip install '.[monitoring]' in the mlflow-preproc clone."),
                            epilog="examples:\n  mlflow-preproc dashboard > preproc.json\n",
                            **plain)
     board.set_defaults(handler=_cmd_dashboard)
@@ -310,7 +336,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_BROKER_EXAMPLES,
         description=_wrap("Run a memory-only Kafka-protocol broker (Tansu) on 127.0.0.1 in the "
                           "foreground, until Ctrl-C. For trying stream and bridge: data is "
-                          "lost when it stops. Needs pip install 'mlflow-preproc[broker]'."),
+                          "lost when it stops. Needs pip install '.[broker]' in the "
+                          "mlflow-preproc clone."),
         **plain)
     broker.add_argument("--port", type=int, default=9092,
                         help="port on 127.0.0.1 (default 9092: the KAFKA_BOOTSTRAP_SERVERS "
@@ -354,6 +381,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     env = settings.load("run", args)
     drop = env.drop_fields()
     rejects = args.rejects or (f"{args.output}.rejects.jsonl" if args.output else "rejects.jsonl")
+    if args.engine == "spark" and args.inputs[:1] and args.inputs[0].startswith("kafka:"):
+        from mlflow_preproc.spark import kafka
+
+        if len(args.inputs) > 1:
+            raise settings.ConfigError("a Kafka query reads one topic: pass kafka:TOPIC alone")
+        batches = kafka.run(args.model_uri, args.inputs[0], args.output,
+                            master=args.master or "local[*]",
+                            checkpoint=args.checkpoint_location, rejects_path=args.rejects,
+                            trigger=args.trigger, progress=args.progress)
+        print(f"mlflow-preproc run: {batches} micro-batch(es)", file=sys.stderr)
+        return EXIT_OK
     if args.engine == "spark":
         from mlflow_preproc.spark import files
 
@@ -501,8 +539,8 @@ def _cmd_dlq_inspect(args: argparse.Namespace) -> int:
 
     from mlflow_preproc.streaming import dead_letters
 
-    kafka = settings.load("dlq", args).kafka
-    summary = dead_letters.inspect(kafka, args.topic, args.since, args.examples)
+    summary = dead_letters.inspect(_kafka(settings.load("dlq", args)), args.topic, args.since,
+                                   args.examples)
     print(json.dumps(summary.as_json(), indent=2) if args.json else summary.as_text())
     return EXIT_OK
 
@@ -521,7 +559,7 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
         from mlflow_preproc.streaming.reprocess import Reprocessor
 
         through = Reprocessor.load(config, args.through, args.topic)
-    report = dead_letters.replay(config.kafka, args.topic, select, args.to, args.force,
+    report = dead_letters.replay(_kafka(config), args.topic, select, args.to, args.force,
                                  args.dry_run, through)
     print(f"mlflow-preproc dlq replay: {report.as_text(args.dry_run)}", file=sys.stderr)
     return EXIT_OK
@@ -532,10 +570,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from mlflow_preproc.streaming.status import status
 
-    kafka = settings.load("dlq", args).kafka
-    found = status(kafka, args.group, args.topic, tuple(args.metrics), args.interval)
+    found = status(_kafka(settings.load("dlq", args)), args.group, args.topic,
+                   tuple(args.metrics), args.interval)
     print(json.dumps(found.as_json(), indent=2) if args.json else found.as_text())
     return EXIT_OK
+
+
+def _kafka(config: settings.Config) -> dict:
+    """The Kafka clients' configuration of a command that reads and exits: librdkafka's own
+    lines go through our logger, one of a kind per 30 s, as the stream's do (unlimited, a
+    broker that is down was 194 lines in 14 s before the one line that says so)."""
+    from mlflow_preproc.streaming.client_logs import client_logger
+
+    return {**config.kafka, "logger": client_logger()}
 
 
 def _cmd_alert_rules(args: argparse.Namespace) -> int:
@@ -553,7 +600,8 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("grafana_foundation_sdk"):
             raise settings.ConfigError("the dashboard is built with grafana-foundation-sdk: "
-                                       "pip install 'mlflow-preproc[monitoring]'") from None
+                                       "pip install '.[monitoring]' in the "
+                                       "mlflow-preproc clone") from None
         raise
     return EXIT_OK
 
@@ -595,20 +643,26 @@ def _configure_logging(config: settings.Config) -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+# The errors that are the user's to fix (printed as one line), by module: looked up only in
+# the modules already imported, since an error class whose module was never imported cannot
+# have been raised. Importing them all imported MLflow (seconds) to print status's line.
+_USER_ERRORS = (
+    ("mlflow.exceptions", "MlflowException"),
+    ("mlflow_preproc.runtime.avro_schemas", "SchemaError"),
+    ("mlflow_preproc.runtime.dependencies", "Misconfigured"),
+    ("mlflow_preproc.streaming.embedded_broker", "BrokerError"),
+    ("mlflow_preproc.streaming.loop", "FatalError"),
+    ("mlflow_preproc.runtime.model_identity", "ModelNotFound"),
+    ("mlflow_preproc.streaming.dead_letters", "DeadLetterError"),
+    ("mlflow_preproc.streaming.status", "StatusError"),
+)
+
+
 def _is_user_error(exc: Exception) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    from mlflow_preproc.runtime.avro_schemas import SchemaError
-    from mlflow_preproc.runtime.dependencies import Misconfigured
-    from mlflow_preproc.streaming.embedded_broker import BrokerError
-    from mlflow_preproc.streaming.loop import FatalError
-    from mlflow_preproc.runtime.model_identity import ModelNotFound
-    from mlflow_preproc.streaming.dead_letters import DeadLetterError
-    from mlflow_preproc.streaming.status import StatusError
-
-    return isinstance(exc, (settings.ConfigError, FatalError, ModelNotFound, MlflowException,
-                            SchemaError, FileNotFoundError, ValueError, BrokerError,
-                            DeadLetterError, StatusError, Misconfigured))
+    kinds = [settings.ConfigError, FileNotFoundError, ValueError]
+    kinds += [getattr(sys.modules[module], name) for module, name in _USER_ERRORS
+              if module in sys.modules]
+    return isinstance(exc, tuple(kinds))
 
 
 def _one_line(exc: Exception) -> str:

@@ -137,6 +137,12 @@ if [[ "$REBUILD" != 1 ]] && docker image inspect "$TAG" >/dev/null 2>&1; then
     log "\$PYTHON now has:      $STAMP; rebuilding the pip layer"
 fi
 
+# Said before anything is added: the engine may be the user's own (Docker Desktop, a shared
+# host), and the images stay there for the model image builds.
+engine="$(docker context inspect -f '{{.Endpoints.docker.Host}}' 2>/dev/null || true)"
+log "adding $TAG and $RAW_TAG (about 1.1 GB) to the Docker engine at ${DOCKER_HOST:-${engine:-its default socket}};" \
+    "docker rmi $TAG $RAW_TAG removes them (MLFLOW_PREPROC_SKIP_DOCKER=1 bash scripts/dev.sh test runs without Docker)"
+
 FROM_IMAGE="$RAW_TAG"
 if [[ "${BASE_IMAGE_PULL:-0}" == 1 ]]; then
     if timeout 600 docker pull "$TAG" >&2; then

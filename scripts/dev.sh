@@ -72,6 +72,7 @@ case "${1:-}" in
         setup
         install_system_packages
         bash scripts/kafka-broker.sh >/dev/null
+        bash scripts/spark-kafka.sh "$VENV/bin/python" >/dev/null
         start_docker
         export PATH="$VENV/bin:$PATH"
         # Every temporary file of the run (pytest's, MLflow's downloads, broker logs, build

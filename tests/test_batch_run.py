@@ -201,6 +201,32 @@ def test_a_bad_first_line_is_one_reject_and_the_other_lines_are_read(model, tmp_
         assert "line 1 is not valid JSON" in reject["error"]
 
 
+def test_a_csv_file_and_a_cut_short_avro_file_are_called_what_they_are(model, tmp_path):
+    """A CSV file got one "not valid JSON" reject per line and no word on the formats run
+    reads; an Avro file cut inside its header was "not an Avro object container file" (#37)."""
+    import io
+
+    import fastavro
+
+    (tmp_path / "x.csv").write_bytes(b"id,x\n1,1\n2,2\n")
+    whole = io.BytesIO()
+    fastavro.writer(whole, {"type": "record", "name": "R", "fields": [
+        {"name": "id", "type": "long"}, {"name": "x", "type": "long"}]}, [{"id": 1, "x": 1}])
+    (tmp_path / "cut.avro").write_bytes(whole.getvalue()[:60])
+    (tmp_path / "empty.avro").write_bytes(b"")
+    proc = run_cli("-m", model, "x.csv", "cut.avro", "empty.avro", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr.decode()
+    assert b"in=3 out=0 dropped=0 failed=3" in proc.stderr
+    csv, cut, empty = (r["error"] for r in jsonl((tmp_path / "rejects.jsonl").read_bytes()))
+    assert csv == ("x.csv is neither JSON nor Avro (it starts with 'id,x'); run reads JSON, "
+                   "JSON Lines and Avro container files (--input-format; parquet with --engine "
+                   "spark): convert it to one of them"), csv
+    assert cut.startswith("cut.avro is cut short: it ends 60 bytes into its Avro container "
+                          "header (EOFError: "), cut
+    assert cut.endswith("); no record of it can be read, copy it again"), cut
+    assert empty == "empty.avro is empty (no Avro container header)", empty
+
+
 def test_a_truncated_line_does_not_take_the_next_good_one_with_it(model, tmp_path):
     data = b'{"id": 1, "x": 1}\n{"id": 2, "x"\n{"id": 3, "x": 3}\n{\n  "id": 4,\n  "x": 4\n}\n'
     proc = run_cli("-m", model, stdin=data, cwd=tmp_path)
@@ -303,6 +329,38 @@ def test_an_unknown_model_names_the_store_and_a_missing_store_is_not_created(tra
     err = proc.stderr.decode()
     assert "MLFLOW_TRACKING_URI is not set" in err and "export MLFLOW_TRACKING_URI=" in err, err
     assert sorted(p.name for p in elsewhere.iterdir()) == ["r.json"]
+
+
+@pytest.mark.slow
+def test_no_command_creates_the_store_it_reads_a_model_from(tmp_path):
+    """stream, manifests and a prediction model with no store configured: the same line as
+    run, and no ./mlflow.db (stream made one, empty, then said "not found"; from then on run
+    in that folder lost its message too) (#37 item 3)."""
+    import os
+
+    import mlflow_preproc
+
+    local = tmp_path / "prep"  # a model on disk: only the prediction model needs the store
+    mlflow_preproc.save_model(lambda r: r, str(local))
+    nothing_listens = "127.0.0.1:9"
+    commands = {
+        "stream": ["stream", "-m", "models:/quickstart/1", "--input-topic", "alerts"],
+        "manifests": ["manifests", "-m", "models:/quickstart/1", "--name", "q"],
+        "prediction": ["stream", "-m", str(local), "--input-topic", "alerts",
+                       "--prediction-model-uri", "models:/classifier/1"]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    running = {}
+    for name, argv in commands.items():
+        (tmp_path / name).mkdir()
+        running[name] = subprocess.Popen(
+            [str(BIN / "mlflow-preproc"), *argv], cwd=tmp_path / name, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**env, "KAFKA_BOOTSTRAP_SERVERS": nothing_listens})
+    for name, proc in running.items():
+        err = proc.communicate(timeout=300)[1]
+        assert proc.returncode == 2, (name, err[-2000:])
+        assert "MLFLOW_TRACKING_URI is not set" in err, (name, err[-2000:])
+        assert list((tmp_path / name).iterdir()) == [], name
 
 
 # ---- #32 finding 1: run never damages a file it did not finish ------------------------------

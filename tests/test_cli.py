@@ -73,6 +73,26 @@ def test_abbreviated_flags_are_refused_everywhere(capsys):
     assert "unrecognized arguments: --input-top" in refused(capsys, "stream", "--input-top", "t")
 
 
+@pytest.mark.parametrize("argv, usage, said", [
+    (["run", "-m", "models:/m/1", "--ouput", "out.jsonl", "in.json"], "mlflow-preproc run",
+     "unrecognized arguments: --ouput (did you mean --output?)"),
+    (["stream", "--input-topic", "t", "--kafka-bootstrap-server", "b:9092"],
+     "mlflow-preproc stream",
+     "unrecognized arguments: --kafka-bootstrap-server b:9092 (did you mean "
+     "--kafka-bootstrap-servers?)"),
+    (["dlq", "replay", "t-dlq", "--froce"], "mlflow-preproc dlq replay",
+     "unrecognized arguments: --froce (did you mean --force?)"),
+    (["status", "--group", "g", "--xyzzy"], "mlflow-preproc status",
+     "unrecognized arguments: --xyzzy"),
+])
+def test_a_mistyped_flag_shows_its_commands_usage_and_the_closest_flag(capsys, argv, usage,
+                                                                        said):
+    """The top-level usage and no suggestion were all a typo got (#37 item 7)."""
+    err = refused(capsys, *argv).strip().splitlines()
+    assert err[0].startswith(f"usage: {usage} "), err
+    assert err[-1] == f"{usage}: error: {said}", err
+
+
 @pytest.mark.parametrize("command", [["run", "-m", "models:/m/1"], ["stream"]])
 def test_skip_cutouts_is_a_flag_in_run_and_stream_and_the_variable_still_works(command):
     mode = command[0]
@@ -95,3 +115,12 @@ def test_on_stream_m_is_the_preprocessing_model_and_the_classifier_flag_says_so(
                          environ={})["MODEL_URI"] == "models:/prep/1"
     # --model read as the classifier beside -m as the preprocessing model: one meaning too many
     assert "unrecognized arguments: --model" in refused(capsys, "stream", "--model", "x")
+
+
+def test_every_error_class_the_command_prints_as_one_line_exists():
+    """cli._USER_ERRORS names them by module and class, so that printing status's or dlq's
+    line does not import MLflow (7 s): a renamed class would make its errors tracebacks."""
+    import importlib
+
+    for module, name in cli._USER_ERRORS:
+        assert isinstance(getattr(importlib.import_module(module), name), type), (module, name)

@@ -350,6 +350,18 @@ def test_function_that_fails_on_its_input_example_is_refused(tracking_uri):
     assert [m.status.name for m in mlflow.search_logged_models(output_format="list")] == ["FAILED"]
 
 
+def test_the_input_example_error_is_one_exception_naming_the_functions_line(tracking_uri):
+    """Three chained tracebacks (the KeyError, the record's error, MLflow's) came before the
+    one line that says what to do; the line says where the function failed instead (#37)."""
+    with pytest.raises(MlflowException) as raised:
+        log(band, input_example={"magpsf": 2.0})
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    assert str(raised.value) == (
+        "pre_processing fails on the input example, record 0: pre_processing raised KeyError: "
+        f"'fid' (in band, line {band.__code__.co_firstlineno + 1}); fix the function, or pass "
+        "an input_example it can process")
+
+
 def test_predict_error_names_the_record_and_keeps_the_cause(tracking_uri):
     model = mlflow.pyfunc.load_model(log(band).model_uri)
     with pytest.raises(RecordError, match="record 2: pre_processing raised KeyError") as err:

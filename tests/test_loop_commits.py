@@ -9,6 +9,8 @@ confluent-kafka types.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
@@ -463,9 +465,57 @@ def test_start_up_says_when_it_gives_up_on_kafka_and_that_it_is_joining_a_group(
     loop.run()
     lines = {r.event: r for r in caplog.records if hasattr(r, "event")}
     waiting = lines["waiting_for_kafka"]
-    assert "waiting for Kafka at 127.0.0.1:9; giving up in 60 s" in waiting.getMessage()
+    assert waiting.getMessage().startswith("waiting for Kafka at 127.0.0.1:9 (")
+    assert waiting.getMessage().endswith("; giving up in 60 s")
     assert waiting.gives_up_in_s == 60
     assert f"joining consumer group {loop.group_id}" in lines["start"].getMessage()
+
+
+class NoBrokerConsumer(FakeConsumer):
+    """No broker ever answers."""
+
+    def list_topics(self, timeout=None):
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Connection refused"))
+
+
+@pytest.mark.parametrize("servers, local", [
+    ("127.0.0.1:9092", "mlflow-preproc broker runs one there"),
+    ("localhost:9", "mlflow-preproc broker --port 9 runs one there"),
+    ("kafka.example:9092", None)])
+def test_a_broker_that_never_answers_is_one_line_naming_the_local_broker_on_loopback(
+        monkeypatch, servers, local):
+    """A newcomer who did not start `mlflow-preproc broker` learns that it exists (#37)."""
+    import mlflow_preproc.streaming.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "_STARTUP_WAIT_S", 0.0)
+    loop = Echo(NoBrokerConsumer([]), FakeProducer(), KAFKA_BOOTSTRAP_SERVERS=servers)
+    with pytest.raises(FatalError) as failed:
+        loop.run()
+    text = str(failed.value)
+    assert text.startswith(f"cannot reach Kafka at {servers} (Connection refused); check "
+                           "KAFKA_BOOTSTRAP_SERVERS (--kafka-bootstrap-servers) and that the "
+                           "broker is up"), text
+    if local:
+        assert text.endswith(f"; to try things on this machine, {local}"), text
+    else:
+        assert "mlflow-preproc broker" not in text
+
+
+@pytest.mark.parametrize("servers, local", [
+    ("127.0.0.1:9092", " (to try things on this machine, mlflow-preproc broker runs one there)"),
+    ("kafka.example:9092", "")])
+def test_while_it_waits_for_a_broker_the_stream_names_the_local_one(monkeypatch, caplog,
+                                                                     servers, local):
+    """The minute of waiting lines said only 'waiting for Kafka at ...' (#37 item 4)."""
+    import mlflow_preproc.streaming.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "_STARTUP_WAIT_S", 0.2)  # one waiting line, then the end
+    loop = Echo(NoBrokerConsumer([]), FakeProducer(), KAFKA_BOOTSTRAP_SERVERS=servers)
+    with caplog.at_level(logging.WARNING, logger="mlflow_preproc"), pytest.raises(FatalError):
+        loop.run()
+    waiting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")]
+    assert waiting and waiting[0] == f"waiting for Kafka at {servers}{local}; giving up in 0 s", \
+        waiting
 
 
 def test_a_loop_the_target_starts_exports_its_deployment_and_revision():

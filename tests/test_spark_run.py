@@ -50,12 +50,12 @@ def archive_features(alert):
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
-    """10,000 generated alerts (99 files of 100, some deflated, and 100 files of one), the
+    """2,000 generated alerts (19 files of 100, some deflated, and 100 files of one), the
     two real packets with their full cutouts, a file that is not Avro, and, as in a real
     archive, notes and schemas beside the alerts."""
     require_spark()
     folder = tmp_path_factory.mktemp("archive")
-    write_archive(folder / "packed", 9900, 100, stamp_bytes=256, deflate_every=3)
+    write_archive(folder / "packed", 1900, 100, stamp_bytes=256, deflate_every=3)
     write_archive(folder / "single", 100, 1, seed=8, stamp_bytes=256)
     for packet in ZTF_PACKETS:
         (folder / "real").mkdir(exist_ok=True)
@@ -95,8 +95,8 @@ def test_spark_engine_gives_the_rows_run_gives_on_an_alert_archive(archive, trac
         == summary(local)
     # The archive exercises every outcome: (in, out, dropped, failed) all non-trivial.
     counts = dict(kv.split("=") for kv in summary(spark).split(": ", 1)[1].split()[:4])
-    assert int(counts["in"]) == 10_003 and int(counts["dropped"]) > 1000
-    assert int(counts["failed"]) > 100 and int(counts["out"]) > 9000
+    assert int(counts["in"]) == 2_003 and int(counts["dropped"]) > 150
+    assert int(counts["failed"]) > 20 and int(counts["out"]) > 1700
     rejects = [json.loads(r) for r in lines(tmp_path / "spark.rejects.jsonl")]
     assert {r["stage"] for r in rejects} == {"decode", "preprocess"}
     assert set(rejects[0]) == {"input", "index", "stage", "error", "record"}

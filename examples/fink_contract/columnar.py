@@ -3,8 +3,8 @@
 The same ``FEATURE_NAMES`` and values as ``preprocessing.py``, computed for a whole batch at
 once with polars expressions over the alerts' Arrow columns, the way Fink's science modules
 are written. Log it with ``batch_format="arrow"``; with the columnar extra installed
-(``pip install mlflow-preproc[columnar]``) a stream hands it the columns polars-avro decoded,
-with no record built in between::
+(``pip install '.[columnar]'`` in the mlflow-preproc clone) a stream hands it the columns
+polars-avro decoded, with no record built in between::
 
     mlflow.preproc.log_model("examples/fink_contract/columnar.py", name="features",
                              batch_format="arrow", input_example=alert)

@@ -1,5 +1,6 @@
 """A Grafana dashboard for preprocessing streams (``mlflow-preproc dashboard``), built with
-Grafana's own ``grafana-foundation-sdk`` (``pip install 'mlflow-preproc[monitoring]'``).
+Grafana's own ``grafana-foundation-sdk`` (``pip install '.[monitoring]'`` in the mlflow-preproc
+clone).
 
 One row per question an operator asks: is it keeping up (records, lag), what fails (dead
 letters by stage and error type), is the group healthy (commits, rebalances, the brake), and

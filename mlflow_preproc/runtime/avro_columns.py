@@ -1,8 +1,8 @@
 """Avro container messages decoded a batch at a time into columns, by polars-avro.
 
-``pip install mlflow-preproc[columnar]``. Without it, or for any message this module does not
-take, :class:`~mlflow_preproc.runtime.formats.MessageDecoder` decodes one message at a time as
-before: this is an accelerator with the same results, never another meaning.
+``pip install '.[columnar]'`` in the mlflow-preproc clone. Without it, or for any message this
+module does not take, :class:`~mlflow_preproc.runtime.formats.MessageDecoder` decodes one
+message at a time as before: this is an accelerator with the same results, never another meaning.
 
 Why: fastavro builds a ZTF alert's ~3,000 values one Python object at a time, ~300 µs of CPU
 even with declared input fields (benchmarks/README.md). polars-avro's compiled reader fills Arrow
@@ -105,8 +105,8 @@ class ColumnReader:
     def __init__(self, fields: Tree | None = None, drop: Collection[str] = (),
                  max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT):
         if polars_avro is None:
-            raise RuntimeError("decoding Avro into columns needs polars-avro; install "
-                               "mlflow-preproc[columnar]")
+            raise RuntimeError("decoding Avro into columns needs polars-avro; pip install "
+                               "'.[columnar]' in the mlflow-preproc clone")
         self.stuck: str | None = None  # why reads stopped: a read that never returned
         self._reads: queue.Queue | None = None
         self._fields = fields

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,7 @@ def save_model(
     if batch_format == "polars" and importlib.util.find_spec("polars") is None:
         raise MlflowException(
             "batch_format='polars' needs polars, which is not installed; install the "
-            "columnar extra (pip install 'mlflow-preproc[columnar]') or use "
+            "columnar extra (pip install '.[columnar]' in the mlflow-preproc clone) or use "
             "batch_format='arrow'", error_code=INVALID_PARAMETER_VALUE)
     input_schema = _load_schema_arg(avro_schema, "avro_schema")
     output_schema = _load_schema_arg(output_avro_schema, "output_avro_schema")
@@ -369,6 +370,18 @@ def _batch_schema(batch_format: str | None, input_example: Any,
         raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
 
+def _where_it_failed(exc: BaseException) -> str:
+    """`` (in band, line 25)``: the line of the user's function that raised, or called what
+    raised (the first frame past this package's), or nothing when there is none."""
+    cause = exc.__cause__ or exc
+    package = str(Path(__file__).resolve().parent.parent)
+    frames = traceback.extract_tb(cause.__traceback__)
+    for frame in frames:
+        if not str(Path(frame.filename).resolve()).startswith(package):
+            return f" (in {frame.name}, line {frame.lineno})"
+    return ""
+
+
 def _check_runs_on_example(fn, batch_format, feature_names, input_example,
                            input_fields=None, schema_of_batch=None) -> list[Any]:
     records = as_records(input_example)
@@ -378,11 +391,13 @@ def _check_runs_on_example(fn, batch_format, feature_names, input_example,
                                batch_schema=_unprojected(schema_of_batch, records,
                                                          input_fields)).process(records)
     except (RecordError, TypeError) as exc:
+        # One exception, not three chained tracebacks before the line that says what to do;
+        # where the function failed is in the line.
         raise MlflowException(
-            f"pre_processing fails on the input example, {exc}; fix the function, or pass an "
-            "input_example it can process",
+            f"pre_processing fails on the input example, {exc}{_where_it_failed(exc)}; fix the "
+            "function, or pass an input_example it can process",
             error_code=INVALID_PARAMETER_VALUE,
-        ) from exc
+        ) from None
     if input_fields is not None:
         _check_projection(fn, batch_format, feature_names, untouched, input_fields, outputs,
                           schema_of_batch)

@@ -790,13 +790,23 @@ class MessageEncoder:
 
 # ---- files and stdin ---------------------------------------------------------------------
 
+# A file named neither JSON nor Avro whose first bytes are neither either (a .csv, a .txt).
+UNKNOWN_FORMAT = "unknown"
+
+
 def sniff_file_format(path: str | None, head: bytes) -> str:
-    """Guess a file's input format from its name, else from its first bytes."""
+    """Guess a file's input format from its name, else from its first bytes:
+    :data:`UNKNOWN_FORMAT` for a file whose name and first bytes say neither."""
     suffix = Path(path).suffix.lower() if path else ""
     if suffix == ".avro" or head.startswith(OCF_MAGIC):
         return "avro"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
+    # stdin, a name without a suffix and a .json file are JSON whatever they start with: a
+    # bad first line is one reject and the next lines are read. A .csv is one reject, not one
+    # "not valid JSON" per line.
+    if suffix not in ("", ".json") and head.strip() and head.lstrip()[:1] not in b"{[":
+        return UNKNOWN_FORMAT
     return "json"  # reads an object, an array, or JSON Lines alike
 
 
@@ -814,6 +824,12 @@ def read_records(stream: IO[bytes], fmt: str, where: str,
     if fmt == "avro":
         yield from _avro_file(stream, where, max_decoded_bytes, fields)
         return
+    if fmt == UNKNOWN_FORMAT:
+        start = stream.readline(40).rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+        yield DecodeError(f"{where} is neither JSON nor Avro (it starts with {start!r}); run "
+                          "reads JSON, JSON Lines and Avro container files (--input-format; "
+                          "parquet with --engine spark): convert it to one of them")
+        return
     if fmt not in ("json", "jsonl"):
         raise ValueError(f"input format {fmt!r} is not supported for files; use json, jsonl "
                          "or avro")
@@ -825,12 +841,20 @@ def read_records(stream: IO[bytes], fmt: str, where: str,
 
 def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = None
                ) -> Iterator[Record | DecodeError]:
+    start = _Start(stream)
     try:
-        codec, text, sync = read_header(stream)
+        codec, text, sync = read_header(start)
         reader = _file_reader(text, fields, limit)
     except Exception as exc:  # noqa: BLE001 -- fastavro raises many types on a bad header
         detail = str(exc) if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
-        yield DecodeError(f"{where} is not an Avro object container file ({detail})")
+        if start.read_bytes == 0:
+            yield DecodeError(f"{where} is empty (no Avro container header)")
+        elif isinstance(exc, EOFError) and OCF_MAGIC.startswith(start.head[:4]):
+            yield DecodeError(f"{where} is cut short: it ends {start.read_bytes} bytes into "
+                              f"its Avro container header ({detail}); no record of it can be "
+                              "read, copy it again")
+        else:
+            yield DecodeError(f"{where} is not an Avro object container file ({detail})")
         return
     count = 0
     while True:
@@ -860,6 +884,20 @@ def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = 
                 break
             yield record
             count += 1
+
+
+class _Start:
+    """``stream`` for reading a file's header, keeping how many bytes it had and its first
+    four: a header cut short is told from bytes that are no header."""
+
+    def __init__(self, stream: IO[bytes]):
+        self._stream, self.head, self.read_bytes = stream, b"", 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.head += data[:max(0, 4 - len(self.head))]
+        self.read_bytes += len(data)
+        return data
 
 
 # Readers of the files' writer schemas, by schema text and declared fields: an archive of

@@ -43,6 +43,7 @@ def resolve_model(uri: str) -> ModelIdentity:
     match = _REGISTERED.match(uri)
     if not match:
         return _baked_identity(uri) or ModelIdentity(uri, uri)
+    require_store(uri)  # before MlflowClient, which would create ./mlflow.db to look in
     from mlflow import MlflowClient
 
     name, version, alias = match["name"], match["version"], match["alias"]
@@ -108,6 +109,8 @@ def _baked_identity(path: str) -> ModelIdentity | None:
 
 def require_store(uri: str) -> None:
     """Refuse a ``models:/`` or ``runs:/`` URI when no MLflow store is configured or present.
+    Every command calls it before MLflow first touches the store: none creates a store it
+    only reads from.
 
     With ``MLFLOW_TRACKING_URI`` unset, MLflow uses ``./mlflow.db`` and creates it, empty,
     on first use: the model is then "not found" and a stray database is left behind. Said

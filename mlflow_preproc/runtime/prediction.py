@@ -37,9 +37,10 @@ class Predictor:
 
         import mlflow
 
-        from mlflow_preproc.runtime.model_identity import local_identity
+        from mlflow_preproc.runtime.model_identity import local_identity, require_store
 
         name = local_identity(model_uri).uri if os.path.isdir(model_uri) else model_uri
+        require_store(model_uri)
         try:
             model = mlflow.pyfunc.load_model(model_uri)
         except ImportError as exc:  # refused at start, before any record is read

@@ -71,6 +71,19 @@ class RecordError(MlflowException):
         self.index = index
         self.reason = reason
 
+    # MLflow's scoring server rewrites the message of an MlflowException raised by predict
+    # as "Failed to predict data '<numpy's repr of the whole input>'. Error: <message>": the
+    # line naming the failing record came after every record of the request. The message is
+    # set once, here, and kept.
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
     def at(self, index: int) -> RecordError:
         """The same failure, attributed to record ``index``."""
         moved = RecordError(index, self.reason)

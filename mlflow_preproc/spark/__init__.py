@@ -7,7 +7,8 @@
 - :func:`spark_schema`: the Spark schema of an Avro record schema.
 - ``mlflow-preproc run --engine spark``: files to files (:mod:`mlflow_preproc.spark.files`).
 
-Needs the ``spark`` extra (``pip install 'mlflow-preproc[spark]'``) and Java 17+. Not part of a
+Needs the ``spark`` extra (``pip install '.[spark]'`` in the mlflow-preproc clone) and Java
+17+. Not part of a
 model's runtime: models never carry this package, and the core never imports it.
 """
 

@@ -31,7 +31,7 @@ def require_pyspark() -> None:
         import pyspark  # noqa: F401
     except ImportError:
         raise SparkUnavailable("the Spark engine needs pyspark, which is not installed: "
-                               "pip install 'mlflow-preproc[spark]'") from None
+                               "pip install '.[spark]' in the mlflow-preproc clone") from None
 
 
 def check_java() -> str:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mlflow_preproc.runtime.batch_run import RunCounts
 from mlflow_preproc.runtime.flavor import LoadedPreprocessing
 from mlflow_preproc.spark import schemas
+from mlflow_preproc.spark.kafka import KafkaTransformed, transform_kafka
+from mlflow_preproc.spark.kafka_rows import is_kafka_rows
 from mlflow_preproc.spark.model_files import ship
 from mlflow_preproc.spark.tasks import COUNTS, COUNTS_FIELDS, FILE_COLUMN, OUTPUT, REJECT, \
     ROW_COLUMN, PartitionJob, tagged_schema
@@ -77,12 +79,16 @@ class Transformed:
 
 
 def transform(df: Any, model_uri: str, *, input_format: str | None = None,
-              drop_fields: Iterable[str] = (), output_schema: Any = None) -> Transformed:
+              drop_fields: Iterable[str] = (), output_schema: Any = None,
+              stream_settings: Mapping[str, str] | None = None) -> Transformed | KafkaTransformed:
     """Run a preprocessing model over a Spark DataFrame.
 
     Args:
         df: One record per row (nested structs become dicts, arrays lists, nulls ``None``),
-            or with ``input_format``, files as ``spark.read.format("binaryFile")`` reads them.
+            or with ``input_format``, files as ``spark.read.format("binaryFile")`` reads them,
+            or the rows of Spark's Kafka source (a streaming DataFrame too): then the
+            stream's data path runs, with ``stream_settings``
+            (:func:`mlflow_preproc.spark.kafka.transform_kafka`).
         model_uri: Any MLflow model URI of a preprocessing model.
         input_format: ``"avro"`` (object container files: one alert per file or many),
             ``"json"`` or ``"jsonl"``: decode each file of ``df`` in the tasks, as
@@ -94,8 +100,11 @@ def transform(df: Any, model_uri: str, *, input_format: str | None = None,
             JSON lines in a ``value`` column. ``"json"`` forces JSON lines.
 
     Returns:
-        A :class:`Transformed` with ``output`` and ``rejects`` DataFrames.
+        A :class:`Transformed` with ``output`` and ``rejects`` DataFrames; for Kafka rows a
+        :class:`~mlflow_preproc.spark.kafka.KafkaTransformed`.
     """
+    if input_format is None and is_kafka_rows(df):
+        return transform_kafka(df, model_uri, stream_settings)
     if input_format is not None and input_format not in FILE_FORMATS:
         raise ValueError(f"input_format={input_format!r} is not supported; use one of "
                          f"{FILE_FORMATS} for files, or None for a DataFrame of records")
@@ -166,7 +175,18 @@ def _cut(column: Any, data_type: Any, sub: dict | None) -> Any:
     if sub is None:
         return column
     if isinstance(data_type, ArrayType):
-        return F.transform(column, lambda item: _cut(item, data_type.elementType, sub))
+        element = data_type.elementType
+        if isinstance(element, StructType) and \
+                all(sub[f.name] is None for f in element.fields if f.name in sub):
+            # Leaf fields of the structs: zipped from their own columns (``array.field``),
+            # the form Spark 4.2 prunes from Parquet (through ``transform`` it reads whole
+            # structs: ZTF's 30-field history for one magnitude). The price: an element
+            # that is null itself (never in an Avro alert: items are records) arrives as a
+            # record of nulls.
+            kept = [f.name for f in element.fields if f.name in sub]
+            if kept:
+                return F.arrays_zip(*[column[name].alias(name) for name in kept])
+        return F.transform(column, lambda item: _cut(item, element, sub))
     if not isinstance(data_type, StructType):
         return column  # a map or a leaf: whole, as the Avro decoders read map values whole
     kept = [f for f in data_type.fields if f.name in sub]

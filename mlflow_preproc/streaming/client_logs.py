@@ -15,6 +15,10 @@ import time
 
 LOGGER_NAME = "mlflow_preproc.librdkafka"
 _DIGITS = re.compile(r"\d+")
+# One set of LIBRDKAFKA_* settings configures every client of a command, so a consumer's
+# property (LIBRDKAFKA_SESSION_TIMEOUT_MS) reaches the producer too, which says it ignores it.
+_OTHER_CLIENTS_PROPERTY = re.compile(r"is a (consumer|producer) property and will be ignored "
+                                     r"by this (producer|consumer) instance")
 
 
 class RateLimit(logging.Filter):
@@ -47,9 +51,18 @@ class RateLimit(logging.Filter):
         return True
 
 
+class OtherClientsProperty(logging.Filter):
+    """Drops librdkafka's warning that a property belongs to another kind of client: by
+    design here (see ``_OTHER_CLIENTS_PROPERTY``), and no reason for anyone to wonder."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _OTHER_CLIENTS_PROPERTY.search(record.getMessage())
+
+
 def client_logger(interval_s: float = 30.0) -> logging.Logger:
     """The logger to pass as librdkafka's ``logger`` (one per process, rate-limited)."""
     logger = logging.getLogger(LOGGER_NAME)
     if not any(isinstance(f, RateLimit) for f in logger.filters):
+        logger.addFilter(OtherClientsProperty())
         logger.addFilter(RateLimit(interval_s))
     return logger

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mlflow_preproc.runtime.model_identity import HEADER
+from mlflow_preproc.streaming.no_broker import cannot_reach
 
 REPLAY_HEADER = HEADER + "replay-of"
 _ERROR_HEADER = HEADER + "error"
@@ -146,8 +147,7 @@ def read(kafka: dict, topic: str, since_ms: int | None = None) -> Iterator[DeadL
                     [TopicPartition(topic, p.partition, since_ms) for p in partitions],
                     timeout=10)
         except KafkaException as exc:
-            raise DeadLetterError(f"cannot reach Kafka at {servers} ({exc.args[0].str()}); "
-                                  "check --bootstrap-servers") from None
+            raise DeadLetterError(cannot_reach(servers, exc.args[0].str())) from None
         consumer.assign(partitions)
         unfinished = {p.partition for p in partitions}
         heard = time.monotonic()
@@ -391,7 +391,11 @@ class _Sender:
 
     def __enter__(self) -> _Sender:
         from confluent_kafka import KafkaException, Producer
+        from confluent_kafka.admin import AdminClient
 
+        # Said in 10 s when no broker answers (init_transactions would time out after 30 s
+        # and blame the transaction).
+        _topics(AdminClient(self._kafka), self._kafka)
         self._producer = Producer({**self._kafka,
                                    "transactional.id": f"mlflow-preproc-replay-{self._topic}",
                                    "enable.idempotence": True})
@@ -478,9 +482,9 @@ def _topics(admin, kafka: dict) -> dict:
     try:
         return admin.list_topics(timeout=10).topics
     except KafkaException as exc:
-        raise DeadLetterError(f"cannot reach Kafka at {kafka.get('bootstrap.servers')} "
-                              f"({exc.args[0].str()}); what was not sent is not recorded as "
-                              "replayed: run it again") from None
+        raise DeadLetterError(f"{cannot_reach(kafka.get('bootstrap.servers'), exc.args[0].str())}"
+                              "; what was not sent is not recorded as replayed: run it "
+                              "again") from None
 
 
 def _example(d: DeadLetter) -> dict:

