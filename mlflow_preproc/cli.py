@@ -1,9 +1,10 @@
 """The mlflow-preproc command: run (files, stdin), stream (Kafka), bridge (Kafka to a model
 server), manifests (Kubernetes YAML), builds serve (the build service), dlq inspect|replay
 (a dead-letter topic), status (a stream's group), alert-rules and dashboard (Prometheus and Grafana) and broker (a local
-broker to try a stream on).
+broker to try a stream on), verify (a model's outputs on reference records, here).
 
-Exit status: 0 success; 1 some records failed (run: see the rejects file); 2 a fatal error
+Exit status: 0 success; 1 some records failed (run: see the rejects file; verify: outputs
+differ); 2 a fatal error
 (bad configuration, unknown model, unreachable broker), printed as one line naming the fix.
 Each command's --help shows its flags and examples.
 """
@@ -99,6 +100,14 @@ _BROKER_EXAMPLES = """\
 examples:
   mlflow-preproc broker --topic raw --topic clean
   mlflow-preproc stream -m models:/my-preproc/1 --input-topic raw --output-topic clean
+"""
+
+_VERIFY_EXAMPLES = """\
+examples:
+  mlflow-preproc verify -m models:/fink-preproc/2
+  mlflow-preproc verify -m models:/fink-preproc/2 --reference night-reference.jsonl
+  mlflow-preproc verify -m models:/fink-preproc@candidate --reference alerts.avro \\
+      --against models:/fink-preproc@champion
 """
 
 
@@ -336,6 +345,23 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--topic", action="append", default=[], metavar="NAME[:PARTITIONS]",
                         help="create this topic at start (repeatable; default 1 partition)")
     broker.set_defaults(handler=_cmd_broker)
+
+    verify = sub.add_parser(
+        "verify", help="check a model's outputs on reference records, here",
+        epilog=_VERIFY_EXAMPLES, description=_wrap(
+            "Run the model's reference records (log_model's reference_records, by default "
+            "its input example) in this environment and compare the outputs with those "
+            "logged; or, with --against, with another model's outputs on the same records "
+            "(the CI gate before promoting a version). Prints every record that differs; "
+            "exit 0 when none does, 1 when one does."), **plain)
+    verify.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
+    verify.add_argument("--reference", metavar="FILE", help="check these records instead: a "
+                        "reference file (the reference.jsonl of a model's artifacts: records "
+                        "with their expected outputs), or records (JSON, JSON Lines, Avro) "
+                        "with --against")
+    verify.add_argument("--against", metavar="MODEL_URI", help="the expected outputs are this "
+                        "model's on the same records, e.g. models:/fink-preproc@champion")
+    verify.set_defaults(handler=_cmd_verify)
     return parser
 
 
@@ -373,7 +399,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            master=args.master or "local[*]", input_format=args.input_format,
                            output_format=args.output_format, output_schema=args.output_schema,
                            rejects_path=rejects, fields_to_drop=drop,
-                           partition_by=_split_list(args.partition_by), progress=args.progress)
+                           partition_by=_split_list(args.partition_by), progress=args.progress,
+                           parity_check=env["PARITY_CHECK"])
         print(f"mlflow-preproc run: {counts.summary()}", file=sys.stderr)
         return EXIT_RECORDS_FAILED if counts.failed else EXIT_OK
     for flag, value in (("--master", args.master), ("--partition-by", args.partition_by),
@@ -393,6 +420,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with terminate_by_exception(), (replaced_when_done(args.output) if args.output
                                         else contextlib.nullcontext(sys.stdout.buffer)) as out:
             loaded = load_preprocessing(args.model_uri)
+            loaded.check_parity(args.model_uri, env["PARITY_CHECK"])
             schema = load_avro_schema(args.output_schema) if args.output_schema \
                 else loaded.output_avro_schema
             counts = batch_run.run(loaded.preprocessor, args.inputs, out,
@@ -496,6 +524,14 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             broker.raise_if_exited()
     print("mlflow-preproc broker: stopped", file=sys.stderr)
     return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from mlflow_preproc.runtime.verify import verify
+
+    report = verify(args.model_uri, args.reference, args.against)
+    print(report.text())
+    return EXIT_OK if report.ok else EXIT_RECORDS_FAILED
 
 
 def _cmd_dlq_inspect(args: argparse.Namespace) -> int:

@@ -109,6 +109,13 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             ") before preprocessing", kind=bool, modes=("stream", "run", "replay"), example="true"),
     Setting("DROP_FIELDS", "", "Comma-separated field paths dropped before preprocessing",
             modes=("stream", "run", "replay"), example="cutoutScience,candidate.pdiffimfilename"),
+    Setting("PARITY_CHECK", "refuse", "What a runtime does when the model's reference records "
+            "(log_model's reference_records) give other outputs here than when the model was "
+            "logged: refuse to start, with the diff, or warn (log the diff) and serve. Read "
+            "at every start: stream, run, dlq replay --through, mlflow models serve (and any "
+            "pyfunc load), each Spark executor, the preproc target's image build",
+            choices=("refuse", "warn"), modes=("stream", "run", "replay", "image"),
+            example="warn"),
     Setting("MAX_DECODED_BYTES", MAX_DECODED_BYTES_DEFAULT, "Largest decoded size of an Avro "
             "container block in any codec (of a whole message in stream and bridge), and, "
             "divided by 8, the most values one Avro record may decode to; a block or record "

@@ -39,6 +39,7 @@ FAULTS = (
     "bad record", "dependency down", "dependency slow", "not its protocol",
     "auth/ACL refused", "missing library or codec", "resource bound exceeded", "signal",
     "fenced",
+    "environment drift",
 )
 
 
@@ -74,6 +75,9 @@ _NO_DEPENDENCY = "no dependency of its own at this boundary"
 # "fenced": another member owns the partitions now (this one was frozen or cut off past its
 # session, a zombie). Only a commit can tell, and only a commit can do harm.
 _FENCED_AT_COMMIT = _v(NA, "the group's coordinator judges a zombie when it commits")
+# Environment drift: the model's reference records give other outputs than where it was
+# logged (runtime/parity.py). Only where the model's code runs can it show.
+_NO_MODEL_CODE = _v(NA, "no model code runs here; the drift shows at pre_processing")
 
 TABLE: dict[tuple[str, str], Verdict] = {
     # ---- file read: run opening its inputs
@@ -91,6 +95,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("file read", "signal"): _v(Outcome.FINISH, "run stops, exit 128+n, its outputs and "
                                                 "rejects left as they were (never truncated)"),
     ("file read", "fenced"): _v(NA, "run reads files, in no consumer group"),
+    ("file read", "environment drift"): _NO_MODEL_CODE,
     # ---- decode: bytes to records (stream, bridge, run, Spark)
     ("decode", "bad record"): _v(DL, "stage decode, the decoder's reason"),
     ("decode", "dependency down"): _v(NA, _NO_DEPENDENCY + " (the registry is its own)"),
@@ -104,6 +109,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                   "over 1 MiB: the bound named"),
     ("decode", "signal"): _SIGNAL,
     ("decode", "fenced"): _FENCED_AT_COMMIT,
+    ("decode", "environment drift"): _NO_MODEL_CODE,
     # ---- schema registry in: confluent-avro input
     ("schema registry in", "bad record"): _v(DL, "an id the registry does not know, a schema "
                                                  "that cannot be used: stage decode"),
@@ -120,6 +126,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                               "deep"),
     ("schema registry in", "signal"): _SIGNAL,
     ("schema registry in", "fenced"): _FENCED_AT_COMMIT,
+    ("schema registry in", "environment drift"): _NO_MODEL_CODE,
     # ---- pre_processing: the user's function
     ("pre_processing", "bad record"): _v(DL, "stage preprocess, the exception named"),
     ("pre_processing", "dependency down"): _v(Outcome.BRAKE, "a service the function calls is "
@@ -138,6 +145,10 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                           "record's, found alone"),
     ("pre_processing", "signal"): _SIGNAL,
     ("pre_processing", "fenced"): _FENCED_AT_COMMIT,
+    ("pre_processing", "environment drift"): _v(REFUSE, "the reference records give other "
+                                                        "outputs than logged: refused at start "
+                                                        "with the diff (PARITY_CHECK=warn: "
+                                                        "logged)"),
     # ---- in-process predict: stream --prediction-model-uri
     ("in-process predict", "bad record"): _v(DL, "stage predict, found alone"),
     ("in-process predict", "dependency down"): _v(NA, "the model runs in the process"),
@@ -150,6 +161,8 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                               "record's, found alone"),
     ("in-process predict", "signal"): _SIGNAL,
     ("in-process predict", "fenced"): _FENCED_AT_COMMIT,
+    ("in-process predict", "environment drift"): _v(NA, "the prediction model is any pyfunc: "
+                                                            "it logs no reference outputs"),
     # ---- bridge call: a model server over HTTP
     ("bridge call", "bad record"): _v(DL, "400/413/422 on the record alone; a record the server "
                                           "fails alone RECORD_ATTEMPTS times while it answers "
@@ -168,6 +181,8 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                        "alone is its dead letter"),
     ("bridge call", "signal"): _SIGNAL,
     ("bridge call", "fenced"): _FENCED_AT_COMMIT,
+    ("bridge call", "environment drift"): _v(NA, "the server's model is checked where it "
+                                                     "loads (mlflow models serve)"),
     # ---- encode: records to bytes
     ("encode", "bad record"): _v(DL, "an output that does not fit its format: stage encode"),
     ("encode", "dependency down"): _v(NA, _NO_DEPENDENCY + " (the registry is its own)"),
@@ -180,6 +195,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                   "produced"),
     ("encode", "signal"): _SIGNAL,
     ("encode", "fenced"): _FENCED_AT_COMMIT,
+    ("encode", "environment drift"): _NO_MODEL_CODE,
     # ---- schema registry out: confluent-avro output
     ("schema registry out", "bad record"): _v(NA, "the output schema is the model's, not a "
                                                   "record's"),
@@ -194,6 +210,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("schema registry out", "resource bound exceeded"): _v(NA, "one schema, registered once"),
     ("schema registry out", "signal"): _SIGNAL,
     ("schema registry out", "fenced"): _FENCED_AT_COMMIT,
+    ("schema registry out", "environment drift"): _NO_MODEL_CODE,
     # ---- produce output
     ("produce output", "bad record"): _v(DL, "a delivery error about the record (invalid, too "
                                              "large): stage produce, the broker's code"),
@@ -213,6 +230,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("produce output", "signal"): _v(Outcome.FINISH, "delivered within SHUTDOWN_TIMEOUT_S, "
                                                      "else uncommitted; exit 0"),
     ("produce output", "fenced"): _FENCED_AT_COMMIT,
+    ("produce output", "environment drift"): _NO_MODEL_CODE,
     # ---- produce dead letter
     ("produce dead letter", "bad record"): _v(DL, "a dead letter the broker refuses for size: "
                                                   "sent as headers only"),
@@ -227,6 +245,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
                                                                "its size and digest"),
     ("produce dead letter", "signal"): _SIGNAL,
     ("produce dead letter", "fenced"): _FENCED_AT_COMMIT,
+    ("produce dead letter", "environment drift"): _NO_MODEL_CODE,
     # ---- commit
     ("commit", "bad record"): _v(NA, "commits carry offsets, no record"),
     ("commit", "dependency down"): _v(WAIT, "a commit that fails is retried with the next"),
@@ -241,6 +260,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("commit", "fenced"): _v(Outcome.ABORT, "exactly-once: the coordinator refuses a zombie's offsets "
                                   "(KIP-447), its transaction is aborted, none of it visible; "
                                   "at-least-once: its commit is refused, its outputs stay"),
+    ("commit", "environment drift"): _NO_MODEL_CODE,
     # ---- file write: run's outputs and rejects
     ("file write", "bad record"): _v(DL, "a record the output format cannot hold: a reject, "
                                          "stage encode"),
@@ -256,6 +276,7 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("file write", "signal"): _v(Outcome.FINISH, "nothing replaced: outputs are renamed into "
                                                  "place only when the run ends"),
     ("file write", "fenced"): _v(NA, "run writes files, in no consumer group"),
+    ("file write", "environment drift"): _NO_MODEL_CODE,
     # ---- replay: dlq replay [--through MODEL]
     ("replay", "bad record"): _v(DL, "a dead letter that fails again through the model stays "
                                      "where it is, reported"),
@@ -269,6 +290,8 @@ TABLE: dict[tuple[str, str], Verdict] = {
     ("replay", "signal"): _v(NA, "each replay transaction commits or aborts whole"),
     ("replay", "fenced"): _v(STOP, "a second replay of the same topic fences the first: it "
                                   "stops, what it committed recorded as replayed"),
+    ("replay", "environment drift"): _v(REFUSE, "--through a model that drifted: refused "
+                                                "before a dead letter is read"),
 }
 
 

@@ -10,7 +10,8 @@ import pytest
 from mlflow_preproc import cli
 from mlflow_preproc import config as settings
 
-COMMANDS = (["run"], ["stream"], ["bridge"], ["manifests"], ["builds", "serve"], ["broker"])
+COMMANDS = (["run"], ["stream"], ["bridge"], ["manifests"], ["builds", "serve"], ["broker"],
+            ["verify"])
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:

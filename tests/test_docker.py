@@ -8,6 +8,7 @@ Needs a Docker engine (scripts/docker-engine.sh start) and the local base image
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import uuid
 
@@ -25,6 +26,11 @@ def v1(record):
 
 def v2(record):
     return {"id": record["id"], "version": 2, "x2": record["x"] * 2}
+
+
+def zero_pointed(record):
+    # A zero point from the environment: a setting that differs from one place to another.
+    return {"id": record["id"], "mag": record["mag"] + float(os.environ.get("MAG_ZEROPOINT", "0"))}
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -115,7 +121,8 @@ def test_deploy_serve_predict_stream_update_delete(tracking_uri, broker, deploym
     assert not docker_client.images.list(name="preprocessing-dock-prep-2")
 
 
-def test_deployment_errors_are_one_clear_line(tracking_uri, deployments, docker_client):
+def test_deployment_errors_are_one_clear_line(tracking_uri, deployments, docker_client,
+                                              monkeypatch):
     from sklearn.linear_model import LinearRegression
 
     with mlflow.start_run():
@@ -124,6 +131,11 @@ def test_deployment_errors_are_one_clear_line(tracking_uri, deployments, docker_
         mlflow.preproc.log_model(v1, name="bad", registered_model_name="bad-reqs",
                                  pip_requirements=["no-such-package-mlflow-preproc==0.0.1"])
         mlflow.preproc.log_model(v1, name="ok", registered_model_name="ok-prep")
+        # Logged where MAG_ZEROPOINT is set; the image has none: its outputs differ (#38).
+        monkeypatch.setenv("MAG_ZEROPOINT", "0.5")
+        mlflow.preproc.log_model(zero_pointed, name="drift", registered_model_name="drift-prep",
+                                 input_example=[{"id": 1, "mag": 18.25}])
+        monkeypatch.delenv("MAG_ZEROPOINT")
 
     def create(name, uri, *extra):
         return cli("deployments", "create", "-t", "preproc", "--name", name, "-m", uri,
@@ -137,6 +149,10 @@ def test_deployment_errors_are_one_clear_line(tracking_uri, deployments, docker_
         (create(deployments(), "models:/ok-prep/1", "-C", "docker_host=unix:///nope.sock"),
          "cannot reach a Docker engine at unix:///nope.sock"),
         (create(deployments(), "models:/bad-reqs/1"), "image build failed at Step"),
+        # The reference records, run in the built image before it is tagged (#38).
+        (create(deployments(), "models:/drift-prep/1"),
+         "1 of 1 reference records give other outputs here than when the model was logged: "
+         "record 0 (id=1): field mag: expected 18.75, got 18.25"),
         # Docker would refuse it when the container starts, after the build (#33).
         (create(deployments(), "models:/ok-prep/1", "-C", "cpu_limit=1000"),
          "cpu_limit=1000 is more than the"),
@@ -145,11 +161,16 @@ def test_deployment_errors_are_one_clear_line(tracking_uri, deployments, docker_
         assert proc.returncode != 0
         assert "Error: " in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
-    build_failure = cases[-2][0].stderr
-    assert "no-such-package-mlflow-preproc" in build_failure  # the failing step's log tail
+    build_failure = cases[-3][0].stderr
+    assert "no-such-package-mlflow-preproc" in build_failure, build_failure  # the log tail
+    assert not docker_client.images.list(name="preprocessing-drift-prep-1")
 
+    # PARITY_CHECK=warn accepts the drift knowingly: the build and the server say it and serve.
     name = deployments()
-    assert create(name, "models:/ok-prep/1").returncode == 0
+    warned = create(name, "models:/drift-prep/1", "-C", "parity_check=warn")
+    assert warned.returncode == 0, warned.stderr[-3000:]
+    logs = docker_client.containers.get(f"{name}-0").logs().decode()
+    assert "PARITY_CHECK=warn: " in logs and "expected 18.75, got 18.25" in logs, logs[-3000:]
     again = create(name, "models:/ok-prep/1")
     assert again.returncode != 0 and f"a deployment named {name} already exists" in again.stderr
 

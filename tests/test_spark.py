@@ -301,3 +301,36 @@ def test_a_columnar_model_takes_sparks_arrow_batches_and_rejects_a_row_alone(
         assert (counts.read, counts.written, counts.failed) == (len(rows), len(batch), 1)
     finally:
         result.unpersist()
+
+
+def zero_pointed(record):
+    # A zero point from the environment: a setting that differs from one place to another.
+    return {"id": record["id"], "mag": record["mag"] + float(os.environ.get("MAG_ZEROPOINT", "0"))}
+
+
+def test_each_executor_checks_the_reference_records_before_its_first_rows(spark, tracking_uri,
+                                                                          monkeypatch):
+    # #38: the driver's environment is the one the model was logged in; the executors' Python
+    # workers get another (sc.environment: spark.executorEnv.* of a running session).
+    import mlflow_preproc.spark as mps
+
+    with mlflow.start_run():
+        info = mlflow.preproc.log_model(zero_pointed, name="p", pip_requirements=[],
+                                        input_example=[{"id": 1, "mag": 18.25}])
+    # One partition: one Python worker to start with the changed environment.
+    df = spark.createDataFrame(spark.sparkContext.parallelize([(2, 17.0)], 1),
+                               "id long, mag double")
+    spark.sparkContext.environment["MAG_ZEROPOINT"] = "0.5"
+    try:
+        refused = mps.transform(df, info.model_uri)  # the driver's own check passes
+        with pytest.raises(Exception) as err:
+            refused.output.collect()
+        message = str(err.value)
+        assert "on a Spark executor: 1 of 1 reference records give other outputs here" in \
+            message, message[-3000:]
+        assert "record 0 (id=1): field mag: expected 18.25, got 18.75" in message
+        monkeypatch.setenv("PARITY_CHECK", "warn")  # the driver's setting reaches executors
+        warned = mps.transform(df, info.model_uri)
+        assert [json.loads(r.value) for r in warned.output.collect()] == [{"id": 2, "mag": 17.5}]
+    finally:
+        del spark.sparkContext.environment["MAG_ZEROPOINT"]

@@ -37,7 +37,10 @@ IMAGE_REFERENCE = re.compile(rf"(?:{_HOST}(?::[0-9]+)?/)?{_PATH}(?:/{_PATH})*"
 PYTHON_VERSION = re.compile(r"[0-9]+(?:\.[0-9]+){0,2}")
 
 # The requirements layers come before the models: a new model version with the same
-# requirements rebuilds from the cache in seconds.
+# requirements rebuilds from the cache in seconds. The last step runs the model's reference
+# records in the image's environment: outputs other than those logged fail the build, so no
+# image is tagged and no deployment made of them (PARITY_CHECK=warn, a build argument from
+# the deployment's options, logs them instead).
 DOCKERFILE = """\
 FROM {base_image}
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
@@ -45,6 +48,8 @@ COPY model/requirements.txt /opt/ml/requirements.txt
 {prediction_requirements}RUN python -m pip install --no-cache-dir -r /opt/ml/requirements.txt{also}
 COPY model {model_path}
 {prediction_model}ENV PYTHONPATH={model_path}/code
+ARG PARITY_CHECK=refuse
+RUN python -m mlflow_preproc.image.parity_check {model_path}
 ENTRYPOINT ["python", "-m", "mlflow_preproc.image.entrypoint"]
 """
 
@@ -111,7 +116,8 @@ def prepare_context(model_dir: Path, base_image: str, registered: dict | None,
 
 def build_image(client, context: Path, reference: str, labels: dict[str, str],
                 network_mode: str = "host", nocache: bool = False,
-                echo: Callable[[str], None] | None = None) -> str:
+                echo: Callable[[str], None] | None = None,
+                buildargs: dict[str, str] | None = None) -> str:
     """Build ``reference`` from ``context``, streaming progress to ``echo`` (stderr).
 
     Returns the image id. Raises :class:`BuildError` with the failing step and its log tail.
@@ -122,7 +128,7 @@ def build_image(client, context: Path, reference: str, labels: dict[str, str],
     image_id = None
     for chunk in client.api.build(path=str(context), tag=reference, labels=labels,
                                   network_mode=network_mode, nocache=nocache, rm=True,
-                                  forcerm=True, decode=True):
+                                  forcerm=True, decode=True, buildargs=buildargs):
         if "stream" in chunk:
             line = chunk["stream"]
             tail.append(line)

@@ -54,7 +54,7 @@ def build(engine, d: Deployment, echo=None) -> None:
             build_image(engine, context, d.image, {f"{LABEL}.model-uri": d.identity.uri},
                         network_mode=d.options["network_mode"],
                         nocache=settings.parse_bool(d.options["no_cache"], "no_cache"),
-                        echo=echo or tail.append)
+                        echo=echo or tail.append, buildargs=_build_args(d.options))
         except BuildError as exc:
             raise DeploymentError(str(exc)) from None
         finally:
@@ -62,6 +62,14 @@ def build(engine, d: Deployment, echo=None) -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     steps.done(f"built {d.image} from {base}", started)
+
+
+def _build_args(options: dict[str, str]) -> dict[str, str]:
+    """What the image build's parity check does with a drift: the deployment's
+    ``PARITY_CHECK`` (``-C parity_check=`` or ``-C env.PARITY_CHECK=``), as its containers
+    will at start."""
+    given = options.get("parity_check") or options.get("env.PARITY_CHECK")
+    return {"PARITY_CHECK": settings.parse_value("PARITY_CHECK", given)} if given else {}
 
 
 def _identity_json(identity) -> dict:

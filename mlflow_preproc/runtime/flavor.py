@@ -57,7 +57,7 @@ from mlflow.utils.model_utils import (
 )
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-from mlflow_preproc.runtime import batch_schema, code_capture
+from mlflow_preproc.runtime import batch_schema, code_capture, parity
 from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
 from mlflow_preproc.runtime.input_fields import parse as parse_input_fields
 from mlflow_preproc.runtime.input_fields import paths as input_fields_paths
@@ -127,6 +127,8 @@ def save_model(
     extra_pip_requirements: list[str] | str | None = None,
     metadata: dict[str, Any] | None = None,
     extra_files: list[str | os.PathLike] | None = None,
+    reference_records: list[dict] | dict | None = None,
+    reference_tolerance: float = parity.DEFAULT_TOLERANCE,
 ) -> None:
     """Save preprocessing code as an MLflow model at a local ``path``.
 
@@ -171,6 +173,13 @@ def save_model(
         extra_files: Files or folders of the code's folder (paths relative to it) that the
             code reads, e.g. ``["tables/calibration.csv"]``: captured at the same place
             beside the modules.
+        reference_records: Records (dicts) whose outputs are stored with the model, with the
+            versions of the packages that gave them, and checked wherever the model runs:
+            a start whose outputs differ is refused with the diff (``PARITY_CHECK``).
+            Default: the ``input_example``; ``[]`` stores none. Keep them few: they run at
+            every start.
+        reference_tolerance: Two floats of an output match when ``|a - b| <= tolerance *
+            max(1, |a|, |b|)`` (default 1e-9); every other value must be equal.
     """
     if batch_format not in BATCH_FORMATS:
         raise MlflowException(
@@ -184,6 +193,11 @@ def save_model(
             "batch_format='arrow'", error_code=INVALID_PARAMETER_VALUE)
     input_schema = _load_schema_arg(avro_schema, "avro_schema")
     output_schema = _load_schema_arg(output_avro_schema, "output_avro_schema")
+    if isinstance(reference_tolerance, bool) or not isinstance(reference_tolerance, (int, float)) \
+            or not 0 <= reference_tolerance < 1:
+        raise MlflowException(f"reference_tolerance={reference_tolerance!r} is not a number "
+                              "from 0 up to 1; e.g. reference_tolerance=1e-6",
+                              error_code=INVALID_PARAMETER_VALUE)
 
     if isinstance(input_example, dict):
         # A lone dict would be stored as {"inputs": {...}}, which the scoring server turns into
@@ -192,6 +206,7 @@ def save_model(
 
     _validate_and_prepare_target_save_path(path)
     example_outputs = None
+    reference = None
     try:
         captured = code_capture.capture(pre_processing, path, extra_files)
         with code_capture.caller_imports_kept():
@@ -207,6 +222,13 @@ def save_model(
                 example_outputs = _check_runs_on_example(
                     loaded or code_capture.load(path, captured.to_conf()), batch_format,
                     feature_names, input_example, input_fields, schema_of_batch)
+            records = _reference_records(reference_records, input_example)
+            if records:
+                # The preprocessor every runtime builds from the saved model.
+                reference = _reference(Preprocessor(
+                    loaded or code_capture.load(path, captured.to_conf()), batch_format,
+                    feature_names, input_fields, schema_of_batch), records,
+                    explicit=reference_records is not None)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # don't leave a half-written model behind
         raise
@@ -243,6 +265,11 @@ def save_model(
         flavor_conf["input_fields"] = input_fields
     if schema_of_batch is not None:
         flavor_conf["batch_schema"] = batch_schema.save(schema_of_batch, path)
+    if reference is not None:
+        parity.write(os.path.join(path, parity.REFERENCE_FILE), reference)
+        flavor_conf["reference"] = {"path": parity.REFERENCE_FILE,
+                                    "records": len(reference.records),
+                                    "tolerance": float(reference_tolerance)}
     for schema, filename, key in (
         (input_schema, _INPUT_SCHEMA_FILE, "avro_schema"),
         (output_schema, _OUTPUT_SCHEMA_FILE, "output_avro_schema"),
@@ -272,6 +299,44 @@ def _copy_runtime(dest: Path) -> None:
             shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(src, dest / part)
+
+
+def _reference_records(given: Any, input_example: Any) -> list[dict]:
+    if given is None:
+        return as_records(input_example) if input_example is not None else []
+    if isinstance(given, dict):
+        return [given]
+    if isinstance(given, (str, bytes)) or not all(isinstance(r, dict) for r in given):
+        raise MlflowException("reference_records must be records (dicts): a dict or a list "
+                              "of dicts, e.g. reference_records=alerts[:20]",
+                              error_code=INVALID_PARAMETER_VALUE)
+    return list(given)
+
+
+def _reference(preprocessor: Preprocessor, records: list[dict],
+               explicit: bool) -> parity.Reference | None:
+    """The reference records with their outputs and environment. An input example that
+    cannot be stored as it is, or whose outputs change from one call to the next, leaves the
+    model without reference records, saying so; reference_records given that way are
+    refused."""
+    try:
+        parity.encode_records(records)
+    except parity.UnstorableRecord as exc:
+        if explicit:
+            raise MlflowException(f"reference_records: {exc}; pass records of such values",
+                                  error_code=INVALID_PARAMETER_VALUE) from None
+        _logger.warning("no reference records stored: the input example's %s. Pass "
+                        "reference_records= to have the model's outputs checked where it "
+                        "runs", exc)
+        return None
+    try:
+        return parity.make_reference(preprocessor, records)
+    except ValueError as exc:
+        if explicit:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        # A function that stamps its outputs (a clock, a uuid) logged as it always was.
+        _logger.warning("no reference records stored: %s", exc)
+        return None
 
 
 def _load_schema_arg(source: Any, name: str) -> dict | None:
@@ -445,7 +510,9 @@ def _write_requirements(path, captured, conda_env, pip_requirements, extra_pip_r
                 r for r in runtime if _requirement_name(r) not in given]
             default_reqs = None
         else:
-            inferred = mlflow.models.infer_pip_requirements(path, FLAVOR_NAME, fallback=runtime)
+            inferred = mlflow.models.infer_pip_requirements(
+                path, FLAVOR_NAME, fallback=runtime,
+                extra_env_vars={parity.LOGGING_ENV: "1"})  # no parity check in that load
             default_reqs = sorted(set(inferred).union(runtime))
             if captured.requirements_file:
                 # The user's requirements.txt wins over the pins read off this interpreter: two
@@ -517,6 +584,8 @@ def log_model(
     name: str | None = None,
     extra_files: list[str | os.PathLike] | None = None,
     input_fields: list[str] | None = None,
+    reference_records: list[dict] | dict | None = None,
+    reference_tolerance: float = parity.DEFAULT_TOLERANCE,
     **kwargs: Any,
 ):
     """Log preprocessing code as an MLflow model in the current run.
@@ -549,7 +618,7 @@ def log_model(
     """
     import sys
 
-    with code_capture.caller_imports_kept():
+    with code_capture.caller_imports_kept(), parity.logging_model():
         return Model.log(
             artifact_path=artifact_path,
             name=name,
@@ -570,6 +639,8 @@ def log_model(
             metadata=metadata,
             extra_files=extra_files,
             input_fields=input_fields,
+            reference_records=reference_records,
+            reference_tolerance=reference_tolerance,
             **kwargs,
         )
 
@@ -609,6 +680,12 @@ class LoadedPreprocessing:
     model_dir: str
     avro_schema: dict | None
     output_avro_schema: dict | None
+    reference: parity.Stored | None = None  # the reference records and their outputs
+
+    def check_parity(self, model: str, action: str | None = None) -> parity.Report | None:
+        """Before serving: the reference records give the outputs logged, else the start is
+        refused with the diff (:func:`~mlflow_preproc.runtime.parity.check_at_start`)."""
+        return parity.check_at_start(self.preprocessor, self.reference, model, action)
 
 
 def load_preprocessing(model_uri: str, dst_path: str | None = None) -> LoadedPreprocessing:
@@ -645,6 +722,7 @@ def _load_from_dir(model_dir: str) -> LoadedPreprocessing:
         model_dir,
         schema("avro_schema"),
         schema("output_avro_schema"),
+        parity.Stored.of(model_dir, conf.get("reference")),
     )
 
 
@@ -707,6 +785,12 @@ def _check_one_output_each(outputs: list[list[dict]]) -> None:
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _PreprocessingPyfunc:
-    # Called by MLflow once per scoring worker and during log_model; keep it free of side
-    # effects. Kafka mode is started by the serving entrypoint, not here.
-    return _PreprocessingPyfunc(_load_from_dir(path))
+    # Called by MLflow once per scoring worker (mlflow models serve, an image's REST server),
+    # by mlflow models predict, spark_udf and pyfunc.load_model, and during log_model; keep it
+    # free of side effects. Kafka mode is started by the serving entrypoint, not here. The
+    # parity check runs wherever the model is about to serve, never in log_model's own loads
+    # (the environment that has just made the reference outputs).
+    loaded = _load_from_dir(path)
+    if not parity.at_logging():
+        loaded.check_parity(path)
+    return _PreprocessingPyfunc(loaded)

@@ -34,7 +34,7 @@ DATA_SUFFIXES = {"avro": (".avro",), "json": (".json",), "jsonl": (".jsonl", ".n
 def run(model_uri: str, inputs: list[str], output: str | None, *, master: str,
         input_format: str | None, output_format: str, output_schema: str | None,
         rejects_path: str, fields_to_drop: list[str], partition_by: list[str],
-        progress: bool | None) -> RunCounts:
+        progress: bool | None, parity_check: str | None = None) -> RunCounts:
     """Preprocess every record of ``inputs`` (files, folders, globs) into the folder ``output``."""
     if not output:
         raise ConfigError("--engine spark writes a folder of part files: pass -o OUT")
@@ -69,11 +69,13 @@ def run(model_uri: str, inputs: list[str], output: str | None, *, master: str,
                                          input_format=input_format if input_format != _PARQUET
                                          else None,
                                          drop_fields=fields_to_drop, output_schema=schema,
-                                         names=names, workdir=workdir))
+                                         names=names, workdir=workdir,
+                                         parity_check=parity_check))
         if parquet:
             parts.append(transform_files(spark.read.parquet(*parquet), model_uri, files=False,
                                          drop_fields=fields_to_drop, output_schema=schema,
-                                         names=names, workdir=workdir))
+                                         names=names, workdir=workdir,
+                                         parity_check=parity_check))
         result = _union(parts).persist()
         try:
             counts = result.counts()

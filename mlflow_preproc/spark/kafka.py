@@ -98,7 +98,7 @@ def transform_kafka(df: Any, model_uri: str, stream_settings: Mapping[str, str] 
                           f"DataFrame has no {', '.join(missing)} (columns: {df.columns})")
     config = stream_config(stream_settings)
     identity = resolve_model(model_uri)
-    _, shipped = ship(df.sparkSession, identity.download_uri, workdir)
+    _, shipped = ship(df.sparkSession, identity.download_uri, workdir, config["PARITY_CHECK"])
     columns = [c for c in ("key", "value", "topic", "partition", "offset", "headers")
                if c in df.columns]
     job = KafkaRowsJob(shipped, config, identity, default_output_topic(config, identity))

@@ -14,6 +14,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
+from mlflow_preproc.runtime import parity
 from mlflow_preproc.runtime.flavor import LoadedPreprocessing, _load_from_dir, load_preprocessing
 
 _loaded: dict[str, LoadedPreprocessing] = {}
@@ -25,33 +26,43 @@ class ShippedModel:
 
     local_dir: str | None = None
     spark_file: str | None = None
+    model_uri: str = ""  # named in a parity diff
+    parity_check: str = "refuse"  # the driver's PARITY_CHECK
 
     def load(self) -> LoadedPreprocessing:
-        """The model, loaded once per Python worker process."""
+        """The model, loaded and its parity checked once per Python worker process."""
         key = self.local_dir or self.spark_file
         if key not in _loaded:
-            _loaded[key] = _load_from_dir(self.local_dir or _extract(self.spark_file))
+            loaded = _load_from_dir(self.local_dir or _extract(self.spark_file))
+            loaded.check_parity(f"{self.model_uri} on a Spark executor", self.parity_check)
+            _loaded[key] = loaded
         return _loaded[key]
 
 
-def ship(spark, model_uri: str, workdir: str | None = None
+def ship(spark, model_uri: str, workdir: str | None = None, parity_check: str | None = None
          ) -> tuple[LoadedPreprocessing, ShippedModel]:
-    """Download ``model_uri`` on the driver, load it (so a bad model fails here, with its
-    message) and make it reachable from the executors.
+    """Download ``model_uri`` on the driver, load it and check its parity (so a bad model
+    fails here, with its message) and make it reachable from the executors, which check it
+    again in their own environment. ``parity_check``: ``refuse`` or ``warn`` (default: the
+    driver's ``PARITY_CHECK``), on the driver and the executors.
 
     The download goes to ``workdir`` (a new temporary folder by default), which must outlive
     every job that uses the model: DataFrames are lazy.
     """
+    parity_check = parity_check or parity.action_from_env()
     base = tempfile.mkdtemp(prefix="mlflow-preproc-", dir=workdir)
     loaded = load_preprocessing(model_uri, dst_path=base)
+    loaded.check_parity(f"{model_uri} on the Spark driver", parity_check)
     if spark.sparkContext.master.startswith("local"):
-        return loaded, ShippedModel(local_dir=loaded.model_dir)
+        return loaded, ShippedModel(local_dir=loaded.model_dir, model_uri=model_uri,
+                                    parity_check=parity_check)
     archive = shutil.make_archive(os.path.join(base, "model"), "zip", loaded.model_dir)
     # A unique name: SparkFiles are looked up by base name, and two models may be shipped.
     named = os.path.join(base, f"preprocessing-model-{os.path.basename(base)}.zip")
     os.rename(archive, named)
     spark.sparkContext.addFile(named)
-    return loaded, ShippedModel(spark_file=os.path.basename(named))
+    return loaded, ShippedModel(spark_file=os.path.basename(named), model_uri=model_uri,
+                                parity_check=parity_check)
 
 
 def _extract(spark_file: str) -> str:

@@ -119,13 +119,14 @@ def transform(df: Any, model_uri: str, *, input_format: str | None = None,
 
 def transform_files(df: Any, model_uri: str, *, files: bool, input_format: str | None = None,
                     drop_fields: Iterable[str] = (), output_schema: Any = None,
-                    names: dict[str, str] | None = None, workdir: str | None = None
-                    ) -> Transformed:
+                    names: dict[str, str] | None = None, workdir: str | None = None,
+                    parity_check: str | None = None) -> Transformed:
     """:func:`transform`, plus what the CLI needs: files whose format is sniffed one by one
     (``files=True``, ``input_format=None``), their names as the user gave them (``names``:
-    Spark path -> name) and where the model is downloaded (``workdir``)."""
+    Spark path -> name), where the model is downloaded (``workdir``) and ``PARITY_CHECK``
+    (default: the driver's environment variable)."""
     spark = df.sparkSession
-    loaded, shipped = ship(spark, model_uri, workdir)
+    loaded, shipped = ship(spark, model_uri, workdir, parity_check)
     output_type = resolve_output_type(loaded, output_schema)
     schema = tagged_schema(output_type)
     if files:

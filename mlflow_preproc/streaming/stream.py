@@ -88,6 +88,9 @@ class Stream(KafkaLoop):
         else:
             identity = resolve_model(config.require("MODEL_URI"))
         preprocessing = load_preprocessing(identity.download_uri)
+        # Before the prediction model, the broker and the first record: a start whose
+        # reference records give other outputs than logged is refused with the diff.
+        preprocessing.check_parity(identity.uri, config["PARITY_CHECK"])
         predictor = None
         if config["PREDICTION_MODEL_URI"]:
             predictor = Predictor.load(config["PREDICTION_MODEL_URI"],
