@@ -188,6 +188,12 @@ class MessageDecoder:
                 self._by_id.get(schema_id), self._skip, self.fields, self._limit)
         return [_schemaless(value[5:], reader)]
 
+    def writer_schema(self, schema_id: int) -> dict:
+        """The writer schema (parsed) of a Confluent schema id, from ``AVRO_SCHEMA_DIR`` or
+        the registry; raises as :meth:`decode` does (``Unavailable`` while the registry is
+        down, ``DecodeError`` for an id it does not know)."""
+        return self._by_id.get(schema_id)
+
 
 def _json_value(value: bytes) -> Any:
     try:
