@@ -362,7 +362,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                    output_format=args.output_format, output_schema=schema,
                                    rejects_path=rejects, fields_to_drop=drop,
                                    progress=args.progress,
-                                   max_decoded_bytes=env["MAX_DECODED_BYTES"])
+                                   max_decoded_bytes=env["MAX_DECODED_BYTES"],
+                                   avro_columns=env["AVRO_COLUMNS"])
     except Terminated as exc:
         return exc.exit_code
     print(f"mlflow-preproc run: {counts.summary()}", file=sys.stderr)

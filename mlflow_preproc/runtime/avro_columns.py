@@ -145,6 +145,7 @@ class ColumnReader:
         self._schema_by_id = schema_by_id
         self._plans_by_id: dict[int, _Plan | None] = {}
         self._unavailable_ids: set[int] = set()
+        self._file_headers: dict[bytes, bytes] = {}  # schema text -> a container header
 
     def records(self, values: Sequence[bytes | None]) -> list[list[Record] | None]:
         """Each message's records, or None for one the message decoder is to decode."""
@@ -156,6 +157,23 @@ class ColumnReader:
                 out[index] = rows[at:at + count]
                 at += count
         return out
+
+    def blocks(self, text: bytes, blocks: list[tuple[int, bytes]]
+               ) -> list[list[Record] | None]:
+        """The records of each decoded block of an Avro file of schema ``text`` (``read_records``'
+        ``columns``), or None for one the file reader is to decode: each block is read as a
+        one-block container, the blocks of a call at once."""
+        header = self._file_headers.get(text)
+        if header is None:
+            out = io.BytesIO()
+            fastavro.schemaless_writer(out, OCF_HEADER_SCHEMA, {
+                "magic": OCF_MAGIC, "sync": _SYNC,
+                "meta": {"avro.schema": text, "avro.codec": b"null"}})
+            if len(self._file_headers) >= self._MAX_SCHEMAS:
+                self._file_headers.clear()
+            header = self._file_headers[text] = out.getvalue()
+        return self.records([b"".join((header, _long(n), _long(len(data)), data, _SYNC))
+                             for n, data in blocks])
 
     def table(self, values: Sequence[bytes | None]) -> tuple[Any, list[int]]:
         """A ``pyarrow.Table`` of the records read here, in message order, and the batch
