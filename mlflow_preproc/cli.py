@@ -123,14 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="preprocess files or stdin", epilog=_RUN_EXAMPLES,
                          description=_wrap("Preprocess JSON, JSON Lines or Avro files (or "
                                            "stdin) with a preprocessing model; write JSON "
-                                           "Lines or Avro."), **plain)
+                                           "Lines, Avro or Parquet."), **plain)
     run.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
     run.add_argument("inputs", nargs="*", metavar="FILE", help="input files; - or none: stdin")
     run.add_argument("--input-format", choices=("json", "jsonl", "avro", "parquet"),
-                     help="default: from the file name, else from its first bytes (parquet: "
-                     "--engine spark)")
+                     help="default: from the file name, else from its first bytes")
     run.add_argument("--output-format", choices=("jsonl", "avro", "parquet"), default="jsonl",
-                     help="avro: --engine local; parquet: --engine spark")
+                     help="avro: --engine local")
     run.add_argument("--output-schema", help="Avro schema for avro output or parquet columns "
                      "(default: the model's output_avro_schema)")
     run.add_argument("-o", "--output", help="output file (default: stdout)")
@@ -338,11 +337,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            partition_by=_split_list(args.partition_by), progress=args.progress)
         print(f"mlflow-preproc run: {counts.summary()}", file=sys.stderr)
         return EXIT_RECORDS_FAILED if counts.failed else EXIT_OK
-    for flag, value in (("--master", args.master), ("--partition-by", args.partition_by),
-                        ("--input-format parquet", args.input_format == "parquet"),
-                        ("--output-format parquet", args.output_format == "parquet")):
+    for flag, value in (("--master", args.master), ("--partition-by", args.partition_by)):
         if value:
             raise settings.ConfigError(f"{flag} needs --engine spark")
+    if args.output_format == "parquet" and not args.output:
+        raise settings.ConfigError("--output-format parquet writes a file: pass -o OUT.parquet")
 
     if args.output:
         refuse_inputs_as_outputs(args.inputs, [("the output", args.output, "pass -o another "

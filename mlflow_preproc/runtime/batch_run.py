@@ -31,6 +31,7 @@ from mlflow_preproc.runtime.formats import (
 )
 from mlflow_preproc.runtime.jsonable import dumps
 from mlflow_preproc.runtime.output_files import PendingFile, refuse_inputs_as_outputs
+from mlflow_preproc.runtime.parquet_files import ParquetWriter, is_parquet, read_parquet
 from mlflow_preproc.runtime.records import Preprocessor, RecordError
 
 BATCH_SIZE = 1000
@@ -103,7 +104,8 @@ def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
         "the rejects file", rejects_path, "pass --rejects another path (or -o OUT, whose "
         "rejects go to OUT.rejects.jsonl)")])
     counts = RunCounts(rejects_path=rejects_path)
-    writer = FileWriter(output, output_format, output_schema)
+    writer = ParquetWriter(output, output_schema) if output_format == "parquet" else \
+        FileWriter(output, output_format, output_schema)
     rejects = _Rejects(rejects_path)
     finished = False
     columns = _column_reader(preprocessor, max_decoded_bytes) if avro_columns else None
@@ -118,6 +120,12 @@ def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
                                  fields_to_drop or [], max_decoded_bytes)
                 continue
             where = pending.pop(0)
+            if where != "-" and is_parquet(where, input_format):
+                records = read_parquet(where, preprocessor.fields, BATCH_SIZE)
+                for batch in _batches(records, BATCH_SIZE):
+                    _process_batch(preprocessor, [(where, i, r) for i, r in batch],
+                                   writer, rejects, counts, fields_to_drop or [])
+                continue
             with _open_input(where) as stream:
                 fmt = input_format or sniff_file_format(None if where == "-" else where,
                                                         _peek(stream))
@@ -192,6 +200,9 @@ def _process_batch(preprocessor, batch, writer, rejects, counts, fields_to_drop)
     decoded = [drop_fields(item, fields_to_drop) for _, _, item in batch
                if not isinstance(item, DecodeError)]
     results = iter(preprocessor.process_each(decoded))
+    # Parquet: the outputs of the batch are one row group, written after it
+    deferred: list[tuple[str, int, Any, Any]] | None = \
+        [] if isinstance(writer, ParquetWriter) else None
     for where, index, item in batch:
         counts.read += 1
         if isinstance(item, DecodeError):
@@ -203,12 +214,22 @@ def _process_batch(preprocessor, batch, writer, rejects, counts, fields_to_drop)
             continue
         if not result:
             counts.dropped += 1
+        if deferred is not None:
+            deferred += [(where, index, item, out) for out in result]
+            continue
         for out in result:
             try:
                 writer.write(out)
                 counts.written += 1
             except EncodeError as exc:
                 _reject(rejects, counts, where, index, "encode", exc, item)
+    if deferred:
+        errors = writer.write_many([out for *_, out in deferred])
+        for (where, index, item, _), error in zip(deferred, errors):
+            if error is None:
+                counts.written += 1
+            else:
+                _reject(rejects, counts, where, index, "encode", error, item)
 
 
 def _reject(rejects, counts, where, index, stage, error, record) -> None:

@@ -850,6 +850,7 @@ def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = 
         return
     count = 0
     ahead: list[tuple[int, bytes]] = []  # blocks read, not yet decoded (with columns)
+    ahead_records = ahead_bytes = 0
     while True:
         try:
             block = _next_block(stream, codec, sync, limit)
@@ -857,7 +858,7 @@ def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = 
             for record in _decoded_blocks(ahead, columns, text, reader, where, count):
                 count += not isinstance(record, DecodeError)
                 yield record
-            ahead = []
+            ahead, ahead_records, ahead_bytes = [], 0, 0
             yield BlockTooLarge(exc.count, exc.limit, f"{where}: after record {count}, ")
             continue
         except Misconfigured:
@@ -871,15 +872,16 @@ def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = 
             return
         if block is not None and columns is not None:
             ahead.append(block)
-            if sum(n for n, _ in ahead) < _AHEAD_RECORDS and \
-                    sum(len(d) for _, d in ahead) < _AHEAD_BYTES:
+            ahead_records += block[0]
+            ahead_bytes += len(block[1])
+            if ahead_records < _AHEAD_RECORDS and ahead_bytes < _AHEAD_BYTES:
                 continue
         elif block is not None:
             ahead = [block]
         for record in _decoded_blocks(ahead, columns, text, reader, where, count):
             count += not isinstance(record, DecodeError)
             yield record
-        ahead = []
+        ahead, ahead_records, ahead_bytes = [], 0, 0
         if block is None:
             return
 
