@@ -167,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.alerts
     tmp = Path(tempfile.mkdtemp(prefix="rubin-columns-"))
-    table = []
+    table = _Table()
 
     # Rubin: lsst.v11_0, Confluent-framed, schema id 1100 from AVRO_SCHEMA_DIR (a registry
     # answers once per schema id: the same)
@@ -186,11 +186,17 @@ def main() -> None:
 
     # ZTF: one container per message; a container file of n; n one-alert files
     fink = load_fink()
-    [big] = write_archive(tmp / "ztf-big", n, n)
+    [one_block] = write_archive(tmp / "ztf-one-block", n, n)
     small = [str(p) for p in write_archive(tmp / "ztf-small", n, 1)]
     ztf_messages = [Path(p).read_bytes() for p in small]
-    with open(big, "rb") as f:
-        ztf = list(fastavro.reader(f))
+    with open(one_block, "rb") as f:
+        reader = fastavro.reader(f)
+        ztf = list(reader)
+    # an archive file as fastavro writes one: a block per ~16 kB, here an alert a block
+    big = tmp / "ztf.avro"
+    with open(big, "wb") as f:
+        fastavro.writer(f, fastavro.parse_schema(reader.writer_schema), ztf)
+    one_block.unlink()
     table += rows_for("ZTF", n, ztf_messages,
                       lambda m: next(fastavro.reader(io.BytesIO(m))), "avro", {},
                       fink.INPUT_FIELDS, fink.pre_processing, tmp, big, small,
@@ -200,7 +206,7 @@ def main() -> None:
 
         import mlflow_preproc  # noqa: F401 -- mlflow.preproc
 
-        mlflow.set_tracking_uri(f"file:{tmp}/mlruns")
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
         with mlflow.start_run():
             uri = mlflow.preproc.log_model(fink.pre_processing, name="fink",
                                            input_fields=fink.INPUT_FIELDS,
@@ -208,14 +214,28 @@ def main() -> None:
         [one] = write_archive(tmp / "ztf-one", 1, 1)
         table.append(spark_row(uri, big, one, n, tmp, table[-7][2]))
 
-    print(f"{n} alerts of each; {platform.python_version()}, {os.cpu_count()} cores; "
-          f"CPU of this process")
-    print("| row | µs CPU / alert | alerts/s per core | x d0 |")
-    print("|---|---:|---:|---:|")
-    for label, seconds, d0 in table:
-        print(f"| {label} | {seconds * 1e6:,.0f} | {1 / seconds:,.0f} | "
-              f"{d0 / seconds:.2f} |" if seconds > 0 and not math.isnan(seconds) else
-              f"| {label} | - | - | - |")
+
+
+class _Table(list):
+    """The rows, each printed as it is measured (a long run shows its progress)."""
+
+    def __init__(self):
+        super().__init__()
+        print(f"{platform.python_version()}, {os.cpu_count()} cores; CPU of this process")
+        print("| row | µs CPU / alert | alerts/s per core | x d0 |")
+        print("|---|---:|---:|---:|", flush=True)
+
+    def append(self, row) -> None:
+        super().append(row)
+        label, seconds, d0 = row
+        print(f"| {label} | {seconds * 1e6:,.0f} | {1 / seconds:,.0f} | {d0 / seconds:.2f} |"
+              if seconds > 0 and not math.isnan(seconds) else f"| {label} | - | - | - |",
+              flush=True)
+
+    def __iadd__(self, rows):
+        for row in rows:
+            self.append(row)
+        return self
 
 
 if __name__ == "__main__":

@@ -18,10 +18,13 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 
 def test_declared_fields_read_only_their_columns_and_damage_is_one_reject(tmp_path):
-    rows = [{"id": i, "c": {"m": i / 2, "n": "x"}, "cutout": b"\0" * 100} for i in range(5)]
+    rows = [{"id": i, "c": {"m": i / 2, "n": "x"}, "h": [{"m": 1.0, "n": "y"}] * i,
+             "cutout": b"\0" * 100} for i in range(5)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
-    assert list(read_parquet(str(tmp_path / "a.parquet"), parse(["c.m", "id"]), 2)) == [
-        {"id": r["id"], "c": r["c"]} for r in rows]  # cutout never read
+    # only the declared leaves, nested ones and those inside lists too: cutout, c.n and h.n
+    # are never read
+    assert list(read_parquet(str(tmp_path / "a.parquet"), parse(["c.m", "id", "h.m"]), 2)) == [
+        {"id": r["id"], "c": {"m": r["c"]["m"]}, "h": [{"m": 1.0}] * r["id"]} for r in rows]
     (tmp_path / "b.parquet").write_bytes(b"PAR1 not really")
     [error] = read_parquet(str(tmp_path / "b.parquet"), None, 2)
     assert isinstance(error, DecodeError) and "b.parquet is not a readable Parquet" in str(error)
