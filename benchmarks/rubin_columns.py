@@ -16,7 +16,7 @@ stream    the stream's data path without Kafka: decode a batch of 500 messages, 
           reader. Kafka's client adds ~10-20 µs an alert (benchmarks/README.md, Streams).
 run       ``batch_run.run`` (what ``mlflow-preproc run`` calls) on a container file, on a
           folder of one-alert files, and on a Parquet file of the same alerts, to JSON Lines.
-spark     ``mlflow-preproc run --engine spark --master local[2]`` on the ZTF container file,
+spark     ``mlflow-preproc run --engine spark --master local[2]`` on the ZTF one-alert files,
           CPU of the process and its children (the JVM and its Python workers), start-up
           (the same command on one alert) subtracted (``--spark``).
 
@@ -149,15 +149,18 @@ def rows_for(name, n, messages, full_decode, fmt, decoder_kw, fields, fn, tmp: P
 def spark_row(model_uri: str, archive: Path, one: Path, n: int, tmp: Path, d0: float):
     def child_cpu(path: Path, out: str) -> float:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([str(Path(sys.executable).parent / "mlflow-preproc"), "run", "-m",
-                        model_uri, str(path), "-o", str(tmp / out), "--engine", "spark",
-                        "--master", "local[2]"], check=False, capture_output=True)
+        proc = subprocess.run([str(Path(sys.executable).parent / "mlflow-preproc"), "run", "-m",
+                               model_uri, str(path), "-o", str(tmp / out), "--engine", "spark",
+                               "--master", "local[2]"], capture_output=True)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        print(f"  spark: {proc.stderr.decode().strip().splitlines()[-1]}", flush=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
     startup = child_cpu(one, "spark-one")
     total = child_cpu(archive, "spark-all")
-    return ("ZTF run --engine spark local[2], a container file", (total - startup) / n, d0)
+    return ("ZTF run --engine spark local[2], one-alert files (a folder)", (total - startup) / n,
+            d0)
 
 
 def main() -> None:
@@ -212,7 +215,10 @@ def main() -> None:
                                            input_fields=fink.INPUT_FIELDS,
                                            feature_names=fink.FEATURE_NAMES).model_uri
         [one] = write_archive(tmp / "ztf-one", 1, 1)
-        table.append(spark_row(uri, big, one, n, tmp, table[-7][2]))
+        # the folder of one-alert files: a file is Spark's unit of work (binaryFile), and one
+        # file of thousands of alerts is one task holding it whole (it fails past the JVM's
+        # memory; docs/guides/spark.md)
+        table.append(spark_row(uri, tmp / "ztf-small", one, n, tmp, table[-7][2]))
 
 
 
