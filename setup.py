@@ -55,6 +55,9 @@ setup(
             "scikit-learn",
             "requests",
             "hypothesis>=6.100",  # tests/test_fuzz.py: damaged inputs for the decoders
+            # Rubin's published alert schemas (lsst.v10-v11) and a sample alert per version:
+            # the confluent-avro column-reader tests and benchmarks frame them as Rubin sends them
+            "lsst-alert-packet",
             "cramjam>=2.7", "backports.zstd>=1.0; python_version<'3.14'", "lz4>=4.0",
             # Offline validation of the Kubernetes manifests: the API's OpenAPI schemas, and
             # the KEDA / Prometheus Operator CRD types.

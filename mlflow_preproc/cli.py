@@ -151,14 +151,13 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="preprocess files or stdin", epilog=_RUN_EXAMPLES,
                          description=_wrap("Preprocess JSON, JSON Lines or Avro files (or "
                                            "stdin) with a preprocessing model; write JSON "
-                                           "Lines or Avro."), **plain)
+                                           "Lines, Avro or Parquet."), **plain)
     run.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
     run.add_argument("inputs", nargs="*", metavar="FILE", help="input files; - or none: stdin")
     run.add_argument("--input-format", choices=("json", "jsonl", "avro", "parquet"),
-                     help="default: from the file name, else from its first bytes (parquet: "
-                     "--engine spark)")
+                     help="default: from the file name, else from its first bytes")
     run.add_argument("--output-format", choices=("jsonl", "avro", "parquet"), default="jsonl",
-                     help="avro: --engine local; parquet: --engine spark")
+                     help="avro: --engine local")
     run.add_argument("--output-schema", help="Avro schema for avro output or parquet columns "
                      "(default: the model's output_avro_schema)")
     run.add_argument("-o", "--output", help="output file (default: stdout)")
@@ -403,11 +402,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            parity_check=env["PARITY_CHECK"])
         print(f"mlflow-preproc run: {counts.summary()}", file=sys.stderr)
         return EXIT_RECORDS_FAILED if counts.failed else EXIT_OK
-    for flag, value in (("--master", args.master), ("--partition-by", args.partition_by),
-                        ("--input-format parquet", args.input_format == "parquet"),
-                        ("--output-format parquet", args.output_format == "parquet")):
+    for flag, value in (("--master", args.master), ("--partition-by", args.partition_by)):
         if value:
             raise settings.ConfigError(f"{flag} needs --engine spark")
+    if args.output_format == "parquet" and not args.output:
+        raise settings.ConfigError("--output-format parquet writes a file: pass -o OUT.parquet")
 
     if args.output:
         refuse_inputs_as_outputs(args.inputs, [("the output", args.output, "pass -o another "
@@ -428,7 +427,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                    output_format=args.output_format, output_schema=schema,
                                    rejects_path=rejects, fields_to_drop=drop,
                                    progress=args.progress,
-                                   max_decoded_bytes=env["MAX_DECODED_BYTES"])
+                                   max_decoded_bytes=env["MAX_DECODED_BYTES"],
+                                   avro_columns=env["AVRO_COLUMNS"])
     except Terminated as exc:
         return exc.exit_code
     print(f"mlflow-preproc run: {counts.summary()}", file=sys.stderr)

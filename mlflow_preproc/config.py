@@ -122,11 +122,11 @@ SETTINGS: dict[str, Setting] = {s.env: s for s in (
             "over it is a dead letter or a reject, never an out-of-memory kill or a hang. Keep "
             "it well under the memory limit", kind=int, modes=("stream", "bridge", "run", "replay"), example="268435456",
             minimum=1024, maximum=2**40),
-    Setting("AVRO_COLUMNS", True, "Read the Avro container messages of a batch in one call "
-            "with polars-avro, when installed (pip install '.[columnar]' in the "
-            "mlflow-preproc clone): the same "
-            "records, ~4x less CPU; false: fastavro, one message at a time", kind=bool,
-            modes=("stream", "replay"), example="false"),
+    Setting("AVRO_COLUMNS", True, "Read the Avro container and Confluent-framed messages of a "
+            "batch in one call with polars-avro, when installed (pip install '.[columnar]' in "
+            "the mlflow-preproc clone): the same "
+            "records, ~4x less CPU (run: Avro files too); false: fastavro, one message at a time",
+            kind=bool, modes=("stream", "replay", "run"), example="false"),
     Setting("BATCH_SIZE", 500, "Records per batch (stream: per consume; bridge: per "
             "/invocations call)", kind=int, example="100", minimum=1, maximum=1_000_000),
     Setting("BATCH_TIMEOUT_MS", 1000, "Longest wait to fill a batch", kind=int, example="200",

@@ -78,8 +78,8 @@ trap 'exit 130' INT TERM
 import importlib.metadata as md, json, platform, sys
 work = sys.argv[1]
 # What a preprocessing model's requirements.txt names, so image builds need no download.
-from mlflow_preproc.runtime.flavor import RUNTIME_EXTRAS, RUNTIME_PACKAGES
-wanted = ["mlflow", *RUNTIME_PACKAGES, "gunicorn", "wheel"]
+from mlflow_preproc.runtime.flavor import COLUMNAR_PACKAGES, RUNTIME_EXTRAS, RUNTIME_PACKAGES
+wanted = ["mlflow", *RUNTIME_PACKAGES, *COLUMNAR_PACKAGES, "gunicorn", "wheel"]
 def version(name):
     try:
         return md.version(name)

@@ -34,6 +34,7 @@ OTHER_NAMES = {
     "PIP_DISABLE_PIP_VERSION_CHECK": "pip's, in a Dockerfile",
     "HOST_FILE": "a placeholder in -C mount.PATH=HOST_FILE",
     "PYSPARK_SUBMIT_ARGS": "pyspark's (spark-submit's arguments)",
+    "MODEL_DIR": "a placeholder in a usage line",
 }
 
 

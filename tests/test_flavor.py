@@ -299,6 +299,7 @@ def test_user_pip_requirements_keep_the_runtime_dependencies(tracking_uri):
     assert {"pandas", "mlflow", "cloudpickle", "fastavro", "confluent-kafka[schemaregistry]",
             "prometheus-client"} <= names
     assert "mlflow-preproc" not in names  # not on any index: it travels in code/
+    assert "polars-avro" not in names  # whole records, no declared fields: no column reader
     assert (local / "code" / "mlflow_preproc" / "runtime" / "flavor.py").is_file()
     # Only the runtime travels with a model, not the control plane.
     assert not (local / "code" / "mlflow_preproc" / "deploy").exists()
@@ -493,3 +494,17 @@ def test_model_loads_where_this_package_is_not_installed(tracking_uri, tmp_path)
     prediction, flavor_file = proc.stdout.strip().splitlines()
     assert prediction == "[{'mag': 20.0, 'band': 'i'}]"
     assert flavor_file.endswith(os.path.join("code", "mlflow_preproc", "runtime", "flavor.py"))
+
+
+def test_a_model_declaring_input_fields_brings_the_column_reader_into_its_image(tracking_uri):
+    # #36: the column reader reached an image only if the user added mlflow-preproc[columnar]
+    # to the model's requirements; a model declaring its fields reads them into columns.
+    def names(info):
+        local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+        return {line.split("==")[0].split(">=")[0]
+                for line in (local / "requirements.txt").read_text().split()}
+
+    # given requirements (no inference: a lean test); inferred ones get the same runtime list
+    assert {"polars-avro", "polars", "pandas"} <= names(log(
+        band, input_fields=["magpsf", "fid"], pip_requirements=["pandas"]))
+    # (a model reading whole records leaves it out: test_user_pip_requirements_keep_...)

@@ -143,6 +143,18 @@ def test_jsonl_and_parquet_in_partitioned_parquet_out(tracking_uri, tmp_path):
     key = lambda r: (int(r["id"]), r["part"])  # noqa: E731
     assert sorted(({"id": int(r["id"]), "part": r["part"]} for r in rows), key=key) == sorted(
         from_jsonl + [{"id": 11, "part": 2.0}, {"id": 13, "part": 6.0}], key=key)
+    # #36: --engine local reads and writes Parquet too, with Spark's rows and rejects
+    local_parquet = run_cli("-m", info.model_uri, "in.jsonl", "in.parquet", "-o",
+                            "local.parquet", "--output-format", "parquet", cwd=tmp_path)
+    assert local_parquet.returncode == 1, local_parquet.stderr.decode()[-3000:]
+    assert summary(local_parquet) == ("mlflow-preproc run: in=9 out=6 dropped=1 failed=3 "
+                                      "(rejects: local.parquet.rejects.jsonl)")
+    table = pq.read_table(tmp_path / "local.parquet")
+    assert table.schema.field("id").type == pa.int64()  # the output Avro schema's types
+    assert sorted(table.to_pylist(), key=key) == sorted(
+        ({"id": int(r["id"]), "part": r["part"]} for r in rows), key=key)
+    assert lines(tmp_path / "local.parquet.rejects.jsonl") == lines(
+        tmp_path / "out.parquet.rejects.jsonl")
     # The JSON Lines rejects are run's (same fields, indexes, messages); the Parquet one
     # names its file and row.
     rejects = lines(tmp_path / "out.parquet.rejects.jsonl")
@@ -156,7 +168,8 @@ def test_jsonl_and_parquet_in_partitioned_parquet_out(tracking_uri, tmp_path):
 @pytest.mark.parametrize("args, env, message", [
     (["--engine", "spark", "in.jsonl"], {},
      "--engine spark writes a folder of part files: pass -o OUT"),
-    (["--output-format", "parquet", "in.jsonl"], {}, "--output-format parquet needs --engine spark"),
+    (["--output-format", "parquet", "in.jsonl"], {},
+     "--output-format parquet writes a file: pass -o OUT.parquet"),
     (["--engine", "spark", "in.jsonl", "-o", "out"], {"JAVA_HOME": "/nonexistent"},
      "Spark needs Java (JAVA_HOME=/nonexistent has no bin/java); install a Java 17+ runtime "
      "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless) or set JAVA_HOME to one"),

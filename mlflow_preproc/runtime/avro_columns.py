@@ -1,4 +1,4 @@
-"""Avro container messages decoded a batch at a time into columns, by polars-avro.
+"""Avro messages decoded a batch at a time into columns, by polars-avro.
 
 ``pip install '.[columnar]'`` in the mlflow-preproc clone. Without it, or for any message this
 module does not take, :class:`~mlflow_preproc.runtime.formats.MessageDecoder` decodes one
@@ -10,6 +10,16 @@ columns instead, ~40 µs an alert, but it reads files, not messages. Alert strea
 as a one-record container file, so the containers of a batch that share a writer schema are
 joined into one (the header once, then every message's blocks, each ending with the header's
 sync marker), read in one call, and the rows handed back to the message each came from.
+
+Confluent-framed messages (``confluent-avro``: byte 0, a 4-byte schema id, one schemaless
+record), the way Rubin sends its alerts and every stream behind a schema registry, are read the
+same way: the record of each message of a schema id becomes a block of one record of a joined
+file with the writer schema of that id (a block's body is records written back to back, and a
+schemaless record is exactly one). One block per message, each closed by the sync marker, keeps
+a damaged record from shifting its neighbours: its read fails (or overruns, below) instead of
+handing the next message's bytes to another record. The writer schema comes from the message
+decoder's registry lookup; a message whose schema cannot be had now (registry down, unknown id)
+is left to the message decoder, which waits for the registry or dead-letters the message.
 
 What comes here is read exactly as the message decoder reads it; the rest goes there:
 
@@ -41,7 +51,7 @@ import io
 import json
 import queue
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +63,7 @@ from mlflow_preproc.runtime.avro_bounds import amplifies
 from mlflow_preproc.runtime.formats import OCF_HEADER_SCHEMA, OCF_MAGIC, Record, zigzag
 from mlflow_preproc.runtime.input_fields import Tree
 from mlflow_preproc.runtime.input_fields import parse as parse_fields
+from mlflow_preproc.runtime.input_fields import read_tree
 
 try:
     import polars as pl
@@ -62,6 +73,18 @@ except ImportError:  # the columnar extra is not installed: the message decoder 
 
 _PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
 _SYNC = b"mlflow-preproc\x00\x01"  # any 16 bytes: the joined file's own sync marker
+_ONE_RECORD = b"\x02"  # a block's record count, 1, as an Avro long
+
+
+def _long(n: int) -> bytes:
+    """``n`` (>= 0) as an Avro long: zigzag, then 7 bits a byte."""
+    n <<= 1
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def installed() -> bool:
@@ -80,7 +103,7 @@ class _Group:
     plan: _Plan
     indexes: list[int] = field(default_factory=list)  # positions in the batch
     counts: list[int] = field(default_factory=list)  # records of each
-    blocks: list[list[Any]] = field(default_factory=list)  # each message's blocks, no sync
+    blocks: list[list[Any]] = field(default_factory=list)  # each message's blocks and syncs
 
     def part(self, members: range) -> _Group:
         return _Group(self.plan, [self.indexes[i] for i in members],
@@ -92,7 +115,9 @@ class ColumnReader:
 
     ``fields``: the declared input fields (only these are handed back); ``drop``: the
     ``DROP_FIELDS`` paths (with the cutouts when ``SKIP_CUTOUTS``), left out as the message
-    decoder leaves them out; ``max_decoded_bytes``: ``MAX_DECODED_BYTES``.
+    decoder leaves them out; ``max_decoded_bytes``: ``MAX_DECODED_BYTES``; ``schema_by_id``:
+    the writer schema of a Confluent schema id (``MessageDecoder.writer_schema``), for
+    ``confluent-avro`` messages (without it only containers are read here).
     """
 
     _MAX_SCHEMAS = 64
@@ -103,7 +128,8 @@ class ColumnReader:
     BUDGET_PER_MESSAGE_S = 0.02
 
     def __init__(self, fields: Tree | None = None, drop: Collection[str] = (),
-                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT):
+                 max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT,
+                 schema_by_id: Callable[[int], Any] | None = None):
         if polars_avro is None:
             raise RuntimeError("decoding Avro into columns needs polars-avro; pip install "
                                "'.[columnar]' in the mlflow-preproc clone")
@@ -116,6 +142,10 @@ class ColumnReader:
         # (header bytes before the sync marker, its plan) of the last few containers: a
         # stream's containers share them, so most messages need no header decoding.
         self._recent: list[tuple[bytes, _Plan | None]] = []
+        self._schema_by_id = schema_by_id
+        self._plans_by_id: dict[int, _Plan | None] = {}
+        self._unavailable_ids: set[int] = set()
+        self._file_headers: dict[bytes, bytes] = {}  # schema text -> a container header
 
     def records(self, values: Sequence[bytes | None]) -> list[list[Record] | None]:
         """Each message's records, or None for one the message decoder is to decode."""
@@ -127,6 +157,23 @@ class ColumnReader:
                 out[index] = rows[at:at + count]
                 at += count
         return out
+
+    def blocks(self, text: bytes, blocks: list[tuple[int, bytes]]
+               ) -> list[list[Record] | None]:
+        """The records of each decoded block of an Avro file of schema ``text`` (``read_records``'
+        ``columns``), or None for one the file reader is to decode: each block is read as a
+        one-block container, the blocks of a call at once."""
+        header = self._file_headers.get(text)
+        if header is None:
+            out = io.BytesIO()
+            fastavro.schemaless_writer(out, OCF_HEADER_SCHEMA, {
+                "magic": OCF_MAGIC, "sync": _SYNC,
+                "meta": {"avro.schema": text, "avro.codec": b"null"}})
+            if len(self._file_headers) >= self._MAX_SCHEMAS:
+                self._file_headers.clear()
+            header = self._file_headers[text] = out.getvalue()
+        return self.records([b"".join((header, _long(n), _long(len(data)), data, _SYNC))
+                             for n, data in blocks])
 
     def table(self, values: Sequence[bytes | None]) -> tuple[Any, list[int]]:
         """A ``pyarrow.Table`` of the records read here, in message order, and the batch
@@ -161,6 +208,9 @@ class ColumnReader:
     # ---- framing -------------------------------------------------------------------------
 
     def _read(self, values: Sequence[bytes | None]) -> list[tuple[_Group, Any]]:
+        # a schema id the registry did not give is asked for once a batch: a registry that
+        # is down or slow is the message decoder's to wait for, not every message's to ask
+        self._unavailable_ids: set[int] = set()
         groups: dict[int, _Group] = {}
         for index, value in enumerate(values):
             framed = self._frame(value)
@@ -201,8 +251,12 @@ class ColumnReader:
         return outcome
 
     def _frame(self, value: bytes | None) -> tuple[_Plan, list[Any], int] | None:
-        """The plan, blocks and record count of a container message taken here, else None."""
-        if not value or not value.startswith(OCF_MAGIC):
+        """The plan, blocks and record count of a message taken here, else None."""
+        if not value:
+            return None
+        if value[0] == 0 and self._schema_by_id is not None:
+            return self._framed_record(value)
+        if not value.startswith(OCF_MAGIC):
             return None
         known = next((h for h in self._recent if value.startswith(h[0])), None)
         if known is None:
@@ -228,12 +282,37 @@ class ColumnReader:
                 if count < 0 or size < 0 or count > max(size, 1) or decoded > self._limit \
                         or value[end:end + 16] != sync:
                     return None
-                blocks.append(view[start:end])
+                blocks += (view[start:end], _SYNC)
                 records += count
                 pos = end + 16
         except EOFError:
             return None
         return plan, blocks, records
+
+    def _framed_record(self, value: bytes) -> tuple[_Plan, list[Any], int] | None:
+        """A Confluent-framed message as a block of one record, or None (the message decoder
+        judges it: a short frame, a schema it cannot have now, one not taken here)."""
+        if len(value) < 6:
+            return None
+        schema_id = int.from_bytes(value[1:5], "big")
+        if schema_id not in self._plans_by_id:
+            if schema_id in self._unavailable_ids:
+                return None
+            try:
+                writer = self._schema_by_id(schema_id)
+            except Exception:  # noqa: BLE001 -- registry down or id unknown: the decoder's
+                self._unavailable_ids.add(schema_id)  # to wait for or dead-letter
+                return None
+            if len(self._plans_by_id) >= self._MAX_SCHEMAS:
+                self._plans_by_id.clear()
+            try:
+                self._plans_by_id[schema_id] = _Plan(writer, self._fields, self._drop)
+            except Exception:  # noqa: BLE001 -- unfaithful: not read here
+                self._plans_by_id[schema_id] = None
+        plan = self._plans_by_id[schema_id]
+        if plan is None:
+            return None
+        return plan, [_ONE_RECORD + _long(len(value) - 5), memoryview(value)[5:], _SYNC], 1
 
     def _header(self, value: bytes) -> tuple[bytes, _Plan | None] | None:
         buf = io.BytesIO(value)
@@ -270,7 +349,7 @@ def _decoded(group: _Group) -> list[tuple[_Group, Any]]:
     """``group`` read; a part polars refuses is halved until its messages stand alone, and
     those are left out (the message decoder judges them)."""
     data = b"".join([group.plan.header, *(piece for blocks in group.blocks
-                                          for block in blocks for piece in (block, _SYNC))])
+                                          for piece in blocks)])
     try:
         frame = polars_avro.read_avro(io.BytesIO(data), columns=group.plan.columns)
         if frame.height == sum(group.counts):
@@ -290,7 +369,13 @@ class _Plan:
     to read, and the polars expressions that leave them as the message decoder would."""
 
     def __init__(self, writer: Any, fields: Tree | None, drop: Tree):
-        expanded = _unique_names(expand_schema(writer), {})
+        # a schema fastavro parsed (a registry's) carries its own keys: not the schema's
+        expanded = expand_schema(writer)
+        if isinstance(expanded, dict):
+            expanded = {k: v for k, v in expanded.items() if not k.startswith("__")}
+            if fields is not None:  # read as the message decoder reads them
+                fields = read_tree(expanded, fields)
+        expanded = _unique_names(expanded, {})
         if not (isinstance(expanded, dict) and expanded.get("type") == "record"):
             raise Unfaithful("the writer schema is not a record")
         parsed = fastavro.parse_schema(writer)

@@ -31,6 +31,7 @@ from mlflow_preproc.runtime.formats import (
 )
 from mlflow_preproc.runtime.jsonable import dumps
 from mlflow_preproc.runtime.output_files import PendingFile, refuse_inputs_as_outputs
+from mlflow_preproc.runtime.parquet_files import ParquetWriter, is_parquet, read_parquet
 from mlflow_preproc.runtime.records import Preprocessor, RecordError
 
 BATCH_SIZE = 1000
@@ -90,30 +91,52 @@ def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
         input_format: str | None = None, output_format: str = "jsonl",
         output_schema: dict | None = None, rejects_path: str = "rejects.jsonl",
         fields_to_drop: list[str] | None = None, progress: bool | None = None,
-        max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT) -> RunCounts:
+        max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT,
+        avro_columns: bool = True) -> RunCounts:
     """Preprocess every record of ``inputs`` (paths, ``-`` for stdin) into ``output``.
 
-    An Avro block decoding to more than ``max_decoded_bytes`` is one reject.
+    An Avro block decoding to more than ``max_decoded_bytes`` is one reject. With
+    ``avro_columns`` and polars-avro installed, Avro is read by the column reader, the same
+    records: the blocks of a file a batch at a time, and runs of small Avro files (one alert
+    each, as archives of alerts are) a batch of files at a time.
     """
     refuse_inputs_as_outputs(inputs, [(
         "the rejects file", rejects_path, "pass --rejects another path (or -o OUT, whose "
         "rejects go to OUT.rejects.jsonl)")])
     counts = RunCounts(rejects_path=rejects_path)
-    writer = FileWriter(output, output_format, output_schema)
+    writer = ParquetWriter(output, output_schema) if output_format == "parquet" else \
+        FileWriter(output, output_format, output_schema)
     rejects = _Rejects(rejects_path)
     finished = False
+    columns = _column_reader(preprocessor, max_decoded_bytes) if avro_columns else None
+    pending = list(inputs or ["-"])
     try:
-        for where in inputs or ["-"]:
+        while pending:
+            small = _small_avro_files(pending, input_format, max_decoded_bytes) \
+                if columns is not None else []
+            if small:
+                del pending[:len(small)]
+                _run_small_files(preprocessor, small, columns, writer, rejects, counts,
+                                 fields_to_drop or [], max_decoded_bytes)
+                continue
+            where = pending.pop(0)
+            if where != "-" and is_parquet(where, input_format):
+                records = read_parquet(where, preprocessor.fields, BATCH_SIZE)
+                for batch in _batches(records, BATCH_SIZE):
+                    _process_batch(preprocessor, [(where, i, r) for i, r in batch],
+                                   writer, rejects, counts, fields_to_drop or [])
+                continue
             with _open_input(where) as stream:
                 fmt = input_format or sniff_file_format(None if where == "-" else where,
                                                         _peek(stream))
                 read_before = counts.read
                 with _progress_bar(stream, where, progress) as advance:
                     records = read_records(stream, fmt, where, max_decoded_bytes,
-                                           preprocessor.fields)
+                                           preprocessor.fields,
+                                           columns.blocks if columns is not None else None)
                     for batch in _batches(records, BATCH_SIZE):
-                        _process_batch(preprocessor, batch, where, writer, rejects, counts,
-                                       fields_to_drop or [])
+                        _process_batch(preprocessor, [(where, i, r) for i, r in batch],
+                                       writer, rejects, counts, fields_to_drop or [])
                         advance(counts.read - read_before)
         finished = True
     finally:
@@ -123,13 +146,64 @@ def run(preprocessor: Preprocessor, inputs: list[str], output: IO[bytes], *,
     return counts
 
 
-def _process_batch(preprocessor, batch, where, writer, rejects, counts, fields_to_drop) -> None:
+# A file of at most this many bytes is read whole with others, one batch of files a call.
+_SMALL_FILE_BYTES = 1024 * 1024
+
+
+def _column_reader(preprocessor: Preprocessor, max_decoded_bytes: int):
+    """The column reader of a run (polars-avro installed), else None. It leaves the dropped
+    fields in: the rejects file holds the records as read, as without it."""
+    from mlflow_preproc.runtime import avro_columns  # imports polars, when it is installed
+
+    if not avro_columns.installed():
+        return None
+    return avro_columns.ColumnReader(preprocessor.fields, (), max_decoded_bytes)
+
+
+def _small_avro_files(pending: list[str], input_format: str | None, limit: int) -> list[str]:
+    """The run of small Avro files at the head of ``pending`` (two or more), up to a batch."""
+    run: list[str] = []
+    for where in pending[:BATCH_SIZE]:
+        if where == "-" or input_format not in (None, "avro") or \
+                not where.lower().endswith(".avro"):
+            break
+        try:
+            if os.path.getsize(where) > min(_SMALL_FILE_BYTES, limit):
+                break
+        except OSError:
+            break  # said by _open_input, in its turn
+        run.append(where)
+    return run if len(run) > 1 else []
+
+
+def _run_small_files(preprocessor, paths, columns, writer, rejects, counts, fields_to_drop,
+                     limit) -> None:
+    """Small Avro files read in one call of the column reader, their records one batch;
+    a file it leaves is read by the file reader, which judges it."""
+    values = []
+    for where in paths:
+        with _open_input(where) as stream:
+            values.append(stream.read())
+    batch: list[tuple[str, int, Any]] = []
+    for where, value, records in zip(paths, values, columns.records(values)):
+        if records is None:
+            records = read_records(io.BytesIO(value), "avro", where, limit, preprocessor.fields)
+        batch += [(where, index, record) for index, record in enumerate(records)]
+    for start in range(0, len(batch), BATCH_SIZE):
+        _process_batch(preprocessor, batch[start:start + BATCH_SIZE], writer, rejects, counts,
+                       fields_to_drop)
+
+
+def _process_batch(preprocessor, batch, writer, rejects, counts, fields_to_drop) -> None:
     # pre_processing sees the decodable records of the batch at once; outputs and rejects
     # are then written in input order
-    decoded = [drop_fields(item, fields_to_drop) for _, item in batch
+    decoded = [drop_fields(item, fields_to_drop) for _, _, item in batch
                if not isinstance(item, DecodeError)]
     results = iter(preprocessor.process_each(decoded))
-    for index, item in batch:
+    # Parquet: the outputs of the batch are one row group, written after it
+    deferred: list[tuple[str, int, Any, Any]] | None = \
+        [] if isinstance(writer, ParquetWriter) else None
+    for where, index, item in batch:
         counts.read += 1
         if isinstance(item, DecodeError):
             _reject(rejects, counts, where, index, "decode", item, item.raw_text())
@@ -140,12 +214,22 @@ def _process_batch(preprocessor, batch, where, writer, rejects, counts, fields_t
             continue
         if not result:
             counts.dropped += 1
+        if deferred is not None:
+            deferred += [(where, index, item, out) for out in result]
+            continue
         for out in result:
             try:
                 writer.write(out)
                 counts.written += 1
             except EncodeError as exc:
                 _reject(rejects, counts, where, index, "encode", exc, item)
+    if deferred:
+        errors = writer.write_many([out for *_, out in deferred])
+        for (where, index, item, _), error in zip(deferred, errors):
+            if error is None:
+                counts.written += 1
+            else:
+                _reject(rejects, counts, where, index, "encode", error, item)
 
 
 def _reject(rejects, counts, where, index, stage, error, record) -> None:

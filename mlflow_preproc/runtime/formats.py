@@ -188,6 +188,12 @@ class MessageDecoder:
                 self._by_id.get(schema_id), self._skip, self.fields, self._limit)
         return [_schemaless(value[5:], reader)]
 
+    def writer_schema(self, schema_id: int) -> dict:
+        """The writer schema (parsed) of a Confluent schema id, from ``AVRO_SCHEMA_DIR`` or
+        the registry; raises as :meth:`decode` does (``Unavailable`` while the registry is
+        down, ``DecodeError`` for an id it does not know)."""
+        return self._by_id.get(schema_id)
+
 
 def _json_value(value: bytes) -> Any:
     try:
@@ -812,17 +818,20 @@ def sniff_file_format(path: str | None, head: bytes) -> str:
 
 def read_records(stream: IO[bytes], fmt: str, where: str,
                  max_decoded_bytes: int = MAX_DECODED_BYTES_DEFAULT,
-                 fields: Tree | None = None) -> Iterator[Record | DecodeError]:
+                 fields: Tree | None = None, columns: BlockReader | None = None
+                 ) -> Iterator[Record | DecodeError]:
     """Stream records from a binary file; a bad record yields a :class:`DecodeError`.
 
     Memory stays constant: JSON is read line by line (an object spread over several lines
     is gathered first), arrays are parsed incrementally (ijson), Avro containers block by
     block, none decoding to more than ``max_decoded_bytes`` (a block over it is one error,
     and the next blocks are read). Damage ends a file with one error, after the records read
-    before it. ``fields``: the model's declared input fields, the only ones Avro decodes.
+    before it. ``fields``: the model's declared input fields, the only ones Avro decodes;
+    ``columns``: reads runs of Avro blocks at once (``ColumnReader.blocks``), the blocks it
+    leaves decoded here.
     """
     if fmt == "avro":
-        yield from _avro_file(stream, where, max_decoded_bytes, fields)
+        yield from _avro_file(stream, where, max_decoded_bytes, fields, columns)
         return
     if fmt == UNKNOWN_FORMAT:
         start = stream.readline(40).rstrip(b"\r\n").decode("utf-8", "backslashreplace")
@@ -839,8 +848,15 @@ def read_records(stream: IO[bytes], fmt: str, where: str,
     yield from _json_lines(stream, where, one_per_line=fmt == "jsonl")
 
 
-def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = None
-               ) -> Iterator[Record | DecodeError]:
+# (schema text, [(record count, decoded block)]) -> each block's records, or None
+BlockReader = Callable[[bytes, list[tuple[int, bytes]]], list[list[Record] | None]]
+# Blocks read ahead for the column reader: about a batch of records, within this many bytes.
+_AHEAD_RECORDS = 1000
+_AHEAD_BYTES = 64 * 1024 * 1024
+
+
+def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = None,
+               columns: BlockReader | None = None) -> Iterator[Record | DecodeError]:
     start = _Start(stream)
     try:
         codec, text, sync = read_header(start)
@@ -857,27 +873,60 @@ def _avro_file(stream: IO[bytes], where: str, limit: int, fields: Tree | None = 
             yield DecodeError(f"{where} is not an Avro object container file ({detail})")
         return
     count = 0
+    ahead: list[tuple[int, bytes]] = []  # blocks read, not yet decoded (with columns)
+    ahead_records = ahead_bytes = 0
     while True:
         try:
             block = _next_block(stream, codec, sync, limit)
         except BlockTooLarge as exc:
+            for record in _decoded_blocks(ahead, columns, text, reader, where, count):
+                count += not isinstance(record, DecodeError)
+                yield record
+            ahead, ahead_records, ahead_bytes = [], 0, 0
             yield BlockTooLarge(exc.count, exc.limit, f"{where}: after record {count}, ")
             continue
         except Misconfigured:
             raise  # a codec's package missing here: every block would fail alike
         except Exception as exc:  # noqa: BLE001 -- truncated/corrupt framing: EOFError,
             # zlib.error, LZMAError... whatever the bytes make the codec do
+            for record in _decoded_blocks(ahead, columns, text, reader, where, count):
+                count += not isinstance(record, DecodeError)
+                yield record
             yield _damaged(where, count, exc)
             return
+        if block is not None and columns is not None:
+            ahead.append(block)
+            ahead_records += block[0]
+            ahead_bytes += len(block[1])
+            if ahead_records < _AHEAD_RECORDS and ahead_bytes < _AHEAD_BYTES:
+                continue
+        elif block is not None:
+            ahead = [block]
+        for record in _decoded_blocks(ahead, columns, text, reader, where, count):
+            count += not isinstance(record, DecodeError)
+            yield record
+        ahead, ahead_records, ahead_bytes = [], 0, 0
         if block is None:
             return
-        n, data = block
+
+
+def _decoded_blocks(blocks: list[tuple[int, bytes]], columns: BlockReader | None,
+                    text: bytes, reader: _RecordReader, where: str, count: int
+                    ) -> Iterator[Record | DecodeError]:
+    """The records of ``blocks``: read by ``columns`` at once where it takes them, else
+    decoded here, where a corrupt record ends its block with one error (the block ended with
+    its sync marker, so the next one can still be read)."""
+    read = columns(text, blocks) if columns is not None and blocks else None
+    for i, (n, data) in enumerate(blocks):
+        if read is not None and read[i] is not None:
+            yield from read[i]
+            count += n
+            continue
         buf = io.BytesIO(data)
         for done in range(n):
             try:
                 record = reader.read(data, buf)
             except Exception as exc:  # noqa: BLE001 -- IndexError, ValueError, EOFError...
-                # The block ended with its sync marker, so the next one can still be read.
                 yield DecodeError(f"{where}: after record {count}, {n - done} Avro record(s) "
                                   f"of a block are corrupt ({type(exc).__name__}: {exc}); the "
                                   "next blocks are read")

@@ -169,6 +169,43 @@ def reader_schema(writer: Any, tree: Tree) -> Any:
     return _ReaderBuilder(named, wants).build(writer, tree, "")
 
 
+def read_tree(writer: Any, tree: Tree) -> Tree:
+    """``tree`` as :func:`reader_schema` reads it from ``writer`` (a schema with every named
+    type written out where it is used, as ``expand_schema`` gives it): a named record used in
+    several places is read with the fields of all its uses (Rubin's ``diaSource`` and
+    ``prvDiaSources`` share one), so a reader of columns hands back what fastavro does."""
+    named: dict[str, Any] = {}
+    _collect_named(writer, "", named)
+    wants: dict[str, Tree | None] = {}
+    _gather(writer, tree, "", named, wants)
+    return _widened(writer, tree, "", wants) or tree
+
+
+def _widened(schema: Any, tree: Tree | None, namespace: str, wants: dict[str, Tree | None]
+             ) -> Tree | None:
+    if tree is None:
+        return None
+    if isinstance(schema, list):
+        # the branch that holds the fields (a union of records of one path is not read)
+        return next((_widened(b, tree, namespace, wants) for b in schema
+                     if isinstance(b, dict)), tree)
+    if not isinstance(schema, dict):
+        return tree
+    kind = schema.get("type")
+    if kind == "array":
+        return _widened(schema.get("items"), tree, namespace, wants)
+    if kind not in ("record", "error"):
+        return _widened(kind, tree, namespace, wants) if isinstance(kind, (dict, list)) \
+            else tree
+    full, namespace = _fullname(schema, namespace)
+    wanted = wants.get(full, tree)
+    if wanted is None:
+        return None
+    types = {f["name"]: f["type"] for f in schema.get("fields", [])}
+    return {name: _widened(types[name], sub, namespace, wants) if name in types else sub
+            for name, sub in wanted.items()}
+
+
 _PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
 
 

@@ -71,8 +71,8 @@ class Stream(KafkaLoop):
                                           max_decoded_bytes=config["MAX_DECODED_BYTES"],
                                           fields=_decoded_fields(self.preprocessor.fields,
                                                                  predictor))
-            # With polars-avro (the columnar extra), Avro containers are read a batch at once.
-            self.columns = _column_reader(config, self.decoder.fields, self.fields_to_drop)
+            # With polars-avro (the columnar extra), Avro messages are read a batch at once.
+            self.columns = _column_reader(config, self.decoder, self.fields_to_drop)
             self.encoder = MessageEncoder(config["OUTPUT_FORMAT"], out_schema,
                                           config["SCHEMA_REGISTRY_URL"], topic=output_topic)
         except ValueError as exc:
@@ -242,16 +242,18 @@ def _schema(path: str | None) -> dict | None:
         raise ConfigError(str(exc)) from None
 
 
-def _column_reader(config: Config, fields: Tree | None, drop: Sequence[str]):
-    """The :class:`~mlflow_preproc.runtime.avro_columns.ColumnReader` of an Avro stream when
+def _column_reader(config: Config, decoder: MessageDecoder, drop: Sequence[str]):
+    """The :class:`~mlflow_preproc.runtime.avro_columns.ColumnReader` of an Avro stream
+    (containers, or Confluent-framed records with the decoder's schemas by id) when
     polars-avro is installed, else None (the message decoder reads every message)."""
-    if config["INPUT_FORMAT"] != "avro" or not config["AVRO_COLUMNS"]:
+    if config["INPUT_FORMAT"] not in ("avro", "confluent-avro") or not config["AVRO_COLUMNS"]:
         return None
     from mlflow_preproc.runtime import avro_columns  # imports polars, when it is installed
 
     if not avro_columns.installed():
         return None
-    return avro_columns.ColumnReader(fields, drop, config["MAX_DECODED_BYTES"])
+    by_id = decoder.writer_schema if config["INPUT_FORMAT"] == "confluent-avro" else None
+    return avro_columns.ColumnReader(decoder.fields, drop, config["MAX_DECODED_BYTES"], by_id)
 
 
 def _decoded_fields(fields: Tree | None, predictor: Predictor | None) -> Tree | None:
