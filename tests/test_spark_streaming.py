@@ -152,20 +152,48 @@ def test_a_query_gives_the_streams_outputs_and_dead_letters_and_a_killed_driver_
     assert stages == {b"decode": len(GARBAGE), b"preprocess": refused}
 
 
-def test_the_parquet_sink_holds_every_record_once_after_a_killed_driver(
-        broker, model, alerts, spark_env, tmp_path):
+def rubin_features(alert):
+    source = alert["diaSource"]
+    if alert["diaSourceId"] % 7 == 0:
+        raise ValueError(f"diaSourceId {alert['diaSourceId']} is a multiple of 7")
+    return {"id": alert["diaSourceId"], "flux": source["psfFlux"], "band": source["band"],
+            "n_prv": len(alert["prvDiaSources"] or [])}
+
+
+@verdict("schema registry in", "bad record")
+def test_rubin_alerts_through_a_query_to_parquet_are_the_streams_each_once_after_a_kill(
+        broker, tracking_uri, spark_env, streams, schema_registry, tmp_path):
+    # Rubin alerts as Rubin sends them (Confluent framing, a schema id), a model declaring
+    # the fields it reads; a message of an id the registry does not know and one cut short.
     import pyarrow.dataset as ds
 
+    from rubin_alerts import RUBIN_FIELDS, SCHEMA_ID, alerts as rubin_alerts, framed
+
+    schema, records = rubin_alerts(40, cutout_bytes=64)
+    schema_registry.register(SCHEMA_ID, schema)
+    with mlflow.start_run():
+        example = next(r for r in records if r["diaSourceId"] % 7)
+        model = mlflow.preproc.log_model(rubin_features, name="rubin", input_example=example,
+                                         input_fields=RUBIN_FIELDS).model_uri
+    values = framed(schema, records)
+    values[5] = framed(schema, records[5:6], schema_id=999)[0]  # an id the registry lacks
+    values[9] = values[9][:40]  # cut short
     raw = unique("raw")
     broker.create_topics(raw, partitions=2)
-    env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "INPUT_FORMAT": "avro",
-           "SKIP_CUTOUTS": "true"}
+    env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "INPUT_FORMAT": "confluent-avro",
+           "SCHEMA_REGISTRY_URL": schema_registry.url}
     out, rejects = tmp_path / "features", tmp_path / "rejects"
     args = (f"kafka:{raw}", "-o", str(out), "--rejects", str(rejects),
             "--checkpoint-location", str(tmp_path / "checkpoint"))
-    # Alerts arrive all along; the driver is killed while micro-batches run.
-    feeding = threading.Thread(target=lambda: [
-        (produce(broker.bootstrap_servers, raw, [value]), time.sleep(0.1)) for value in alerts])
+
+    # Alerts arrive all along; the driver is killed while micro-batches run, then the query
+    # runs again from its checkpoint to the end.
+    def feed() -> None:
+        for value in values:
+            produce(broker.bootstrap_servers, raw, [value])
+            time.sleep(0.1)
+
+    feeding = threading.Thread(target=feed)
     first = query(spark_env, env, model, *args, "--trigger", "1 second", cwd=tmp_path)
     feeding.start()
     deadline = time.monotonic() + 240
@@ -176,12 +204,29 @@ def test_the_parquet_sink_holds_every_record_once_after_a_killed_driver(
     feeding.join()
     finished(query(spark_env, env, model, *args, cwd=tmp_path))
 
-    def sources(folder: Path) -> Counter:
+    def rows(folder: Path) -> dict[bytes, list[tuple[bytes, dict]]]:
         table = ds.dataset(folder, format="parquet", partitioning="hive").to_table()
-        return Counter(dict((h["key"], h["value"]) for h in headers)[SOURCE]
-                       for headers in table.column("headers").to_pylist())
+        found: dict[bytes, list[tuple[bytes, dict]]] = {}
+        for value, headers in zip(table.column("value").to_pylist(),
+                                  table.column("headers").to_pylist()):
+            headers = {h["key"]: h["value"] for h in headers}
+            found.setdefault(headers[SOURCE], []).append((value, headers))
+        return found
 
-    written, dead = sources(out), sources(rejects)
-    assert max(written.values()) == 1 and max(dead.values()) == 1, "a record written twice"
-    assert len(written) + len(dead) == len(alerts), "a record lost"
-    assert len(dead) == failing(alerts)
+    written, dead = rows(out), rows(rejects)
+    assert all(len(copies) == 1 for copies in [*written.values(), *dead.values()]), \
+        "a record written twice"
+
+    # The stream on the same topic: the same outputs and dead letters, bytes and headers.
+    s_out, s_dlq = unique("stream-out"), unique("stream-dlq")
+    stream = streams(stream_env(broker.bootstrap_servers, model, raw, **env,
+                                OUTPUT_TOPIC=s_out, DLQ_TOPIC=s_dlq))
+    from_stream = by_source(consume(broker.bootstrap_servers, s_out, len(written)))
+    stream_dead = by_source(consume(broker.bootstrap_servers, s_dlq, len(dead)))
+    assert stream.stop() == 0
+    assert len(written) + len(dead) == len(values), "a record lost"
+    for spark, stream_ in ((written, from_stream), (dead, stream_dead)):
+        assert {k: [(v, h) for v, h in c] for k, c in spark.items()} == stream_
+    refused = [i for i, r in enumerate(records) if r["diaSourceId"] % 7 == 0 and i not in (5, 9)]
+    stages = Counter(h["x-preproc-stage"] for (_, h), in dead.values())
+    assert stages == {b"decode": 2, b"preprocess": len(refused)}
