@@ -23,6 +23,13 @@ DIR="$CACHE/spark-kafka-$SPARK_VERSION"
 # clash with copies of other versions).
 JARS=spark-sql-kafka-0-10_2.13,spark-token-provider-kafka-0-10_2.13,kafka-clients,commons-pool2
 
+fetch() {  # fetch $1 into $tmp/jars; false when Maven has no such version
+    mvn -B -Dstyle.color=never -f "$ROOT/scripts/spark-kafka/pom.xml" \
+        dependency:copy-dependencies -Dspark.version="$1" \
+        -DincludeScope=runtime -DoutputDirectory="$tmp/jars" \
+        -DincludeArtifactIds="$JARS" >"$tmp/mvn.log" 2>&1
+}
+
 if [[ ! -f "$DIR/complete" ]]; then
     if ! command -v mvn >/dev/null 2>&1; then
         echo "[spark-kafka] mvn is missing: apt-get install -y maven (scripts/dev.sh test does)" >&2
@@ -34,15 +41,21 @@ if [[ ! -f "$DIR/complete" ]]; then
     tmp="$(mktemp -d "$CACHE/spark-kafka-$SPARK_VERSION.XXXXXX")"
     trap 'rm -rf "$tmp"' EXIT
     echo "[spark-kafka] fetching spark-sql-kafka-0-10 $SPARK_VERSION with mvn into $DIR" >&2
-    if ! mvn -B -Dstyle.color=never -f "$ROOT/scripts/spark-kafka/pom.xml" \
-            dependency:copy-dependencies -Dspark.version="$SPARK_VERSION" \
-            -DincludeScope=runtime -DoutputDirectory="$tmp/jars" \
-            -DincludeArtifactIds="$JARS" >"$tmp/mvn.log" 2>&1; then
+    # pyspark's own version first; a patch release may reach PyPI before Maven Central, and
+    # Spark keeps binary compatibility within a minor line: then the newest earlier patch.
+    IFS=. read -r major minor patch <<<"$SPARK_VERSION"
+    fetched=""
+    for ((p = ${patch%%[!0-9]*}; p >= 0; p--)); do
+        if fetch "$major.$minor.$p"; then fetched="$major.$minor.$p"; break; fi
+    done
+    if [[ -z "$fetched" ]]; then
         cat "$tmp/mvn.log" >&2
-        echo "[spark-kafka] mvn could not fetch spark-sql-kafka-0-10 $SPARK_VERSION (above;" \
-             "the spark extra pins a pyspark whose Kafka source is published)" >&2
+        echo "[spark-kafka] mvn could not fetch spark-sql-kafka-0-10 $major.$minor.x (above;" \
+             "the spark extra pins a pyspark line whose Kafka source is published)" >&2
         exit 1
     fi
+    [[ "$fetched" == "$SPARK_VERSION" ]] || echo "[spark-kafka] pyspark $SPARK_VERSION:" \
+        "its Kafka source is not published; using $fetched, of the same minor line" >&2
     touch "$tmp/complete"
     if ! mv -T "$tmp" "$DIR" 2>/dev/null; then
         [[ -f "$DIR/complete" ]] || { echo "[spark-kafka] cannot create $DIR" >&2; exit 1; }
