@@ -756,9 +756,14 @@ def chaos(broker, streams, schema_registry, model_server, guarantee: str,
         if event == "restart the broker":
             victim_broker.start()
             continue
-        working = [s for s in live if s.proc.poll() is None and s.events("assign")]
-        victim = rng.choice(working or live)
-        if event == "SIGKILL":
+        running = [s for s in live if s.proc.poll() is None]
+        working = [s for s in running if s.events("assign")]
+        victim = rng.choice(working or running or live)
+        if victim.proc.poll() is not None:
+            # it stopped by itself (the topic did not exist yet) after the look above: no
+            # signal reached it, so its exit says nothing of a signal's
+            own_exits.append((victim.proc.returncode, victim.text().strip().splitlines()[-1]))
+        elif event == "SIGKILL":
             victim.stop(signal.SIGKILL)
         else:
             sigterm_exits.append(victim.stop(signal.SIGTERM))

@@ -194,4 +194,4 @@ def test_without_pyspark_the_error_says_how_to_install_it(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.decode().strip().splitlines() == [
         "mlflow-preproc run: error: the Spark engine needs pyspark, which is not installed: "
-        "pip install 'mlflow-preproc[spark]'"]
+        "pip install '.[spark]' in the mlflow-preproc clone"]
