@@ -67,3 +67,32 @@ def test_a_run_on_avro_files_reads_them_into_columns_with_fastavros_outputs(
     assert with_columns == run(archive, fields, tmp_path, False)
     assert not taken
     assert "failed=" in with_columns[2] and b'"stage":"decode"' in with_columns[1]
+
+
+def test_spark_tasks_read_avro_files_through_the_column_reader_with_the_same_records(
+        archive, monkeypatch):
+    # run --engine spark's executors read each file with read_records as run does: with
+    # polars-avro there, through the column reader, the records those of fastavro's path.
+    from mlflow_preproc.runtime.formats import DecodeError, read_records
+    from mlflow_preproc.runtime.input_fields import parse
+    from mlflow_preproc.spark.tasks import PartitionJob
+
+    taken = []
+    real = avro_columns.ColumnReader.records
+
+    def counted(self, values):
+        got = real(self, values)
+        taken.append(sum(r is not None for r in got))
+        return got
+
+    monkeypatch.setattr(avro_columns.ColumnReader, "records", counted)
+    job = PartitionJob(model=None, schema=None, output_type=None, files=True)
+    fields = parse(FINK_FIELDS)
+    for path in archive[:3]:
+        content = Path(path).read_bytes()
+        got = [item for _, _, item in job._file_records(path, content, fields)]
+        expected = list(read_records(io.BufferedReader(io.BytesIO(content)), "avro", path,
+                                     fields=fields))
+        assert [str(x) if isinstance(x, DecodeError) else x for x in got] == \
+            [str(x) if isinstance(x, DecodeError) else x for x in expected]
+    assert sum(taken) >= 2, "the column reader read none of the files"

@@ -159,7 +159,8 @@ class PartitionJob:
         index = -1
         try:
             # the model's declared input fields: the only ones an Avro file is decoded for
-            for index, item in enumerate(read_records(stream, fmt, where, fields=fields)):
+            for index, item in enumerate(read_records(stream, fmt, where, fields=fields,
+                                                      columns=_column_blocks(fields))):
                 yield where, index, item
         except Exception as exc:  # fastavro fails mid-file on a truncated or corrupt block
             yield where, index + 1, DecodeError(
@@ -188,6 +189,23 @@ class PartitionJob:
                 sink.reject(where, index, "decode", item, item.raw_text())
                 continue
             sink.result(where, index, next(results), item)
+
+
+_readers: dict[str, Any] = {}
+
+
+def _column_blocks(fields: Any) -> Any:
+    """``ColumnReader.blocks`` for Avro files, as ``run`` reads them (polars-avro installed
+    in the executor), else None: fastavro decodes every block. One reader per Python worker
+    and set of fields."""
+    from mlflow_preproc.runtime import avro_columns
+
+    if not avro_columns.installed():
+        return None
+    key = repr(fields)
+    if key not in _readers:
+        _readers[key] = avro_columns.ColumnReader(fields, ())
+    return _readers[key].blocks
 
 
 def _chunks(items: Iterator[tuple[str, int, Any]], size: int
