@@ -260,14 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = build_rows(args, inputs, broker, tracking_uri, models["add_field"], work_dir)
         results = st.run_rows(rows, args.repeat)
     print_table(results, args, time.monotonic() - started)
-    failed = [rr for rr in results if rr.error and not rr.row.skipped]
-    if args.keep_logs or failed:
-        print(f"logs: {work_dir}")
-    else:
-        import shutil
-
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return 1 if failed else 0
+    return st.finish(results, work_dir, args.keep_logs)
 
 
 if __name__ == "__main__":

@@ -878,8 +878,13 @@ def main(argv: list[str] | None = None) -> int:
                      if name == args.broker[0] or r.key not in NO_BROKER_ROWS]
         results = run_rows(rows, args.repeat)
     print_table(results, args.repeat, load_before, time.monotonic() - started, args.broker)
+    return finish(results, work_dir, args.keep_logs)
+
+
+def finish(results: list, work_dir: Path, keep_logs: bool) -> int:
+    """The exit code of a benchmark run: 1 if a row failed; its logs kept if so (or asked)."""
     failed = [rr for rr in results if rr.error and not rr.row.skipped]
-    if args.keep_logs or failed:
+    if keep_logs or failed:
         print(f"logs: {work_dir}")
     else:
         import shutil

@@ -27,7 +27,8 @@ from mlflow_preproc import config as settings
 from mlflow_preproc.config import Config, ConfigError
 from mlflow_preproc.runtime.model_identity import resolve_model
 from mlflow_preproc.spark import session
-from mlflow_preproc.spark.kafka_rows import DEAD_LETTER, KIND, OUTPUT, KafkaRowsJob, rows_schema
+from mlflow_preproc.spark.kafka_rows import DEAD_LETTER, KAFKA_COLUMNS, KIND, OUTPUT, \
+    KafkaRowsJob, rows_schema
 from mlflow_preproc.spark.model_files import ship
 
 KAFKA_SCHEME = "kafka:"
@@ -92,15 +93,14 @@ def transform_kafka(df: Any, model_uri: str, stream_settings: Mapping[str, str] 
     """
     from mlflow_preproc.streaming.stream import default_output_topic
 
-    missing = [c for c in ("key", "value", "topic", "partition", "offset") if c not in df.columns]
+    missing = [c for c in KAFKA_COLUMNS if c not in df.columns]
     if missing:
         raise ConfigError(f"transform_kafka takes the rows of Spark's Kafka source; the "
                           f"DataFrame has no {', '.join(missing)} (columns: {df.columns})")
     config = stream_config(stream_settings)
     identity = resolve_model(model_uri)
     _, shipped = ship(df.sparkSession, identity.download_uri, workdir, config["PARITY_CHECK"])
-    columns = [c for c in ("key", "value", "topic", "partition", "offset", "headers")
-               if c in df.columns]
+    columns = [c for c in (*KAFKA_COLUMNS, "headers") if c in df.columns]
     job = KafkaRowsJob(shipped, config, identity, default_output_topic(config, identity))
     return KafkaTransformed.of(df.select(*columns).mapInArrow(job, rows_schema()))
 
