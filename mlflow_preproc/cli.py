@@ -90,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---- arguments that several commands take (as MLflow's cli_args) -------------------------
+
+def _add_model_uri(parser: argparse.ArgumentParser) -> None:
+    """-m/--model-uri, required: run, verify and manifests (stream's is its MODEL_URI setting)."""
+    parser.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    """--json: the commands that print a report (dlq inspect, status)."""
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+
 # ---- files: run, verify -------------------------------------------------------------------
 
 _RUN_EXAMPLES = """\
@@ -109,7 +121,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                          description=_wrap("Preprocess JSON, JSON Lines or Avro files (or "
                                            "stdin) with a preprocessing model; write JSON "
                                            "Lines, Avro or Parquet."), **_PLAIN)
-    run.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
+    _add_model_uri(run)
     run.add_argument("inputs", nargs="*", metavar="FILE", help="input files; - or none: stdin")
     run.add_argument("--input-format", choices=("json", "jsonl", "avro", "parquet"),
                      help="default: from the file name, else from its first bytes")
@@ -235,7 +247,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
             "logged; or, with --against, with another model's outputs on the same records "
             "(the CI gate before promoting a version). Prints every record that differs; "
             "exit 0 when none does, 1 when one does."), **_PLAIN)
-    verify.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
+    _add_model_uri(verify)
     verify.add_argument("--reference", metavar="FILE", help="check these records instead: a "
                         "reference file (the reference.jsonl of a model's artifacts: records "
                         "with their expected outputs), or records (JSON, JSON Lines, Avro) "
@@ -401,7 +413,7 @@ examples:
 
 
 def _add_dlq(sub: argparse._SubParsersAction) -> None:
-    """dlq inspect and dlq replay: a dead-letter topic read without a group."""
+    """dlq: the command group of a dead-letter topic (inspect, replay), read without a group."""
     dlq = sub.add_parser("dlq", help="inspect and replay a dead-letter topic",
                          epilog=_DLQ_EXAMPLES, description=_wrap(
                              "Read a stream's dead-letter topic without joining a group or "
@@ -412,21 +424,47 @@ def _add_dlq(sub: argparse._SubParsersAction) -> None:
                              "transaction, so a dead letter is replayed once unless --force."),
                          **_PLAIN)
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    _add_dlq_inspect(dlq_commands)
+    _add_dlq_replay(dlq_commands)
+
+
+def _add_dead_letter_topic(command: argparse.ArgumentParser, mode: str) -> None:
+    """What dlq inspect and replay both take first: the topic, --since, the settings of mode."""
+    command.add_argument("topic", metavar="TOPIC", help="the dead-letter topic")
+    command.add_argument("--since", type=_time_ms, metavar="TIME", help="dead letters "
+                         "from this time (ISO 8601, e.g. 2026-12-03T09:00:00Z)")
+    settings.add_arguments(command, mode)
+
+
+def _add_dlq_inspect(dlq_commands: argparse._SubParsersAction) -> None:
+    """dlq inspect: counts and the first dead letters of each stage and error type."""
     inspect = dlq_commands.add_parser("inspect", help="counts by stage and error type, and the "
                                       "first dead letters of each", epilog=_DLQ_EXAMPLES,
                                       **_PLAIN)
+    _add_dead_letter_topic(inspect, "dlq")
+    inspect.add_argument("--examples", type=int, default=3, metavar="N",
+                         help="dead letters shown per stage and error type (default 3)")
+    _add_json(inspect)
+    inspect.set_defaults(handler=_cmd_dlq_inspect)
+
+
+def _cmd_dlq_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from mlflow_preproc.streaming import dead_letters
+
+    summary = dead_letters.inspect(_kafka(settings.load("dlq", args)), args.topic, args.since,
+                                   args.examples)
+    print(json.dumps(summary.as_json(), indent=2) if args.json else summary.as_text())
+    return EXIT_OK
+
+
+def _add_dlq_replay(dlq_commands: argparse._SubParsersAction) -> None:
+    """dlq replay: chosen dead letters back to their topic, or through a model version."""
     replay = dlq_commands.add_parser("replay", help="send dead letters back to their source "
                                      "topic (or --to), or through a model version to its "
                                      "output", epilog=_DLQ_EXAMPLES, **_PLAIN)
-    for command, mode in ((inspect, "dlq"), (replay, "replay")):
-        command.add_argument("topic", metavar="TOPIC", help="the dead-letter topic")
-        command.add_argument("--since", type=_time_ms, metavar="TIME", help="dead letters "
-                             "from this time (ISO 8601, e.g. 2026-12-03T09:00:00Z)")
-        settings.add_arguments(command, mode)
-    inspect.add_argument("--examples", type=int, default=3, metavar="N",
-                         help="dead letters shown per stage and error type (default 3)")
-    inspect.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    inspect.set_defaults(handler=_cmd_dlq_inspect)
+    _add_dead_letter_topic(replay, "replay")
     replay.add_argument("--to", metavar="TOPIC", help="send them here instead of the topic "
                         "each came from (its x-preproc-source header)")
     replay.add_argument("--through", metavar="MODEL_URI", help="run them through this model "
@@ -447,17 +485,6 @@ def _add_dlq(sub: argparse._SubParsersAction) -> None:
                         help="replay dead letters that were replayed before, again")
     replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
     replay.set_defaults(handler=_cmd_dlq_replay)
-
-
-def _cmd_dlq_inspect(args: argparse.Namespace) -> int:
-    import json
-
-    from mlflow_preproc.streaming import dead_letters
-
-    summary = dead_letters.inspect(_kafka(settings.load("dlq", args)), args.topic, args.since,
-                                   args.examples)
-    print(json.dumps(summary.as_json(), indent=2) if args.json else summary.as_text())
-    return EXIT_OK
 
 
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
@@ -526,7 +553,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
                         "(repeatable)")
     status.add_argument("--interval", type=float, default=2.0, metavar="S",
                         help="seconds between the two scrapes rates are taken from (default 2)")
-    status.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    _add_json(status)
     settings.add_arguments(status, "dlq")
     status.set_defaults(handler=_cmd_status)
 
@@ -622,7 +649,7 @@ def _add_manifests(sub: argparse._SubParsersAction) -> None:
                           "preprocessing deployment: the same -C keys and checks as mlflow "
                           "deployments create -t preproc -C backend=kubernetes, which applies "
                           "them."), **_PLAIN)
-    manifests.add_argument("-m", "--model-uri", required=True, help="MLflow model URI")
+    _add_model_uri(manifests)
     manifests.add_argument("--name", required=True, help="deployment name")
     manifests.add_argument("-C", "--config", action="append", default=[], metavar="KEY=VALUE",
                            help="a preproc target key (mlflow deployments help -t preproc)")
@@ -669,10 +696,15 @@ examples:
 
 
 def _add_builds(sub: argparse._SubParsersAction) -> None:
-    """builds serve: the build service."""
+    """builds: the build service's command group (serve)."""
     builds = sub.add_parser("builds", help="the build service (MLflow webhooks -> images)",
                             **_PLAIN)
     builds_sub = builds.add_subparsers(dest="builds_command", required=True)
+    _add_builds_serve(builds_sub)
+
+
+def _add_builds_serve(builds_sub: argparse._SubParsersAction) -> None:
+    """builds serve: the build service in the foreground."""
     serve = builds_sub.add_parser(
         "serve", help="run the build service", epilog=_SERVE_EXAMPLES,
         description=_wrap("Receive MLflow model-registry webhooks and build requests; build "
