@@ -48,12 +48,15 @@ def fixed_width(monkeypatch):
 def test_every_command_has_its_help_text(fixed_width):
     """A command added or removed changes the files too (a new command's text is kept)."""
     kept = {p.name for p in TEXTS.glob("*.txt")}
-    assert kept == {_file(words).name for words in parsers()}
+    assert kept == {_file(words).name for words in parsers()}, (
+        f"write the texts again: COLUMNS={COLUMNS} .venv/bin/python tests/test_cli_help.py")
 
 
 @pytest.mark.parametrize("words", sorted(parsers()), ids=lambda w: w or "mlflow-preproc")
 def test_help_text_is_unchanged(fixed_width, words):
-    assert parsers()[words].format_help() == _file(words).read_text()
+    assert parsers()[words].format_help() == _file(words).read_text(), (
+        f"the --help of mlflow-preproc {words} changed; if on purpose, write the texts again: "
+        f"COLUMNS={COLUMNS} .venv/bin/python tests/test_cli_help.py")
 
 
 if __name__ == "__main__":  # write the texts again: see the module's docstring
