@@ -51,11 +51,16 @@ from mlflow_preproc.runtime.input_fields import Tree, reader_schema
 from mlflow_preproc.runtime.jsonable import dumps
 from mlflow_preproc.runtime.model_input import scoring_records
 from mlflow_preproc.secrets import redact_url
-
-Record = dict[str, Any]
-
-INPUT_FORMATS = ("json", "jsonl", "avro", "confluent-avro")
-OUTPUT_FORMATS = ("json", "jsonl", "avro", "confluent-avro")
+from mlflow_preproc.runtime.formats.base import (  # noqa: F401
+    Record,
+    INPUT_FORMATS,
+    OUTPUT_FORMATS,
+    DecodeError,
+    BlockTooLarge,
+    EncodeError,
+    drop_fields,
+    _without,
+)
 
 OCF_MAGIC = b"Obj\x01"
 # The header of an Avro object container file, as the Avro spec writes it.
@@ -66,56 +71,6 @@ OCF_HEADER_SCHEMA = fastavro.parse_schema({
         {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
 _CONFLUENT_MAGIC = 0
 
-
-class DecodeError(ValueError):
-    """Bytes that cannot be read as records in the configured format.
-
-    ``raw`` holds the rejected bytes where they are one record's (a JSON line), so a rejects
-    file can keep what it rejected.
-    """
-
-    def __init__(self, message: str, raw: bytes | None = None):
-        super().__init__(message)
-        self.raw = raw
-
-    def raw_text(self) -> str | None:
-        """The rejected bytes as text (bytes that are not UTF-8 escaped), else None."""
-        return None if self.raw is None else self.raw.decode("utf-8", "backslashreplace")
-
-
-class BlockTooLarge(DecodeError):
-    """An Avro container block over MAX_DECODED_BYTES, stepped over: the blocks after it
-    can still be read. ``place`` starts the message (``alerts.avro: after record 5, ``)."""
-
-    def __init__(self, count: int, limit: int, place: str = ""):
-        super().__init__(f"{place}{count} Avro record(s) decode to more than "
-                         f"MAX_DECODED_BYTES={limit} bytes; raise MAX_DECODED_BYTES if records "
-                         "this large are expected and the memory limit allows")
-        self.count, self.limit = count, limit
-
-
-class EncodeError(ValueError):
-    """A record that cannot be written in the configured format."""
-
-
-# ---- field dropping ----------------------------------------------------------------------
-
-def drop_fields(record: Record, paths: Iterable[str]) -> Record:
-    """Remove dotted field paths (``cutoutScience``, ``candidate.pdiffimfilename``) in place.
-
-    Missing fields are ignored: alerts of different schema versions carry different fields.
-    """
-    for path in paths:
-        *parents, leaf = path.split(".")
-        node: Any = record
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return record
-
-
-# ---- Kafka message values ----------------------------------------------------------------
 
 class MessageDecoder:
     """Decodes one Kafka message value into the records it holds (usually one).
@@ -226,6 +181,7 @@ def _schemaless(value: bytes, reader: _RecordReader) -> Record:
         raise DecodeError(f"Avro decoding left {len(value) - buf.tell()} bytes unread: the "
                           "schema does not match the writer's; check the schema")
     return record
+
 
 
 class _RecordReader:
@@ -585,12 +541,6 @@ def _step_over(buf: IO[bytes], size: int) -> None:
         size -= chunk
 
 
-def _without(record: Record, names: Collection[str]) -> Record:
-    """``record`` without the top-level fields ``names`` (in place)."""
-    for name in names:
-        record.pop(name, None)
-    return record
-
 
 class _SchemaById:
     """Schemas of the Confluent wire format: local ``<id>.avsc`` files, else the registry.
@@ -793,8 +743,6 @@ class MessageEncoder:
                               ) from None
         return buf.getvalue()
 
-
-# ---- files and stdin ---------------------------------------------------------------------
 
 # A file named neither JSON nor Avro whose first bytes are neither either (a .csv, a .txt).
 UNKNOWN_FORMAT = "unknown"
