@@ -19,113 +19,55 @@ Output formats
 
 Every decode error is a :class:`DecodeError` whose message names the problem and the fix, so
 streams can send the record to the dead-letter topic with that reason.
+
+Modules, one job each: ``base`` (the record type, the format names, the errors, field
+dropping), ``avro_records`` (one record of a writer schema, the skipper), ``avro_container``
+(containers' header and blocks, their codecs and bounds), ``schema_registry`` (Confluent
+schemas by id), ``messages`` (Kafka message values), ``json_files`` (the incremental JSON
+readers) and ``files`` (sniffing, reading and writing files).
 """
 
 from __future__ import annotations
 
-import io
-import itertools
-import json
-import struct
-from collections.abc import Callable, Collection, Iterable, Iterator
-from pathlib import Path
-from typing import IO, Any
-
-import fastavro
-from orjson import loads  # strict and fast; its errors are ValueErrors
-
-from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT
-from mlflow_preproc.runtime.avro_binary import advance, skip_sized, zigzag
-from mlflow_preproc.runtime.avro_codecs import CODECS, inflate
-from mlflow_preproc.runtime.avro_bounds import (
-    MAX_SCHEMA_TEXT_BYTES,
-    ValuesOverBound,
-    amplifies,
-    max_values,
-    value_walker,
-    zero_width,
-)
-from mlflow_preproc.runtime.avro_schemas import SchemaError, load_avro_schema
-from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
-from mlflow_preproc.runtime.input_fields import Tree, reader_schema
-from mlflow_preproc.runtime.jsonable import dumps
-from mlflow_preproc.runtime.model_input import scoring_records
-from mlflow_preproc.secrets import redact_url
-from mlflow_preproc.runtime.formats.base import (  # noqa: F401
-    Record,
+from mlflow_preproc.runtime.formats.avro_container import OCF_HEADER_SCHEMA, OCF_MAGIC, read_header
+from mlflow_preproc.runtime.formats.base import (
     INPUT_FORMATS,
     OUTPUT_FORMATS,
-    DecodeError,
     BlockTooLarge,
+    DecodeError,
     EncodeError,
+    Record,
     drop_fields,
-    _without,
 )
-from mlflow_preproc.runtime.formats.avro_records import (  # noqa: F401
-    _RecordReader,
-    Skipper,
-    _plan_steps,
-    _run_schema,
-    _by_name,
-    _skipper,
-    _FIXED_WIDTH,
-    _count_skipper,
-    _block_skipper,
-)
-from mlflow_preproc.runtime.formats.avro_container import (  # noqa: F401
-    OCF_MAGIC,
-    OCF_HEADER_SCHEMA,
-    _ContainerReader,
-    read_header,
-    _HEADER_ROOM,
-    _Bounded,
-    _next_block,
-    _check_consumed,
-    _read_long,
-    _step_over,
-    BlockReader,
-    _AHEAD_RECORDS,
-    _AHEAD_BYTES,
-    _avro_file,
-    _decoded_blocks,
-    _Start,
-    _FILE_READERS,
-    _MAX_FILE_READERS,
-    _file_reader,
-    _damaged,
-)
-from mlflow_preproc.runtime.formats.schema_registry import (  # noqa: F401
-    _SchemaById,
-    _registry_client_class,
-    _NOT_FOUND,
-    _registry_failure,
-)
-from mlflow_preproc.runtime.formats.messages import (  # noqa: F401
-    _CONFLUENT_MAGIC,
-    MessageDecoder,
-    _json_value,
-    _json_object,
-    _schemaless,
-    MessageEncoder,
-)
-from mlflow_preproc.runtime.formats.json_files import (  # noqa: F401
-    _MAX_SPREAD_BYTES,
-    _json_lines,
-    _items,
-    _never_ends,
-    _is_object_line,
-    _UNFINISHED,
-    _parse,
-    _lines,
-    _peek_nonspace,
-    _json_array,
-    _Recording,
-    _Replayed,
-)
-from mlflow_preproc.runtime.formats.files import (  # noqa: F401
+from mlflow_preproc.runtime.formats.files import (
     UNKNOWN_FORMAT,
-    sniff_file_format,
-    read_records,
     FileWriter,
+    read_records,
+    sniff_file_format,
 )
+from mlflow_preproc.runtime.formats.messages import MessageDecoder, MessageEncoder
 
+# Imported from here before the package was split (avro_columns, tests, benchmarks): kept
+# importable from here, not part of its interface.
+from mlflow_preproc.runtime.avro_binary import zigzag  # noqa: F401
+from mlflow_preproc.runtime.formats.avro_container import _next_block  # noqa: F401
+from mlflow_preproc.runtime.formats.schema_registry import _registry_failure  # noqa: F401
+
+__all__ = [
+    "INPUT_FORMATS",
+    "OUTPUT_FORMATS",
+    "OCF_MAGIC",
+    "OCF_HEADER_SCHEMA",
+    "UNKNOWN_FORMAT",
+    "Record",
+    "DecodeError",
+    "BlockTooLarge",
+    "EncodeError",
+    "drop_fields",
+    "MessageDecoder",
+    "MessageEncoder",
+    "read_header",
+    "sniff_file_format",
+    "read_records",
+    "FileWriter",
+]
