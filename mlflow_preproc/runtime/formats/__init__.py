@@ -29,10 +29,10 @@ readers) and ``files`` (sniffing, reading and writing files).
 
 from __future__ import annotations
 
+from mlflow_preproc.config import MESSAGE_FORMATS
 from mlflow_preproc.runtime.formats.avro_container import OCF_HEADER_SCHEMA, OCF_MAGIC, read_header
 from mlflow_preproc.runtime.formats.base import (
-    INPUT_FORMATS,
-    OUTPUT_FORMATS,
+    FILE_FORMATS,
     BlockTooLarge,
     DecodeError,
     EncodeError,
@@ -54,8 +54,8 @@ from mlflow_preproc.runtime.formats.avro_container import _next_block  # noqa: F
 from mlflow_preproc.runtime.formats.schema_registry import _registry_failure  # noqa: F401
 
 __all__ = [
-    "INPUT_FORMATS",
-    "OUTPUT_FORMATS",
+    "MESSAGE_FORMATS",
+    "FILE_FORMATS",
     "OCF_MAGIC",
     "OCF_HEADER_SCHEMA",
     "UNKNOWN_FORMAT",

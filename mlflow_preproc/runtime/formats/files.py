@@ -12,7 +12,7 @@ import fastavro
 
 from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT
 from mlflow_preproc.runtime.formats.avro_container import OCF_MAGIC, BlockReader, _avro_file
-from mlflow_preproc.runtime.formats.base import DecodeError, EncodeError, Record
+from mlflow_preproc.runtime.formats.base import FILE_FORMATS, DecodeError, EncodeError, Record
 from mlflow_preproc.runtime.formats.json_files import _json_array, _json_lines, _peek_nonspace
 from mlflow_preproc.runtime.input_fields import Tree
 from mlflow_preproc.runtime.jsonable import dumps
@@ -60,7 +60,7 @@ def read_records(stream: IO[bytes], fmt: str, where: str,
                           "reads JSON, JSON Lines and Avro container files (--input-format; "
                           "parquet with --engine spark): convert it to one of them")
         return
-    if fmt not in ("json", "jsonl"):
+    if fmt not in FILE_FORMATS:  # avro returned above
         raise ValueError(f"input format {fmt!r} is not supported for files; use json, jsonl "
                          "or avro")
     if fmt == "json" and _peek_nonspace(stream) == b"[":
@@ -73,7 +73,7 @@ class FileWriter:
     """Writes output records to a binary stream as JSON Lines or an Avro container."""
 
     def __init__(self, stream: IO[bytes], fmt: str, schema: dict | None = None):
-        if fmt not in ("json", "jsonl", "avro"):
+        if fmt not in FILE_FORMATS:
             raise ValueError(f"output format {fmt!r} is not supported for files; use jsonl or avro")
         if fmt == "avro" and schema is None:
             raise ValueError("avro output needs an output schema: pass --output-schema or log "

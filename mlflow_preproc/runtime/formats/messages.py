@@ -13,7 +13,7 @@ from typing import Any
 import fastavro
 from orjson import loads  # strict and fast; its errors are ValueErrors
 
-from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT
+from mlflow_preproc.config import MAX_DECODED_BYTES_DEFAULT, MESSAGE_FORMATS
 from mlflow_preproc.runtime.formats.avro_container import OCF_MAGIC, _ContainerReader
 from mlflow_preproc.runtime.formats.avro_records import _RecordReader
 from mlflow_preproc.runtime.formats.base import DecodeError, EncodeError, Record, _without
@@ -50,7 +50,7 @@ class MessageDecoder:
         an Avro container message may decode to (MAX_DECODED_BYTES); ``fields``: the model's
         declared input fields (:mod:`~mlflow_preproc.runtime.input_fields`), the only ones an
         Avro decoder reads."""
-        if fmt not in ("json", "avro", "confluent-avro"):
+        if fmt not in MESSAGE_FORMATS:
             raise ValueError(f"input format {fmt!r} is not supported for Kafka messages; use "
                              "json, avro or confluent-avro")
         if fmt == "confluent-avro" and not (schema_dir or registry_url):
@@ -147,7 +147,7 @@ class MessageEncoder:
                  registry_config: dict | None = None, topic: str | None = None):
         if fmt == "jsonl":
             fmt = "json"
-        if fmt not in ("json", "avro", "confluent-avro"):
+        if fmt not in MESSAGE_FORMATS:
             raise ValueError(f"output format {fmt!r} is not supported; use json, avro or "
                              "confluent-avro")
         if fmt != "json" and schema is None:
