@@ -16,14 +16,13 @@ from typing import Any
 
 from mlflow_preproc.runtime.batch_run import RunCounts
 from mlflow_preproc.runtime.flavor import LoadedPreprocessing
+from mlflow_preproc.runtime.formats import FILE_FORMATS
 from mlflow_preproc.spark import schemas
 from mlflow_preproc.spark.kafka import KafkaTransformed, transform_kafka
 from mlflow_preproc.spark.kafka_rows import is_kafka_rows
 from mlflow_preproc.spark.model_files import ship
 from mlflow_preproc.spark.tasks import COUNTS, COUNTS_FIELDS, FILE_COLUMN, OUTPUT, REJECT, \
     ROW_COLUMN, PartitionJob, tagged_schema
-
-FILE_FORMATS = ("avro", "json", "jsonl")
 
 
 @dataclass
