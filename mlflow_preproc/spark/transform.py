@@ -93,7 +93,7 @@ def transform(df: Any, model_uri: str, *, input_format: str | None = None,
             ``"json"`` or ``"jsonl"``: decode each file of ``df`` in the tasks, as
             ``mlflow-preproc run`` reads files. No spark-avro package is needed.
         drop_fields: Dotted field paths removed before ``pre_processing`` (e.g.
-            ``mlflow_preproc.runtime.formats.ZTF_CUTOUTS``).
+            ``mlflow_preproc.config.ZTF_CUTOUTS``).
         output_schema: The output columns: a ``StructType``, a DDL string or an Avro schema.
             Default: the model's ``output_avro_schema``, else its signature's outputs, else
             JSON lines in a ``value`` column. ``"json"`` forces JSON lines.
