@@ -64,6 +64,7 @@ from mlflow_preproc.streaming.delivery import (
     is_size_error,
     topic_refused_fix,
 )
+from mlflow_preproc.streaming.errors import Abandon, FatalError, Rewound
 from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
 from mlflow_preproc.streaming.no_broker import cannot_reach, local_broker_command
 from mlflow_preproc.streaming.shutdown import Shutdown
@@ -97,20 +98,6 @@ _UNAUTHORIZED = (KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORI
                  KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED)
 
 SOURCE_HEADER = HEADER + "source"
-
-
-class FatalError(RuntimeError):
-    """The loop cannot go on; the message says why and what to change."""
-
-
-class Abandon(Exception):
-    """Raised by a handler to give up the batch in flight (shutting down while a dependency
-    is down): nothing of that batch is committed, so the group processes it again."""
-
-
-class Rewound(Exception):
-    """Exactly once: the transaction was aborted while a batch was handled; the batch is
-    given up, and its input read again from the last commit with everything since."""
 
 
 def source_header(msg: Message) -> tuple[str, bytes]:
