@@ -53,7 +53,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from mlflow_preproc.config import Config, ConfigError, client_config_error
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.formats import MessageDecoder, drop_fields
-from mlflow_preproc.runtime.model_identity import HEADER
 from mlflow_preproc.streaming.brake import DeadLetterBrake
 from mlflow_preproc.streaming.checkpoint import Checkpoint
 from mlflow_preproc.streaming.client_logs import client_logger
@@ -65,6 +64,17 @@ from mlflow_preproc.streaming.delivery import (
     topic_refused_fix,
 )
 from mlflow_preproc.streaming.errors import Abandon, FatalError, Rewound
+from mlflow_preproc.streaming.headers import (
+    ERROR,
+    ERROR_TYPE,
+    MAX_ERROR_LENGTH,
+    ORIGINAL_SHA256,
+    ORIGINAL_SIZE,
+    STAGE,
+    Headers,
+    error_type_of,
+    source_header,
+)
 from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
 from mlflow_preproc.streaming.no_broker import cannot_reach, local_broker_command
 from mlflow_preproc.streaming.shutdown import Shutdown
@@ -81,7 +91,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mlflow_preproc")
 
-_MAX_ERROR_HEADER = 4000
 _STARTUP_WAIT_S = 60.0
 # A periodic flush that cannot finish (broker down) gives up after this and commits later.
 _COMMIT_FLUSH_TIMEOUT_S = 10.0
@@ -91,20 +100,9 @@ _MAX_RETRY_BACKOFF_S = 10.0
 _DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
 _FRAMING_BYTES = 512
 
-Headers = list[tuple[str, bytes]]
-
 # The broker refuses this client the input topic, the group or the cluster: an ACL to fix.
 _UNAUTHORIZED = (KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED,
                  KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED)
-
-SOURCE_HEADER = HEADER + "source"
-
-
-def source_header(msg: Message) -> tuple[str, bytes]:
-    """The provenance header naming the input an output came from: ``topic/partition/offset``
-    (Kafka topic names cannot contain ``/``)."""
-    return SOURCE_HEADER, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()
-
 
 class _Delivery:
     """``on_delivery`` of what one input message produced; called only when a delivery fails
@@ -286,7 +284,7 @@ class KafkaLoop:
                     error_type: str | None = None,
                     extra_headers: Headers = ()) -> None:
         """Send ``source``'s original bytes to the dead-letter topic with the reason."""
-        reason = str(error)[:_MAX_ERROR_HEADER]
+        reason = str(error)[:MAX_ERROR_LENGTH]
         error_type = error_type or error_type_of(error)
         if self.stats.dead_letter(stage, error_type):  # the first few in full, then counts
             logger.warning("record sent to the dead-letter topic", extra={
@@ -294,9 +292,9 @@ class KafkaLoop:
                 "error": reason, "topic": source.topic(), "partition": source.partition(),
                 "offset": source.offset(), "dlq_topic": self.dlq_topic})
         headers = [*(source.headers() or []),
-                   (HEADER + "error", reason.encode()),
-                   (HEADER + "error-type", error_type.encode()),
-                   (HEADER + "stage", stage.encode()), *extra_headers,
+                   (ERROR, reason.encode()),
+                   (ERROR_TYPE, error_type.encode()),
+                   (STAGE, stage.encode()), *extra_headers,
                    source_header(source), *self.extra_headers]
         value = source.value()
         if value is not None and self._too_large(value, source.key(), headers):
@@ -895,7 +893,7 @@ class KafkaLoop:
         if is_size_error(err) and value:
             # Over the broker's or the topic's limit even after truncation: send the headers
             # alone; x-preproc-source still points at the original record.
-            size = (HEADER + "original-size", str(len(source.value() or b"")).encode())
+            size = (ORIGINAL_SIZE, str(len(source.value() or b"")).encode())
             self._send_dead_letter(source, b"", headers if size in headers else [*headers, size])
             return
         # Committing past this record would lose it: stop, so a restart retries it.
@@ -921,8 +919,8 @@ class KafkaLoop:
         # Keep a prefix for whoever reads the dead letter, and enough to find the original:
         # its size and digest (x-preproc-source names its topic, partition and offset).
         headers = [*headers,
-                   (HEADER + "original-size", str(len(value)).encode()),
-                   (HEADER + "original-sha256", hashlib.sha256(value).hexdigest().encode())]
+                   (ORIGINAL_SIZE, str(len(value)).encode()),
+                   (ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode())]
         room = max(0, self._max_message_bytes - _overhead(key, headers))
         return value[:room], headers
 
@@ -1079,11 +1077,3 @@ class KafkaLoop:
 
 def _overhead(key: bytes | None, headers: Headers) -> int:
     return len(key or b"") + sum(len(k) + len(v) for k, v in headers) + _FRAMING_BYTES
-
-
-def error_type_of(error: BaseException | str) -> str:
-    """The ``x-preproc-error-type`` of ``error``: the name of the exception behind it."""
-    if isinstance(error, BaseException):
-        cause = error.__cause__ or error
-        return type(cause).__name__
-    return "Error"
