@@ -39,7 +39,6 @@ for one broker round trip.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import threading
 import time
@@ -68,13 +67,13 @@ from mlflow_preproc.streaming.headers import (
     ERROR,
     ERROR_TYPE,
     MAX_ERROR_LENGTH,
-    ORIGINAL_SHA256,
     ORIGINAL_SIZE,
     STAGE,
     Headers,
     error_type_of,
     source_header,
 )
+from mlflow_preproc.streaming.message_size import MessageSize
 from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
 from mlflow_preproc.streaming.no_broker import cannot_reach, local_broker_command
 from mlflow_preproc.streaming.shutdown import Shutdown
@@ -96,9 +95,6 @@ _STARTUP_WAIT_S = 60.0
 _COMMIT_FLUSH_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 10.0  # leaving the group; see KafkaLoop._leave_group
 _MAX_RETRY_BACKOFF_S = 10.0
-# librdkafka's default message.max.bytes; room is kept for the headers and record framing.
-_DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
-_FRAMING_BYTES = 512
 
 # The broker refuses this client the input topic, the group or the cluster: an ACL to fix.
 _UNAUTHORIZED = (KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED,
@@ -165,8 +161,7 @@ class KafkaLoop:
         self._rewound_in_batch = False
         self._must_abort: str | None = None
         self._backoff = 0.0
-        self._max_message_bytes = int(config.kafka.get("message.max.bytes",
-                                                       _DEFAULT_MAX_MESSAGE_BYTES))
+        self.message_size = MessageSize(config.kafka)
         isolation = self._isolation()
         self.consumer = consumer if consumer is not None else self._client(Consumer, {
             # librdkafka stops fetching for fetch.queue.backoff.ms (default 1 s) whenever its
@@ -297,8 +292,8 @@ class KafkaLoop:
                    (STAGE, stage.encode()), *extra_headers,
                    source_header(source), *self.extra_headers]
         value = source.value()
-        if value is not None and self._too_large(value, source.key(), headers):
-            value, headers = self._truncated(value, source.key(), headers)
+        if value is not None and self.message_size.too_large(value, source.key(), headers):
+            value, headers = self.message_size.truncated(value, source.key(), headers)
         self._send_dead_letter(source, value, headers)
 
     def when_available(self, call: Callable, *args):
@@ -911,19 +906,6 @@ class KafkaLoop:
                 f"record {source.topic()}/{source.partition()}/{source.offset()} stays "
                 f"uncommitted; {topic_refused_fix(err)}")
 
-    def _too_large(self, value: bytes, key: bytes | None, headers: Headers) -> bool:
-        return len(value) + _overhead(key, headers) > self._max_message_bytes
-
-    def _truncated(self, value: bytes, key: bytes | None, headers: Headers
-                   ) -> tuple[bytes, Headers]:
-        # Keep a prefix for whoever reads the dead letter, and enough to find the original:
-        # its size and digest (x-preproc-source names its topic, partition and offset).
-        headers = [*headers,
-                   (ORIGINAL_SIZE, str(len(value)).encode()),
-                   (ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode())]
-        room = max(0, self._max_message_bytes - _overhead(key, headers))
-        return value[:room], headers
-
     # ---- clients -----------------------------------------------------------------------------
 
     def _client(self, cls: type, conf: dict):
@@ -1073,7 +1055,3 @@ class KafkaLoop:
                 self.shutdown.sleep(delay)
                 delay = min(delay * 2, 5.0)
         return None
-
-
-def _overhead(key: bytes | None, headers: Headers) -> int:
-    return len(key or b"") + sum(len(k) + len(v) for k, v in headers) + _FRAMING_BYTES
