@@ -49,9 +49,10 @@ from typing import TYPE_CHECKING
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from mlflow_preproc.config import Config, ConfigError, client_config_error
+from mlflow_preproc.config import Config
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.formats import MessageDecoder, drop_fields
+from mlflow_preproc.streaming import clients
 from mlflow_preproc.streaming.brake import DeadLetterBrake
 from mlflow_preproc.streaming.checkpoint import Checkpoint
 from mlflow_preproc.streaming.client_logs import client_logger
@@ -162,24 +163,10 @@ class KafkaLoop:
         self._must_abort: str | None = None
         self._backoff = 0.0
         self.message_size = MessageSize(config.kafka)
-        isolation = self._isolation()
-        self.consumer = consumer if consumer is not None else self._client(Consumer, {
-            # librdkafka stops fetching for fetch.queue.backoff.ms (default 1 s) whenever its
-            # prefetch queue is full (64 MB: ~64k records of 1 KB); a loop that drains that in
-            # under a second then waits on an idle fetcher. 10 ms: +45% on 1 KB records
-            # (benchmarks/stream_throughput.py).
-            "fetch.queue.backoff.ms": 10,
-            **config.kafka,
-            "group.id": self.group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": config["AUTO_OFFSET_RESET"],
-            **isolation,
-            "statistics.interval.ms": 1000 if config["METRICS_PORT"] else 0,
-            "stats_cb": self.stats.on_librdkafka_stats,
-            "error_cb": self._on_consumer_error,
-            "on_commit": self._on_commit,
-            "logger": client_logger(),
-        })
+        isolation = clients.isolation(config, self.exactly_once)
+        self.consumer = consumer if consumer is not None else clients.new_consumer(
+            config, self.group_id, isolation, stats_cb=self.stats.on_librdkafka_stats,
+            error_cb=self._on_consumer_error, on_commit=self._on_commit)
         self.transaction: TransactionalProducer | None = None
         if self.exactly_once:
             given = [producer] if producer is not None else []
@@ -595,19 +582,6 @@ class KafkaLoop:
 
     # ---- exactly once: the checkpoint as a transaction (streaming/transactions.py) ------------
 
-    def _isolation(self) -> dict[str, str]:
-        """Exactly once reads committed input only: an upstream transaction that aborts never
-        reaches this stream, so a chain of exactly-once streams stays exactly once."""
-        if not self.exactly_once:
-            return {}
-        if self.config.kafka.get("isolation.level", "read_committed") != "read_committed":
-            where = self.config.kafka_sources.get("isolation.level", "isolation.level")
-            raise ConfigError(f"{where} sets isolation.level="
-                              f"{self.config.kafka['isolation.level']}, which "
-                              "PROCESSING_GUARANTEE=exactly-once cannot keep (it would read "
-                              "aborted records); remove it, or use at-least-once")
-        return {"isolation.level": "read_committed"}
-
     def _start_transactions(self) -> bool:
         """Register the transactional producer with its coordinator; False if stopped."""
         deadline = time.monotonic() + _STARTUP_WAIT_S
@@ -908,25 +882,9 @@ class KafkaLoop:
 
     # ---- clients -----------------------------------------------------------------------------
 
-    def _client(self, cls: type, conf: dict):
-        try:
-            return cls(conf)
-        except KafkaException as exc:
-            raise client_config_error(self.config, exc.args[0].str()) from None
-
     def _new_producer(self) -> Producer:
-        return self._client(Producer, {
-            # Idempotence keeps retried sends from duplicating or reordering outputs.
-            "enable.idempotence": True,
-            "linger.ms": 5,
-            **self.config.kafka,
-            **(transactional_settings(self.group_id, self.config["COMMIT_INTERVAL_MS"],
-                                      self.config.kafka) if self.exactly_once else {}),
-            # Successes are known from flush(); see the module docstring.
-            "delivery.report.only.error": True,
-            "error_cb": self._on_producer_error,
-            "logger": client_logger(),
-        })
+        return clients.new_producer(self.config, self.group_id, self.exactly_once,
+                                    error_cb=self._on_producer_error)
 
     def _on_producer_error(self, err: KafkaError) -> None:
         if err.fatal() and self.transaction is not None:
@@ -1018,7 +976,8 @@ class KafkaLoop:
                              "AUTO_CREATE_TOPICS is false; create them or set "
                              "AUTO_CREATE_TOPICS=true")
         partitions = len(metadata.topics[self.input_topic].partitions)
-        admin = self._client(AdminClient, {**self.config.kafka, "logger": client_logger()})
+        admin = clients.make_client(self.config, AdminClient,
+                                    {**self.config.kafka, "logger": client_logger()})
         # No replication factor: the broker's default.replication.factor decides, as it does
         # for topics the broker creates itself.
         for topic, future in admin.create_topics(
