@@ -458,17 +458,16 @@ def _check_destinations(kafka: dict, topics: set[str], sent: int) -> None:
 
 
 def _ensure_topic(kafka: dict, topic: str) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
+
+    from mlflow_preproc.streaming.topics import create_topics
 
     admin = AdminClient(kafka)
     if topic in _topics(admin, kafka):
         return
-    for future in admin.create_topics([NewTopic(topic, 1)]).values():
-        try:
-            future.result(15)
-        except Exception as exc:  # noqa: BLE001 -- created meanwhile is fine
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise DeadLetterError(f"cannot create the replay log {topic}: {exc}") from None
+    for error in create_topics(admin, [topic], timeout=15).values():
+        if error is not None:
+            raise DeadLetterError(f"cannot create the replay log {topic}: {error}") from None
 
 
 def _topics(admin, kafka: dict) -> dict:

@@ -47,12 +47,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from mlflow_preproc.config import Config
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.formats import MessageDecoder, drop_fields
-from mlflow_preproc.streaming import clients
+from mlflow_preproc.streaming import clients, topics
 from mlflow_preproc.streaming.brake import DeadLetterBrake
 from mlflow_preproc.streaming.checkpoint import Checkpoint
 from mlflow_preproc.streaming.client_logs import client_logger
@@ -76,7 +75,6 @@ from mlflow_preproc.streaming.headers import (
 )
 from mlflow_preproc.streaming.message_size import MessageSize
 from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
-from mlflow_preproc.streaming.no_broker import cannot_reach, local_broker_command
 from mlflow_preproc.streaming.shutdown import Shutdown
 from mlflow_preproc.streaming.transactions import (
     Remedy,
@@ -91,7 +89,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mlflow_preproc")
 
-_STARTUP_WAIT_S = 60.0
 # A periodic flush that cannot finish (broker down) gives up after this and commits later.
 _COMMIT_FLUSH_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 10.0  # leaving the group; see KafkaLoop._leave_group
@@ -385,7 +382,8 @@ class KafkaLoop:
         self.shutdown.request()
 
     def _run(self) -> None:
-        if not self._check_topics():
+        if not topics.check_topics(self.config, self.consumer, self.shutdown,
+                                   self.input_topic, [self.output_topic, self.dlq_topic]):
             return  # stopped while waiting for the broker
         if self.transaction is not None and not self._start_transactions():
             return  # stopped while waiting for the transaction coordinator
@@ -478,9 +476,8 @@ class KafkaLoop:
                 continue
             self._refuse_if_unauthorized(err)
             if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise FatalError(f"input topic {self.input_topic} does not exist on "
-                                 f"{self.config['KAFKA_BOOTSTRAP_SERVERS']}; create it or fix "
-                                 "INPUT_TOPIC")
+                raise topics.input_missing(self.input_topic,
+                                           self.config["KAFKA_BOOTSTRAP_SERVERS"])
             if err.fatal():
                 raise FatalError(f"Kafka consumer failed: {err.str()}")
             logger.warning("consume error", extra={"event": "kafka_error", "error": err.str()})
@@ -584,7 +581,7 @@ class KafkaLoop:
 
     def _start_transactions(self) -> bool:
         """Register the transactional producer with its coordinator; False if stopped."""
-        deadline = time.monotonic() + _STARTUP_WAIT_S
+        deadline = time.monotonic() + topics.STARTUP_WAIT_S
         while not self.shutdown.requested:
             try:
                 self.transaction.start(_COMMIT_FLUSH_TIMEOUT_S)
@@ -595,7 +592,7 @@ class KafkaLoop:
                                      f"{refused_fix(exc.error)}") from None
                 if time.monotonic() > deadline:
                     raise FatalError(f"no transaction coordinator answered within "
-                                     f"{_STARTUP_WAIT_S:.0f} s ({exc}); exactly-once needs "
+                                     f"{topics.STARTUP_WAIT_S:.0f} s ({exc}); exactly-once needs "
                                      "Apache Kafka 2.5+ with transactions (its "
                                      "__transaction_state topic) working") from None
                 logger.warning("waiting for the transaction coordinator", extra={
@@ -957,60 +954,3 @@ class KafkaLoop:
         self.stats.log_dead_letters(time.monotonic() - self.stats.last_stats_at)
         logger.info("stopped", extra={"event": "stop", "command": self.command,
                                       "committed": done, **self.stats.counts})
-
-    # ---- start-up ------------------------------------------------------------------------------
-
-    def _check_topics(self) -> bool:
-        metadata = self._wait_for_metadata()
-        if metadata is None:
-            return False
-        if self.input_topic not in metadata.topics:
-            raise FatalError(f"input topic {self.input_topic} does not exist on "
-                             f"{self.config['KAFKA_BOOTSTRAP_SERVERS']}; create it or fix "
-                             "INPUT_TOPIC")
-        missing = [t for t in (self.output_topic, self.dlq_topic) if t not in metadata.topics]
-        if not missing:
-            return True
-        if not self.config["AUTO_CREATE_TOPICS"]:
-            raise FatalError(f"topic(s) {', '.join(missing)} do not exist and "
-                             "AUTO_CREATE_TOPICS is false; create them or set "
-                             "AUTO_CREATE_TOPICS=true")
-        partitions = len(metadata.topics[self.input_topic].partitions)
-        admin = clients.make_client(self.config, AdminClient,
-                                    {**self.config.kafka, "logger": client_logger()})
-        # No replication factor: the broker's default.replication.factor decides, as it does
-        # for topics the broker creates itself.
-        for topic, future in admin.create_topics(
-                [NewTopic(t, partitions) for t in missing]).items():
-            try:
-                future.result(30)
-                logger.info("created topic", extra={"event": "create_topic", "topic": topic,
-                                                    "partitions": partitions})
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise FatalError(f"cannot create topic {topic}: {exc.args[0].str()}; "
-                                     "create it yourself") from None
-        return True
-
-    def _wait_for_metadata(self):
-        deadline = time.monotonic() + _STARTUP_WAIT_S
-        delay = 0.5
-        while not self.shutdown.requested:
-            try:
-                return self.consumer.list_topics(timeout=1)
-            except KafkaException as exc:
-                if time.monotonic() > deadline:
-                    raise FatalError(cannot_reach(self.config["KAFKA_BOOTSTRAP_SERVERS"],
-                                                  exc.args[0].str())) from None
-                left = max(0.0, deadline - time.monotonic())
-                servers = self.config["KAFKA_BOOTSTRAP_SERVERS"]
-                local = local_broker_command(servers)  # a newcomer may not have started one
-                also = f" (to try things on this machine, {local} runs one there)" \
-                    if local else ""
-                logger.warning(
-                    f"waiting for Kafka at {servers}{also}; giving up in {left:.0f} s",
-                    extra={"event": "waiting_for_kafka", "error": exc.args[0].str(),
-                           "gives_up_in_s": round(left)})
-                self.shutdown.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        return None
