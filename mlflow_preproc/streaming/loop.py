@@ -42,8 +42,8 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -52,6 +52,7 @@ from mlflow_preproc.config import Config
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.formats import MessageDecoder, drop_fields
 from mlflow_preproc.streaming import clients, topics
+from mlflow_preproc.streaming.assignment import Assignment
 from mlflow_preproc.streaming.brake import DeadLetterBrake
 from mlflow_preproc.streaming.checkpoint import Checkpoint
 from mlflow_preproc.streaming.client_logs import client_logger
@@ -141,13 +142,6 @@ class KafkaLoop:
         self.checkpoint = Checkpoint()
         self.brake = DeadLetterBrake(config["DLQ_BRAKE_RATIO"], config["DLQ_BRAKE_WINDOW"])
         self.stats.verdict_after = config["DLQ_BRAKE_WINDOW"]
-        self._owned: set[tuple[str, int]] = set()
-        # Input is paused while a dependency is down (wait) or deliveries are retried
-        # (_redeliver). librdkafka keeps a partition's pause across a revoke or loss, so a
-        # partition assigned again would stay paused for good: each assignment is settled
-        # (paused or resumed, whichever the loop is in) right after it takes effect.
-        self._paused = False
-        self._unsettled: set[tuple[str, int]] = set()
         self._redeliveries: list[Redelivery] = []
         self._producer_broken = False
         self._fatal: FatalError | None = None
@@ -172,6 +166,8 @@ class KafkaLoop:
             self.producer = self.transaction
         else:
             self.producer = producer if producer is not None else self._new_producer()
+        # After the producer: it looks the producer up when it polls (it can be replaced).
+        self.assignment = Assignment(self.consumer, lambda: self.producer, self.shutdown)
         self._metrics_server = None
 
     # ---- what subclasses implement -------------------------------------------------------
@@ -315,52 +311,17 @@ class KafkaLoop:
         """Let ``seconds`` pass taking no new input (a dependency is down): the assigned
         partitions are paused while the consumer is polled, so the group keeps this member
         past ``max.poll.interval.ms`` and rebalances are served. Returns early on shutdown."""
-        with self._input_paused():
-            self._poll_paused(seconds)
+        with self.assignment.input_paused():
+            self.assignment.poll_paused(seconds)
         if self._rewound_in_batch:
             raise Rewound  # a rebalance during the wait aborted the transaction
 
-    @contextmanager
-    def _input_paused(self) -> Iterator[None]:
-        """Pause every partition assigned now or while inside; resume all of them after."""
-        if self._paused:  # already paused by the caller
-            yield
-            return
-        self._paused = True
-        self.consumer.pause(self.consumer.assignment())
-        try:
-            yield
-        finally:
-            self._paused = False
-            self._unsettled.clear()
-            self.consumer.resume(self.consumer.assignment())
+    # The tests of the pause drive these two (tests/test_loop_commits.py).
+    def _input_paused(self) -> AbstractContextManager[None]:
+        return self.assignment.input_paused()
 
     def _settle_assignment(self) -> None:
-        """Pause or resume the partitions assigned since the last call, as the loop is."""
-        partitions = [TopicPartition(topic, partition)
-                      for topic, partition in self._unsettled if (topic, partition) in self._owned]
-        self._unsettled.clear()
-        if partitions:
-            (self.consumer.pause if self._paused else self.consumer.resume)(partitions)
-
-    def _poll_paused(self, seconds: float) -> None:
-        rewind: dict[tuple[str, int], int] = {}
-        deadline = time.monotonic() + seconds
-        while not self.shutdown.requested:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if self._unsettled:
-                self._settle_assignment()
-            for msg in self.consumer.consume(100, min(left, 0.2)):
-                # Fetched before the pause took effect: read it again after the resume.
-                if msg.error() is None:
-                    key = (msg.topic(), msg.partition())
-                    rewind[key] = min(rewind.get(key, msg.offset()), msg.offset())
-            self.producer.poll(0)
-        for (topic, partition), offset in rewind.items():
-            if (topic, partition) in self._owned:
-                self.consumer.seek(TopicPartition(topic, partition, offset))
+        self.assignment.settle()
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -423,7 +384,7 @@ class KafkaLoop:
                 if braking:
                     self._hold(braking)  # this batch stays out of the checkpoint
                     break
-                self.checkpoint.mark_handled(messages, self._owned)
+                self.checkpoint.mark_handled(messages, self.assignment.owned)
                 self.stats.handled += len(messages)
                 self.stats.batch_done(time.monotonic() - started)
             else:
@@ -448,17 +409,17 @@ class KafkaLoop:
         self.stats.brake = reason
         logger.error("dead-letter brake engaged; input paused, nothing committed", extra={
             "event": "dead_letter_brake", "reason": reason})
-        with self._input_paused():
+        with self.assignment.input_paused():
             while not self.shutdown.requested:
-                self._poll_paused(1.0)
+                self.assignment.poll_paused(1.0)
 
     def _consume(self, batch_size: int, timeout: float) -> list[Message]:
-        if self._unsettled:
-            self._settle_assignment()
+        if self.assignment.unsettled:
+            self.assignment.settle()
         messages = self.consumer.consume(batch_size, timeout)
         # Caught up: nothing in hand, and every owned partition read to its end (librdkafka's
         # statistics, METRICS_PORT); an empty poll alone is not (a fetch may be on its way).
-        self.stats.caught_up = not messages and self.stats.at_end_of(self._owned)
+        self.stats.caught_up = not messages and self.stats.at_end_of(self.assignment.owned)
         good = [msg for msg in messages if msg.error() is None]
         if len(good) < len(messages):
             self._consume_errors(messages)
@@ -538,9 +499,9 @@ class KafkaLoop:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The assignment takes effect when this returns: it is settled on the next poll.
-        self._owned.update((tp.topic, tp.partition) for tp in partitions)
-        self._unsettled.update((tp.topic, tp.partition) for tp in partitions)
-        self.stats.assigned([(tp.topic, tp.partition) for tp in partitions], self._owned)
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self.assignment.assigned(keys)
+        self.stats.assigned(keys, self.assignment.owned)
         self.stats.rebalanced("assigned", len(partitions))
         logger.info("partitions assigned", extra={
             "event": "assign", "partitions": [p.partition for p in partitions]})
@@ -573,9 +534,9 @@ class KafkaLoop:
                                                  "partitions": [p.partition for p in partitions]})
 
     def _give_up(self, keys: list[tuple[str, int]]) -> None:
-        self._owned.difference_update(keys)
+        self.assignment.given_up(keys)
         self.checkpoint.forget(keys)
-        self.stats.assigned([], self._owned)
+        self.stats.assigned([], self.assignment.owned)
 
     # ---- exactly once: the checkpoint as a transaction (streaming/transactions.py) ------------
 
@@ -729,7 +690,7 @@ class KafkaLoop:
 
     def _rewind(self) -> None:
         """Seek every owned partition back to its last commit (see Checkpoint.rewind)."""
-        for tp in self.checkpoint.rewind(self._owned):
+        for tp in self.checkpoint.rewind(self.assignment.owned):
             try:
                 self.consumer.seek(tp)
             except KafkaException as exc:  # not fetching yet: it starts at the commit anyway
@@ -824,7 +785,7 @@ class KafkaLoop:
                        "sent again", extra={"event": "redeliver",
                                             "messages": len(self._redeliveries)})
         backoff = 0.5
-        with self._input_paused():
+        with self.assignment.input_paused():
             while (self._redeliveries or self._producer_broken) and not self.shutdown.requested:
                 if self._producer_broken:
                     self._replace_producer()
@@ -834,10 +795,10 @@ class KafkaLoop:
                 # Wait for this round to be delivered, polling the consumer meanwhile.
                 while len(self.producer) and not self._redeliveries \
                         and not self._producer_broken and not self.shutdown.requested:
-                    self._poll_paused(0.5)
+                    self.assignment.poll_paused(0.5)
                 self._raise_if_fatal()
                 if self._redeliveries:
-                    self._poll_paused(backoff)
+                    self.assignment.poll_paused(backoff)
                     backoff = min(backoff * 2, _MAX_RETRY_BACKOFF_S)
         if not self._redeliveries:
             logger.info("failed deliveries sent again", extra={"event": "redelivered"})
