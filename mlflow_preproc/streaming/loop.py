@@ -57,6 +57,7 @@ from mlflow_preproc.streaming.brake import DeadLetterBrake
 from mlflow_preproc.streaming.checkpoint import Checkpoint
 from mlflow_preproc.streaming.client_logs import client_logger
 from mlflow_preproc.streaming.delivery import (
+    Delivery,
     Failure,
     Redelivery,
     classify,
@@ -98,23 +99,6 @@ _MAX_RETRY_BACKOFF_S = 10.0
 # The broker refuses this client the input topic, the group or the cluster: an ACL to fix.
 _UNAUTHORIZED = (KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED,
                  KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED)
-
-class _Delivery:
-    """``on_delivery`` of what one input message produced; called only when a delivery fails
-    (``delivery.report.only.error``). Keeps the headers, which delivery reports lack."""
-
-    __slots__ = ("loop", "source", "headers", "dead_letter")
-
-    def __init__(self, loop: KafkaLoop, source: Message, headers: Headers,
-                 dead_letter: bool = False):
-        self.loop = loop
-        self.source = source
-        self.headers = headers
-        self.dead_letter = dead_letter
-
-    def __call__(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self.loop._delivery_failed(self, err, msg)
 
 
 class KafkaLoop:
@@ -227,7 +211,7 @@ class KafkaLoop:
         headers = self.output_headers(source)
         # Delivery reports carry no headers, nor anything else that names the input an
         # output came from: the callback object, one per input message, is what does.
-        on_delivery = _Delivery(self, source, headers)
+        on_delivery = Delivery(self._delivery_failed, source, headers)
         key = source.key()
         topic = self.output_topic
         sent = 0
@@ -710,7 +694,7 @@ class KafkaLoop:
         else:
             self._commit(asynchronous=False, flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"])
 
-    def _delivery_failed_in_transaction(self, delivery: _Delivery, kind: Failure,
+    def _delivery_failed_in_transaction(self, delivery: Delivery, kind: Failure,
                                         err: KafkaError, msg: Message) -> None:
         # Any failed delivery fails the whole transaction (librdkafka: abortable). A
         # refused record is remembered, so that read again it is dead-lettered at once.
@@ -753,11 +737,11 @@ class KafkaLoop:
     def _send_dead_letter(self, source: Message, value: bytes | None, headers: Headers) -> None:
         try:
             self._send(self.dlq_topic, value, source.key(), headers,
-                       _Delivery(self, source, headers, dead_letter=True))
+                       Delivery(self._delivery_failed, source, headers, dead_letter=True))
         except KafkaException as exc:
             self._dead_letter_refused(source, value, headers, exc.args[0])
 
-    def _delivery_failed(self, delivery: _Delivery, err: KafkaError, msg: Message) -> None:
+    def _delivery_failed(self, delivery: Delivery, err: KafkaError, msg: Message) -> None:
         kind = classify(err)
         if self.transaction is not None:
             self._delivery_failed_in_transaction(delivery, kind, err, msg)
