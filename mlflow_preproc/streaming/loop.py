@@ -77,6 +77,7 @@ from mlflow_preproc.streaming.headers import (
 )
 from mlflow_preproc.streaming.message_size import MessageSize
 from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
+from mlflow_preproc.streaming.output import Output
 from mlflow_preproc.streaming.shutdown import Shutdown
 from mlflow_preproc.streaming.transactions import (
     Remedy,
@@ -127,34 +128,33 @@ class KafkaLoop:
         self.brake = DeadLetterBrake(config["DLQ_BRAKE_RATIO"], config["DLQ_BRAKE_WINDOW"])
         self.stats.verdict_after = config["DLQ_BRAKE_WINDOW"]
         self._redeliveries: list[Redelivery] = []
-        self._producer_broken = False
         self._fatal: FatalError | None = None
         self._failed = False  # an exception ended the loop: commit nothing, not even on close
         self.exactly_once = config["PROCESSING_GUARANTEE"] == "exactly-once"
         # Exactly once: a batch is in flight, a rewind happened during it (it must be given
-        # up), a delivery failed so the open transaction must be aborted (the reason).
+        # up); why the open transaction must be aborted is self.output.must_abort.
         self._in_batch = False
         self._rewound_in_batch = False
-        self._must_abort: str | None = None
         self._backoff = 0.0
         self.message_size = MessageSize(config.kafka)
         isolation = clients.isolation(config, self.exactly_once)
         self.consumer = consumer if consumer is not None else clients.new_consumer(
             config, self.group_id, isolation, stats_cb=self.stats.on_librdkafka_stats,
             error_cb=self._on_consumer_error, on_commit=self._on_commit)
-        self.transaction: TransactionalProducer | None = None
-        if self.exactly_once:
-            given = [producer] if producer is not None else []
-            self.transaction = TransactionalProducer(
-                lambda: given.pop() if given else self._new_producer())
-            self.producer = self.transaction
-        else:
-            self.producer = producer if producer is not None else self._new_producer()
-        # After the producer: it looks the producer up when it polls (it can be replaced).
-        self.assignment = Assignment(self.consumer, lambda: self.producer, self.shutdown)
+        self.output = Output(self._new_producer, producer, self.exactly_once, self.shutdown)
+        self.transaction: TransactionalProducer | None = self.output.transaction
+        # It looks the producer up when it polls (the producer can be replaced).
+        self.assignment = Assignment(self.consumer, lambda: self.output.producer,
+                                     self.shutdown)
         self._metrics_server = None
 
     # ---- what subclasses implement -------------------------------------------------------
+
+    @property
+    def producer(self) -> Producer:
+        """The producer in use now (:class:`~mlflow_preproc.streaming.output.Output` may
+        replace it)."""
+        return self.output.producer
 
     def handle_batch(self, messages: Sequence[Message]) -> None:
         """Turn input messages into :meth:`produce` and :meth:`dead_letter` calls.
@@ -214,14 +214,15 @@ class KafkaLoop:
         on_delivery = Delivery(self._delivery_failed, source, headers)
         key = source.key()
         topic = self.output_topic
+        producer = self.output.producer
         sent = 0
         try:
             for value in values:
                 try:
-                    self.producer.produce(topic, value, key, headers=headers,
-                                          on_delivery=on_delivery)
+                    producer.produce(topic, value, key, headers=headers,
+                                     on_delivery=on_delivery)
                 except BufferError:
-                    self._send(topic, value, key, headers, on_delivery)
+                    self.output.send(topic, value, key, headers, on_delivery)
                 sent += 1
         except KafkaException as exc:
             err = exc.args[0]
@@ -375,7 +376,7 @@ class KafkaLoop:
                 self.stats.alive()
             self.producer.poll(0)
             self._raise_if_fatal()
-            if self._redeliveries or self._producer_broken:
+            if self._redeliveries or self.output.broken:
                 self._redeliver()
             if time.monotonic() >= next_commit:
                 self._commit(asynchronous=True, flush_timeout=_COMMIT_FLUSH_TIMEOUT_S)
@@ -442,7 +443,7 @@ class KafkaLoop:
         left = self.producer.flush(flush_timeout)
         if self._fatal is not None:
             return False  # a dead letter could not be written: its input stays uncommitted
-        if left or self._redeliveries or self._producer_broken:
+        if left or self._redeliveries or self.output.broken:
             logger.warning("outputs not delivered yet; not committing", extra={
                 "event": "commit_deferred", "outputs": left,
                 "redeliveries": len(self._redeliveries)})
@@ -596,8 +597,8 @@ class KafkaLoop:
         left = txn.flush(flush_timeout)
         if self._fatal is not None:
             return False  # a topic refuses this client: nothing of it is committed
-        if self._must_abort:
-            self._abort_and_rewind(self._must_abort)
+        if self.output.must_abort:
+            self._abort_and_rewind(self.output.must_abort)
             return False
         if left:
             logger.warning("outputs not delivered yet; not committing", extra={
@@ -643,7 +644,7 @@ class KafkaLoop:
         """Abort the open transaction (with a new producer if this one cannot go on) and
         read every owned partition again from its last commit."""
         txn = self.transaction
-        self._must_abort = None
+        self.output.must_abort = None
         if txn.open or renew or self.checkpoint.to_commit():
             self.stats.aborted()
             logger.warning("transaction aborted; its input is read again from the last "
@@ -709,7 +710,7 @@ class KafkaLoop:
             source = delivery.source
             self.transaction.refuse(source.topic(), source.partition(), source.offset(),
                                     msg.topic(), err)
-        self._must_abort = self._must_abort or \
+        self.output.must_abort = self.output.must_abort or \
             f"a delivery to {msg.topic()} failed ({err.name()}: {err.str()})"
 
     def _abort_at_exit(self) -> None:
@@ -721,22 +722,9 @@ class KafkaLoop:
 
     # ---- delivery failures -------------------------------------------------------------------
 
-    def _send(self, topic: str, value: bytes | None, key: bytes | None, headers: Headers,
-              callback: Callable) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value, key, headers=headers, on_delivery=callback)
-                return
-            except BufferError:
-                # The local queue is full: let the broker catch up, unless we are asked to
-                # stop (the broker may be away for longer than the shutdown grace period).
-                if self.shutdown.requested:
-                    raise Abandon("shutting down with the producer's queue full") from None
-                self.producer.poll(0.1)
-
     def _send_dead_letter(self, source: Message, value: bytes | None, headers: Headers) -> None:
         try:
-            self._send(self.dlq_topic, value, source.key(), headers,
+            self.output.send(self.dlq_topic, value, source.key(), headers,
                        Delivery(self._delivery_failed, source, headers, dead_letter=True))
         except KafkaException as exc:
             self._dead_letter_refused(source, value, headers, exc.args[0])
@@ -759,7 +747,7 @@ class KafkaLoop:
                                  f"failed: {err.str()}", err.name())
             return
         if kind is Failure.BROKEN_PRODUCER:
-            self._producer_broken = True
+            self.output.broken = True
         self._redeliveries.append(Redelivery(msg.topic(), msg.value(), msg.key(),
                                              delivery.headers, delivery))
 
@@ -770,15 +758,15 @@ class KafkaLoop:
                                             "messages": len(self._redeliveries)})
         backoff = 0.5
         with self.assignment.input_paused():
-            while (self._redeliveries or self._producer_broken) and not self.shutdown.requested:
-                if self._producer_broken:
-                    self._replace_producer()
+            while (self._redeliveries or self.output.broken) and not self.shutdown.requested:
+                if self.output.broken:
+                    self.output.replace()
                 pending, self._redeliveries = self._redeliveries, []
                 for r in pending:
-                    self._send(r.topic, r.value, r.key, r.headers, r.on_delivery)
+                    self.output.send(r.topic, r.value, r.key, r.headers, r.on_delivery)
                 # Wait for this round to be delivered, polling the consumer meanwhile.
                 while len(self.producer) and not self._redeliveries \
-                        and not self._producer_broken and not self.shutdown.requested:
+                        and not self.output.broken and not self.shutdown.requested:
                     self.assignment.poll_paused(0.5)
                 self._raise_if_fatal()
                 if self._redeliveries:
@@ -786,18 +774,6 @@ class KafkaLoop:
                     backoff = min(backoff * 2, _MAX_RETRY_BACKOFF_S)
         if not self._redeliveries:
             logger.info("failed deliveries sent again", extra={"event": "redelivered"})
-
-    def _replace_producer(self) -> None:
-        # An idempotent producer that lost its sequence state refuses everything from now on
-        # (on Tansu: PRODUCER_FENCED after any timeout). What it still holds fails over to
-        # _redeliveries through the purge's delivery reports.
-        logger.warning("the producer cannot deliver any more (idempotence state lost); "
-                       "replacing it", extra={"event": "producer_replaced"})
-        old = self.producer
-        old.purge()
-        old.flush(5)
-        self.producer = self._new_producer()
-        self._producer_broken = False
 
     def _dead_letter_refused(self, source: Message, value: bytes | None, headers: Headers,
                              err: KafkaError) -> None:
@@ -829,18 +805,7 @@ class KafkaLoop:
                                     error_cb=self._on_producer_error)
 
     def _on_producer_error(self, err: KafkaError) -> None:
-        if err.fatal() and self.transaction is not None:
-            # Fenced (its transaction timed out) or failed: the next transactional call
-            # fails too; the transaction is aborted there and a new producer made.
-            self._must_abort = self._must_abort or f"producer failed: {err.str()}"
-            logger.warning("transactional producer failed", extra={
-                "event": "producer_failed", "error": err.str()})
-        elif err.fatal():
-            # The idempotent producer lost its sequence state: a new one sends what it held.
-            self._producer_broken = True
-            logger.warning("producer failed", extra={"event": "producer_failed",
-                                                     "error": err.str()})
-        else:
+        if not self.output.on_error(err):  # not the producer's own failure
             self._on_consumer_error(err)
 
     def _on_consumer_error(self, err: KafkaError) -> None:
