@@ -112,7 +112,7 @@ from throughput_common import (  # noqa: E402
 
 DEFAULT_ALERTS_DIR = Path(mlflow_preproc.__file__).resolve().parents[1] / "tests" / "data"
 
-# The stream's client settings (mlflow_preproc/streaming/loop.py), used by (a), (a') and (b)
+# The stream's client settings (mlflow_preproc/streaming/clients.py), used by (a), (a') and (b)
 # too, so that the loops differ in what they do per record and not in tuning.
 PRODUCER_SETTINGS = {"linger.ms": 5, "enable.idempotence": True}
 CONSUMER_SETTINGS = {"fetch.queue.backoff.ms": 10}

@@ -485,9 +485,9 @@ class NoBrokerConsumer(FakeConsumer):
 def test_a_broker_that_never_answers_is_one_line_naming_the_local_broker_on_loopback(
         monkeypatch, servers, local):
     """A newcomer who did not start `mlflow-preproc broker` learns that it exists (#37)."""
-    import mlflow_preproc.streaming.loop as loop_module
+    import mlflow_preproc.streaming.topics as topics_module
 
-    monkeypatch.setattr(loop_module, "_STARTUP_WAIT_S", 0.0)
+    monkeypatch.setattr(topics_module, "STARTUP_WAIT_S", 0.0)
     loop = Echo(NoBrokerConsumer([]), FakeProducer(), KAFKA_BOOTSTRAP_SERVERS=servers)
     with pytest.raises(FatalError) as failed:
         loop.run()
@@ -507,9 +507,9 @@ def test_a_broker_that_never_answers_is_one_line_naming_the_local_broker_on_loop
 def test_while_it_waits_for_a_broker_the_stream_names_the_local_one(monkeypatch, caplog,
                                                                      servers, local):
     """The minute of waiting lines said only 'waiting for Kafka at ...' (#37 item 4)."""
-    import mlflow_preproc.streaming.loop as loop_module
+    import mlflow_preproc.streaming.topics as topics_module
 
-    monkeypatch.setattr(loop_module, "_STARTUP_WAIT_S", 0.2)  # one waiting line, then the end
+    monkeypatch.setattr(topics_module, "STARTUP_WAIT_S", 0.2)  # one waiting line, then the end
     loop = Echo(NoBrokerConsumer([]), FakeProducer(), KAFKA_BOOTSTRAP_SERVERS=servers)
     with caplog.at_level(logging.WARNING, logger="mlflow_preproc"), pytest.raises(FatalError):
         loop.run()

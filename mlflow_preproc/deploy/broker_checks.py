@@ -18,6 +18,8 @@ def check_topics(cfg: settings.Config) -> None:
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
+    from mlflow_preproc.streaming.topics import InputTopicMissing, OutputsMissing, missing_outputs
+
     servers = cfg["KAFKA_BOOTSTRAP_SERVERS"]
     try:
         admin = AdminClient({**cfg.kafka, "logger": _quiet_logger()})
@@ -30,14 +32,16 @@ def check_topics(cfg: settings.Config) -> None:
                               "kafka_bootstrap_servers and that the broker is up (the "
                               "containers would fail the same way)") from None
     input_topic = cfg["INPUT_TOPIC"]
-    if input_topic not in topics:
+    try:
+        missing_outputs(topics, input_topic,
+                        [cfg["OUTPUT_TOPIC"], cfg["DLQ_TOPIC"] or f"{input_topic}-dlq"],
+                        cfg["AUTO_CREATE_TOPICS"])
+    except InputTopicMissing:
         raise DeploymentError(f"input topic {input_topic} does not exist on {servers}; create "
-                              "it or fix -C input_topic=...")
-    missing = [t for t in (cfg["OUTPUT_TOPIC"], cfg["DLQ_TOPIC"] or f"{input_topic}-dlq")
-               if t and t not in topics]
-    if missing and not cfg["AUTO_CREATE_TOPICS"]:
-        raise DeploymentError(f"topic(s) {', '.join(missing)} do not exist on {servers} and "
-                              "auto_create_topics is false; create them first")
+                              "it or fix -C input_topic=...") from None
+    except OutputsMissing as exc:
+        raise DeploymentError(f"topic(s) {', '.join(exc.topics)} do not exist on {servers} "
+                              "and auto_create_topics is false; create them first") from None
 
 
 def partitions_if_reachable(cfg: settings.Config) -> int | None:

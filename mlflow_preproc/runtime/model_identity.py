@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 
-HEADER = "x-preproc-"
+from mlflow_preproc.streaming.headers import MODEL
+
 # Written into the model folder of images built by the deployment target.
 REGISTERED_MODEL_FILE = "registered_model.json"
 
@@ -31,8 +32,8 @@ class ModelIdentity:
         """The provenance header naming the model: ``models:/<name>/<version>`` when it is a
         registered version (an alias or ``latest`` resolved), else the URI as given."""
         if self.version is not None:
-            return [(HEADER + "model", f"models:/{self.name}/{self.version}".encode())]
-        return [(HEADER + "model", self.uri.encode())]
+            return [(MODEL, f"models:/{self.name}/{self.version}".encode())]
+        return [(MODEL, self.uri.encode())]
 
 
 def resolve_model(uri: str) -> ModelIdentity:

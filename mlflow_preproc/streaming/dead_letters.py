@@ -26,11 +26,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mlflow_preproc.runtime.model_identity import HEADER
+from mlflow_preproc.streaming import headers as contract
 from mlflow_preproc.streaming.no_broker import cannot_reach
 
-REPLAY_HEADER = HEADER + "replay-of"
-_ERROR_HEADER = HEADER + "error"
 _STALLED_S = 60.0  # no message and no end of partition for this long: Kafka is not answering
 _TRANSACTION_SIZE = 500
 
@@ -59,40 +57,37 @@ class DeadLetter:
         return f"{self.partition}/{self.offset}"
 
     def header(self, name: str) -> str | None:
-        found = [v for k, v in self.headers if k == HEADER + name]
+        """The last value of the header ``name`` (a name of
+        :mod:`~mlflow_preproc.streaming.headers`), or None."""
+        found = [v for k, v in self.headers if k == name]
         return found[-1].decode(errors="replace") if found else None
 
     @property
     def stage(self) -> str:
-        return self.header("stage") or "?"
+        return self.header(contract.STAGE) or "?"
 
     @property
     def error_type(self) -> str:
-        return self.header("error-type") or "?"
+        return self.header(contract.ERROR_TYPE) or "?"
 
     @property
     def error(self) -> str:
-        return self.header("error") or ""
+        return self.header(contract.ERROR) or ""
 
     @property
     def source(self) -> tuple[str, int, int] | None:
         """The input's topic, partition and offset (``x-preproc-source``)."""
-        text = self.header("source")
-        topic, _, rest = (text or "").rpartition("/")
-        topic, _, partition = topic.rpartition("/")
-        if not (topic and partition.isdigit() and rest.isdigit()):
-            return None
-        return topic, int(partition), int(rest)
+        return contract.parse_source(self.header(contract.SOURCE))
 
     @property
     def truncated(self) -> bool:
         """Cut to fit the dead-letter topic: its value is a prefix of the record's."""
-        return self.header("original-size") is not None
+        return self.header(contract.ORIGINAL_SIZE) is not None
 
     def original_headers(self) -> list[tuple[str, bytes]]:
         """The input's own headers: those before the stream's (which start at the last
         ``x-preproc-error``; an input replayed before keeps its ``replay-of``)."""
-        starts = [i for i, (k, _) in enumerate(self.headers) if k == _ERROR_HEADER]
+        starts = [i for i, (k, _) in enumerate(self.headers) if k == contract.ERROR]
         return self.headers[:starts[-1]] if starts else list(self.headers)
 
 
@@ -334,7 +329,7 @@ def _records(batch: list[DeadLetter], topic: str, to: str | None,
              through: ThroughModel | None, report: ReplayReport) -> list[tuple[DeadLetter, Sends]]:
     """What each dead letter of ``batch`` replays as, counted in ``report``: itself, back to
     its source (or ``to``), or the model's outputs of it; none for one that fails again."""
-    replay_of = lambda d: (REPLAY_HEADER, f"{topic}/{d.where}".encode())  # noqa: E731
+    replay_of = lambda d: (contract.REPLAY_OF, f"{topic}/{d.where}".encode())  # noqa: E731
     if through is None:
         chosen = [(d, [(to or d.source[0], d.value, [*d.original_headers(), replay_of(d)])])
                   for d in batch]
@@ -463,17 +458,16 @@ def _check_destinations(kafka: dict, topics: set[str], sent: int) -> None:
 
 
 def _ensure_topic(kafka: dict, topic: str) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
+
+    from mlflow_preproc.streaming.topics import create_topics
 
     admin = AdminClient(kafka)
     if topic in _topics(admin, kafka):
         return
-    for future in admin.create_topics([NewTopic(topic, 1)]).values():
-        try:
-            future.result(15)
-        except Exception as exc:  # noqa: BLE001 -- created meanwhile is fine
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise DeadLetterError(f"cannot create the replay log {topic}: {exc}") from None
+    for error in create_topics(admin, [topic], timeout=15).values():
+        if error is not None:
+            raise DeadLetterError(f"cannot create the replay log {topic}: {error}") from None
 
 
 def _topics(admin, kafka: dict) -> dict:

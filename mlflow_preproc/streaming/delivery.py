@@ -23,10 +23,11 @@ loses nothing, a stream that dead-letters good records on a transient error sile
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, Message
 
 
 class Failure(Enum):
@@ -79,6 +80,26 @@ def is_size_error(err: KafkaError) -> bool:
     """The record is over a size limit (the client's ``message.max.bytes`` or the broker's)."""
     return err.code() in (KafkaError.MSG_SIZE_TOO_LARGE,
                           KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE)
+
+
+class Delivery:
+    """``on_delivery`` of what one input message produced; called only when a delivery fails
+    (``delivery.report.only.error``). Keeps the headers, which delivery reports lack, and
+    hands the failure to ``failed`` (the loop's) with itself."""
+
+    __slots__ = ("failed", "source", "headers", "dead_letter")
+
+    def __init__(self, failed: Callable[[Delivery, KafkaError, Message], None],
+                 source: Message, headers: list[tuple[str, bytes]],
+                 dead_letter: bool = False):
+        self.failed = failed
+        self.source = source
+        self.headers = headers
+        self.dead_letter = dead_letter
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self.failed(self, err, msg)
 
 
 @dataclass(frozen=True)

@@ -112,16 +112,15 @@ class EmbeddedBroker:
 
     def create_topics(self, *names: str, partitions: int = 1) -> None:
         """Create topics (idempotent) and wait until they exist."""
-        from confluent_kafka.admin import AdminClient, NewTopic
+        from confluent_kafka.admin import AdminClient
+
+        from mlflow_preproc.streaming.topics import create_topics
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
-        futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-        for future in futures.values():
-            try:
-                future.result(15)
-            except Exception as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise
+        for error in create_topics(admin, names, partitions, replication_factor=1,
+                                   timeout=15).values():
+            if error is not None:
+                raise error
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -39,33 +39,45 @@ for one broker round trip.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
-from mlflow_preproc.config import Config, ConfigError, client_config_error
+from mlflow_preproc.config import Config
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.runtime.formats import MessageDecoder, drop_fields
-from mlflow_preproc.runtime.model_identity import HEADER
+from mlflow_preproc.streaming import clients, topics
+from mlflow_preproc.streaming.assignment import Assignment
 from mlflow_preproc.streaming.brake import DeadLetterBrake
 from mlflow_preproc.streaming.checkpoint import Checkpoint
 from mlflow_preproc.streaming.client_logs import client_logger
 from mlflow_preproc.streaming.delivery import (
+    Delivery,
     Failure,
     Redelivery,
     classify,
     is_size_error,
     topic_refused_fix,
 )
+from mlflow_preproc.streaming.errors import Abandon, FatalError, Rewound
+from mlflow_preproc.streaming.headers import (
+    ERROR,
+    ERROR_TYPE,
+    MAX_ERROR_LENGTH,
+    ORIGINAL_SIZE,
+    STAGE,
+    Headers,
+    error_type_of,
+    source_header,
+)
+from mlflow_preproc.streaming.message_size import MessageSize
 from mlflow_preproc.streaming.metrics import LoopStats, serve_metrics
-from mlflow_preproc.streaming.no_broker import cannot_reach, local_broker_command
+from mlflow_preproc.streaming.output import Output
 from mlflow_preproc.streaming.shutdown import Shutdown
 from mlflow_preproc.streaming.transactions import (
     Remedy,
@@ -80,61 +92,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mlflow_preproc")
 
-_MAX_ERROR_HEADER = 4000
-_STARTUP_WAIT_S = 60.0
 # A periodic flush that cannot finish (broker down) gives up after this and commits later.
 _COMMIT_FLUSH_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 10.0  # leaving the group; see KafkaLoop._leave_group
 _MAX_RETRY_BACKOFF_S = 10.0
-# librdkafka's default message.max.bytes; room is kept for the headers and record framing.
-_DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
-_FRAMING_BYTES = 512
-
-Headers = list[tuple[str, bytes]]
 
 # The broker refuses this client the input topic, the group or the cluster: an ACL to fix.
 _UNAUTHORIZED = (KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED,
                  KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED)
-
-SOURCE_HEADER = HEADER + "source"
-
-
-class FatalError(RuntimeError):
-    """The loop cannot go on; the message says why and what to change."""
-
-
-class Abandon(Exception):
-    """Raised by a handler to give up the batch in flight (shutting down while a dependency
-    is down): nothing of that batch is committed, so the group processes it again."""
-
-
-class Rewound(Exception):
-    """Exactly once: the transaction was aborted while a batch was handled; the batch is
-    given up, and its input read again from the last commit with everything since."""
-
-
-def source_header(msg: Message) -> tuple[str, bytes]:
-    """The provenance header naming the input an output came from: ``topic/partition/offset``
-    (Kafka topic names cannot contain ``/``)."""
-    return SOURCE_HEADER, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()
-
-
-class _Delivery:
-    """``on_delivery`` of what one input message produced; called only when a delivery fails
-    (``delivery.report.only.error``). Keeps the headers, which delivery reports lack."""
-
-    __slots__ = ("loop", "source", "headers", "dead_letter")
-
-    def __init__(self, loop: KafkaLoop, source: Message, headers: Headers,
-                 dead_letter: bool = False):
-        self.loop = loop
-        self.source = source
-        self.headers = headers
-        self.dead_letter = dead_letter
-
-    def __call__(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self.loop._delivery_failed(self, err, msg)
 
 
 class KafkaLoop:
@@ -162,55 +127,34 @@ class KafkaLoop:
         self.checkpoint = Checkpoint()
         self.brake = DeadLetterBrake(config["DLQ_BRAKE_RATIO"], config["DLQ_BRAKE_WINDOW"])
         self.stats.verdict_after = config["DLQ_BRAKE_WINDOW"]
-        self._owned: set[tuple[str, int]] = set()
-        # Input is paused while a dependency is down (wait) or deliveries are retried
-        # (_redeliver). librdkafka keeps a partition's pause across a revoke or loss, so a
-        # partition assigned again would stay paused for good: each assignment is settled
-        # (paused or resumed, whichever the loop is in) right after it takes effect.
-        self._paused = False
-        self._unsettled: set[tuple[str, int]] = set()
         self._redeliveries: list[Redelivery] = []
-        self._producer_broken = False
         self._fatal: FatalError | None = None
         self._failed = False  # an exception ended the loop: commit nothing, not even on close
         self.exactly_once = config["PROCESSING_GUARANTEE"] == "exactly-once"
         # Exactly once: a batch is in flight, a rewind happened during it (it must be given
-        # up), a delivery failed so the open transaction must be aborted (the reason).
+        # up); why the open transaction must be aborted is self.output.must_abort.
         self._in_batch = False
         self._rewound_in_batch = False
-        self._must_abort: str | None = None
         self._backoff = 0.0
-        self._max_message_bytes = int(config.kafka.get("message.max.bytes",
-                                                       _DEFAULT_MAX_MESSAGE_BYTES))
-        isolation = self._isolation()
-        self.consumer = consumer if consumer is not None else self._client(Consumer, {
-            # librdkafka stops fetching for fetch.queue.backoff.ms (default 1 s) whenever its
-            # prefetch queue is full (64 MB: ~64k records of 1 KB); a loop that drains that in
-            # under a second then waits on an idle fetcher. 10 ms: +45% on 1 KB records
-            # (benchmarks/stream_throughput.py).
-            "fetch.queue.backoff.ms": 10,
-            **config.kafka,
-            "group.id": self.group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": config["AUTO_OFFSET_RESET"],
-            **isolation,
-            "statistics.interval.ms": 1000 if config["METRICS_PORT"] else 0,
-            "stats_cb": self.stats.on_librdkafka_stats,
-            "error_cb": self._on_consumer_error,
-            "on_commit": self._on_commit,
-            "logger": client_logger(),
-        })
-        self.transaction: TransactionalProducer | None = None
-        if self.exactly_once:
-            given = [producer] if producer is not None else []
-            self.transaction = TransactionalProducer(
-                lambda: given.pop() if given else self._new_producer())
-            self.producer = self.transaction
-        else:
-            self.producer = producer if producer is not None else self._new_producer()
+        self.message_size = MessageSize(config.kafka)
+        isolation = clients.isolation(config, self.exactly_once)
+        self.consumer = consumer if consumer is not None else clients.new_consumer(
+            config, self.group_id, isolation, stats_cb=self.stats.on_librdkafka_stats,
+            error_cb=self._on_consumer_error, on_commit=self._on_commit)
+        self.output = Output(self._new_producer, producer, self.exactly_once, self.shutdown)
+        self.transaction: TransactionalProducer | None = self.output.transaction
+        # It looks the producer up when it polls (the producer can be replaced).
+        self.assignment = Assignment(self.consumer, lambda: self.output.producer,
+                                     self.shutdown)
         self._metrics_server = None
 
     # ---- what subclasses implement -------------------------------------------------------
+
+    @property
+    def producer(self) -> Producer:
+        """The producer in use now (:class:`~mlflow_preproc.streaming.output.Output` may
+        replace it)."""
+        return self.output.producer
 
     def handle_batch(self, messages: Sequence[Message]) -> None:
         """Turn input messages into :meth:`produce` and :meth:`dead_letter` calls.
@@ -267,17 +211,18 @@ class KafkaLoop:
         headers = self.output_headers(source)
         # Delivery reports carry no headers, nor anything else that names the input an
         # output came from: the callback object, one per input message, is what does.
-        on_delivery = _Delivery(self, source, headers)
+        on_delivery = Delivery(self._delivery_failed, source, headers)
         key = source.key()
         topic = self.output_topic
+        producer = self.output.producer
         sent = 0
         try:
             for value in values:
                 try:
-                    self.producer.produce(topic, value, key, headers=headers,
-                                          on_delivery=on_delivery)
+                    producer.produce(topic, value, key, headers=headers,
+                                     on_delivery=on_delivery)
                 except BufferError:
-                    self._send(topic, value, key, headers, on_delivery)
+                    self.output.send(topic, value, key, headers, on_delivery)
                 sent += 1
         except KafkaException as exc:
             err = exc.args[0]
@@ -299,7 +244,7 @@ class KafkaLoop:
                     error_type: str | None = None,
                     extra_headers: Headers = ()) -> None:
         """Send ``source``'s original bytes to the dead-letter topic with the reason."""
-        reason = str(error)[:_MAX_ERROR_HEADER]
+        reason = str(error)[:MAX_ERROR_LENGTH]
         error_type = error_type or error_type_of(error)
         if self.stats.dead_letter(stage, error_type):  # the first few in full, then counts
             logger.warning("record sent to the dead-letter topic", extra={
@@ -307,13 +252,13 @@ class KafkaLoop:
                 "error": reason, "topic": source.topic(), "partition": source.partition(),
                 "offset": source.offset(), "dlq_topic": self.dlq_topic})
         headers = [*(source.headers() or []),
-                   (HEADER + "error", reason.encode()),
-                   (HEADER + "error-type", error_type.encode()),
-                   (HEADER + "stage", stage.encode()), *extra_headers,
+                   (ERROR, reason.encode()),
+                   (ERROR_TYPE, error_type.encode()),
+                   (STAGE, stage.encode()), *extra_headers,
                    source_header(source), *self.extra_headers]
         value = source.value()
-        if value is not None and self._too_large(value, source.key(), headers):
-            value, headers = self._truncated(value, source.key(), headers)
+        if value is not None and self.message_size.too_large(value, source.key(), headers):
+            value, headers = self.message_size.truncated(value, source.key(), headers)
         self._send_dead_letter(source, value, headers)
 
     def when_available(self, call: Callable, *args):
@@ -351,52 +296,17 @@ class KafkaLoop:
         """Let ``seconds`` pass taking no new input (a dependency is down): the assigned
         partitions are paused while the consumer is polled, so the group keeps this member
         past ``max.poll.interval.ms`` and rebalances are served. Returns early on shutdown."""
-        with self._input_paused():
-            self._poll_paused(seconds)
+        with self.assignment.input_paused():
+            self.assignment.poll_paused(seconds)
         if self._rewound_in_batch:
             raise Rewound  # a rebalance during the wait aborted the transaction
 
-    @contextmanager
-    def _input_paused(self) -> Iterator[None]:
-        """Pause every partition assigned now or while inside; resume all of them after."""
-        if self._paused:  # already paused by the caller
-            yield
-            return
-        self._paused = True
-        self.consumer.pause(self.consumer.assignment())
-        try:
-            yield
-        finally:
-            self._paused = False
-            self._unsettled.clear()
-            self.consumer.resume(self.consumer.assignment())
+    # The tests of the pause drive these two (tests/test_loop_commits.py).
+    def _input_paused(self) -> AbstractContextManager[None]:
+        return self.assignment.input_paused()
 
     def _settle_assignment(self) -> None:
-        """Pause or resume the partitions assigned since the last call, as the loop is."""
-        partitions = [TopicPartition(topic, partition)
-                      for topic, partition in self._unsettled if (topic, partition) in self._owned]
-        self._unsettled.clear()
-        if partitions:
-            (self.consumer.pause if self._paused else self.consumer.resume)(partitions)
-
-    def _poll_paused(self, seconds: float) -> None:
-        rewind: dict[tuple[str, int], int] = {}
-        deadline = time.monotonic() + seconds
-        while not self.shutdown.requested:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if self._unsettled:
-                self._settle_assignment()
-            for msg in self.consumer.consume(100, min(left, 0.2)):
-                # Fetched before the pause took effect: read it again after the resume.
-                if msg.error() is None:
-                    key = (msg.topic(), msg.partition())
-                    rewind[key] = min(rewind.get(key, msg.offset()), msg.offset())
-            self.producer.poll(0)
-        for (topic, partition), offset in rewind.items():
-            if (topic, partition) in self._owned:
-                self.consumer.seek(TopicPartition(topic, partition, offset))
+        self.assignment.settle()
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -418,7 +328,8 @@ class KafkaLoop:
         self.shutdown.request()
 
     def _run(self) -> None:
-        if not self._check_topics():
+        if not topics.check_topics(self.config, self.consumer, self.shutdown,
+                                   self.input_topic, [self.output_topic, self.dlq_topic]):
             return  # stopped while waiting for the broker
         if self.transaction is not None and not self._start_transactions():
             return  # stopped while waiting for the transaction coordinator
@@ -458,14 +369,14 @@ class KafkaLoop:
                 if braking:
                     self._hold(braking)  # this batch stays out of the checkpoint
                     break
-                self.checkpoint.mark_handled(messages, self._owned)
+                self.checkpoint.mark_handled(messages, self.assignment.owned)
                 self.stats.handled += len(messages)
                 self.stats.batch_done(time.monotonic() - started)
             else:
                 self.stats.alive()
             self.producer.poll(0)
             self._raise_if_fatal()
-            if self._redeliveries or self._producer_broken:
+            if self._redeliveries or self.output.broken:
                 self._redeliver()
             if time.monotonic() >= next_commit:
                 self._commit(asynchronous=True, flush_timeout=_COMMIT_FLUSH_TIMEOUT_S)
@@ -483,17 +394,17 @@ class KafkaLoop:
         self.stats.brake = reason
         logger.error("dead-letter brake engaged; input paused, nothing committed", extra={
             "event": "dead_letter_brake", "reason": reason})
-        with self._input_paused():
+        with self.assignment.input_paused():
             while not self.shutdown.requested:
-                self._poll_paused(1.0)
+                self.assignment.poll_paused(1.0)
 
     def _consume(self, batch_size: int, timeout: float) -> list[Message]:
-        if self._unsettled:
-            self._settle_assignment()
+        if self.assignment.unsettled:
+            self.assignment.settle()
         messages = self.consumer.consume(batch_size, timeout)
         # Caught up: nothing in hand, and every owned partition read to its end (librdkafka's
         # statistics, METRICS_PORT); an empty poll alone is not (a fetch may be on its way).
-        self.stats.caught_up = not messages and self.stats.at_end_of(self._owned)
+        self.stats.caught_up = not messages and self.stats.at_end_of(self.assignment.owned)
         good = [msg for msg in messages if msg.error() is None]
         if len(good) < len(messages):
             self._consume_errors(messages)
@@ -511,9 +422,8 @@ class KafkaLoop:
                 continue
             self._refuse_if_unauthorized(err)
             if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise FatalError(f"input topic {self.input_topic} does not exist on "
-                                 f"{self.config['KAFKA_BOOTSTRAP_SERVERS']}; create it or fix "
-                                 "INPUT_TOPIC")
+                raise topics.input_missing(self.input_topic,
+                                           self.config["KAFKA_BOOTSTRAP_SERVERS"])
             if err.fatal():
                 raise FatalError(f"Kafka consumer failed: {err.str()}")
             logger.warning("consume error", extra={"event": "kafka_error", "error": err.str()})
@@ -533,7 +443,7 @@ class KafkaLoop:
         left = self.producer.flush(flush_timeout)
         if self._fatal is not None:
             return False  # a dead letter could not be written: its input stays uncommitted
-        if left or self._redeliveries or self._producer_broken:
+        if left or self._redeliveries or self.output.broken:
             logger.warning("outputs not delivered yet; not committing", extra={
                 "event": "commit_deferred", "outputs": left,
                 "redeliveries": len(self._redeliveries)})
@@ -574,9 +484,9 @@ class KafkaLoop:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The assignment takes effect when this returns: it is settled on the next poll.
-        self._owned.update((tp.topic, tp.partition) for tp in partitions)
-        self._unsettled.update((tp.topic, tp.partition) for tp in partitions)
-        self.stats.assigned([(tp.topic, tp.partition) for tp in partitions], self._owned)
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self.assignment.assigned(keys)
+        self.stats.assigned(keys, self.assignment.owned)
         self.stats.rebalanced("assigned", len(partitions))
         logger.info("partitions assigned", extra={
             "event": "assign", "partitions": [p.partition for p in partitions]})
@@ -609,28 +519,15 @@ class KafkaLoop:
                                                  "partitions": [p.partition for p in partitions]})
 
     def _give_up(self, keys: list[tuple[str, int]]) -> None:
-        self._owned.difference_update(keys)
+        self.assignment.given_up(keys)
         self.checkpoint.forget(keys)
-        self.stats.assigned([], self._owned)
+        self.stats.assigned([], self.assignment.owned)
 
     # ---- exactly once: the checkpoint as a transaction (streaming/transactions.py) ------------
 
-    def _isolation(self) -> dict[str, str]:
-        """Exactly once reads committed input only: an upstream transaction that aborts never
-        reaches this stream, so a chain of exactly-once streams stays exactly once."""
-        if not self.exactly_once:
-            return {}
-        if self.config.kafka.get("isolation.level", "read_committed") != "read_committed":
-            where = self.config.kafka_sources.get("isolation.level", "isolation.level")
-            raise ConfigError(f"{where} sets isolation.level="
-                              f"{self.config.kafka['isolation.level']}, which "
-                              "PROCESSING_GUARANTEE=exactly-once cannot keep (it would read "
-                              "aborted records); remove it, or use at-least-once")
-        return {"isolation.level": "read_committed"}
-
     def _start_transactions(self) -> bool:
         """Register the transactional producer with its coordinator; False if stopped."""
-        deadline = time.monotonic() + _STARTUP_WAIT_S
+        deadline = time.monotonic() + topics.STARTUP_WAIT_S
         while not self.shutdown.requested:
             try:
                 self.transaction.start(_COMMIT_FLUSH_TIMEOUT_S)
@@ -641,7 +538,7 @@ class KafkaLoop:
                                      f"{refused_fix(exc.error)}") from None
                 if time.monotonic() > deadline:
                     raise FatalError(f"no transaction coordinator answered within "
-                                     f"{_STARTUP_WAIT_S:.0f} s ({exc}); exactly-once needs "
+                                     f"{topics.STARTUP_WAIT_S:.0f} s ({exc}); exactly-once needs "
                                      "Apache Kafka 2.5+ with transactions (its "
                                      "__transaction_state topic) working") from None
                 logger.warning("waiting for the transaction coordinator", extra={
@@ -700,8 +597,8 @@ class KafkaLoop:
         left = txn.flush(flush_timeout)
         if self._fatal is not None:
             return False  # a topic refuses this client: nothing of it is committed
-        if self._must_abort:
-            self._abort_and_rewind(self._must_abort)
+        if self.output.must_abort:
+            self._abort_and_rewind(self.output.must_abort)
             return False
         if left:
             logger.warning("outputs not delivered yet; not committing", extra={
@@ -747,7 +644,7 @@ class KafkaLoop:
         """Abort the open transaction (with a new producer if this one cannot go on) and
         read every owned partition again from its last commit."""
         txn = self.transaction
-        self._must_abort = None
+        self.output.must_abort = None
         if txn.open or renew or self.checkpoint.to_commit():
             self.stats.aborted()
             logger.warning("transaction aborted; its input is read again from the last "
@@ -778,7 +675,7 @@ class KafkaLoop:
 
     def _rewind(self) -> None:
         """Seek every owned partition back to its last commit (see Checkpoint.rewind)."""
-        for tp in self.checkpoint.rewind(self._owned):
+        for tp in self.checkpoint.rewind(self.assignment.owned):
             try:
                 self.consumer.seek(tp)
             except KafkaException as exc:  # not fetching yet: it starts at the commit anyway
@@ -798,7 +695,7 @@ class KafkaLoop:
         else:
             self._commit(asynchronous=False, flush_timeout=self.config["SHUTDOWN_TIMEOUT_S"])
 
-    def _delivery_failed_in_transaction(self, delivery: _Delivery, kind: Failure,
+    def _delivery_failed_in_transaction(self, delivery: Delivery, kind: Failure,
                                         err: KafkaError, msg: Message) -> None:
         # Any failed delivery fails the whole transaction (librdkafka: abortable). A
         # refused record is remembered, so that read again it is dead-lettered at once.
@@ -813,7 +710,7 @@ class KafkaLoop:
             source = delivery.source
             self.transaction.refuse(source.topic(), source.partition(), source.offset(),
                                     msg.topic(), err)
-        self._must_abort = self._must_abort or \
+        self.output.must_abort = self.output.must_abort or \
             f"a delivery to {msg.topic()} failed ({err.name()}: {err.str()})"
 
     def _abort_at_exit(self) -> None:
@@ -825,27 +722,14 @@ class KafkaLoop:
 
     # ---- delivery failures -------------------------------------------------------------------
 
-    def _send(self, topic: str, value: bytes | None, key: bytes | None, headers: Headers,
-              callback: Callable) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value, key, headers=headers, on_delivery=callback)
-                return
-            except BufferError:
-                # The local queue is full: let the broker catch up, unless we are asked to
-                # stop (the broker may be away for longer than the shutdown grace period).
-                if self.shutdown.requested:
-                    raise Abandon("shutting down with the producer's queue full") from None
-                self.producer.poll(0.1)
-
     def _send_dead_letter(self, source: Message, value: bytes | None, headers: Headers) -> None:
         try:
-            self._send(self.dlq_topic, value, source.key(), headers,
-                       _Delivery(self, source, headers, dead_letter=True))
+            self.output.send(self.dlq_topic, value, source.key(), headers,
+                       Delivery(self._delivery_failed, source, headers, dead_letter=True))
         except KafkaException as exc:
             self._dead_letter_refused(source, value, headers, exc.args[0])
 
-    def _delivery_failed(self, delivery: _Delivery, err: KafkaError, msg: Message) -> None:
+    def _delivery_failed(self, delivery: Delivery, err: KafkaError, msg: Message) -> None:
         kind = classify(err)
         if self.transaction is not None:
             self._delivery_failed_in_transaction(delivery, kind, err, msg)
@@ -863,7 +747,7 @@ class KafkaLoop:
                                  f"failed: {err.str()}", err.name())
             return
         if kind is Failure.BROKEN_PRODUCER:
-            self._producer_broken = True
+            self.output.broken = True
         self._redeliveries.append(Redelivery(msg.topic(), msg.value(), msg.key(),
                                              delivery.headers, delivery))
 
@@ -873,42 +757,30 @@ class KafkaLoop:
                        "sent again", extra={"event": "redeliver",
                                             "messages": len(self._redeliveries)})
         backoff = 0.5
-        with self._input_paused():
-            while (self._redeliveries or self._producer_broken) and not self.shutdown.requested:
-                if self._producer_broken:
-                    self._replace_producer()
+        with self.assignment.input_paused():
+            while (self._redeliveries or self.output.broken) and not self.shutdown.requested:
+                if self.output.broken:
+                    self.output.replace()
                 pending, self._redeliveries = self._redeliveries, []
                 for r in pending:
-                    self._send(r.topic, r.value, r.key, r.headers, r.on_delivery)
+                    self.output.send(r.topic, r.value, r.key, r.headers, r.on_delivery)
                 # Wait for this round to be delivered, polling the consumer meanwhile.
                 while len(self.producer) and not self._redeliveries \
-                        and not self._producer_broken and not self.shutdown.requested:
-                    self._poll_paused(0.5)
+                        and not self.output.broken and not self.shutdown.requested:
+                    self.assignment.poll_paused(0.5)
                 self._raise_if_fatal()
                 if self._redeliveries:
-                    self._poll_paused(backoff)
+                    self.assignment.poll_paused(backoff)
                     backoff = min(backoff * 2, _MAX_RETRY_BACKOFF_S)
         if not self._redeliveries:
             logger.info("failed deliveries sent again", extra={"event": "redelivered"})
-
-    def _replace_producer(self) -> None:
-        # An idempotent producer that lost its sequence state refuses everything from now on
-        # (on Tansu: PRODUCER_FENCED after any timeout). What it still holds fails over to
-        # _redeliveries through the purge's delivery reports.
-        logger.warning("the producer cannot deliver any more (idempotence state lost); "
-                       "replacing it", extra={"event": "producer_replaced"})
-        old = self.producer
-        old.purge()
-        old.flush(5)
-        self.producer = self._new_producer()
-        self._producer_broken = False
 
     def _dead_letter_refused(self, source: Message, value: bytes | None, headers: Headers,
                              err: KafkaError) -> None:
         if is_size_error(err) and value:
             # Over the broker's or the topic's limit even after truncation: send the headers
             # alone; x-preproc-source still points at the original record.
-            size = (HEADER + "original-size", str(len(source.value() or b"")).encode())
+            size = (ORIGINAL_SIZE, str(len(source.value() or b"")).encode())
             self._send_dead_letter(source, b"", headers if size in headers else [*headers, size])
             return
         # Committing past this record would lose it: stop, so a restart retries it.
@@ -926,54 +798,14 @@ class KafkaLoop:
                 f"record {source.topic()}/{source.partition()}/{source.offset()} stays "
                 f"uncommitted; {topic_refused_fix(err)}")
 
-    def _too_large(self, value: bytes, key: bytes | None, headers: Headers) -> bool:
-        return len(value) + _overhead(key, headers) > self._max_message_bytes
-
-    def _truncated(self, value: bytes, key: bytes | None, headers: Headers
-                   ) -> tuple[bytes, Headers]:
-        # Keep a prefix for whoever reads the dead letter, and enough to find the original:
-        # its size and digest (x-preproc-source names its topic, partition and offset).
-        headers = [*headers,
-                   (HEADER + "original-size", str(len(value)).encode()),
-                   (HEADER + "original-sha256", hashlib.sha256(value).hexdigest().encode())]
-        room = max(0, self._max_message_bytes - _overhead(key, headers))
-        return value[:room], headers
-
     # ---- clients -----------------------------------------------------------------------------
 
-    def _client(self, cls: type, conf: dict):
-        try:
-            return cls(conf)
-        except KafkaException as exc:
-            raise client_config_error(self.config, exc.args[0].str()) from None
-
     def _new_producer(self) -> Producer:
-        return self._client(Producer, {
-            # Idempotence keeps retried sends from duplicating or reordering outputs.
-            "enable.idempotence": True,
-            "linger.ms": 5,
-            **self.config.kafka,
-            **(transactional_settings(self.group_id, self.config["COMMIT_INTERVAL_MS"],
-                                      self.config.kafka) if self.exactly_once else {}),
-            # Successes are known from flush(); see the module docstring.
-            "delivery.report.only.error": True,
-            "error_cb": self._on_producer_error,
-            "logger": client_logger(),
-        })
+        return clients.new_producer(self.config, self.group_id, self.exactly_once,
+                                    error_cb=self._on_producer_error)
 
     def _on_producer_error(self, err: KafkaError) -> None:
-        if err.fatal() and self.transaction is not None:
-            # Fenced (its transaction timed out) or failed: the next transactional call
-            # fails too; the transaction is aborted there and a new producer made.
-            self._must_abort = self._must_abort or f"producer failed: {err.str()}"
-            logger.warning("transactional producer failed", extra={
-                "event": "producer_failed", "error": err.str()})
-        elif err.fatal():
-            # The idempotent producer lost its sequence state: a new one sends what it held.
-            self._producer_broken = True
-            logger.warning("producer failed", extra={"event": "producer_failed",
-                                                     "error": err.str()})
-        else:
+        if not self.output.on_error(err):  # not the producer's own failure
             self._on_consumer_error(err)
 
     def _on_consumer_error(self, err: KafkaError) -> None:
@@ -1032,71 +864,3 @@ class KafkaLoop:
         self.stats.log_dead_letters(time.monotonic() - self.stats.last_stats_at)
         logger.info("stopped", extra={"event": "stop", "command": self.command,
                                       "committed": done, **self.stats.counts})
-
-    # ---- start-up ------------------------------------------------------------------------------
-
-    def _check_topics(self) -> bool:
-        metadata = self._wait_for_metadata()
-        if metadata is None:
-            return False
-        if self.input_topic not in metadata.topics:
-            raise FatalError(f"input topic {self.input_topic} does not exist on "
-                             f"{self.config['KAFKA_BOOTSTRAP_SERVERS']}; create it or fix "
-                             "INPUT_TOPIC")
-        missing = [t for t in (self.output_topic, self.dlq_topic) if t not in metadata.topics]
-        if not missing:
-            return True
-        if not self.config["AUTO_CREATE_TOPICS"]:
-            raise FatalError(f"topic(s) {', '.join(missing)} do not exist and "
-                             "AUTO_CREATE_TOPICS is false; create them or set "
-                             "AUTO_CREATE_TOPICS=true")
-        partitions = len(metadata.topics[self.input_topic].partitions)
-        admin = self._client(AdminClient, {**self.config.kafka, "logger": client_logger()})
-        # No replication factor: the broker's default.replication.factor decides, as it does
-        # for topics the broker creates itself.
-        for topic, future in admin.create_topics(
-                [NewTopic(t, partitions) for t in missing]).items():
-            try:
-                future.result(30)
-                logger.info("created topic", extra={"event": "create_topic", "topic": topic,
-                                                    "partitions": partitions})
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise FatalError(f"cannot create topic {topic}: {exc.args[0].str()}; "
-                                     "create it yourself") from None
-        return True
-
-    def _wait_for_metadata(self):
-        deadline = time.monotonic() + _STARTUP_WAIT_S
-        delay = 0.5
-        while not self.shutdown.requested:
-            try:
-                return self.consumer.list_topics(timeout=1)
-            except KafkaException as exc:
-                if time.monotonic() > deadline:
-                    raise FatalError(cannot_reach(self.config["KAFKA_BOOTSTRAP_SERVERS"],
-                                                  exc.args[0].str())) from None
-                left = max(0.0, deadline - time.monotonic())
-                servers = self.config["KAFKA_BOOTSTRAP_SERVERS"]
-                local = local_broker_command(servers)  # a newcomer may not have started one
-                also = f" (to try things on this machine, {local} runs one there)" \
-                    if local else ""
-                logger.warning(
-                    f"waiting for Kafka at {servers}{also}; giving up in {left:.0f} s",
-                    extra={"event": "waiting_for_kafka", "error": exc.args[0].str(),
-                           "gives_up_in_s": round(left)})
-                self.shutdown.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        return None
-
-
-def _overhead(key: bytes | None, headers: Headers) -> int:
-    return len(key or b"") + sum(len(k) + len(v) for k, v in headers) + _FRAMING_BYTES
-
-
-def error_type_of(error: BaseException | str) -> str:
-    """The ``x-preproc-error-type`` of ``error``: the name of the exception behind it."""
-    if isinstance(error, BaseException):
-        cause = error.__cause__ or error
-        return type(cause).__name__
-    return "Error"

@@ -26,10 +26,10 @@ from mlflow_preproc.runtime.formats import EncodeError, MessageDecoder, MessageE
 from mlflow_preproc.runtime.input_fields import Tree
 from mlflow_preproc.runtime.input_fields import merge as merge_fields
 from mlflow_preproc.runtime.input_fields import parse as parse_fields
-from mlflow_preproc.streaming.loop import KafkaLoop, error_type_of
+from mlflow_preproc.streaming.headers import FAILED_RECORDS, PREDICTION_MODEL, error_type_of
+from mlflow_preproc.streaming.loop import KafkaLoop
 from mlflow_preproc.streaming.shutdown import Shutdown
 from mlflow_preproc.runtime.model_identity import (
-    HEADER,
     ModelIdentity,
     local_identity,
     resolve_model,
@@ -52,7 +52,7 @@ class Stream(KafkaLoop):
         input_topic = config.require("INPUT_TOPIC")
         headers = identity.headers()
         if predictor is not None:
-            headers.append((HEADER + "prediction-model", predictor.uri.encode()))
+            headers.append((PREDICTION_MODEL, predictor.uri.encode()))
         super().__init__(config, input_topic, output_topic, config["DLQ_TOPIC"],
                          config["CONSUMER_GROUP_ID"] or default_group(identity),
                          extra_headers=headers, shutdown=shutdown, consumer=consumer,
@@ -173,7 +173,7 @@ class Stream(KafkaLoop):
         self.dead_letter(
             msg, stage, f"{len(failures)} of the message's {count} records failed; {listed}",
             error_type_of(error),
-            extra_headers=[(HEADER + "failed-records",
+            extra_headers=[(FAILED_RECORDS,
                             ",".join(str(i) for i, _, _ in failures).encode())])
 
     def _predict(self, records: list, results: list) -> list:
