@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 
-from mlflow_preproc.streaming.headers import MODEL
-
 # Written into the model folder of images built by the deployment target.
 REGISTERED_MODEL_FILE = "registered_model.json"
 
@@ -28,12 +26,14 @@ class ModelIdentity:
     name: str | None = None
     version: str | None = None
 
-    def headers(self) -> list[tuple[str, bytes]]:
-        """The provenance header naming the model: ``models:/<name>/<version>`` when it is a
-        registered version (an alias or ``latest`` resolved), else the URI as given."""
+    @property
+    def provenance(self) -> str:
+        """What names the model in the outputs' provenance header: ``models:/<name>/<version>``
+        when it is a registered version (an alias or ``latest`` resolved), else the URI as
+        given."""
         if self.version is not None:
-            return [(MODEL, f"models:/{self.name}/{self.version}".encode())]
-        return [(MODEL, self.uri.encode())]
+            return f"models:/{self.name}/{self.version}"
+        return self.uri
 
 
 def resolve_model(uri: str) -> ModelIdentity:

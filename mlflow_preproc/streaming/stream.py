@@ -26,7 +26,8 @@ from mlflow_preproc.runtime.formats import EncodeError, MessageDecoder, MessageE
 from mlflow_preproc.runtime.input_fields import Tree
 from mlflow_preproc.runtime.input_fields import merge as merge_fields
 from mlflow_preproc.runtime.input_fields import parse as parse_fields
-from mlflow_preproc.streaming.headers import FAILED_RECORDS, PREDICTION_MODEL, error_type_of
+from mlflow_preproc.streaming.headers import (FAILED_RECORDS, MODEL, PREDICTION_MODEL,
+                                              error_type_of)
 from mlflow_preproc.streaming.loop import KafkaLoop
 from mlflow_preproc.streaming.shutdown import Shutdown
 from mlflow_preproc.runtime.model_identity import (
@@ -50,7 +51,7 @@ class Stream(KafkaLoop):
                  predictor: Predictor | None = None, consumer: Consumer | None = None,
                  producer: Producer | None = None):
         input_topic = config.require("INPUT_TOPIC")
-        headers = identity.headers()
+        headers = [(MODEL, identity.provenance.encode())]
         if predictor is not None:
             headers.append((PREDICTION_MODEL, predictor.uri.encode()))
         super().__init__(config, input_topic, output_topic, config["DLQ_TOPIC"],
