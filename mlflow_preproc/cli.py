@@ -749,7 +749,7 @@ _USER_ERRORS = (
     ("mlflow_preproc.runtime.avro_schemas", "SchemaError"),
     ("mlflow_preproc.runtime.dependencies", "Misconfigured"),
     ("mlflow_preproc.streaming.embedded_broker", "BrokerError"),
-    ("mlflow_preproc.streaming.loop", "FatalError"),
+    ("mlflow_preproc.streaming.errors", "FatalError"),
     ("mlflow_preproc.runtime.model_identity", "ModelNotFound"),
     ("mlflow_preproc.streaming.dead_letters", "DeadLetterError"),
     ("mlflow_preproc.streaming.status", "StatusError"),

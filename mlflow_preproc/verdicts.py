@@ -22,7 +22,7 @@ Where the outcome is carried out:
 - the dependency's: :class:`~mlflow_preproc.runtime.dependencies.Unavailable`, waited for by
   :meth:`~mlflow_preproc.streaming.loop.KafkaLoop.when_available`; retriable delivery errors;
 - the configuration's: :class:`~mlflow_preproc.runtime.dependencies.Misconfigured` and
-  :class:`~mlflow_preproc.streaming.loop.FatalError`, exit 2.
+  :class:`~mlflow_preproc.streaming.errors.FatalError`, exit 2.
 """
 
 from __future__ import annotations

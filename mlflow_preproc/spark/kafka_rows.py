@@ -151,7 +151,7 @@ _streams: dict[str, Any] = {}
 def _task_stream(job: KafkaRowsJob, collected: _Collected) -> Any:
     """The stream of a task: made once per Python worker and query (Spark reuses workers
     between tasks), its producer swapped for this task's."""
-    from mlflow_preproc.streaming.loop import FatalError
+    from mlflow_preproc.streaming.errors import FatalError
     from mlflow_preproc.streaming.stream import Stream
     from mlflow_preproc.runtime.dependencies import Misconfigured
 

@@ -21,7 +21,8 @@ from confluent_kafka import Message
 from mlflow_preproc import config as settings
 from mlflow_preproc.runtime.dependencies import Misconfigured, Unavailable
 from mlflow_preproc.streaming.dead_letters import DeadLetter, DeadLetterError
-from mlflow_preproc.streaming.loop import FatalError, Headers, error_type_of
+from mlflow_preproc.streaming.errors import FatalError
+from mlflow_preproc.streaming.headers import Headers, error_type_of
 from mlflow_preproc.streaming.stream import Stream
 
 
