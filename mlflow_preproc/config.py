@@ -20,11 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlflow_preproc.runtime.model_input import PAYLOAD_FORMATS
-
 # Kept here, not imported from runtime.formats: this module loads before anything heavy, so
 # the stream and bridge commands catch SIGTERM from their first fraction of a second.
 MESSAGE_FORMATS = ("json", "avro", "confluent-avro")
+# How the bridge sends records to a model server: auto, or one of MLflow's scoring formats.
+PAYLOAD_FORMATS = ("auto", "dataframe_split", "dataframe_records", "instances", "inputs")
 ZTF_CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-PAYLOAD_FORMATS = ("auto", "dataframe_split", "dataframe_records", "instances", "inputs")
-
 
 def columns(records: Sequence[dict]) -> list[str]:
     """Every key of ``records``, in the order they first appear."""
