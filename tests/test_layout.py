@@ -120,3 +120,10 @@ def test_no_backend_imports_the_adapter_or_the_other_backend():
                 assert "mlflow_preproc.deploy.target" not in imported, module
                 assert not any(i.startswith(f"mlflow_preproc.deploy.{other}")
                                for i in imported), module
+
+
+def test_the_settings_table_and_the_secrets_rule_are_the_ground():
+    # config.py loads before anything heavy (stream catches SIGTERM from its first fraction
+    # of a second) and every part reads it: it imports no other module of the package.
+    for module in ("mlflow_preproc.config", "mlflow_preproc.secrets"):
+        assert not {i for i in GRAPH[module] if i != "mlflow_preproc"}, module
