@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,11 +40,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sqlite database with MLflow's tables and nothing in them, made once per session (per
+    xdist worker): a new database runs MLflow's schema migrations (seconds each, a test's
+    fixture ~200 times in the suite), a copy of this one opens at once. The default
+    experiment is deleted: a store creates it on first use with its own artifact root."""
+    import sqlite3
+    from contextlib import closing
+
+    import mlflow
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("DELETE FROM experiments WHERE experiment_id = 0")
+    return path
+
+
 @pytest.fixture
-def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> str:
     """A fresh sqlite tracking store and artifact root, shared with subprocesses via env."""
     import mlflow
 
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # the default artifact root ./mlruns lands in tmp_path

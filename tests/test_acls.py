@@ -52,7 +52,7 @@ def same(record):
 @pytest.fixture
 def model(tracking_uri):
     with mlflow.start_run():
-        return mlflow.preproc.log_model(same, name="s").model_uri
+        return mlflow.preproc.log_model(same, name="s", pip_requirements=[]).model_uri
 
 
 def as_the_user(broker) -> dict[str, str]:

@@ -235,7 +235,7 @@ def test_an_arrow_stream_gets_the_columns_and_a_damaged_alert_is_dead_lettered_a
     with mlflow.start_run():
         uri = mlflow.preproc.log_model(fn, name="a", batch_format=batch_format,
                                        input_fields=["objectId", "candidate.magpsf"],
-                                       input_example=example).model_uri
+                                       input_example=example, pip_requirements=[]).model_uri
     good = _batch(4)
     damaged = bytearray(good[1])
     damaged[_first_block(good[1])] = 4  # one record said to be two: cannot be decoded
@@ -387,7 +387,8 @@ def test_a_stream_whose_column_reader_got_stuck_goes_on_and_asks_to_be_restarted
         return {"candid": record["candid"]}
 
     with mlflow.start_run():
-        uri = mlflow.preproc.log_model(ident, name="i", input_fields=["candid"]).model_uri
+        uri = mlflow.preproc.log_model(ident, name="i", input_fields=["candid"],
+                                       pip_requirements=[]).model_uri
     good = _batch(3)
     bad = _one_byte_after_the_records(good[1])
     topic, out = unique("stuck"), unique("stuck-out")

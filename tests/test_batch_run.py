@@ -36,7 +36,8 @@ def model(tracking_uri):
     out_schema = {"type": "record", "name": "F", "fields": [
         {"name": "id", "type": "long"}, {"name": "double", "type": "double"}]}
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(features, name="p", output_avro_schema=out_schema)
+        info = mlflow.preproc.log_model(features, name="p", output_avro_schema=out_schema,
+                                        pip_requirements=[])
     return info.model_uri
 
 
@@ -126,7 +127,7 @@ def test_the_progress_bar_counts_records(model, tmp_path):
 
 def test_ztf_avro_files_with_cutouts_dropped(tracking_uri, tmp_path):
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(ztf_features, name="ztf")
+        info = mlflow.preproc.log_model(ztf_features, name="ztf", pip_requirements=[])
     proc = run_cli("-m", info.model_uri, *map(str, ZTF_PACKETS), "--skip-cutouts", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr.decode()
     out = jsonl(proc.stdout)
@@ -142,7 +143,7 @@ def test_ztf_avro_files_with_cutouts_dropped(tracking_uri, tmp_path):
 
 def test_skip_cutouts_and_drop_fields_are_read_from_the_environment(tracking_uri, tmp_path):
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(ztf_features, name="ztf")
+        info = mlflow.preproc.log_model(ztf_features, name="ztf", pip_requirements=[])
     proc = run_cli("-m", info.model_uri, *map(str, ZTF_PACKETS), cwd=tmp_path,
                    env={"SKIP_CUTOUTS": "true", "DROP_FIELDS": "publisher,schemavsn"})
     assert proc.returncode == 0, proc.stderr.decode()
@@ -153,7 +154,8 @@ def test_skip_cutouts_and_drop_fields_are_read_from_the_environment(tracking_uri
 def test_cutout_bytes_are_base64_in_json_output(tracking_uri, tmp_path):
     with mlflow.start_run():
         info = mlflow.preproc.log_model(
-            lambda a: {"stamp": a["cutoutScience"]["stampData"]}, name="stamp")
+            lambda a: {"stamp": a["cutoutScience"]["stampData"]}, name="stamp",
+            pip_requirements=[])
     proc = run_cli("-m", info.model_uri, str(ZTF_PACKETS[0]), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr.decode()
     import base64
@@ -254,7 +256,7 @@ def alerts_container(codec: str, count: int = 6) -> bytes:
 def test_an_avro_file_damaged_after_its_header_gives_what_came_before_and_one_reject(
         tracking_uri, tmp_path, damage):
     with mlflow.start_run():
-        model = mlflow.preproc.log_model(ztf_features, name="ztf").model_uri
+        model = mlflow.preproc.log_model(ztf_features, name="ztf", pip_requirements=[]).model_uri
     good = alerts_container("deflate" if damage == "truncated deflate" else "null")
     if damage == "corrupt bytes":
         # Flip the bytes of the sync marker that ends the third block (most bytes of an alert
@@ -285,7 +287,7 @@ def test_an_avro_block_over_max_decoded_bytes_is_one_reject_and_the_next_blocks_
     import io
 
     with mlflow.start_run():
-        model = mlflow.preproc.log_model(ztf_features, name="ztf").model_uri
+        model = mlflow.preproc.log_model(ztf_features, name="ztf", pip_requirements=[]).model_uri
     with open(ZTF_PACKETS[0], "rb") as f:
         reader = fastavro.reader(f)
         schema, alert = reader.writer_schema, next(reader)
@@ -408,7 +410,8 @@ def test_a_stopped_run_leaves_neither_a_truncated_output_nor_a_partial_file(trac
     import time
 
     with mlflow.start_run():
-        uri = mlflow.preproc.log_model(blocks_at_record_1500, name="p").model_uri
+        uri = mlflow.preproc.log_model(blocks_at_record_1500, name="p",
+                                       pip_requirements=[]).model_uri
     (tmp_path / "in.jsonl").write_text("".join(f'{{"id": {i}}}\n' for i in range(2000)))
     (tmp_path / "out.jsonl").write_bytes(b'{"earlier": "run"}\n')
     marker = tmp_path / "started"

@@ -20,7 +20,7 @@ def classifier_url(tracking_uri, serve_model):
     x = pd.DataFrame({"magpsf": [14.0, 15.0, 20.0, 21.0], "snr": [10.0, 12.0, 8.0, 9.0]})
     with mlflow.start_run():
         info = mlflow.sklearn.log_model(LogisticRegression().fit(x, [1, 1, 0, 0]), name="clf",
-                                        input_example=x.head(2))
+                                        input_example=x.head(2), pip_requirements=[])
     return serve_model(info.model_uri)
 
 

@@ -231,7 +231,8 @@ def test_a_record_that_hangs_a_real_model_server_is_dead_lettered_not_a_stall(
         # No input example: MLflow's signature inference from a DataFrame imports
         # pyspark.sql.connect, which exits an xdist worker that ran Spark tests (it takes a
         # __main__ without a file for a doctest run).
-        info = mlflow.pyfunc.log_model(name="hangs", python_model=str(tmp_path / "hangs.py"))
+        info = mlflow.pyfunc.log_model(name="hangs", python_model=str(tmp_path / "hangs.py"),
+                                       pip_requirements=[])
     url = serve_model(info.model_uri)
     topic = unique("features")
     broker.create_topics(topic)

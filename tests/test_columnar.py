@@ -161,9 +161,11 @@ def test_a_columnar_model_serves_predict_and_run_as_the_per_record_model(
         arrow_model = mlflow.preproc.log_model(fn, name="a", batch_format=batch_format,
                                                feature_names=FEATURE_NAMES,
                                                input_fields=INPUT_FIELDS,
-                                               input_example=example).model_uri
+                                               input_example=example,
+                                               pip_requirements=[]).model_uri
         record_model = mlflow.preproc.log_model(per_record, name="r",
-                                                feature_names=FEATURE_NAMES).model_uri
+                                                feature_names=FEATURE_NAMES,
+                                                pip_requirements=[]).model_uri
     predicted = mlflow.pyfunc.load_model(arrow_model).predict(alerts())
     wanted = mlflow.pyfunc.load_model(record_model).predict(alerts())
     assert len(predicted) == len(wanted) == 2

@@ -75,7 +75,8 @@ def test_a_dependency_that_does_not_answer_stops_a_replay_through_a_model(tracki
     from mlflow_preproc.streaming.reprocess import Reprocessor
 
     with mlflow.start_run():
-        model = mlflow.preproc.log_model(lambda r: {"id": r["id"]}, name="p").model_uri
+        model = mlflow.preproc.log_model(lambda r: {"id": r["id"]}, name="p",
+                                         pip_requirements=[]).model_uri
     with socket.socket() as s:  # a loopback port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]

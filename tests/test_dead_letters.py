@@ -42,7 +42,7 @@ def dlq(*args: str, bootstrap: str) -> subprocess.CompletedProcess:
 def test_inspect_counts_what_failed_and_replay_sends_it_back_once(broker, tracking_uri,
                                                                   streams):
     with mlflow.start_run():
-        model = mlflow.preproc.log_model(features, name="p").model_uri
+        model = mlflow.preproc.log_model(features, name="p", pip_requirements=[]).model_uri
     topic, servers = unique("raw"), broker.bootstrap_servers
     broker.create_topics(topic)
     records = [{"id": i, "x": i} for i in range(40)]
@@ -103,7 +103,7 @@ def test_inspect_counts_what_failed_and_replay_sends_it_back_once(broker, tracki
     # input's key and headers, the new model's provenance and the replay header; a dead
     # letter that fails again stays where it is
     with mlflow.start_run():
-        fixed = mlflow.preproc.log_model(fixed_features, name="p").model_uri
+        fixed = mlflow.preproc.log_model(fixed_features, name="p", pip_requirements=[]).model_uri
     out = unique("fixed")
     broker.create_topics(out)
     through = ("replay", f"{topic}-dlq", "--error-type", "ValueError", "--error-type",

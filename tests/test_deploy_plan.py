@@ -254,7 +254,7 @@ def test_the_whole_configuration_is_checked_before_the_engine_is_contacted(track
     import mlflow
 
     with mlflow.start_run():
-        uri = mlflow.preproc.log_model(lambda r: r, name="p").model_uri
+        uri = mlflow.preproc.log_model(lambda r: r, name="p", pip_requirements=[]).model_uri
     # A missing input topic is known from the options and the model alone.
     message = refusal(no_engine().create_deployment, "fink", uri, config={"mode": "kafka"})
     assert message.startswith("INPUT_TOPIC is not set"), message

@@ -24,7 +24,7 @@ def tag(record):
 @pytest.fixture
 def model_dir(tracking_uri):
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(tag, name="p")
+        info = mlflow.preproc.log_model(tag, name="p", pip_requirements=[])
     return mlflow.artifacts.download_artifacts(info.model_uri)
 
 
@@ -47,7 +47,7 @@ def test_run_mode_reads_stdin_and_writes_stdout(model_dir):
 def test_outside_an_image_the_entrypoint_runs_the_model_uri(tracking_uri, tmp_path):
     # No model folder baked in (a checkout, a benchmark): MODEL_URI is resolved instead.
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(tag, name="p")
+        info = mlflow.preproc.log_model(tag, name="p", pip_requirements=[])
     proc = entrypoint(str(tmp_path / "no-model-here"),
                       {"MLFLOW_PREPROC_MODE": "run", "MODEL_URI": info.model_uri},
                       stdin=subprocess.PIPE)
@@ -60,7 +60,8 @@ def test_run_mode_reads_skip_cutouts_from_the_env_file_variables(tracking_uri):
     from conftest import DATA
 
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(lambda alert: {"fields": sorted(alert)}, name="z")
+        info = mlflow.preproc.log_model(lambda alert: {"fields": sorted(alert)}, name="z",
+                                        pip_requirements=[])
     packet = sorted(DATA.glob("*.avro"))[0]
     proc = entrypoint(mlflow.artifacts.download_artifacts(info.model_uri),
                       {"MLFLOW_PREPROC_MODE": "run", "SKIP_CUTOUTS": "true"},

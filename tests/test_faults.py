@@ -56,7 +56,8 @@ def features(record):
 @pytest.fixture
 def model(tracking_uri):
     with mlflow.start_run():
-        mlflow.preproc.log_model(features, name="p", registered_model_name="fault-prep")
+        mlflow.preproc.log_model(features, name="p", registered_model_name="fault-prep",
+                                 pip_requirements=[])
     return "models:/fault-prep/1"
 
 
@@ -648,7 +649,8 @@ def chaos(broker, streams, schema_registry, model_server, guarantee: str,
     rng = random.Random(seed)
     print(f"\nchaos seed {seed} (CHAOS_SEED={seed} replays it)")
     with mlflow.start_run():
-        model_uri = mlflow.preproc.log_model(chaos_features, name="chaos").model_uri
+        model_uri = mlflow.preproc.log_model(chaos_features, name="chaos",
+                                             pip_requirements=[]).model_uri
 
     n = int(os.environ.get("CHAOS_RECORDS", size[0]))
     keys = [str(i).encode() for i in range(n)]

@@ -55,7 +55,8 @@ def expected_outputs(kinds):
 @pytest.fixture
 def rule_model(tracking_uri):
     with mlflow.start_run():
-        return mlflow.preproc.log_model(returns_what_it_is_asked, name="rule").model_uri
+        return mlflow.preproc.log_model(returns_what_it_is_asked, name="rule",
+                                        pip_requirements=[]).model_uri
 
 
 def test_the_output_rule_through_pyfunc_and_rest(rule_model, serve_model):
@@ -84,7 +85,8 @@ def test_the_output_rule_through_stream_and_bridge(rule_model, broker, streams, 
             return model_input
 
     with mlflow.start_run():
-        echo = mlflow.pyfunc.log_model(name="echo", python_model=Echo()).model_uri
+        echo = mlflow.pyfunc.log_model(name="echo", python_model=Echo(),
+                                       pip_requirements=[]).model_uri
     topic, features, predictions = unique("raw"), unique("features"), unique("predictions")
     broker.create_topics(topic)
     kinds = list(ROWS)
@@ -120,7 +122,8 @@ def test_the_output_rule_through_stream_and_bridge(rule_model, broker, streams, 
 def test_feature_names_from_a_module_name_the_vector_the_signature_and_the_avro_schema(
         tracking_uri):
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(str(EXAMPLE / "preprocessing.py"), name="fink")
+        info = mlflow.preproc.log_model(str(EXAMPLE / "preprocessing.py"), name="fink",
+                                        pip_requirements=[])
     from examples_fink_contract import FEATURE_NAMES, pre_processing  # noqa: F401
 
     model = mlflow.pyfunc.load_model(info.model_uri)
@@ -143,9 +146,11 @@ def test_feature_names_of_a_folder_and_an_argument(tracking_uri, tmp_path):
         "def pre_processing(alert):\n    return [alert['g'] - alert['r'], alert['g'] > 19]\n")
     with mlflow.start_run():
         from_folder = mlflow.preproc.log_model(
-            str(folder), name="f", input_example={"g": 19.5, "r": 19.0}).model_uri
+            str(folder), name="f", input_example={"g": 19.5, "r": 19.0},
+            pip_requirements=[]).model_uri
         from_argument = mlflow.preproc.log_model(
-            lambda a: (a["g"], a["r"]), name="a", feature_names=["g", "r"]).model_uri
+            lambda a: (a["g"], a["r"]), name="a", feature_names=["g", "r"],
+            pip_requirements=[]).model_uri
     folder_model = mlflow.pyfunc.load_model(from_folder)
     assert folder_model.predict([{"g": 20.0, "r": 19.0}]) == [{"g_r": 1.0, "flag": True}]
     types = {c.name: c.type.name for c in folder_model.metadata.signature.outputs.inputs}
@@ -159,7 +164,8 @@ def test_a_vector_of_the_wrong_length_is_that_records_error(tracking_uri):
 
     with mlflow.start_run():
         uri = mlflow.preproc.log_model(lambda a: a["values"], name="p",
-                                       feature_names=["a", "b", "c"]).model_uri
+                                       feature_names=["a", "b", "c"],
+                                       pip_requirements=[]).model_uri
     with pytest.raises(RecordError, match=r"record 1: pre_processing returned 2 value\(s\) but "
                        r"FEATURE_NAMES names 3"):
         mlflow.pyfunc.load_model(uri).predict([{"values": [1, 2, 3]}, {"values": [1, 2]}])

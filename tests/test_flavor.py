@@ -26,6 +26,9 @@ def band(record):
 
 
 def log(pre_processing, **kwargs):
+    # Requirements given, not inferred (MLflow infers them in a subprocess that loads the model:
+    # seconds each); the tests of inferred requirements pass pip_requirements=None.
+    kwargs.setdefault("pip_requirements", [])
     with mlflow.start_run():
         return mlflow.preproc.log_model(pre_processing, name="preproc", **kwargs)
 
@@ -50,7 +53,8 @@ def test_function_model_round_trips_through_pyfunc(tracking_uri):
 
 def test_registered_model_loads_by_name_and_by_run_uri(tracking_uri):
     with mlflow.start_run() as run:
-        mlflow_preproc.log_model(band, name="preproc", registered_model_name="fink-preproc")
+        mlflow_preproc.log_model(band, name="preproc", registered_model_name="fink-preproc",
+                                 pip_requirements=[])
     record = [{"magpsf": 18.0, "fid": 1}]
     expected = [{"mag": 18.0, "band": "g"}]
     assert mlflow.pyfunc.load_model("models:/fink-preproc/1").predict(record) == expected
@@ -59,7 +63,7 @@ def test_registered_model_loads_by_name_and_by_run_uri(tracking_uri):
 
 def test_artifact_path_is_still_accepted(tracking_uri):
     with mlflow.start_run() as run:
-        mlflow.preproc.log_model(band, artifact_path="legacy")
+        mlflow.preproc.log_model(band, artifact_path="legacy", pip_requirements=[])
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/legacy")
     assert model.predict([{"magpsf": 1.0, "fid": 1}]) == [{"mag": 1.0, "band": "g"}]
 
@@ -110,7 +114,7 @@ def test_module_file_captures_sibling_modules_and_requirements(tracking_uri, tmp
             return {"y": scale(data["x"])}
     """)
     write(code / "requirements.txt", "six==1.16.0\n")
-    info = log(str(code / "preprocessing.py"))
+    info = log(str(code / "preprocessing.py"), pip_requirements=None)
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     assert sorted(p.name for p in (local / "preprocessing").iterdir()) == [
         "preprocessing.py", "processor.py"]
@@ -133,7 +137,8 @@ def test_a_requirements_pin_beside_the_code_wins_over_the_installed_version(trac
             return {"y": float(np.float64(data["x"]))}
     """)
     write(code / "requirements.txt", f"# what the model was written for\nnumpy=={pinned}\n")
-    info = log(str(code / "preprocessing.py") if form == "file" else str(code))
+    info = log(str(code / "preprocessing.py") if form == "file" else str(code),
+               pip_requirements=None)
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     requirements = (local / "requirements.txt").read_text().split()
     assert [r for r in requirements if r.startswith("numpy")] == [f"numpy=={pinned}"]
@@ -407,7 +412,8 @@ def test_loading_a_model_of_another_flavor_is_refused(tracking_uri):
     from sklearn.linear_model import LinearRegression
 
     with mlflow.start_run():
-        info = mlflow.sklearn.log_model(LinearRegression().fit([[0], [1]], [0, 1]), name="lr")
+        info = mlflow.sklearn.log_model(LinearRegression().fit([[0], [1]], [0, 1]), name="lr",
+                                        pip_requirements=[])
     with pytest.raises(MlflowException, match="is not a preprocessing model"):
         mlflow.preproc.load_model(info.model_uri)
 

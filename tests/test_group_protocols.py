@@ -48,7 +48,7 @@ def test_a_rebalance_while_the_stream_is_paused_loses_nothing_and_resumes_every_
     # is back, every partition either member owns must be resumed (librdkafka keeps a pause
     # across a revoke), and every record reaches the output once the group settles.
     with mlflow.start_run():
-        model = mlflow.preproc.log_model(features, name="p").model_uri
+        model = mlflow.preproc.log_model(features, name="p", pip_requirements=[]).model_uri
     topic = unique("raw")
     broker.create_topics(topic, partitions=4)
     schema_registry.register(1, SCHEMA)

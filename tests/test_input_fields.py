@@ -169,11 +169,12 @@ def test_log_model_refuses_fields_that_change_the_outputs_and_stores_good_ones(t
                                      input_example=example, input_fields=["candidate"])
         # a function that changes its input is checked on an untouched copy
         mlflow.preproc.log_model(lambda r: {"mag": r["candidate"].pop("magpsf")}, name="p",
-                                 input_example=example, input_fields=["candidate.magpsf"])
+                                 input_example=example, input_fields=["candidate.magpsf"],
+                                 pip_requirements=[])
         with pytest.raises(MlflowException, match="input_fields: 'a..b' is not a field path"):
             mlflow.preproc.log_model(counts_fields, name="p", input_fields=["a..b"])
         info = mlflow.preproc.log_model(str(EXAMPLE / "preprocessing.py"), name="fink",
-                                        input_example=full_alerts()[:1])
+                                        input_example=full_alerts()[:1], pip_requirements=[])
     conf = info.flavors["preprocessing"]
     assert conf["input_fields"] == fink().INPUT_FIELDS  # INPUT_FIELDS of the module
     # served: the REST path projects too (a field outside gives the documented error)
@@ -190,7 +191,8 @@ def test_run_decodes_and_projects_the_declared_fields(tracking_uri, tmp_path):
 
     with mlflow.start_run():
         uri = mlflow.preproc.log_model(reads_too_much, name="p",
-                                       input_fields=["candidate.magpsf"]).model_uri
+                                       input_fields=["candidate.magpsf"],
+                                       pip_requirements=[]).model_uri
     out = subprocess.run([str(BIN / "mlflow-preproc"), "run", "-m", uri,
                           *map(str, ALERTS), "-o", str(tmp_path / "out.jsonl")],
                          capture_output=True, text=True, timeout=120)

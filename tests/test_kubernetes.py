@@ -45,7 +45,8 @@ def features(alert):
 @pytest.fixture
 def registered(tracking_uri):
     with mlflow.start_run():
-        mlflow.preproc.log_model(features, name="p", registered_model_name="kube-prep")
+        mlflow.preproc.log_model(features, name="p", registered_model_name="kube-prep",
+                                 pip_requirements=[])
     return "models:/kube-prep/1"
 
 
@@ -454,7 +455,8 @@ def test_the_kubernetes_backend_applies_reads_and_deletes_these_objects(
     assert listed.returncode == 0 and "fink" in listed.stdout, listed.stderr[-2000:]
 
     with mlflow.start_run():
-        mlflow.preproc.log_model(features, name="p", registered_model_name="kube-prep")
+        mlflow.preproc.log_model(features, name="p", registered_model_name="kube-prep",
+                                 pip_requirements=[])
     api.requests.clear()
     updated = cli("update", "-t", "preproc", "--name", "fink", "-m", "models:/kube-prep/2",
                   "-C", "backend=kubernetes", "-C", "namespace=alerts")

@@ -205,7 +205,7 @@ def test_a_real_prometheus_scrapes_a_stream_and_every_query_finds_its_series(
         return {"id": record["id"], "double": record["x"] * 2}  # KeyError without x
 
     with mlflow.start_run():
-        model = mlflow.preproc.log_model(features, name="p").model_uri
+        model = mlflow.preproc.log_model(features, name="p", pip_requirements=[]).model_uri
     topic, metrics_port = unique("raw"), free_port()
     broker.create_topics(topic)
     produce(broker.bootstrap_servers, topic,

@@ -77,7 +77,7 @@ def test_the_stream_joins_in_seconds_and_status_says_what_the_broker_gets_wrong(
     lists no members and end offsets behind the committed ones, which status printed as
     facts (lag 0), and a group it has never seen read EMPTY, like a stopped stream."""
     with mlflow.start_run():
-        model = mlflow.preproc.log_model(lambda r: r, name="p").model_uri
+        model = mlflow.preproc.log_model(lambda r: r, name="p", pip_requirements=[]).model_uri
     servers = embedded_broker.bootstrap_servers
     topic = f"alerts-{os.getpid()}"
     group = f"group-{topic}"

@@ -32,7 +32,8 @@ def test_a_registry_down_at_start_up_is_waited_for_then_outputs_carry_the_regist
     # The finding: exit 2 after 9 s (ConnectError) when the registry was down at start,
     # while the input side waits for it as documented.
     with mlflow.start_run():
-        uri = mlflow.preproc.log_model(doubled, name="p", output_avro_schema=OUT).model_uri
+        uri = mlflow.preproc.log_model(doubled, name="p", output_avro_schema=OUT,
+                                       pip_requirements=[]).model_uri
     topic = unique("raw")
     broker.create_topics(topic)
     schema_registry.down = True

@@ -24,7 +24,7 @@ def band(record):
 def registered(tracking_uri):
     with mlflow.start_run():
         mlflow.preproc.log_model(band, name="preproc", registered_model_name="fink-preproc",
-                                 input_example={"magpsf": 18.0, "fid": 1})
+                                 input_example={"magpsf": 18.0, "fid": 1}, pip_requirements=[])
     return "models:/fink-preproc/1"
 
 
@@ -80,7 +80,8 @@ def test_module_file_model_serves(tracking_uri, tmp_path, serve_model):
             return drop_cutouts(data)
     """))
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(str(code / "preprocessing.py"), name="p")
+        info = mlflow.preproc.log_model(str(code / "preprocessing.py"), name="p",
+                                        pip_requirements=[])
     url = serve_model(info.model_uri)
     status, body = post_json(f"{url}/invocations", {"inputs": [
         {"objectId": "ZTF18abc", "cutoutScience": "...", "candid": 1}]})

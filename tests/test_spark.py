@@ -89,7 +89,7 @@ def test_spark_udf_output_equals_pyfunc_predict(spark, tracking_uri, batch_forma
         # A batch's column types: the alert schema's (its example leaves some fields null)
         info = mlflow.preproc.log_model(fn, name="f", batch_format=batch_format,
                                         output_avro_schema=FEATURES_SCHEMA,
-                                        avro_schema=DATA / "alert.avsc")
+                                        avro_schema=DATA / "alert.avsc", pip_requirements=[])
     result_type = mps.result_type(info.model_uri)
     assert result_type.simpleString() == (
         "struct<objectId:string,candid:bigint,fid:int,magpsf:float,n_prv:int,"
@@ -113,7 +113,7 @@ def test_spark_udf_refuses_a_drop_and_names_transform(spark, tracking_uri):
     with mlflow.start_run():
         info = mlflow.preproc.log_model(
             lambda a: None if a["candidate"]["rb"] < 0.5 else ztf_features(a), name="d",
-            output_avro_schema=FEATURES_SCHEMA)
+            output_avro_schema=FEATURES_SCHEMA, pip_requirements=[])
     udf = mlflow.pyfunc.spark_udf(spark, info.model_uri, result_type=mps.result_type(info.model_uri))
     df = alerts_frame(spark)
     with pytest.raises(Exception) as err:
@@ -133,8 +133,9 @@ def test_result_type_comes_from_the_signature_or_says_what_to_do(tracking_uri):
     signature = ModelSignature(inputs=Schema([ColSpec("double", "x")]),
                                outputs=Schema([ColSpec("long", "id"), ColSpec("string", "band")]))
     with mlflow.start_run():
-        signed = mlflow.preproc.log_model(lambda r: r, name="s", signature=signature)
-        bare = mlflow.preproc.log_model(lambda r: r, name="b")
+        signed = mlflow.preproc.log_model(lambda r: r, name="s", signature=signature,
+                                          pip_requirements=[])
+        bare = mlflow.preproc.log_model(lambda r: r, name="b", pip_requirements=[])
     assert mps.result_type(signed.model_uri).simpleString() == "struct<id:bigint,band:string>"
     with pytest.raises(mps.OutputSchemaError, match="pass result_type= yourself"):
         mps.result_type(bare.model_uri)
@@ -156,7 +157,8 @@ def test_transform_keeps_drops_fanouts_and_sends_failures_to_rejects(spark, trac
     schema = {"type": "record", "name": "F", "fields": [
         {"name": "id", "type": "long"}, {"name": "double", "type": "double"}]}
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(records_model, name="p", output_avro_schema=schema)
+        info = mlflow.preproc.log_model(records_model, name="p", output_avro_schema=schema,
+                                        pip_requirements=[])
     rows = [{"id": 1, "x": 1.5, "drop": False, "fanout": 0},
             {"id": 2, "x": 2.0, "drop": True, "fanout": 0},
             {"id": 3, "x": 3.0, "drop": False, "fanout": 3},
@@ -187,7 +189,8 @@ def test_transform_decodes_avro_files_in_the_tasks(spark, tracking_uri):
 
     with mlflow.start_run():
         info = mlflow.preproc.log_model(
-            lambda a: {"objectId": a["objectId"], "fields": sorted(a)}, name="z")
+            lambda a: {"objectId": a["objectId"], "fields": sorted(a)}, name="z",
+            pip_requirements=[])
     files = spark.read.format("binaryFile").load([str(p) for p in ZTF_PACKETS])
     result = mps.transform(files, info.model_uri, input_format="avro", drop_fields=ZTF_CUTOUTS)
     got = sorted(json.loads(r.value)["objectId"] for r in result.output.collect())
@@ -217,10 +220,11 @@ def test_declared_input_fields_prune_what_spark_reads_of_parquet(spark, tracking
     spark.createDataFrame(batch, spark_schema(schema)).write.parquet(str(tmp_path / "a.parquet"))
     example = {k: v for k, v in batch[0].items() if not k.startswith("cutout")}
     with mlflow.start_run():
-        undeclared = mlflow.preproc.log_model(fink_like, name="u").model_uri
+        undeclared = mlflow.preproc.log_model(fink_like, name="u", pip_requirements=[]).model_uri
         declared = mlflow.preproc.log_model(
             fink_like, name="d", input_example=example,
-            input_fields=["objectId", "candidate.magpsf", "prv_candidates.magpsf"]).model_uri
+            input_fields=["objectId", "candidate.magpsf", "prv_candidates.magpsf"],
+            pip_requirements=[]).model_uri
 
     def run(model: str):
         result = mps.transform(spark.read.parquet(str(tmp_path / "a.parquet")), model)
@@ -286,7 +290,8 @@ def test_a_columnar_model_takes_sparks_arrow_batches_and_rejects_a_row_alone(
     with mlflow.start_run():
         model = mlflow.preproc.log_model(
             fn, name="c", batch_format=batch_format, input_example=example,
-            input_fields=["objectId", "candidate.magpsf", "prv_candidates.magpsf"]).model_uri
+            input_fields=["objectId", "candidate.magpsf", "prv_candidates.magpsf"],
+            pip_requirements=[]).model_uri
     result = mps.transform(spark.read.parquet(str(tmp_path / "a.parquet")), model).persist()
     try:
         outputs = [json.loads(r.value) for r in result.output.collect()]

@@ -70,7 +70,7 @@ def archive(tmp_path_factory) -> Path:
 def test_spark_engine_gives_the_rows_run_gives_on_an_alert_archive(archive, tracking_uri,
                                                                     tmp_path):
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(archive_features, name="features")
+        info = mlflow.preproc.log_model(archive_features, name="features", pip_requirements=[])
     inputs = [str(p) for p in sorted(archive.rglob("*.avro"))]
 
     local = run_cli("-m", info.model_uri, *inputs, "--skip-cutouts", "-o", "local.jsonl",
@@ -121,7 +121,8 @@ def test_jsonl_and_parquet_in_partitioned_parquet_out(tracking_uri, tmp_path):
     schema = {"type": "record", "name": "F", "fields": [
         {"name": "id", "type": "long"}, {"name": "part", "type": "double"}]}
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(jsonl_model, name="j", output_avro_schema=schema)
+        info = mlflow.preproc.log_model(jsonl_model, name="j", output_avro_schema=schema,
+                                        pip_requirements=[])
     (tmp_path / "in.jsonl").write_bytes(
         b'{"id": 1, "x": 2}\n{"id": 2, "drop": true}\n{"id": 3, "fanout": 2}\nnot json\n'
         b'{"id": 5}\n{"id": 6, "x": 0.5}\n')

@@ -56,7 +56,8 @@ def alerts(tmp_path_factory) -> list[bytes]:
 @pytest.fixture
 def model(tracking_uri) -> str:
     with mlflow.start_run():
-        return mlflow.preproc.log_model(alert_features, name="features").model_uri
+        return mlflow.preproc.log_model(alert_features, name="features",
+                                        pip_requirements=[]).model_uri
 
 
 def failing(alerts: list[bytes]) -> int:
@@ -174,7 +175,7 @@ def test_rubin_alerts_through_a_query_to_parquet_are_the_streams_each_once_after
     with mlflow.start_run():
         example = next(r for r in records if r["diaSourceId"] % 7)
         model = mlflow.preproc.log_model(rubin_features, name="rubin", input_example=example,
-                                         input_fields=RUBIN_FIELDS).model_uri
+                                         input_fields=RUBIN_FIELDS, pip_requirements=[]).model_uri
     values = framed(schema, records)
     values[5] = framed(schema, records[5:6], schema_id=999)[0]  # an id the registry lacks
     values[9] = values[9][:40]  # cut short

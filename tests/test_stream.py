@@ -40,7 +40,8 @@ def ztf_features(alert):
 @pytest.fixture
 def model(tracking_uri):
     with mlflow.start_run():
-        mlflow.preproc.log_model(features, name="p", registered_model_name="stream-prep")
+        mlflow.preproc.log_model(features, name="p", registered_model_name="stream-prep",
+                                 pip_requirements=[])
     return "models:/stream-prep/1"
 
 
@@ -174,7 +175,7 @@ def test_two_instances_share_partitions_and_process_each_record_once(broker, mod
 
 def test_ztf_alert_packets_with_cutouts_dropped(broker, tracking_uri, streams):
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(ztf_features, name="ztf")
+        info = mlflow.preproc.log_model(ztf_features, name="ztf", pip_requirements=[])
     topic, out = unique("ztf"), unique("ztf-features")
     broker.create_topics(topic)
     # Each Kafka message is one alert as an Avro container, as the ZTF/Fink streams send them.
@@ -203,7 +204,7 @@ def test_schemaless_avro_in_and_out_with_the_models_schemas(broker, tracking_uri
         {"name": "id", "type": "long"}, {"name": "double", "type": "double"}]}
     with mlflow.start_run():
         info = mlflow.preproc.log_model(features, name="p", avro_schema=in_schema,
-                                        output_avro_schema=out_schema)
+                                        output_avro_schema=out_schema, pip_requirements=[])
     topic, out = unique("avro"), unique("avro-out")
     broker.create_topics(topic)
     parsed = fastavro.parse_schema(in_schema)
@@ -235,7 +236,7 @@ def test_a_container_message_with_failing_records_is_one_dead_letter_naming_them
     # it: the container's good records are produced and it is dead-lettered once, with the
     # indexes in the message of its failing records (#18.6).
     with mlflow.start_run():
-        info = mlflow.preproc.log_model(refuse_negative, name="p")
+        info = mlflow.preproc.log_model(refuse_negative, name="p", pip_requirements=[])
     schema = fastavro.parse_schema({"type": "record", "name": "Obs", "fields": [
         {"name": "id", "type": "long"}, {"name": "x", "type": "long"}]})
 
