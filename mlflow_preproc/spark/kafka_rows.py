@@ -173,5 +173,5 @@ def _task_stream(job: KafkaRowsJob, collected: _Collected) -> Any:
         stream = TaskStream(job.config, job.model.load(), job.identity, job.output_topic,
                             consumer=_NoConsumer(), producer=collected)
         _streams[key] = stream
-    stream.producer = collected
+    stream.output.producer = collected
     return stream
