@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import time
 import uuid
 
 import mlflow
@@ -229,7 +231,10 @@ def test_stock_build_docker_image_serves_and_streams_with_env_only(tracking_uri,
     assert build.returncode == 0, build.stderr[-3000:]
     containers = []
     try:
-        # 1. As MLflow built it: REST on 8080 through nginx, unchanged.
+        # 1. As MLflow built it: REST on 8080 through nginx, unchanged. Its ports are fixed
+        # (nginx 8080, the scoring server 8000) on the host's network, and the image exits 0
+        # when either cannot bind: wait for them to be free.
+        _wait_free(8080, 8000)
         serve = docker_client.containers.run(image, detach=True, network_mode="host")
         containers.append(serve)
         wait_http("http://127.0.0.1:8080/ping", _RunningContainer(serve), timeout=120)
@@ -266,12 +271,29 @@ def test_stock_build_docker_image_serves_and_streams_with_env_only(tracking_uri,
         docker_client.images.remove(image, force=True)
 
 
+def _wait_free(*ports: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = []
+        for port in ports:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    busy.append(port)
+        if not busy:
+            return
+        assert time.monotonic() < deadline, f"ports {busy} stay taken on the host"
+        time.sleep(1)
+
+
 class _RunningContainer:
     """Adapts a container to wait_http's process protocol (poll/stdout)."""
 
     def __init__(self, container):
         self.container = container
-        self.stdout = None
+        self.stdout = self  # wait_http reads the container's logs when it exits
+
+    def read(self) -> str:
+        return self.container.logs().decode(errors="replace")[-3000:]
 
     def poll(self):
         self.container.reload()
