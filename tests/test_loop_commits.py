@@ -418,7 +418,7 @@ def test_partitions_lost_during_a_pause_and_assigned_after_it_are_resumed():
     loop = Echo(consumer, producer)
     consumer.subscribe([TOPIC], loop._on_assign, loop._on_revoke, loop._on_lost)
     partitions = list(consumer.partitions)
-    with loop._input_paused():
+    with loop.assignment.input_paused():
         consumer.on_lost(consumer, partitions)
         consumer.partitions = []
     assert consumer.paused_set == {0, 1}  # librdkafka remembers the pause of both
@@ -434,10 +434,10 @@ def test_partitions_assigned_during_a_pause_are_paused_until_it_ends():
     consumer.subscribe([TOPIC], loop._on_assign, loop._on_revoke, loop._on_lost)
     loop._consume(1, 0)  # settles the first assignment: resumed
     assert consumer.paused_set == set()
-    with loop._input_paused():
+    with loop.assignment.input_paused():
         consumer.paused_set.clear()  # a partition new to this member is not paused yet
         consumer.lose_and_assign_again()
-        loop._settle_assignment()
+        loop.assignment.settle()
         assert consumer.paused_set == {0, 1}
     assert consumer.paused_set == set()
 

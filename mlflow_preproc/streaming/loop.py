@@ -43,7 +43,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -300,13 +299,6 @@ class KafkaLoop:
             self.assignment.poll_paused(seconds)
         if self._rewound_in_batch:
             raise Rewound  # a rebalance during the wait aborted the transaction
-
-    # The tests of the pause drive these two (tests/test_loop_commits.py).
-    def _input_paused(self) -> AbstractContextManager[None]:
-        return self.assignment.input_paused()
-
-    def _settle_assignment(self) -> None:
-        self.assignment.settle()
 
     # ---- the loop --------------------------------------------------------------------------
 
